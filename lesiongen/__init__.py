@@ -1,0 +1,3 @@
+"""LesionGen: concept-guided diffusion for dermatology image synthesis."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,117 @@
+"""Dataclass configs become argparse parsers, and every ``main`` exits with one line on bad input.
+
+A flag is declared once, as a dataclass field: its name is the flag, ``metadata["help"]`` the help
+text, ``metadata["choices"]`` the valid values and ``metadata["aliases"]`` extra spellings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from .errors import InputError
+
+T = TypeVar("T")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
+    """A dataclass field with CLI metadata (help, choices, aliases)."""
+    kwargs: dict[str, Any] = {"metadata": {"help": help, **meta}}
+    if isinstance(default, (list, dict, set)):
+        kwargs["default_factory"] = lambda d=default: type(d)(d)
+    elif default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    return dataclasses.field(**kwargs)
+
+
+def _base_type(tp: Any) -> tuple[Any, bool, bool]:
+    """Return (scalar type, optional?, list?) for a resolved annotation."""
+    optional = False
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0]
+        origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return typing.get_args(tp)[0], optional, True
+    return tp, optional, False
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got '{text}'")
+
+
+def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip())
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _, is_list = _base_type(hints[f.name])
+        meta = f.metadata
+        names = [f"--{f.name}"]
+        kebab = f"--{f.name.replace('_', '-')}"
+        if kebab != names[0]:
+            names.append(kebab)
+        names += list(meta.get("aliases", ()))
+        kw: dict[str, Any] = {"dest": f.name, "help": meta.get("help", "")}
+        if f.default is not dataclasses.MISSING:
+            kw["default"] = f.default
+            kw["help"] += f" (default: {f.default})"
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            kw["default"] = f.default_factory()  # type: ignore[misc]
+            kw["help"] += f" (default: {kw['default']})"
+        else:
+            kw["required"] = True
+        if tp is bool and not is_list:
+            kw["type"] = _parse_bool
+            kw["nargs"] = "?"
+            kw["const"] = True
+            kw["metavar"] = "BOOL"
+        else:
+            kw["type"] = tp if tp in (int, float, str) else str
+            if is_list:
+                kw["nargs"] = "+"
+        if "choices" in meta:
+            kw["choices"] = list(meta["choices"])
+        parser.add_argument(*names, **kw)
+    return parser
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None, prog: str | None = None) -> T:
+    parser = build_parser(cls, prog=prog)
+    ns = parser.parse_args(argv)
+    values = vars(ns)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        _, optional, _ = _base_type(hints[f.name])
+        v = values[f.name]
+        if optional and isinstance(v, str) and v.lower() in ("none", "null", ""):
+            values[f.name] = None
+    cfg = cls(**values)
+    check = getattr(cfg, "check", None)
+    if callable(check):
+        check()
+    return cfg
+
+
+def run(fn: Callable[[], Any]) -> int:
+    """Run a stage; bad input becomes one line on stderr and exit code 2."""
+    try:
+        fn()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,34 @@
+"""Session-wide fixtures: the real data in ../shared/data and expensive artefacts built once per run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The shared real data (HAM10000 metadata, Derm7pt, PH2); fails loudly when absent."""
+    root = Path(os.environ.get("LESIONGEN_DATA", REPO.parent / "shared" / "data"))
+    if not (root / "d7p" / "meta" / "meta.csv").is_file():
+        pytest.fail(f"real test data not found at {root}; set LESIONGEN_DATA to the shared data folder")
+    return root
+
+
+@pytest.fixture(scope="session")
+def ham_csv(data_root: Path) -> Path:
+    return data_root / "ham10000" / "HAM10000_metadata.csv"
+
+
+@pytest.fixture(scope="session")
+def d7p_csv(data_root: Path) -> Path:
+    return data_root / "d7p" / "meta" / "meta.csv"
+
+
+@pytest.fixture(scope="session")
+def d7p_images(data_root: Path) -> Path:
+    return data_root / "d7p" / "images"

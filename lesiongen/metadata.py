@@ -31,7 +31,7 @@ class LesionRecord:
     elevation: str | None = None
     skin_tone: str = "unknown"
     concepts: dict[str, str] = field(default_factory=dict)
-    concept_source: str = "none"  # expert | imputed | none
+    concept_source: str = "none"  # expert (Derm7pt) | metadata (given in a HAM-schema CSV) | imputed | none
     image_path: str | None = None  # as named by the metadata, relative to the images folder
 
     @property
@@ -130,6 +130,7 @@ def _ham_row(r: dict) -> LesionRecord:
     image_id = r["image_id"].strip()
     if not image_id:
         raise ValueError("empty image_id")
+    concepts = _optional_concepts(r)
     return LesionRecord(
         image_id=image_id,
         lesion_id=r["lesion_id"].strip() or image_id,
@@ -140,9 +141,31 @@ def _ham_row(r: dict) -> LesionRecord:
         age=parse_age(r["age"]),
         sex=parse_sex(r["sex"]),
         site=site,
-        skin_tone=(r.get("skin_tone") or "unknown").strip() or "unknown",
+        skin_tone=_skin_tone(r.get("skin_tone", "")),
+        concepts=concepts,
+        concept_source="metadata" if concepts else "none",
         image_path=None,
     )
+
+
+def _skin_tone(text: str) -> str:
+    tone = (text or "").strip().lower() or "unknown"
+    if tone not in (*labels.SKIN_TONE_NAMES, "unknown"):
+        raise ValueError(f"skin_tone '{text}' is not one of {', '.join(labels.SKIN_TONE_NAMES)}")
+    return tone
+
+
+def _optional_concepts(r: dict) -> dict[str, str]:
+    """Checklist columns in a HAM-schema CSV (e.g. the demo data) are used when every one is filled."""
+    if not all((r.get(name) or "").strip() for name in labels.CONCEPT_NAMES):
+        return {}
+    concepts = {}
+    for concept in labels.CONCEPTS:
+        value = r[concept.name].strip().lower()
+        if value not in concept.values:
+            raise ValueError(f"{concept.name} '{r[concept.name]}' is not one of {', '.join(concept.values)}")
+        concepts[concept.name] = value
+    return concepts
 
 
 def _d7p_row(r: dict) -> LesionRecord:
@@ -151,12 +174,9 @@ def _d7p_row(r: dict) -> LesionRecord:
         dx = labels.d7p_to_code(diagnosis)
     except KeyError:
         raise ValueError(f"unknown Derm7pt diagnosis '{r['diagnosis']}' (add it to labels.CONDITIONS)") from None
-    concepts = {}
-    for concept in labels.CONCEPTS:
-        value = r[concept.name].strip().lower()
-        if value not in concept.values:
-            raise ValueError(f"{concept.name} '{r[concept.name]}' is not one of {', '.join(concept.values)}")
-        concepts[concept.name] = value
+    concepts = _optional_concepts(r)
+    if not concepts:
+        raise ValueError("a checklist concept is empty")
     location = r["location"].strip().lower()
     site = labels.D7P_SITES.get(location)
     if site is None:

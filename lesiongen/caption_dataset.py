@@ -94,9 +94,17 @@ def place_image(src: Path, dst: Path, how: str) -> None:
         shutil.copy2(src, dst)
 
 
+def find_d7p_split_dir(metadata: Path) -> Path | None:
+    """The official index files sit beside meta.csv, or in meta/ once rename_metadata.py moved it up."""
+    for folder in (metadata.parent, metadata.parent / "meta"):
+        if (folder / D7P_INDEX_FILES["train"]).is_file():
+            return folder
+    return None
+
+
 def assign_splits(cfg: BuildCaptionsConfig, records: list[LesionRecord], rows: list[int]) -> tuple[list[str], str]:
-    split_dir = Path(cfg.split_dir) if cfg.split_dir else Path(cfg.metadata).parent
-    if cfg.dataset == "d7p" and (cfg.split_dir or (split_dir / D7P_INDEX_FILES["train"]).is_file()):
+    split_dir = Path(cfg.split_dir) if cfg.split_dir else find_d7p_split_dir(Path(cfg.metadata))
+    if cfg.dataset == "d7p" and split_dir is not None:
         n_rows = max(rows) + 1
         official = d7p_official_splits(split_dir, max(n_rows, 1))
         return [official[i] or "train" for i in rows], f"official ({split_dir})"

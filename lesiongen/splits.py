@@ -43,6 +43,10 @@ def split_by_lesion(
         raise InputError("--split_fractions", f"{fractions} must be non-negative and sum to 1", "e.g. 0.8 0.1 0.1")
     q = next(q for q in range(2, 101) if all(abs(f * q - round(f * q)) < 1e-6 for f in fractions))
     n_val, n_test = round(fractions[1] * q), round(fractions[2] * q)
+    if n_val + n_test == 0:
+        return ["train"] * len(labels)
+    if len(set(groups)) < q:
+        raise InputError("--split_fractions", f"{fractions} needs at least {q} distinct lesions, got {len(set(groups))}", "use coarser fractions or more data")
     folds = grouped_kfold(labels, groups, q, seed)
     out = ["train"] * len(labels)
     for f, idx in enumerate(folds):

@@ -1,0 +1,125 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lesiongen.caption_dataset import BuildCaptionsConfig, build
+from lesiongen.captions import caption
+from lesiongen.errors import InputError
+from lesiongen.files import read_jsonl
+from lesiongen.metadata import LesionRecord
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ham_built(tmp_path_factory, ham_csv):
+    out = tmp_path_factory.mktemp("ham_captions")
+    summary = build(BuildCaptionsConfig(dataset="ham10000", metadata=str(ham_csv), out=str(out), seed=7))
+    return out, summary
+
+
+@pytest.fixture(scope="session")
+def d7p_built(tmp_path_factory, d7p_csv, d7p_images):
+    out = tmp_path_factory.mktemp("d7p_captions")
+    cfg = BuildCaptionsConfig(dataset="d7p", metadata=str(d7p_csv), images=str(d7p_images), out=str(out), skip_bad_rows=True)
+    return out, build(cfg)
+
+
+def test_every_ham_row_gets_a_caption_within_clip_window(ham_built, ham_csv):
+    out, summary = ham_built
+    rows = read_jsonl(out / "captions.jsonl")
+    assert len(rows) == 10015 == summary["captioned"]
+    assert summary["images_checked"] is False
+    assert {r["image_id"] for r in rows} == set(pd.read_csv(ham_csv)["image_id"])
+    assert max(r["n_tokens"] for r in rows) <= 77
+    assert all(r["diagnosis"] in r["text"] for r in rows)
+    assert all(r["concept_source"] == "imputed" for r in rows)
+    assert summary["tokens"]["max"] <= 77 and sum(summary["tokens"]["histogram"].values()) == 10015
+
+
+def test_ham_splits_group_lesions_and_keep_proportions(ham_built):
+    out, _ = ham_built
+    df = pd.DataFrame(read_jsonl(out / "captions.jsonl"))
+    assert df.groupby("lesion_id")["split"].nunique().max() == 1
+    whole = df.label.value_counts(normalize=True)
+    for split in ("train", "validation", "test"):
+        part = df[df.split == split].label.value_counts(normalize=True)
+        assert (part - whole).abs().max() < 0.03
+
+
+def test_read_back_record_recaptions_to_stored_text(ham_built):
+    out, _ = ham_built
+    for row in read_jsonl(out / "captions.jsonl")[:300]:
+        rec = LesionRecord.from_row(row)
+        assert caption(rec, row["caption_style"], row["caption_seed"]).text == row["text"]
+
+
+def test_d7p_rows_with_images_are_captioned_rest_counted(d7p_built):
+    out, summary = d7p_built
+    assert summary["captioned"] == 616 and summary["skipped"]["missing_images"] == 395
+    train = read_jsonl(out / "train" / "metadata.jsonl")
+    valid = read_jsonl(out / "validation" / "metadata.jsonl")
+    assert (len(train), len(valid)) == (413, 203)
+    assert not (out / "test" / "metadata.jsonl").exists()
+    assert all((out / "train" / r["file_name"]).is_file() for r in train)
+    assert all(r["concept_source"] == "expert" and r["n_tokens"] <= 77 for r in train)
+
+
+def test_d7p_loads_with_datasets_imagefolder(d7p_built):
+    datasets = pytest.importorskip("datasets")
+    out, _ = d7p_built
+    ds = datasets.load_dataset("imagefolder", data_dir=str(out))
+    assert ds["train"].num_rows == 413 and ds["validation"].num_rows == 203
+    item = ds["validation"][0]
+    assert item["image"].size[0] > 0 and "dermoscop" in item["text"] and item["label"] in ("mel", "nv", "bcc", "bkl", "df", "vasc", "other")
+
+
+def test_missing_image_is_an_error_without_skip(tmp_path, d7p_csv, d7p_images):
+    cfg = BuildCaptionsConfig(dataset="d7p", metadata=str(d7p_csv), images=str(d7p_images), out=str(tmp_path))
+    with pytest.raises(InputError, match="missing image for image_id .*--skip_bad_rows"):
+        build(cfg)
+
+
+def test_corrupt_image_is_reported(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "I1.jpg").write_bytes(b"not a jpeg")
+    csv = tmp_path / "m.csv"
+    csv.write_text("lesion_id,image_id,dx,dx_type,age,sex,localization\nL1,I1,mel,histo,50,male,back\n")
+    cfg = BuildCaptionsConfig(dataset="ham10000", metadata=str(csv), images=str(images), out=str(tmp_path / "o"), split_fractions=[1.0, 0.0, 0.0])
+    with pytest.raises(InputError, match="I1.jpg: corrupt image"):
+        build(cfg)
+
+
+def test_label_style(tmp_path, ham_csv):
+    small = tmp_path / "small.csv"
+    pd.read_csv(ham_csv).head(200).to_csv(small, index=False)
+    build(BuildCaptionsConfig(dataset="ham10000", metadata=str(small), out=str(tmp_path / "o"), style="label"))
+    rows = read_jsonl(tmp_path / "o" / "captions.jsonl")
+    assert {r["text"] for r in rows} <= {f"a dermoscopic image of {r['diagnosis']}" for r in rows}
+    assert all(r["concept_source"] == "none" for r in rows)
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "build_captions.py", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    proc = run_cli("--dataset", "ham10000", "--metadata", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "missing.csv: metadata file not found" in proc.stderr
+    proc = run_cli("--dataset", "isic", "--metadata", "x", "--out", "y")
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_cli_end_to_end_summary(tmp_path, ham_csv):
+    small = tmp_path / "small.csv"
+    pd.read_csv(ham_csv).head(100).to_csv(small, index=False)
+    proc = run_cli("--dataset", "ham10000", "--metadata", str(small), "--out", str(tmp_path / "o"), "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "captioned 100 images" in proc.stdout and "no image was checked" in proc.stdout
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["config"]["seed"] == 3

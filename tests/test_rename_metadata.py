@@ -1,0 +1,41 @@
+import shutil
+
+import pytest
+
+from lesiongen.errors import InputError
+from lesiongen.rename_metadata import RenameConfig, rename_all
+
+
+def test_renames_the_single_candidate(tmp_path, ham_csv, d7p_csv):
+    (tmp_path / "ham10000").mkdir()
+    shutil.copy(ham_csv, tmp_path / "ham10000" / "HAM10000_metadata.csv")
+    (tmp_path / "d7p" / "meta").mkdir(parents=True)
+    shutil.copy(d7p_csv, tmp_path / "d7p" / "meta" / "meta.csv")
+    (tmp_path / "d7p" / "meta" / "train_indexes.csv").write_text("indexes\n0\n")
+    lines = rename_all(RenameConfig(data_dir=str(tmp_path)))
+    assert (tmp_path / "ham10000" / "metadata.csv").is_file()
+    assert not (tmp_path / "ham10000" / "HAM10000_metadata.csv").exists()
+    assert (tmp_path / "d7p" / "metadata.csv").is_file() and len(lines) == 2
+    assert "already in place" in rename_all(RenameConfig(data_dir=str(tmp_path)))[0]
+
+
+def test_several_candidates_is_an_error_not_a_guess(tmp_path, ham_csv):
+    folder = tmp_path / "ham10000"
+    folder.mkdir()
+    shutil.copy(ham_csv, folder / "a.csv")
+    shutil.copy(ham_csv, folder / "b.csv")
+    with pytest.raises(InputError, match="several metadata candidates.*a.csv.*b.csv.*--source"):
+        rename_all(RenameConfig(data_dir=str(tmp_path), dataset="ham10000"))
+    rename_all(RenameConfig(data_dir=str(tmp_path), dataset="ham10000", source=str(folder / "b.csv"), copy=True))
+    assert (folder / "metadata.csv").read_bytes() == (folder / "b.csv").read_bytes()
+
+
+def test_no_candidate_and_dry_run(tmp_path, ham_csv):
+    folder = tmp_path / "ham10000"
+    folder.mkdir()
+    (folder / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(InputError, match="no CSV with the ham10000 columns"):
+        rename_all(RenameConfig(data_dir=str(tmp_path), dataset="ham10000"))
+    shutil.copy(ham_csv, folder / "HAM10000_metadata.csv")
+    rename_all(RenameConfig(data_dir=str(tmp_path), dataset="ham10000", dry_run=True))
+    assert not (folder / "metadata.csv").exists()

@@ -1,0 +1,51 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from lesiongen.errors import InputError
+from lesiongen.splits import d7p_official_splits, grouped_kfold, split_by_lesion
+
+
+@pytest.fixture(scope="module")
+def ham(ham_csv):
+    return pd.read_csv(ham_csv)
+
+
+def test_no_lesion_in_two_splits_and_proportions_hold(ham):
+    splits = pd.Series(split_by_lesion(list(ham.dx), list(ham.lesion_id), seed=0))
+    assert splits.value_counts(normalize=True)["train"] == pytest.approx(0.8, abs=0.02)
+    per_lesion = pd.DataFrame({"lesion": ham.lesion_id, "split": splits}).groupby("lesion")["split"].nunique()
+    assert per_lesion.max() == 1
+    whole = ham.dx.value_counts(normalize=True)
+    for name in ("train", "validation", "test"):
+        part = ham.dx[splits == name].value_counts(normalize=True)
+        assert (part - whole).abs().max() < 0.03, name
+
+
+def test_split_is_seeded(ham):
+    a = split_by_lesion(list(ham.dx), list(ham.lesion_id), seed=1)
+    assert a == split_by_lesion(list(ham.dx), list(ham.lesion_id), seed=1)
+    assert a != split_by_lesion(list(ham.dx), list(ham.lesion_id), seed=2)
+
+
+def test_grouped_kfold_keeps_lesions_together(ham):
+    folds = grouped_kfold(list(ham.dx), list(ham.lesion_id), 5, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(ham)))
+    lesion_sets = [set(ham.lesion_id.iloc[f]) for f in folds]
+    for i in range(5):
+        for j in range(i + 1, 5):
+            assert not lesion_sets[i] & lesion_sets[j]
+
+
+def test_bad_fractions_and_too_many_folds():
+    with pytest.raises(InputError, match="sum to 1"):
+        split_by_lesion(["a", "b"], ["1", "2"], (0.5, 0.2, 0.2))
+    with pytest.raises(InputError, match="distinct lesions"):
+        grouped_kfold(["a", "b"], ["1", "1"], 2)
+
+
+def test_official_d7p_split(d7p_csv):
+    splits = d7p_official_splits(d7p_csv.parent, 1011)
+    assert (splits.count("train"), splits.count("validation"), splits.count("test")) == (413, 203, 395)
+    with pytest.raises(InputError, match="outside meta.csv's 100 rows"):
+        d7p_official_splits(d7p_csv.parent, 100)

@@ -32,3 +32,12 @@ def d7p_csv(data_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def d7p_images(data_root: Path) -> Path:
     return data_root / "d7p" / "images"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    """The embedded tiny SD-architecture model (64 px, random weights), built once and loaded via from_pretrained."""
+    from lesiongen.tiny import build_tiny_pipeline
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd") / "tiny-sd", resolution=64, seed=0)

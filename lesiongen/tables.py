@@ -1,0 +1,151 @@
+"""The one reader for image lists: build_captions splits, metadata.jsonl files and generation manifests.
+
+Real and synthetic images reach the classifier, the evaluator and the reports through this reader, so
+every consumer sees the same columns: an absolute ``path``, ``label`` (a dx code) and the metadata
+columns, with the subgroup fields always present ("unknown" where the source has no value).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from . import labels
+from .errors import InputError
+from .files import read_jsonl
+from .splits import SPLITS
+
+MANIFEST = "manifest.csv"
+METADATA = "metadata.jsonl"
+MISSING_POLICIES = ("error", "skip")
+
+
+def find_tables(path: str | Path, split: str | None = None) -> list[Path]:
+    """Resolve a user path to the table file(s) it means, or explain what was expected."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix not in (".jsonl", ".csv"):
+            raise InputError(path, "is not a metadata.jsonl or manifest.csv", "pass a build_captions folder or a table")
+        return [path]
+    if not path.is_dir():
+        raise InputError(path, "not found", "pass a build_captions output folder, a metadata.jsonl or a manifest.csv")
+    for name in (MANIFEST, METADATA):
+        if (path / name).is_file():
+            return [path / name]
+    present = [s for s in SPLITS if (path / s / METADATA).is_file()]
+    if not present:
+        raise InputError(
+            path,
+            f"has no {MANIFEST}, no {METADATA} and no <split>/{METADATA}",
+            "pass the --out folder of build_captions.py or the --output_dir of generate.py",
+        )
+    if split is None:
+        return [path / s / METADATA for s in present]
+    if split not in present:
+        raise InputError(
+            path, f"has no '{split}' split (found: {', '.join(present)})", "choose one of the found splits"
+        )
+    return [path / split / METADATA]
+
+
+def _read_one(table: Path) -> pd.DataFrame:
+    if table.suffix == ".jsonl":
+        try:
+            frame = pd.DataFrame(read_jsonl(table))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InputError(
+                table, f"is not valid JSON lines ({type(e).__name__})", "rebuild it with build_captions.py"
+            ) from None
+    else:
+        try:
+            frame = pd.read_csv(table, dtype=str, keep_default_na=False)
+        except pd.errors.EmptyDataError:
+            raise InputError(
+                table, "is empty", "rerun generate.py, which writes the header with the first image"
+            ) from None
+        except (pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise InputError(table, f"is not a readable CSV ({type(e).__name__})", "pass the manifest.csv") from None
+    if frame.empty:
+        raise InputError(table, "has no rows", "rebuild it, or point at a folder with images")
+    if "label" not in frame.columns and "dx" in frame.columns:
+        frame["label"] = frame["dx"]
+    missing = [c for c in ("file_name", "label") if c not in frame.columns]
+    if missing:
+        raise InputError(
+            table, f"missing column(s) {', '.join(missing)}", "write it with build_captions.py or generate.py"
+        )
+    folder = table.parent
+    frame["path"] = [os.path.abspath(folder / str(f)) for f in frame["file_name"]]
+    frame["table"] = str(table)
+    return frame
+
+
+def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
+    """Labels as stripped strings, numeric age, and every subgroup field present as a string."""
+    frame["label"] = frame["label"].astype(str).str.strip()
+    if "age" in frame.columns:
+        frame["age"] = pd.to_numeric(frame["age"].replace("", None), errors="coerce")
+    for name in labels.SUBGROUP_FIELDS:
+        if name not in frame.columns:
+            frame[name] = "unknown"
+        values = frame[name].astype(object).where(frame[name].notna(), "unknown").astype(str).str.strip()
+        frame[name] = values.replace({"": "unknown", "None": "unknown", "nan": "unknown"})
+    return frame
+
+
+def read_image_table(
+    path: str | Path, split: str | None = None, on_missing: str = "error", keep_other: bool = False
+) -> pd.DataFrame:
+    """Rows with an absolute ``path`` and their metadata; skipped rows are counted in ``frame.attrs``.
+
+    Rows labelled 'other' (Derm7pt "miscellaneous") or with a label outside ``labels.CODES`` are
+    dropped and counted (``keep_other=True`` keeps the 'other' rows); a missing image file is an
+    ``InputError`` unless ``on_missing='skip'``, which counts it instead. A build_captions folder with
+    no ``split`` reads every split present. ``frame.attrs['skipped']`` maps reason -> file names.
+    """
+    if on_missing not in MISSING_POLICIES:
+        raise ValueError(f"on_missing must be one of {MISSING_POLICIES}")
+    tables = find_tables(path, split)
+    frame = _normalise(pd.concat([_read_one(t) for t in tables], ignore_index=True))
+    if split is not None and "split" in frame.columns:
+        frame = frame[frame["split"] == split]
+
+    skipped: dict[str, list[str]] = {}
+    is_other = frame["label"] == labels.OTHER
+    unknown = ~frame["label"].isin(labels.CODES) & ~is_other
+    drop = unknown | (is_other & (not keep_other))
+    if is_other.any() and not keep_other:
+        skipped["label_other"] = frame.loc[is_other, "file_name"].tolist()
+    if unknown.any():
+        skipped["unknown_label"] = frame.loc[unknown, "file_name"].tolist()
+    frame = frame[~drop]
+
+    exists = frame["path"].map(os.path.isfile)
+    if not exists.all():
+        first = frame.loc[~exists].iloc[0]
+        if on_missing == "error":
+            raise InputError(
+                first["table"],
+                f"{int((~exists).sum())} listed image(s) not found, e.g. {first['file_name']}",
+                "restore the images, rebuild the table, or skip them (--skip_missing)",
+            )
+        skipped["missing_image"] = frame.loc[~exists, "file_name"].tolist()
+        frame = frame[exists]
+
+    if frame.empty:
+        raise InputError(
+            path, f"no usable images (skipped: {_count_text(skipped)})", "check the labels and image files"
+        )
+    frame = frame.reset_index(drop=True)
+    frame.attrs["skipped"] = skipped
+    frame.attrs["source"] = str(path)
+    if skipped:
+        print(f"{path}{f' [{split}]' if split else ''}: skipped {_count_text(skipped)}", file=sys.stderr)
+    return frame
+
+
+def _count_text(skipped: dict[str, list[str]]) -> str:
+    return ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in skipped.items()) or "none"

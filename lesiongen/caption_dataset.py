@@ -44,14 +44,22 @@ class BuildCaptionsConfig:
     images: str | None = option(None, help="image folder; omit to caption the metadata alone")
     style: str = option("concept", help="caption style", choices=tuple(STYLES))
     seed: int = option(0, help="seed for phrasing, imputed concepts and splits")
-    skip_bad_rows: bool = option(False, help="skip (and count) bad rows and missing or corrupt images instead of stopping")
-    split_dir: str | None = option(None, help="Derm7pt folder with {train,valid,test}_indexes.csv (default: beside --metadata)")
-    split_fractions: list[float] = option([0.8, 0.1, 0.1], help="train/validation/test fractions when no official split exists")
+    skip_bad_rows: bool = option(
+        False, help="skip (and count) bad rows and missing or corrupt images instead of stopping"
+    )
+    split_dir: str | None = option(
+        None, help="Derm7pt folder with {train,valid,test}_indexes.csv (default: beside --metadata)"
+    )
+    split_fractions: list[float] = option(
+        [0.8, 0.1, 0.1], help="train/validation/test fractions when no official split exists"
+    )
     link: str = option("symlink", help="how images enter the output folder", choices=LINKS)
 
     def check(self) -> None:
         if self.images is not None and not Path(self.images).is_dir():
-            raise InputError(self.images, "image folder not found", "check --images, or omit it to caption metadata alone")
+            raise InputError(
+                self.images, "image folder not found", "check --images, or omit it to caption metadata alone"
+            )
 
 
 def index_images(folder: Path) -> dict[str, Path]:
@@ -145,7 +153,7 @@ def build(cfg: BuildCaptionsConfig) -> dict:
     index = index_images(images) if images else {}
 
     kept: list[dict] = []
-    for record, split in tqdm(list(zip(records, splits)), desc="captions", unit="img", disable=None):
+    for record, split in tqdm(list(zip(records, splits, strict=False)), desc="captions", unit="img", disable=None):
         src = None
         if images is not None:
             src = find_image(record, index)
@@ -154,7 +162,9 @@ def build(cfg: BuildCaptionsConfig) -> dict:
             if problem:
                 where = images / (record.image_path or record.image_id + ".jpg")
                 if not cfg.skip_bad_rows:
-                    raise InputError(where, f"{problem} for image_id {record.image_id}", "add the image or pass --skip_bad_rows")
+                    raise InputError(
+                        where, f"{problem} for image_id {record.image_id}", "add the image or pass --skip_bad_rows"
+                    )
                 key = "missing_images" if problem == "missing image" else "corrupt_images"
                 skipped[key].append(record.image_id)
                 continue
@@ -195,7 +205,9 @@ def summarize(cfg: BuildCaptionsConfig, rows: list[dict], skipped: dict, split_k
             "p95": int(np.percentile(lengths, 95)),
             "max": int(lengths.max()),
             "limit": CLIP_MAX_TOKENS,
-            "histogram": {f"{lo}-{lo + 9}": int(((lengths >= lo) & (lengths < lo + 10)).sum()) for lo in range(0, 80, 10)},
+            "histogram": {
+                f"{lo}-{lo + 9}": int(((lengths >= lo) & (lengths < lo + 10)).sum()) for lo in range(0, 80, 10)
+            },
         },
         "omitted_facts": dict(omitted),
     }

@@ -99,9 +99,7 @@ def _concept_facts(record: LesionRecord, rng: random.Random) -> list[tuple[str, 
     return [(name, text) for name, text in facts if text]
 
 
-def concept_caption(
-    record: LesionRecord, rng: random.Random, fits: Callable[[str], bool] | None = None
-) -> Caption:
+def concept_caption(record: LesionRecord, rng: random.Random, fits: Callable[[str], bool] | None = None) -> Caption:
     """Concept-rich caption; with ``fits`` given, tail facts are dropped (and recorded) until it fits."""
     facts = _concept_facts(record, rng)
     keep = len(facts)
@@ -110,7 +108,9 @@ def concept_caption(
         if fits is None or fits(text):
             return Caption(text, tuple(n for n, _ in facts[keep:]))
         if keep <= 2:
-            raise ValueError(f"caption for {record.image_id} exceeds the token window even without optional facts: '{text}'")
+            raise ValueError(
+                f"caption for {record.image_id} exceeds the token window even without optional facts: '{text}'"
+            )
         keep -= 1
 
 

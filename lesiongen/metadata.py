@@ -202,7 +202,9 @@ def _d7p_row(r: dict) -> LesionRecord:
     )
 
 
-def _load(path: str | Path, columns: tuple[str, ...], parse: Callable[[dict], LesionRecord], skip_bad_rows: bool) -> LoadResult:
+def _load(
+    path: str | Path, columns: tuple[str, ...], parse: Callable[[dict], LesionRecord], skip_bad_rows: bool
+) -> LoadResult:
     df = read_csv(path, columns)
     records: list[LesionRecord] = []
     skipped: list[str] = []

@@ -67,7 +67,9 @@ def rename_one(cfg: RenameConfig, dataset: str) -> str:
     else:
         found = candidates(folder, dataset)
         if not found:
-            raise InputError(folder, f"no CSV with the {dataset} columns found", "download the metadata (see README.md)")
+            raise InputError(
+                folder, f"no CSV with the {dataset} columns found", "download the metadata (see README.md)"
+            )
         if len(found) > 1:
             names = ", ".join(str(p) for p in found)
             raise InputError(folder, f"several metadata candidates: {names}", "pass --source with the one to use")

@@ -24,7 +24,9 @@ def grouped_kfold(labels: Sequence[str], groups: Sequence[str], k: int, seed: in
     n = len(labels)
     folds = np.full(n, -1)
     if len(set(groups)) < k:
-        raise InputError("--folds", f"{k} folds need at least {k} distinct lesions, got {len(set(groups))}", "use fewer folds")
+        raise InputError(
+            "--folds", f"{k} folds need at least {k} distinct lesions, got {len(set(groups))}", "use fewer folds"
+        )
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     for fold, (_, idx) in enumerate(splitter.split(np.zeros(n), list(labels), list(groups))):
         folds[idx] = fold
@@ -46,7 +48,11 @@ def split_by_lesion(
     if n_val + n_test == 0:
         return ["train"] * len(labels)
     if len(set(groups)) < q:
-        raise InputError("--split_fractions", f"{fractions} needs at least {q} distinct lesions, got {len(set(groups))}", "use coarser fractions or more data")
+        raise InputError(
+            "--split_fractions",
+            f"{fractions} needs at least {q} distinct lesions, got {len(set(groups))}",
+            "use coarser fractions or more data",
+        )
     folds = grouped_kfold(labels, groups, q, seed)
     out = ["train"] * len(labels)
     for f, idx in enumerate(folds):
@@ -63,10 +69,14 @@ def d7p_official_splits(split_dir: str | Path, n_rows: int) -> list[str]:
     for split, name in D7P_INDEX_FILES.items():
         path = split_dir / name
         if not path.is_file():
-            raise InputError(path, "split index file not found", "pass --split_dir with train/valid/test_indexes.csv, or omit it")
+            raise InputError(
+                path, "split index file not found", "pass --split_dir with train/valid/test_indexes.csv, or omit it"
+            )
         idx = pd.read_csv(path)["indexes"].astype(int)
         if idx.max() >= n_rows or idx.min() < 0:
-            raise InputError(path, f"index {idx.max()} is outside meta.csv's {n_rows} rows", "use the index files of this meta.csv")
+            raise InputError(
+                path, f"index {idx.max()} is outside meta.csv's {n_rows} rows", "use the index files of this meta.csv"
+            )
         for i in idx:
             out[i] = split
     return out

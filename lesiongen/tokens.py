@@ -24,7 +24,9 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable-character table."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -32,7 +34,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return dict(zip(printable, map(chr, chars)))
+    return dict(zip(printable, map(chr, chars), strict=False))
 
 
 def bpe_vocab_path() -> Path:
@@ -62,7 +64,10 @@ def write_tokenizer_files(folder: str | Path) -> Path:
         "do_lower_case": True,
     }
     write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2))
-    write_text(folder / "special_tokens_map.json", json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}))
+    write_text(
+        folder / "special_tokens_map.json",
+        json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}),
+    )
     return folder
 
 

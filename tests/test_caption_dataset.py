@@ -25,7 +25,9 @@ def ham_built(tmp_path_factory, ham_csv):
 @pytest.fixture(scope="session")
 def d7p_built(tmp_path_factory, d7p_csv, d7p_images):
     out = tmp_path_factory.mktemp("d7p_captions")
-    cfg = BuildCaptionsConfig(dataset="d7p", metadata=str(d7p_csv), images=str(d7p_images), out=str(out), skip_bad_rows=True)
+    cfg = BuildCaptionsConfig(
+        dataset="d7p", metadata=str(d7p_csv), images=str(d7p_images), out=str(out), skip_bad_rows=True
+    )
     return out, build(cfg)
 
 
@@ -75,7 +77,11 @@ def test_d7p_loads_with_datasets_imagefolder(d7p_built):
     ds = datasets.load_dataset("imagefolder", data_dir=str(out))
     assert ds["train"].num_rows == 413 and ds["validation"].num_rows == 203
     item = ds["validation"][0]
-    assert item["image"].size[0] > 0 and "dermoscop" in item["text"] and item["label"] in ("mel", "nv", "bcc", "bkl", "df", "vasc", "other")
+    assert (
+        item["image"].size[0] > 0
+        and "dermoscop" in item["text"]
+        and item["label"] in ("mel", "nv", "bcc", "bkl", "df", "vasc", "other")
+    )
 
 
 def test_missing_image_is_an_error_without_skip(tmp_path, d7p_csv, d7p_images):
@@ -90,7 +96,13 @@ def test_corrupt_image_is_reported(tmp_path):
     (images / "I1.jpg").write_bytes(b"not a jpeg")
     csv = tmp_path / "m.csv"
     csv.write_text("lesion_id,image_id,dx,dx_type,age,sex,localization\nL1,I1,mel,histo,50,male,back\n")
-    cfg = BuildCaptionsConfig(dataset="ham10000", metadata=str(csv), images=str(images), out=str(tmp_path / "o"), split_fractions=[1.0, 0.0, 0.0])
+    cfg = BuildCaptionsConfig(
+        dataset="ham10000",
+        metadata=str(csv),
+        images=str(images),
+        out=str(tmp_path / "o"),
+        split_fractions=[1.0, 0.0, 0.0],
+    )
     with pytest.raises(InputError, match="I1.jpg: corrupt image"):
         build(cfg)
 

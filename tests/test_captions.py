@@ -78,7 +78,7 @@ def test_every_concept_value_has_a_phrase():
     for concept in labels.CONCEPTS:
         for value in concept.values:
             present, absent = concept_phrases({concept.name: value})
-            assert (present if value != "absent" else absent)
+            assert present if value != "absent" else absent
 
 
 def test_unknown_fields_are_left_out():

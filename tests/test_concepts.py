@@ -33,7 +33,9 @@ def test_imputation_follows_the_table():
     rng = random.Random(0)
     draws = [concepts.impute_concepts("mel", rng) for _ in range(3000)]
     table = pd.read_csv(concepts.TABLE_PATH, keep_default_na=False)
-    expected = table[(table.dx == "mel") & (table.concept == "blue_whitish_veil") & (table.value == "present")]["frequency"].iloc[0]
+    expected = table[(table.dx == "mel") & (table.concept == "blue_whitish_veil") & (table.value == "present")][
+        "frequency"
+    ].iloc[0]
     observed = sum(d["blue_whitish_veil"] == "present" for d in draws) / len(draws)
     assert observed == pytest.approx(expected, abs=0.03)
     assert all(set(d) == set(labels.CONCEPT_NAMES) for d in draws)

@@ -47,7 +47,8 @@ def test_ham_localizations_all_have_a_site_group(ham_csv):
 
 
 @pytest.mark.parametrize(
-    "age,expected", [(None, "unknown"), (0, "0-29"), (29.9, "0-29"), (30, "30-44"), (59, "45-59"), (74, "60-74"), (85, "75+")]
+    "age,expected",
+    [(None, "unknown"), (0, "0-29"), (29.9, "0-29"), (30, "30-44"), (59, "45-59"), (74, "60-74"), (85, "75+")],
 )
 def test_age_bins(age, expected):
     assert labels.age_bin(age) == expected
@@ -55,7 +56,16 @@ def test_age_bins(age, expected):
 
 @pytest.mark.parametrize(
     "ita,tone",
-    [(60, "very light"), (55.5, "very light"), (50, "light"), (30, "intermediate"), (15, "tan"), (0, "brown"), (-45, "dark"), (None, "unknown")],
+    [
+        (60, "very light"),
+        (55.5, "very light"),
+        (50, "light"),
+        (30, "intermediate"),
+        (15, "tan"),
+        (0, "brown"),
+        (-45, "dark"),
+        (None, "unknown"),
+    ],
 )
 def test_ita_bands(ita, tone):
     assert labels.skin_tone_from_ita(ita) == tone

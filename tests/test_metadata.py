@@ -90,7 +90,10 @@ def test_d7p_bad_concept_and_diagnosis(tmp_path, d7p_csv):
 
 
 def test_ham_schema_with_concepts_and_skin_tone(tmp_path):
-    header = HEADER.strip() + ",skin_tone,pigment_network,streaks,pigmentation,regression_structures,dots_and_globules,blue_whitish_veil,vascular_structures\n"
+    header = (
+        HEADER.strip()
+        + ",skin_tone,pigment_network,streaks,pigmentation,regression_structures,dots_and_globules,blue_whitish_veil,vascular_structures\n"
+    )
     row = "L1,I1,mel,histo,50,male,back,tan,atypical,irregular,absent,absent,irregular,present,absent\n"
     rec = load_ham10000(write(tmp_path, header + row)).records[0]
     assert rec.skin_tone == "tan" and rec.concept_source == "metadata"

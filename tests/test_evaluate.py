@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
 from lesiongen import fidelity
 from lesiongen.errors import InputError
+from lesiongen.evaluate import concept_faithfulness
+from lesiongen.evaluate import main as evaluate_main
 from lesiongen.features import INCEPTION_DIM, extract, inception_space, module_space, read_rgb
+from lesiongen.files import write_jsonl
+from lesiongen.labels import BY_CODE
 
 
 def cloud(n: int, d: int = 8, loc: float = 0.0, seed: int = 0) -> np.ndarray:
@@ -161,3 +168,124 @@ def test_module_space_wraps_any_feature_network(tmp_path):
     feats = extract(space, paths)
     assert feats.shape == (3, 4)
     assert extract(space, paths, size=16).shape == (3, 4)
+
+
+# ---- the stage end to end -----------------------------------------------------------------------------
+
+BLUE, BROWN = (60, 70, 110), (110, 70, 50)
+
+
+def _row(file_name: str, label: str, veil: str, **extra: str) -> dict:
+    return {
+        "file_name": file_name,
+        "label": label,
+        "condition": BY_CODE[label].name,
+        "blue_whitish_veil": veil,
+        "pigment_network": "typical",
+        "concept_source": "expert",
+        "sex": "female",
+        "skin_tone": "very light",  # what lesion_png's background measures as
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory, inception):
+    """12 real images (veil = blue disc), 9 synthetic ones including one exact copy; evaluated once."""
+    root = tmp_path_factory.mktemp("eval")
+    real_rows = []
+    for i in range(12):
+        label, veil, colour = ("mel", "present", BLUE) if i % 2 else ("nv", "absent", BROWN)
+        lesion_png(root / "real" / "train" / "images" / f"r{i}.png", colour, seed=i)
+        real_rows.append(_row(f"images/r{i}.png", label, veil, split="train"))
+    write_jsonl(root / "real" / "train" / "metadata.jsonl", real_rows)
+    syn_rows = []
+    for i in range(8):
+        label, veil, colour = ("mel", "present", BLUE) if i % 2 else ("nv", "absent", BROWN)
+        name = f"dataset/{BY_CODE[label].name}/{label}_{i:06d}.png"
+        lesion_png(root / "syn" / name, colour, seed=100 + i)
+        syn_rows.append(_row(name, label, veil, seed=str(i)))
+    shutil.copy(root / "real" / "train" / "images" / "r3.png", root / "syn" / "dataset" / "Melanoma" / "copy.png")
+    syn_rows.append(_row("dataset/Melanoma/copy.png", "mel", "present", seed="8"))
+    pd.DataFrame(syn_rows).to_csv(root / "syn" / "manifest.csv", index=False)
+    argv = ["--real", str(root / "real"), "--synthetic", str(root / "syn" / "manifest.csv"), "--out", str(root / "out")]
+    assert evaluate_main([*argv, "--k", "3", "--concepts", "blue_whitish_veil"]) == 0
+    return root, json.loads((root / "out" / "evaluation.json").read_text())
+
+
+def test_evaluate_writes_metrics_overall_and_per_condition(eval_run):
+    root, result = eval_run
+    space = result["spaces"]["inception"]
+    assert space["dim"] == INCEPTION_DIM and result["real_size"] == 64
+    assert set(space["per_condition"]) == {"mel", "nv"}
+    overall = space["overall"]
+    assert overall["n_real"] == 12 and overall["n_synthetic"] == 9
+    assert overall["fid"] > 0 and 0 <= overall["precision"] <= 1 and overall["diversity_synthetic"] > 0
+    feats = np.load(root / "out" / "features_inception.npz")
+    real_mel = feats["real"][1::2]  # odd real rows are the melanomas
+    fake_mel = feats["synthetic"][[1, 3, 5, 7, 8]]
+    assert space["per_condition"]["mel"]["fid"] == pytest.approx(fidelity.frechet_distance(real_mel, fake_mel))
+    assert space["per_condition"]["mel"]["fid"] < fidelity.frechet_distance(feats["real"][0::2], fake_mel)
+    md = (root / "out" / "evaluation.md").read_text()
+    assert "| Melanoma |" in md and "Memorisation: 1 of 9" in md
+
+
+def test_evaluate_flags_the_exact_copy(eval_run):
+    root, result = eval_run
+    mem = result["spaces"]["inception"]["memorisation"]
+    assert mem["flagged"] == 1 and mem["min_distance"] == pytest.approx(0.0, abs=1e-3)
+    table = pd.read_csv(root / "out" / mem["csv"])
+    top = table.iloc[0]
+    assert top["synthetic"].endswith("copy.png") and top["nearest_real"].endswith("r3.png") and bool(top["flagged"])
+    assert table["flagged"].sum() == 1
+
+
+def test_concept_probe_detects_the_veil_when_asked(eval_run):
+    _, result = eval_run
+    veil = result["spaces"]["inception"]["concepts"]["blue_whitish_veil"]
+    assert veil["n_real_with"] == 6 and veil["n_on"] == 5 and veil["n_off"] == 4
+    assert veil["probe_balanced_accuracy"] > 0.8
+    assert veil["detected_on"] == 1.0 and veil["detected_off"] == 0.0 and veil["effect"] == 1.0
+
+
+def test_concept_probe_without_expert_labels_says_why():
+    frame = pd.DataFrame({"blue_whitish_veil": ["present", "absent"] * 3, "concept_source": "imputed"})
+    out = concept_faithfulness(frame, cloud(6), frame, cloud(6), "blue_whitish_veil", seed=0)
+    assert "needs >= 2 real images" in out["note"]
+
+
+def test_evaluate_bad_input_is_one_line(tmp_path, capsys):
+    assert (
+        evaluate_main(
+            [
+                "--real",
+                str(tmp_path),
+                "--synthetic",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+                "--features",
+                "domain",
+            ]
+        )
+        == 2
+    )
+    assert "--classifier" in capsys.readouterr().err
+    assert (
+        evaluate_main(["--real", str(tmp_path / "nope"), "--synthetic", str(tmp_path), "--out", str(tmp_path / "o")])
+        == 2
+    )
+    assert "not found" in capsys.readouterr().err
+
+
+def test_attributes_are_measured_from_pixels(eval_run):
+    _, result = eval_run
+    attrs = result["attributes"]
+    assert attrs["n"] == 9 and attrs["mask_ok"] == 1.0
+    tone = attrs["skin_tone"]["very light"]
+    assert list(attrs["skin_tone"]) == ["very light"] and tone["n"] == tone["n_measured"] == 9
+    assert tone["measured_same"] == 1.0
+    assert attrs["skin_tone"]["very light"]["median_ita"] > 55
+    blue = attrs["blue_gray"]
+    assert blue["asked"]["n"] == 5 and blue["asked"]["measured_blue_gray"] == 1.0
+    assert blue["not_asked"]["n"] == 4 and blue["not_asked"]["measured_blue_gray"] == 0.0

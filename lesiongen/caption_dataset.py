@@ -27,6 +27,7 @@ from .concepts import impute_concepts
 from .errors import InputError
 from .files import write_json, write_jsonl
 from .metadata import LOADERS, LesionRecord, load_metadata
+from .reports import Reporter, ReportOptions
 from .splits import D7P_INDEX_FILES, SPLITS, d7p_official_splits, split_by_lesion
 from .tokens import CLIP_MAX_TOKENS, count_tokens
 
@@ -35,7 +36,7 @@ LINKS = ("symlink", "hardlink", "copy")
 
 
 @dataclass
-class BuildCaptionsConfig:
+class BuildCaptionsConfig(ReportOptions):
     """Turn HAM10000 / Derm7pt metadata into a captioned, split imagefolder dataset."""
 
     dataset: str = option(help="which metadata schema to read", choices=tuple(LOADERS))
@@ -151,8 +152,10 @@ def build(cfg: BuildCaptionsConfig) -> dict:
     out = Path(cfg.out)
     images = Path(cfg.images) if cfg.images else None
     index = index_images(images) if images else {}
+    reporter = Reporter.from_config(cfg, cfg.style, images, out)
 
     kept: list[dict] = []
+    sources: list[tuple[LesionRecord, Path]] = []
     for record, split in tqdm(list(zip(records, splits, strict=False)), desc="captions", unit="img", disable=None):
         src = None
         if images is not None:
@@ -173,7 +176,10 @@ def build(cfg: BuildCaptionsConfig) -> dict:
         if src is not None:
             row["file_name"] = f"images/{record.image_path or src.name}"
             place_image(src, out / split / row["file_name"], cfg.link)
+            sources.append((record, src))
         kept.append(row)
+    fits = lambda t: count_tokens(t) <= CLIP_MAX_TOKENS  # noqa: E731
+    report_stats = reporter.apply(sources, kept, cfg.seed, fits) if reporter else None
 
     if images is not None:
         for split in SPLITS:
@@ -182,6 +188,8 @@ def build(cfg: BuildCaptionsConfig) -> dict:
                 write_jsonl(out / split / "metadata.jsonl", [{"file_name": r["file_name"], **r} for r in split_rows])
     write_jsonl(out / "captions.jsonl", kept)
     summary = summarize(cfg, kept, skipped, split_kind, images is not None)
+    if report_stats:
+        summary["reports"] = report_stats
     write_json(out / "summary.json", summary)
     print_summary(summary, out)
     return summary

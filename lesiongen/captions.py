@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import labels
 from .metadata import LesionRecord
@@ -101,16 +101,18 @@ def _concept_facts(record: LesionRecord, rng: random.Random) -> list[tuple[str, 
 
 def concept_caption(record: LesionRecord, rng: random.Random, fits: Callable[[str], bool] | None = None) -> Caption:
     """Concept-rich caption; with ``fits`` given, tail facts are dropped (and recorded) until it fits."""
-    facts = _concept_facts(record, rng)
+    return _fit(_concept_facts(record, rng), fits, record.image_id)
+
+
+def _fit(facts: list[tuple[str, str]], fits: Callable[[str], bool] | None, image_id: str) -> Caption:
+    """Join facts, dropping (and recording) tail facts until ``fits``; the first two always stay."""
     keep = len(facts)
     while True:
         text = ", ".join(t for _, t in facts[:keep])
         if fits is None or fits(text):
             return Caption(text, tuple(n for n, _ in facts[keep:]))
         if keep <= 2:
-            raise ValueError(
-                f"caption for {record.image_id} exceeds the token window even without optional facts: '{text}'"
-            )
+            raise ValueError(f"caption for {image_id} exceeds the token window even without optional facts: '{text}'")
         keep -= 1
 
 
@@ -127,3 +129,102 @@ def caption(
     if style == "label":
         return label_caption(record, rng)
     return concept_caption(record, rng, fits)
+
+
+# Report captions (issue 9): the concept caption of the merged report plus the analyzer's calibrated,
+# hedged claims (reports.CLAIMS), and a long prose report for T5-class text encoders.
+MEASURED_PHRASES: dict[str, str] = {
+    "blue_gray": "blue-gray areas",
+    "variegated": "variegated pigmentation",
+    "uniform": "uniform colour",
+    "color_asymmetry": "asymmetric colour distribution",
+    "large": "lesion fills most of the frame",
+    "cut_off": "extends beyond the field of view",
+}
+MAX_VLM_WORDS = 12  # a model's free-text field is cut here so it cannot crowd out the facts
+
+
+def _words(text: str, limit: int = MAX_VLM_WORDS) -> str:
+    return " ".join(str(text).split()[:limit]).strip(" ,.;")
+
+
+def reported_record(record: LesionRecord, report: dict) -> LesionRecord:
+    """The record as the merged report sees it: its concepts and skin tone replace the metadata's."""
+    fields = report["fields"]
+    concepts = {k: v for k, v in fields["patterns"]["value"].items() if v is not None}
+    source = fields["patterns"]["source"] or "none"
+    tone = fields["skin_tone"]["value"] or "unknown"
+    return replace(record, concepts=concepts, concept_source=source, skin_tone=tone)
+
+
+def report_caption(
+    record: LesionRecord, report: dict, seed: int = 0, fits: Callable[[str], bool] | None = None
+) -> Caption:
+    """Condensed prompt of a report: the concept caption's facts with the measured claims right after
+    the checklist concepts, then vlm-only descriptions; the tail is dropped to fit, never the diagnosis."""
+    rng = record_rng(seed, record.image_id)
+    facts = _concept_facts(reported_record(record, report), rng)
+    fields = report["fields"]
+    at = 2 if len(facts) > 1 and facts[1][0] == "concepts" else 1
+    if (fields.get("vlm_patterns") or {}).get("value"):
+        facts.insert(at, ("concepts", f"{rng.choice(WITH)} {_words(fields['vlm_patterns']['value'])}"))
+        at += 1
+    claims = [MEASURED_PHRASES[c] for c in report["claims"] if c in MEASURED_PHRASES]
+    if claims:
+        facts.insert(at, ("measured", ", ".join(claims)))
+        at += 1
+    described = []
+    for name in ("border", "shape", "texture"):
+        value = (fields.get(name) or {}).get("value")
+        if value:
+            value = _words(value, 6)
+            described.append(value if name in value.lower() else f"{value} {name}")
+    if described:
+        facts.insert(at, ("vlm", ", ".join(described)))
+    return _fit(facts, fits, record.image_id)
+
+
+def report_long_text(record: LesionRecord, report: dict) -> str:
+    """The whole report in prose (no token limit), each statement saying where it came from."""
+    f = report["fields"]
+    rec = reported_record(record, report)
+    confirmed = f" ({labels.DX_TYPES[record.dx_type]})" if record.dx_type in labels.DX_TYPES else ""
+    sentences = [f"Dermoscopic image of {dx_phrase(record)}{confirmed}."]
+    who = " ".join(
+        w for w in (f"{int(record.age)}-year-old" if record.age is not None else "", record.sex) if w and w != "unknown"
+    )
+    where = f" on the {record.site}" if record.site != "unknown" else ""
+    if who or where:
+        sentences.append(f"Lesion{where}" + (f" of a {who} patient." if who else "."))
+    if record.elevation:
+        sentences.append(f"Elevation: {record.elevation}.")
+    present, absent = concept_phrases(rec.concepts)
+    if present or absent:
+        parts = [f"present: {_join(present)}" if present else "", ", ".join(absent)]
+        sentences.append(
+            f"Dermoscopic structures ({f['patterns']['source']}): " + "; ".join(p for p in parts if p) + "."
+        )
+    if (f.get("vlm_patterns") or {}).get("value"):
+        sentences.append(f"Dermoscopic patterns (vision-language model): {f['vlm_patterns']['value']}.")
+    m = report.get("measured") or {}
+    if m.get("mask_ok"):
+        edge = "extends beyond the field of view" if m["cut_off"] else "lies within the field of view"
+        sentences.append(f"The lesion covers {m['area_pct']:.0f}% of the image and {edge} (measured).")
+        colours = sorted(((c, x) for c, x in m["colors"].items() if x >= 0.05), key=lambda t: -t[1])
+        if colours:
+            shares = ", ".join(f"{c.replace('_', ' ')} {x * 100:.0f}%" for c, x in colours)
+            sentences.append(f"Colours (measured share of the lesion): {shares}.")
+        said = [MEASURED_PHRASES[c] for c in report["claims"] if c not in ("large", "cut_off")]
+        if said:
+            sentences.append("Measured: " + ", ".join(said) + ".")
+    elif report.get("measured") is not None:
+        sentences.append("The image could not be measured, so no measured attributes are stated.")
+    tone = f["skin_tone"]
+    if tone["value"]:
+        ita = f", ITA {tone['score']:.0f} degrees" if tone["source"] == "measured" and tone["score"] is not None else ""
+        sentences.append(f"Surrounding skin: {tone['value']} ({tone['source']}{ita}).")
+    for name in ("border", "shape", "shape_variability", "texture", "other"):
+        value = (f.get(name) or {}).get("value")
+        if value:
+            sentences.append(f"{name.replace('_', ' ').capitalize()} (vision-language model): {value}.")
+    return " ".join(sentences)

@@ -1,0 +1,305 @@
+"""generate.py on the tiny model (CPU, 32 px, 2 steps): files, manifest, seeds, resume, shards, models, errors."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lesiongen import labels
+from lesiongen.caption_dataset import caption_record
+from lesiongen.errors import InputError
+from lesiongen.generate import (
+    MANIFEST_COLUMNS,
+    SCHEDULERS,
+    GenerateConfig,
+    Processes,
+    build_prompt,
+    generate,
+    load_model,
+    main,
+    make_plan,
+)
+from lesiongen.metadata import load_d7p, load_ham10000
+from lesiongen.tables import read_image_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config(model: Path, out: Path, **kw) -> GenerateConfig:
+    base = dict(
+        model_path=str(model),
+        output_dir=str(out),
+        mode="dataset",
+        condition="mel",
+        num_images=3,
+        guidance_scale=[5.0],
+        num_inference_steps=[2],
+        resolution=32,
+        batch_size=4,
+        device="cpu",
+        contact_sheet=4,
+    )
+    base.update(kw)
+    cfg = GenerateConfig(**base)
+    cfg.check()
+    return cfg
+
+
+def manifest(root: Path) -> list[dict]:
+    with open(root / "manifest.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine two threads run ~40x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd_dir):
+    cfg = GenerateConfig(model_path=str(tiny_sd_dir), device="cpu")
+    return load_model(cfg, "cpu")
+
+
+def test_dataset_mode_writes_images_manifest_and_contact_sheet(tiny_sd_dir, pipe, tmp_path):
+    cfg = config(tiny_sd_dir, tmp_path / "out", condition="Melanoma,DF", balance=["sex"], guidance_scale=[3.0, 7.5])
+    result = generate(cfg, pipe=pipe)
+    rows = manifest(tmp_path / "out")
+    assert tuple(rows[0]) == MANIFEST_COLUMNS
+    assert sorted(r["file_name"] for r in rows) == sorted(
+        [f"dataset/Melanoma/mel_00000{i}.png" for i in range(3)]
+        + [f"dataset/Dermatofibroma/df_00000{i}.png" for i in range(3)]
+    )
+    assert result.generated == 6 and result.already_done == 0
+    for r in rows:
+        assert pixels(tmp_path / "out" / r["file_name"]).shape == (32, 32, 3)
+        assert r["label"] == r["dx"] and r["condition"] == labels.BY_CODE[r["dx"]].name
+        assert r["scheduler"] == cfg.scheduler and r["model"] == str(tiny_sd_dir) and r["num_inference_steps"] == "2"
+    plan = {s.image_id: s for s in make_plan(cfg)}
+    for r in rows:
+        spec = plan[Path(r["file_name"]).stem]
+        assert (int(r["seed"]), float(r["guidance_scale"]), r["sex"]) == (spec.seed, spec.guidance_scale, spec.sex)
+        # the prompt is the caption build_captions.py writes for the same record
+        assert r["text"] == caption_record(spec.record(), "concept", cfg.seed)[1]["text"]
+        assert all(r[c] == dict(spec.concepts)[c] for c in labels.CONCEPT_NAMES)
+    for dx in ("mel", "df"):
+        assert sorted(r["sex"] for r in rows if r["dx"] == dx) in (
+            ["female", "male", "male"],
+            ["female", "female", "male"],
+        )
+    table = read_image_table(tmp_path / "out")
+    assert len(table) == 6 and set(table["label"]) == {"mel", "df"} and all(Path(p).is_file() for p in table["path"])
+    sheet = Image.open(tmp_path / "out" / "contact_sheet.png")
+    assert sheet.size[1] == 2 * (32 + 14)
+    saved = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert saved["plan"]["per_condition"] == {"mel": 3, "df": 3}
+
+
+def test_same_seed_same_pixels_and_batching_does_not_change_them(tiny_sd_dir, pipe, tmp_path):
+    a = generate(config(tiny_sd_dir, tmp_path / "a", num_images=4), pipe=pipe).root
+    b = generate(config(tiny_sd_dir, tmp_path / "b", num_images=4), pipe=pipe).root
+    c = generate(config(tiny_sd_dir, tmp_path / "c", num_images=4, batch_size=1), pipe=pipe).root
+    d = generate(config(tiny_sd_dir, tmp_path / "d", num_images=4, seed=1), pipe=pipe).root
+    for i in range(4):
+        name = f"dataset/Melanoma/mel_00000{i}.png"
+        assert np.array_equal(pixels(a / name), pixels(b / name))
+        assert np.abs(pixels(a / name) - pixels(c / name)).max() <= 2
+        assert np.abs(pixels(a / name) - pixels(d / name)).mean() > 5
+
+
+def test_killed_run_resumes_to_exactly_num_images(tiny_sd_dir, pipe, tmp_path):
+    cfg = config(tiny_sd_dir, tmp_path / "out", num_images=6, batch_size=2)
+    out = Path(cfg.output_dir)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_three(spec, path):
+        assert path.is_file()
+        if len(manifest(out)) == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        generate(cfg, pipe=pipe, on_saved=kill_after_three)
+    assert len(manifest(out)) == 3 and len(list((out / "dataset/Melanoma").glob("*.png"))) == 3
+    # the two states a kill can leave: an image renamed into place without its row, and a torn last row
+    rows = (out / "manifest.csv").read_text().splitlines(keepends=True)
+    (out / "manifest.csv").write_text("".join(rows[:-1]) + rows[-1][:25])
+    result = generate(cfg, pipe=pipe)
+    assert result.generated == 4 and result.already_done == 2
+    final = manifest(out)
+    names = [r["file_name"] for r in final]
+    assert len(names) == 6 and len(set(names)) == 6
+    assert sorted(p.name for p in (out / "dataset/Melanoma").iterdir()) == [f"mel_00000{i}.png" for i in range(6)]
+    assert not [p for p in out.rglob("*.tmp")]
+    # a third run has nothing to do; the result matches an uninterrupted run
+    assert generate(cfg, pipe=pipe).generated == 0 and len(manifest(out)) == 6
+    clean = generate(dataclasses.replace(cfg, output_dir=str(tmp_path / "clean")), pipe=pipe).root
+    for name in names:
+        assert np.array_equal(pixels(out / name), pixels(clean / name))
+
+
+def test_resume_with_other_settings_is_refused(tiny_sd_dir, pipe, tmp_path):
+    generate(config(tiny_sd_dir, tmp_path / "out", num_images=1), pipe=pipe)
+    with pytest.raises(
+        InputError, match=r"generation_config.json: this folder was generated with other settings \(num_images: 1 -> 2"
+    ):
+        generate(config(tiny_sd_dir, tmp_path / "out", num_images=2), pipe=pipe)
+
+
+def test_single_mode_names_images_by_seed_and_replaces_on_rerun(tiny_sd_dir, pipe, tmp_path):
+    cfg = config(tiny_sd_dir, tmp_path, mode="single", num_images=None, condition="vasc", seed=7, contact_sheet=0)
+    generate(cfg, pipe=pipe)
+    rows = manifest(tmp_path / "single")
+    assert [(r["file_name"], r["seed"]) for r in rows] == [("Vascular lesions/vasc_seed7.png", "7")]
+    generate(dataclasses.replace(cfg, skin_tone="dark"), pipe=pipe)
+    rows = manifest(tmp_path / "single")
+    assert len(rows) == 1 and rows[0]["skin_tone"] == "dark" and "dark skin" in rows[0]["text"]
+    generate(dataclasses.replace(cfg, seed=8), pipe=pipe)
+    assert [r["seed"] for r in manifest(tmp_path / "single")] == ["7", "8"]
+
+
+def test_shards_union_equals_one_process(tiny_sd_dir, pipe, tmp_path):
+    kw = dict(condition="mel,nv", num_images=3, batch_size=1, contact_sheet=0)
+    one = generate(config(tiny_sd_dir, tmp_path / "one", **kw), pipe=pipe).root
+    two = config(tiny_sd_dir, tmp_path / "two", **kw)
+    made = [generate(two, pipe=pipe, processes=Processes(i, 2)).generated for i in (1, 0)]
+    assert made == [3, 3]
+    single_rows = {r["file_name"]: r for r in manifest(one)}
+    shard_rows = {r["file_name"]: r for r in manifest(Path(two.output_dir))}
+    assert single_rows == shard_rows
+    for name in single_rows:
+        assert np.array_equal(pixels(one / name), pixels(Path(two.output_dir) / name))
+
+
+def test_builder_captions_and_generation_prompts_agree_on_real_records(ham_csv, d7p_csv):
+    records = load_d7p(d7p_csv, skip_bad_rows=True).records[:40] + load_ham10000(ham_csv).records[:40]
+    for rec in records:
+        rec, row = caption_record(rec, "concept", 3)
+        assert build_prompt(rec, "concept", 3) == row["text"]
+        assert build_prompt(rec, "label", 3) == caption_record(rec, "label", 3)[1]["text"]
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_samples(tiny_sd_dir, pipe, tmp_path, name):
+    import diffusers
+
+    cfg = config(tiny_sd_dir, tmp_path, num_images=1, scheduler=name, contact_sheet=0)
+    generate(cfg, pipe=pipe)
+    assert type(pipe.scheduler) is getattr(diffusers, SCHEDULERS[name][0])
+    image = pixels(tmp_path / "dataset/Melanoma/mel_000000.png")
+    assert image.std() > 1 and manifest(tmp_path)[0]["scheduler"] == name
+
+
+def test_lora_and_full_pipeline_dirs_both_load(tiny_sd_dir, pipe, tmp_path):
+    import torch
+
+    from lesiongen.pipeline import add_lora, load_training_parts, save_lora
+
+    unet = load_training_parts(tiny_sd_dir)["unet"]
+    lora_config = add_lora(unet, rank=4, seed=0)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    lora_dir = save_lora(unet, lora_config, tmp_path / "lora")
+    (lora_dir / "config.json").write_text(json.dumps({"pretrained_model_name_or_path": str(tiny_sd_dir)}))
+
+    base = generate(config(tiny_sd_dir, tmp_path / "base", num_images=1), pipe=pipe).root
+    full = generate(config(tiny_sd_dir, tmp_path / "full", num_images=1)).root  # loads the pipeline dir itself
+    lora = generate(config(lora_dir, tmp_path / "lora_out", num_images=1)).root
+    off = generate(
+        config(lora_dir, tmp_path / "lora_off", num_images=1, lora_scale=0.0, base_model=str(tiny_sd_dir))
+    ).root
+    name = "dataset/Melanoma/mel_000000.png"
+    assert np.array_equal(pixels(base / name), pixels(full / name))
+    assert np.abs(pixels(base / name) - pixels(lora / name)).mean() > 1
+    assert np.array_equal(pixels(base / name), pixels(off / name))
+    assert manifest(lora)[0]["model"] == str(lora_dir)
+
+
+def test_dtype_follows_the_device(pipe):
+    import torch
+
+    assert pipe.unet.dtype == torch.float32 and pipe.device.type == "cpu"
+
+
+def test_bad_inputs_give_one_line_errors(tiny_sd_dir, tmp_path, capsys):
+    args = ["--model_path", str(tiny_sd_dir), "--output_dir", str(tmp_path / "o"), "--device", "cpu"]
+    assert main(["--condition", "Melanomma", *args]) == 2
+    err = capsys.readouterr().err
+    assert "--condition: unknown condition 'Melanomma'" in err and "'Melanoma' (mel)" in err and err.count("\n") == 1
+    assert main(["--condition", "mel", "--model_path", str(tmp_path / "nope")]) == 2
+    assert "--model_path" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cfg = config(tiny_sd_dir, blocker / "out")
+    with pytest.raises(InputError, match=r"--output_dir .*: cannot write there"):
+        generate(cfg)
+    with pytest.raises(InputError, match="--caption_style label: label captions state only the diagnosis"):
+        config(tiny_sd_dir, tmp_path, caption_style="label", skin_tone="dark")
+
+
+def test_main_single_mode_as_in_the_original_readme(tiny_sd_dir, tmp_path, capsys):
+    argv = [
+        "--condition",
+        "Melanoma",
+        "--mode",
+        "single",
+        "--model_path",
+        str(tiny_sd_dir),
+        "--output_dir",
+        str(tmp_path),
+    ]
+    assert main([*argv, "--num_inference_steps", "2", "--resolution", "32", "--device", "cpu"]) == 0
+    assert (tmp_path / "single" / "Melanoma" / "mel_seed0.png").is_file()
+    assert len(manifest(tmp_path / "single")) == 1 and (tmp_path / "single" / "contact_sheet.png").is_file()
+    assert "generated 1 image(s)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_accelerate_launch_splits_the_plan_across_two_processes(tiny_sd_dir, pipe, tmp_path):
+    """Two CPU processes (gloo) through the shim, as a user launches them; the union equals one process's run."""
+    args = ["--model_path", str(tiny_sd_dir), "--mode", "dataset", "--condition", "mel,nv", "--num_images", "3"]
+    args += ["--num_inference_steps", "2", "--guidance_scale", "5", "--resolution", "32", "--batch_size", "1"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += [
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29731",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    cmd = [*launch, "generate.py", *args, "--output_dir", str(tmp_path / "two")]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "process 0/2: generated 3" in done.stdout and "process 1/2: generated 3" in done.stdout
+    one = generate(config(tiny_sd_dir, tmp_path / "one", condition="mel,nv", batch_size=1), pipe=pipe).root
+    two_rows = {r["file_name"]: r for r in manifest(tmp_path / "two")}
+    assert len(two_rows) == 6 and two_rows == {r["file_name"]: r for r in manifest(one)}
+    for name in two_rows:
+        assert np.array_equal(pixels(one / name), pixels(tmp_path / "two" / name))

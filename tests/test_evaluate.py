@@ -18,7 +18,7 @@ from lesiongen.evaluate import concept_faithfulness
 from lesiongen.evaluate import main as evaluate_main
 from lesiongen.features import INCEPTION_DIM, extract, inception_space, module_space, read_rgb
 from lesiongen.files import write_jsonl
-from lesiongen.labels import BY_CODE
+from lesiongen.labels import BY_CODE, CODES
 
 
 def cloud(n: int, d: int = 8, loc: float = 0.0, seed: int = 0) -> np.ndarray:
@@ -289,3 +289,27 @@ def test_attributes_are_measured_from_pixels(eval_run):
     blue = attrs["blue_gray"]
     assert blue["asked"]["n"] == 5 and blue["asked"]["measured_blue_gray"] == 1.0
     assert blue["not_asked"]["n"] == 4 and blue["not_asked"]["measured_blue_gray"] == 0.0
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", "vit"])
+def test_domain_space_is_the_classifier_without_its_head(tmp_path, model_name):
+    from lesiongen.classify import MODELS, ClassifyConfig, save_checkpoint
+    from lesiongen.features import domain_space
+
+    cfg = ClassifyConfig(data_dir="unused", model=model_name, vit_name="vit_tiny_patch16_224", image_size=32)
+    torch.manual_seed(0)
+    model = MODELS[model_name](len(CODES), cfg)
+    save_checkpoint(tmp_path / "best.pt", model, cfg, epoch=1, extra={})
+    space = domain_space(tmp_path)
+    assert space.name == "domain" and space.size == 32
+    paths = [lesion_png(tmp_path / f"{i}.png", (60 + 40 * i, 60, 120), seed=i) for i in range(2)]
+    feats = extract(space, paths)
+    width = 512 if model_name == "resnet18" else 192  # ResNet18's pooled width; ViT-Tiny's embedding
+    assert feats.shape == (2, width) and not np.allclose(feats[0], feats[1])
+
+
+def test_domain_space_rejects_a_missing_checkpoint(tmp_path):
+    from lesiongen.features import domain_space
+
+    with pytest.raises(InputError, match="checkpoint not found"):
+        domain_space(tmp_path)

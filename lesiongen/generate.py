@@ -338,12 +338,18 @@ def resolve_device(cfg: GenerateConfig, processes: Processes) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_dtype(cfg: GenerateConfig, device: str) -> str:
+    """float16 on CUDA (half the memory, tensor cores), float32 elsewhere: CPU half precision is slow or missing."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return "float16" if device.startswith("cuda") else "float32"
+
+
 def load_model(cfg: GenerateConfig, device: str):
-    """The pipeline with the chosen sampler; fp16 on CUDA and fp32 on CPU unless --dtype says otherwise."""
+    """The pipeline with the chosen sampler, in the dtype ``resolve_dtype`` picks."""
     from .pipeline import load_pipeline
 
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
-    pipe = load_pipeline(cfg.model_path, cfg.base_model, device=device, dtype=dtype)
+    pipe = load_pipeline(cfg.model_path, cfg.base_model, device=device, dtype=resolve_dtype(cfg, device))
     set_scheduler(pipe, cfg.scheduler)
     return pipe
 

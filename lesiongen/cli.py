@@ -56,7 +56,7 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
     parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip())
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp, _, is_list = _base_type(hints[f.name])
+        tp, optional, is_list = _base_type(hints[f.name])
         meta = f.metadata
         names = [f"--{f.name}"]
         kebab = f"--{f.name.replace('_', '-')}"
@@ -79,6 +79,8 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
             kw["metavar"] = "BOOL"
         else:
             kw["type"] = tp if tp in (int, float, str) else str
+            if optional and tp in (int, float):
+                kw["type"] = lambda text, tp=tp: None if text.lower() in ("none", "null", "") else tp(text)
             if is_list:
                 kw["nargs"] = "+"
         if "choices" in meta:

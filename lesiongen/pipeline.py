@@ -129,7 +129,7 @@ def load_pipeline(
 
 
 def load_training_parts(model: str | Path) -> dict:
-    """Tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler, loaded separately as training needs them."""
+    """Tokenizer, text encoder, VAE, UNet, a DDPM noise scheduler for training and the sampling scheduler."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -146,6 +146,7 @@ def load_training_parts(model: str | Path) -> dict:
             "vae": AutoencoderKL.from_pretrained(source, subfolder="vae"),
             "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
             "noise_scheduler": DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
+            "scheduler": base_scheduler(source),
         }
     except OSError as e:
         raise InputError(
@@ -153,6 +154,15 @@ def load_training_parts(model: str | Path) -> dict:
             f"could not load the model ({str(e).splitlines()[0]})",
             "check the id or path",
         ) from e
+
+
+def base_scheduler(source: str):
+    """The model's own sampling scheduler (class named in its config), kept unchanged in saved pipelines."""
+    import diffusers
+
+    config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler")
+    cls = getattr(diffusers, config.get("_class_name", ""), None) or diffusers.PNDMScheduler
+    return cls.from_config(config)
 
 
 def add_lora(unet, rank: int, alpha: float | None = None, seed: int | None = None):

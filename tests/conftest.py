@@ -41,3 +41,73 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd") / "tiny-sd", resolution=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def d7p_captions_dir(tmp_path_factory, d7p_csv: Path, d7p_images: Path) -> Path:
+    """build_captions on the real Derm7pt (concept captions, official splits; images symlinked)."""
+    from lesiongen.caption_dataset import main as build_captions
+
+    out = tmp_path_factory.mktemp("d7p_captions") / "captions"
+    args = [
+        "--dataset",
+        "d7p",
+        "--metadata",
+        str(d7p_csv),
+        "--images",
+        str(d7p_images),
+        "--out",
+        str(out),
+        "--skip_bad_rows",
+    ]
+    assert build_captions(args) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def d7p_small_train(tmp_path_factory, d7p_captions_dir: Path) -> Path:
+    """A 10-image imagefolder (2 per label) cut from the Derm7pt train split, for quick training runs."""
+    import json
+
+    rows = [json.loads(line) for line in (d7p_captions_dir / "train" / "metadata.jsonl").read_text().splitlines()]
+    out = tmp_path_factory.mktemp("d7p_small") / "train"
+    (out / "images").mkdir(parents=True)
+    picked: dict[str, int] = {}
+    lines = []
+    for row in rows:
+        if picked.get(row["label"], 0) < 2:
+            picked[row["label"]] = picked.get(row["label"], 0) + 1
+            name = f"images/{row['image_id']}.jpg"
+            os.symlink((d7p_captions_dir / "train" / row["file_name"]).resolve(), out / name)
+            lines.append(json.dumps({**row, "file_name": name}))
+    (out / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_run(tmp_path_factory, tiny_sd_dir: Path, d7p_small_train: Path) -> Path:
+    """A LoRA (rank 4, alpha 8) trained 6 steps on d7p_small_train with checkpoints at 3 and 6; its output dir."""
+    from lesiongen.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("lora_run") / "lora"
+    cfg = TrainConfig(
+        pretrained_model_name_or_path=str(tiny_sd_dir),
+        train_data_dir=str(d7p_small_train),
+        output_dir=str(out),
+        resolution=64,
+        rank=4,
+        lora_alpha=8,
+        train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_train_steps=6,
+        learning_rate=1e-3,
+        checkpointing_steps=3,
+        validation_steps=6,
+        validation_inference_steps=2,
+        caption_dropout=0.1,
+        snr_gamma=5.0,
+        seed=0,
+    )
+    cfg.check()
+    train(cfg)
+    return out

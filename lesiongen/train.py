@@ -1,0 +1,740 @@
+"""Fine-tune Stable Diffusion on lesion captions: LoRA or full UNet (+EMA), one loop, driven by accelerate.
+
+    accelerate launch -m lesiongen.train --mode lora --pretrained_model_name_or_path MODEL \\
+        --train_data_dir CAPTIONS/train --output_dir OUT
+
+``train_lora.sh`` and ``train_SD.sh`` call this with the original LesionGen defaults. The two modes
+differ only in the three helpers of ``MODES`` (what trains, whether an EMA copy steps, how the result
+is saved); everything else is the same loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .cli import option, parse_config, run
+from .errors import InputError
+from .files import CHECKPOINT_RE, atomic_dir, latest_checkpoint, prune_checkpoints, write_json, write_text
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+DEFAULT_LR = {"lora": 5e-6, "full": 1e-5}  # the original train_lora.sh / train_SD.sh
+# Fields that shape the weights; a resumed run must not change them silently (STYLE.md).
+ARCHITECTURE_FIELDS = (
+    "mode",
+    "pretrained_model_name_or_path",
+    "resolution",
+    "rank",
+    "lora_alpha",
+    "train_text_encoder",
+    "use_ema",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tune a Stable Diffusion model on captioned lesion images (LoRA or full UNet with EMA)."""
+
+    # model
+    pretrained_model_name_or_path: str = option(
+        "runwayml/stable-diffusion-v1-5",
+        help="base model: hub id or local pipeline folder (python -m lesiongen.tiny builds one)",
+    )
+    mode: str = option(
+        "lora", help="what trains: LoRA adapters on the UNet attention, or the full UNet", choices=("lora", "full")
+    )
+    rank: int = option(64, help="LoRA rank (lora mode)")
+    lora_alpha: float | None = option(None, help="LoRA alpha; none means alpha = rank (scale 1)")
+    train_text_encoder: bool = option(
+        False, help="also train the text encoder (full mode; needed when it starts random)"
+    )
+    use_ema: bool = option(False, help="keep an EMA copy of the UNet and save it (full mode)")
+    ema_decay: float = option(0.9999, help="EMA decay")
+    gradient_checkpointing: bool = option(False, help="recompute activations in backward to save memory")
+    # data
+    train_data_dir: str = option(
+        "data/captions/train", help="folder with metadata.jsonl (file_name, text), e.g. build_captions OUT/train"
+    )
+    resolution: int = option(256, help="training image size (px)")
+    center_crop: bool = option(True, help="center crop (false: random crop, which cannot use --cache_latents)")
+    random_flip: bool = option(True, help="random horizontal flip")
+    caption_dropout: float = option(
+        0.0, help="probability of training on the empty caption (for classifier-free guidance)"
+    )
+    cache_latents: bool = option(
+        True, help="encode images and captions once and cache them on disk, so a step runs only the UNet"
+    )
+    cache_dir: str | None = option(None, help="where the latent cache lives (default: OUTPUT_DIR/latent_cache)")
+    dataloader_num_workers: int = option(0, help="image decoding workers (uncached path)")
+    # optimisation
+    train_batch_size: int = option(1, help="images per process per micro-step")
+    gradient_accumulation_steps: int = option(4, help="micro-steps per optimiser step")
+    max_train_steps: int = option(15000, help="optimiser steps")
+    learning_rate: float | None = option(None, help="learning rate; none means 5e-6 for lora, 1e-5 for full")
+    lr_scheduler: str = option("constant", help="learning-rate schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = option(0, help="warm-up optimiser steps")
+    adam_weight_decay: float = option(1e-2, help="AdamW weight decay")
+    max_grad_norm: float | None = option(1.0, help="gradient clipping norm; none disables")
+    mixed_precision: str = option("no", help="fp16 / bf16 autocast (fp16 needs a GPU)", choices=MIXED_PRECISION)
+    snr_gamma: float | None = option(
+        None, help="min-SNR loss weighting gamma (5.0 is the paper's value); none disables"
+    )
+    noise_offset: float = option(0.0, help="noise offset (0.05-0.1 helps very dark/bright images)")
+    seed: int = option(0, help="seed for weights init, data order, flips, noise and timesteps")
+    # checkpoints
+    output_dir: str = option("outputs/lesiongen-lora", help="where the model, checkpoints, logs and model card go")
+    checkpointing_steps: int = option(7500, help="save a resumable checkpoint every N optimiser steps")
+    checkpoints_total_limit: int | None = option(None, help="keep at most this many checkpoints; none keeps all")
+    resume_from_checkpoint: str | None = option(None, help="'latest' or a checkpoint-<step> folder to continue from")
+    # validation and logging
+    validation_prompts: list[str] | None = option(
+        None, help="prompts for validation images (default: one caption per condition)"
+    )
+    validation_steps: int = option(500, help="validation images every N steps and at the end; 0 disables")
+    validation_inference_steps: int = option(25, help="sampling steps for validation images")
+    report_to: str = option(
+        "tensorboard", help="where to log the loss curve and images", choices=("tensorboard", "none")
+    )
+
+    def check(self) -> None:
+        positive = (
+            "rank",
+            "resolution",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_train_steps",
+            "checkpointing_steps",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InputError(
+                    f"--{name}", f"must be at least 1, got {getattr(self, name)}", "pass a positive integer"
+                )
+        if self.resolution % 8:
+            raise InputError(
+                "--resolution",
+                f"{self.resolution} is not a multiple of 8",
+                "the VAE downsamples by 4 or 8; use e.g. 64, 256, 512",
+            )
+        if self.use_ema and self.mode != "full":
+            raise InputError("--use_ema", "needs --mode full", "EMA of LoRA adapters is not supported; drop --use_ema")
+        if self.train_text_encoder and self.mode != "full":
+            raise InputError("--train_text_encoder", "needs --mode full", "drop it, or train with --mode full")
+        if self.cache_latents and not self.center_crop:
+            raise InputError("--center_crop false", "random crops cannot be cached", "add --cache_latents false")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise InputError("--caption_dropout", f"{self.caption_dropout} is not in [0, 1)", "e.g. 0.1")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise InputError("--learning_rate", "must be positive", "e.g. 1e-4 for LoRA")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise InputError("--snr_gamma", "must be positive", "5.0 is the min-SNR paper's value, or none")
+        if self.noise_offset < 0:
+            raise InputError("--noise_offset", "must be >= 0", "e.g. 0.05")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise InputError("--checkpoints_total_limit", "must be at least 1", "or none to keep all")
+        if self.validation_steps < 0:
+            raise InputError("--validation_steps", "must be >= 0", "0 disables validation")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    losses: list[float] = field(default_factory=list)  # mean loss of each optimiser step run by this call
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loss, on tensors (tests call it directly)
+
+
+def diffusion_loss(model_pred, target, timesteps, noise_scheduler, snr_gamma: float | None = None):
+    """MSE, optionally min-SNR weighted (Hang et al. 2023): hard, noisy timesteps stop dominating the gradient."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers.training_utils import compute_snr
+
+    if snr_gamma is None:
+        return F.mse_loss(model_pred.float(), target.float())
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=snr_gamma)
+    weights = weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
+    per_item = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(
+        dim=list(range(1, model_pred.ndim))
+    )
+    return (per_item * weights).mean()
+
+
+def step_generator(seed: int, batch_number: int, device):
+    """Noise, timesteps and VAE samples for a batch come from (seed, batch number): resume draws the same numbers."""
+    import torch
+
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_number * 7_919 + 1)
+
+
+def batch_loss(batch: dict, unet, vae, text_encoder, noise_scheduler, generator, snr_gamma=None, noise_offset=0.0):
+    """One denoising loss: latents (cached distribution or VAE), captions (cached or encoded), noise, UNet."""
+    import torch
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    if "latent_params" in batch:
+        dist = DiagonalGaussianDistribution(batch["latent_params"].to(vae.device, vae.dtype))
+    else:
+        with torch.no_grad():
+            dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
+    latents = dist.sample(generator=generator) * vae.config.scaling_factor
+    if "prompt_embeds" in batch:
+        text = batch["prompt_embeds"].to(latents.device)
+    else:
+        text_trains = any(p.requires_grad for p in text_encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and text_trains):
+            text = text_encoder(batch["input_ids"].to(latents.device))[0]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        # Offset noise (Lin et al. 2023): a per-channel constant lets the model shift overall brightness.
+        noise = noise + noise_offset * torch.randn(
+            (*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
+        )
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
+    )
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    pred = unet(
+        noisy, timesteps, encoder_hidden_states=text.to(noisy.dtype) if text.dtype != noisy.dtype else text
+    ).sample
+    return diffusion_loss(pred, target, timesteps, noise_scheduler, snr_gamma)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The three helpers in which LoRA and full training differ
+
+
+def lora_trainable(parts: dict, cfg: TrainConfig) -> list:
+    """LoRA: only the adapters on the UNet attention projections train; everything else is frozen."""
+    from .pipeline import add_lora
+
+    for name in ("unet", "text_encoder", "vae"):
+        parts[name].requires_grad_(False)
+    add_lora(parts["unet"], cfg.rank, cfg.lora_alpha, seed=cfg.seed)
+    return [parts["unet"]]
+
+
+def full_trainable(parts: dict, cfg: TrainConfig) -> list:
+    """Full: the whole UNet trains (and the text encoder with --train_text_encoder)."""
+    parts["vae"].requires_grad_(False)
+    parts["unet"].requires_grad_(True)
+    parts["text_encoder"].requires_grad_(cfg.train_text_encoder)
+    return [parts["unet"], parts["text_encoder"]] if cfg.train_text_encoder else [parts["unet"]]
+
+
+def no_ema(unet, cfg: TrainConfig):
+    return None
+
+
+def unet_ema(unet, cfg: TrainConfig):
+    """An EMA copy of the UNet weights (diffusers' EMAModel), only with --use_ema."""
+    if not cfg.use_ema:
+        return None
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
+
+
+def save_lora_result(out: Path, parts: dict, unet, text_encoder, ema) -> None:
+    """LoRA weights in the diffusers format that ``pipe.load_lora_weights(dir)`` reads."""
+    from .pipeline import save_lora
+
+    save_lora(unet, unet.peft_config["default"], out)
+
+
+def save_full_result(out: Path, parts: dict, unet, text_encoder, ema) -> None:
+    """A complete pipeline folder with the EMA weights swapped in, for ``from_pretrained``."""
+    import torch
+
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    pipeline(parts, unet.to(torch.float32), text_encoder.to(torch.float32)).save_pretrained(out)
+
+
+@dataclass(frozen=True)
+class Mode:
+    trainable: Callable  # (parts, cfg) -> modules whose parameters train
+    make_ema: Callable  # (unet, cfg) -> EMAModel | None
+    save_result: Callable  # (folder, parts, unet, text_encoder, ema) -> None
+    published_last: str  # the file whose presence marks the saved result complete
+
+
+MODES = {
+    "lora": Mode(lora_trainable, no_ema, save_lora_result, "pytorch_lora_weights.safetensors"),
+    "full": Mode(full_trainable, unet_ema, save_full_result, "model_index.json"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    out = Path(cfg.output_dir)
+    return Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+
+
+def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to continue from, checked before any work: it exists and its architecture matches."""
+    if cfg.resume_from_checkpoint is None:
+        return None
+    out = Path(cfg.output_dir)
+    flag = f"--resume_from_checkpoint {cfg.resume_from_checkpoint}"
+    if cfg.resume_from_checkpoint == "latest":
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise InputError(
+                flag,
+                f"no complete checkpoint-<step> folder in {out}",
+                "omit it to start a new run, or check --output_dir",
+            )
+    else:
+        ckpt = Path(cfg.resume_from_checkpoint)
+        ckpt = ckpt if ckpt.exists() else out / ckpt
+        if not (ckpt.is_dir() and CHECKPOINT_RE.match(ckpt.name)):
+            raise InputError(
+                flag, f"{ckpt} is not a checkpoint-<step> folder", "pass 'latest' or an existing checkpoint folder"
+            )
+    saved_path = ckpt / "config.json"
+    if not saved_path.is_file():
+        raise InputError(
+            ckpt, "has no config.json, so it was not written by lesiongen.train", "resume from another checkpoint"
+        )
+    saved, current = json.loads(saved_path.read_text(encoding="utf-8"))["config"], asdict(cfg)
+    for name in ARCHITECTURE_FIELDS:
+        if saved.get(name) != current[name]:
+            raise InputError(
+                f"--{name}",
+                f"is {current[name]!r} but {ckpt.name} was trained with {saved.get(name)!r}",
+                f"pass --{name} {saved.get(name)} or start a new --output_dir",
+            )
+    return ckpt
+
+
+def weight_dtype(accelerator):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def place_models(parts: dict, trained: list, accelerator, gradient_checkpointing: bool) -> None:
+    """Frozen weights go to the device in the compute dtype; trainable ones (and LoRA adapters) stay float32."""
+    import torch
+    from diffusers.training_utils import cast_training_params
+
+    dtype = weight_dtype(accelerator)
+    for name in ("unet", "text_encoder", "vae"):
+        module = parts[name]
+        fully_trained = any(module is m for m in trained) and all(p.requires_grad for p in module.parameters())
+        module.to(accelerator.device, dtype=torch.float32 if fully_trained else dtype)
+    cast_training_params(parts["unet"], dtype=torch.float32)
+    if gradient_checkpointing:
+        parts["unet"].enable_gradient_checkpointing()
+        if any(parts["text_encoder"] is m for m in trained):
+            parts["text_encoder"].gradient_checkpointing_enable()
+
+
+def make_dataset(cfg: TrainConfig, examples, parts: dict, accelerator, text_trains: bool):
+    """Cached latents (and frozen text embeddings) when allowed, else images decoded every step."""
+    from .data import ImageCaptionDataset
+    from .latent_cache import CachedLatentDataset, cache_key, encode_dataset, load_or_build
+
+    images = ImageCaptionDataset(examples, parts["tokenizer"], cfg.resolution, cfg.center_crop)
+    if not cfg.cache_latents:
+        return images
+    text_encoder = None if text_trains else parts["text_encoder"]
+    key = cache_key(
+        examples,
+        cfg.pretrained_model_name_or_path,
+        cfg.resolution,
+        cfg.center_crop,
+        parts["vae"].dtype,
+        text_encoder is not None,
+    )
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "latent_cache"
+    with accelerator.main_process_first():
+        cache = load_or_build(
+            cache_dir,
+            key,
+            lambda: encode_dataset(images, parts["vae"], text_encoder, show_progress=accelerator.is_main_process),
+        )
+    return CachedLatentDataset(cache, examples, parts["tokenizer"])
+
+
+def default_prompts(examples) -> list[str]:
+    """One real training caption per condition label (the first seen), so validation covers every class."""
+    firsts: dict[str | None, str] = {}
+    for ex in examples:
+        firsts.setdefault(ex.label, ex.text)
+    return list(firsts.values())[:8]
+
+
+def keep_trainable_weights(models, weights, output_dir) -> None:
+    """Checkpoints hold what trains: a LoRA checkpoint is the adapter, not another copy of the frozen base."""
+    for i, model in enumerate(models):
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        if i < len(weights) and frozen:
+            weights[i] = {k: v for k, v in weights[i].items() if k not in frozen}
+
+
+def save_checkpoint(accelerator, cfg: TrainConfig, step: int, extra: dict) -> None:
+    """Every process writes into one temporary folder that becomes ``checkpoint-<step>`` only when complete."""
+    from accelerate.utils import broadcast_object_list
+
+    out = Path(cfg.output_dir)
+    with contextlib.ExitStack() as stack:
+        tmp = [
+            str(stack.enter_context(atomic_dir(out / f"checkpoint-{step}"))) if accelerator.is_main_process else None
+        ]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(tmp)
+        accelerator.save_state(tmp[0])
+        if accelerator.is_main_process:
+            write_json(Path(tmp[0]) / "config.json", run_record(cfg, accelerator, step, extra))
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        prune_checkpoints(out, cfg.checkpoints_total_limit)
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """A kill during a checkpoint write leaves ``.checkpoint-N.*.tmp``; resume ignores it, this tidies it."""
+    for p in out.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in out.glob(".result-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def pipeline(parts: dict, unet, text_encoder):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=parts["vae"],
+        text_encoder=text_encoder,
+        tokenizer=parts["tokenizer"],
+        unet=unet,
+        scheduler=parts["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@contextlib.contextmanager
+def swapped_in(ema, unet) -> Iterator[None]:
+    """Use the EMA weights inside the block (validation), then put the training weights back."""
+    if ema is None:
+        yield
+        return
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(unet.parameters())
+
+
+def validate(
+    accelerator, cfg: TrainConfig, parts: dict, unet, text_encoder, ema, prompts: list[str], step: int
+) -> Path:
+    """A grid of one image per prompt, saved as PNG and logged to TensorBoard; same seed every time."""
+    import numpy as np
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+    from diffusers.utils import make_image_grid
+
+    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    pipe = pipeline(parts, unet, text_encoder)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(parts["scheduler"].config)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = unet.training
+    unet.eval()
+    with swapped_in(ema, unet), accelerator.autocast(), torch.no_grad():
+        images = [
+            pipe(
+                p,
+                num_inference_steps=cfg.validation_inference_steps,
+                generator=torch.Generator(accelerator.device).manual_seed(cfg.seed + i),
+            ).images[0]
+            for i, p in enumerate(prompts)
+        ]
+    unet.train(was_training)
+    cols = min(len(images), 4)
+    grid = (
+        make_image_grid(images, rows=math.ceil(len(images) / cols), cols=cols)
+        if len(images) % cols == 0
+        else _pad_grid(images, cols)
+    )
+    path = Path(cfg.output_dir) / "validation" / f"step-{step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from .files import atomic_path
+
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(
+                "validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC"
+            )
+    return path
+
+
+def _pad_grid(images, cols):
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    blank = Image.new("RGB", images[0].size)
+    padded = images + [blank] * (-len(images) % cols)
+    return make_image_grid(padded, rows=len(padded) // cols, cols=cols)
+
+
+def run_record(cfg: TrainConfig, accelerator, step: int, extra: dict) -> dict:
+    return {"config": asdict(cfg), "global_step": step, "num_processes": accelerator.num_processes, **extra}
+
+
+def publish(out: Path, build: Callable[[Path], None], last: str) -> None:
+    """Write the result in a temporary folder, then move it in with ``last`` (the file loaders look for) moved last."""
+    tmp = out / f".result-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (out / last).unlink(missing_ok=True)
+    build(tmp)
+    for entry in sorted(tmp.iterdir(), key=lambda p: p.name == last):
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    tmp.rmdir()
+
+
+def model_card(cfg: TrainConfig, record: dict, examples) -> str:
+    """README.md for the output folder: base model, data, captions and every hyperparameter."""
+    styles = sorted({json.loads(line).get("caption_style", "unknown") for line in _metadata_lines(cfg)})
+    how = (
+        f"pipe = StableDiffusionPipeline.from_pretrained('{cfg.pretrained_model_name_or_path}', safety_checker=None)\n"
+        f"pipe.load_lora_weights('{cfg.output_dir}')"
+        if cfg.mode == "lora"
+        else f"pipe = StableDiffusionPipeline.from_pretrained('{cfg.output_dir}', safety_checker=None)"
+    )
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in record["config"].items())
+    return f"""# LesionGen {cfg.mode} model
+
+Fine-tuned from `{cfg.pretrained_model_name_or_path}` on {len(examples)} captioned dermoscopic images
+from `{cfg.train_data_dir}` (caption style: {", ".join(styles)}), {record["global_step"]} optimiser steps,
+{record["num_processes"]} process(es), effective batch {record["effective_batch"]}, final loss {record["final_loss"]}.
+Written {record["finished"]} by `lesiongen.train`.
+
+Load it with diffusers:
+
+```python
+from diffusers import StableDiffusionPipeline
+{how}
+image = pipe("melanoma, dermoscopic image").images[0]
+```
+
+or `python generate.py --model_path {cfg.output_dir} ...`. Synthetic medical images are for research, not diagnosis.
+
+## Hyperparameters
+
+| setting | value |
+|---|---|
+{rows}
+"""
+
+
+def _metadata_lines(cfg: TrainConfig) -> list[str]:
+    from .data import find_metadata
+
+    return [line for line in find_metadata(cfg.train_data_dir).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def tracker_config(cfg: TrainConfig) -> dict:
+    """TensorBoard hparams accept only scalars and strings."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in asdict(cfg).items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Set up, resume, run ``max_train_steps`` optimiser steps, checkpoint, validate, save the result."""
+    import torch
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from .data import PlannedBatches, make_loader, read_examples
+    from .pipeline import load_training_parts
+
+    accelerator = make_accelerator(cfg)
+    out = Path(cfg.output_dir)
+    resume_from = find_resume_checkpoint(cfg)
+    mode = MODES[cfg.mode]
+
+    parts = load_training_parts(cfg.pretrained_model_name_or_path)
+    examples = read_examples(cfg.train_data_dir, parts["tokenizer"])
+    torch.manual_seed(cfg.seed)
+    trained = mode.trainable(parts, cfg)
+    place_models(parts, trained, accelerator, cfg.gradient_checkpointing)
+    ema = mode.make_ema(parts["unet"], cfg)
+    if ema is not None:
+        ema.to(accelerator.device)
+    text_trains = any(m is parts["text_encoder"] for m in trained)
+    dataset = make_dataset(cfg, examples, parts, accelerator, text_trains)
+    prompts = cfg.validation_prompts or default_prompts(examples)
+
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    learning_rate = cfg.learning_rate or DEFAULT_LR[cfg.mode]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=cfg.adam_weight_decay)
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
+    )
+    *models, optimizer = accelerator.prepare(*trained, optimizer)
+    unet = models[0]
+    text_encoder = models[1] if text_trains else parts["text_encoder"]
+    accelerator.register_for_checkpointing(lr_scheduler)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    accelerator.register_save_state_pre_hook(keep_trainable_weights)
+
+    first_step = 0
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from), strict=False)
+        first_step = int(CHECKPOINT_RE.match(resume_from.name).group(1))
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        accelerator.init_trackers("lesiongen-train", config=tracker_config(cfg))
+    world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.gradient_accumulation_steps
+    if len(examples) < cfg.train_batch_size:
+        raise InputError(
+            f"--train_batch_size {cfg.train_batch_size}",
+            f"is larger than the {len(examples)} training images",
+            "lower it",
+        )
+    sampler = PlannedBatches(
+        len(examples),
+        cfg.train_batch_size,
+        cfg.seed,
+        cfg.random_flip,
+        cfg.caption_dropout,
+        start=first_step * accum,
+        rank=rank,
+        world=world,
+    )
+    batches = iter(make_loader(dataset, sampler, cfg.dataloader_num_workers))
+    effective_batch = cfg.train_batch_size * accum * world
+    if accelerator.is_main_process:
+        print(
+            f"training {cfg.mode} on {len(examples)} images: {world} process(es), effective batch {effective_batch}, "
+            f"steps {first_step}->{cfg.max_train_steps}, lr {learning_rate:g}, {'cached latents' if cfg.cache_latents else 'VAE every step'}"
+        )
+
+    bar = tqdm(total=cfg.max_train_steps, initial=first_step, desc="train", disable=not accelerator.is_main_process)
+    losses: list[float] = []
+    step, micro, step_loss = first_step, first_step * accum, 0.0
+    unet.train()
+    while step < cfg.max_train_steps:
+        batch = next(batches)
+        with accelerator.accumulate(*models):
+            generator = step_generator(cfg.seed, micro * world + rank, accelerator.device)
+            loss = batch_loss(
+                batch,
+                unet,
+                parts["vae"],
+                text_encoder,
+                parts["noise_scheduler"],
+                generator,
+                cfg.snr_gamma,
+                cfg.noise_offset,
+            )
+            step_loss += accelerator.gather(loss.detach()).mean().item() / accum
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro += 1
+        if not accelerator.sync_gradients:
+            continue
+        if not math.isfinite(step_loss):
+            last = latest_checkpoint(out)
+            kept = f"kept {last.name}" if last else "no checkpoint was written yet"
+            raise InputError(
+                f"step {step + 1}",
+                f"loss is {step_loss} ({kept}; no model saved)",
+                "lower --learning_rate, use --mixed_precision bf16 or no, then --resume_from_checkpoint latest",
+            )
+        lr_scheduler.step()
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(unet).parameters())
+        step += 1
+        losses.append(step_loss)
+        accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+        step_loss = 0.0
+        if step % cfg.checkpointing_steps == 0:
+            save_checkpoint(accelerator, cfg, step, {"final_loss": losses[-1]})
+        if (
+            cfg.validation_steps
+            and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps)
+            and accelerator.is_main_process
+        ):
+            validate(accelerator, cfg, parts, unet, text_encoder, ema, prompts, step)
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final_unet, final_text = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+        publish(out, lambda tmp: mode.save_result(tmp, parts, final_unet, final_text, ema), mode.published_last)
+        record = run_record(
+            cfg,
+            accelerator,
+            step,
+            {
+                "effective_batch": effective_batch,
+                "learning_rate": learning_rate,
+                "final_loss": round(losses[-1], 6) if losses else None,
+                "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            },
+        )
+        write_json(out / "config.json", {**record, "pretrained_model_name_or_path": cfg.pretrained_model_name_or_path})
+        write_text(out / "README.md", model_card(cfg, record, examples))
+        print(f"saved {cfg.mode} model to {out} after {step} steps")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(out, step, losses)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(lambda: train(parse_config(TrainConfig, argv, prog="python -m lesiongen.train")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

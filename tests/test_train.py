@@ -1,0 +1,383 @@
+"""The training loop on the tiny model: LoRA and full+EMA results load as users load them, resume is exact,
+caching changes nothing, and bad input stops with a one-line error."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+import lesiongen.train as train_module
+from lesiongen.cli import parse_config
+from lesiongen.data import ImageCaptionDataset, collate, plan_batch, read_examples
+from lesiongen.errors import InputError
+from lesiongen.latent_cache import CachedLatentDataset, encode_dataset
+from lesiongen.pipeline import load_training_parts
+from lesiongen.train import TrainConfig, batch_loss, diffusion_loss, main, step_generator, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_config(tiny_sd_dir, data_dir, out, **overrides) -> TrainConfig:
+    cfg = TrainConfig(
+        pretrained_model_name_or_path=str(tiny_sd_dir),
+        train_data_dir=str(data_dir),
+        output_dir=str(out),
+        resolution=64,
+        rank=4,
+        train_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_train_steps=4,
+        learning_rate=1e-3,
+        checkpointing_steps=2,
+        validation_steps=0,
+        report_to="none",
+    )
+    cfg = replace(cfg, **overrides)
+    cfg.check()
+    return cfg
+
+
+def image(pipe, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return pipe("melanoma, dermoscopic image", num_inference_steps=3, generator=g, output_type="np").images[0]
+
+
+# --- LoRA -------------------------------------------------------------------------------------------
+
+
+def test_lora_run_writes_weights_checkpoints_card_validation_and_logs(tiny_lora_run, tiny_sd_dir):
+    out = tiny_lora_run
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    record = json.loads((out / "config.json").read_text())
+    assert record["global_step"] == 6 and record["pretrained_model_name_or_path"] == str(tiny_sd_dir)
+    assert record["config"]["rank"] == 4 and record["effective_batch"] == 4
+    card = (out / "README.md").read_text()
+    assert str(tiny_sd_dir) in card and "concept" in card and "`snr_gamma` | `5.0`" in card
+    grid = Image.open(out / "validation" / "step-000006.png")
+    assert grid.size == (4 * 64, 2 * 64)  # 5 Derm7pt labels -> one prompt each, 4 per row
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    # LoRA checkpoints hold the adapter, not the frozen base UNet.
+    saved = load_file(out / "checkpoint-6" / "model.safetensors")
+    assert saved and all("lora" in k for k in saved)
+
+
+def test_lora_loads_with_stock_load_lora_weights_and_changes_output(tiny_lora_run, tiny_sd_dir):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    before = image(pipe)
+    pipe.load_lora_weights(str(tiny_lora_run))
+    after = image(pipe)
+    assert np.abs(before - after).mean() > 1e-3
+    # The reloaded adapter is the trained one: the final checkpoint's LoRA weights drive the same UNet.
+    trained = load_file(tiny_lora_run / "checkpoint-6" / "model.safetensors")
+    live = {k: v for k, v in pipe.unet.state_dict().items() if "lora" in k}
+    assert len(live) == len(trained)
+
+    def plain(key):
+        return re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", key)
+
+    live = {plain(k): v for k, v in live.items()}
+    for key, value in trained.items():
+        assert torch.allclose(live[plain(key)], value), key
+
+
+# --- full UNet + EMA + text encoder ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_sd_dir, d7p_small_train, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "full"
+    cfg = small_config(
+        tiny_sd_dir,
+        d7p_small_train,
+        out,
+        mode="full",
+        use_ema=True,
+        ema_decay=0.9,
+        train_text_encoder=True,
+        gradient_checkpointing=True,
+        max_train_steps=24,
+        checkpointing_steps=24,
+        train_batch_size=4,
+        learning_rate=2e-3,
+    )
+    return out, train(cfg)
+
+
+def test_full_run_loss_falls(full_run):
+    _, result = full_run
+    first, last = np.mean(result.losses[:6]), np.mean(result.losses[-6:])
+    assert result.global_step == 24 and len(result.losses) == 24
+    assert last < 0.8 * first, (first, last)
+
+
+def test_full_run_saves_pipeline_with_ema_weights(full_run, tiny_sd_dir):
+    out, _ = full_run
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    ckpt = out / "checkpoint-24"
+    ema_state = torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=False)
+    raw = load_file(ckpt / "model.safetensors")
+    saved = list(pipe.unet.parameters())
+    assert len(saved) == len(ema_state["shadow_params"])
+    assert all(torch.allclose(p, s) for p, s in zip(saved, ema_state["shadow_params"], strict=True))
+    raw_unet = dict(pipe.unet.named_parameters())
+    assert any(not torch.allclose(raw_unet[k], v) for k, v in raw.items() if k in raw_unet), (
+        "EMA weights were not swapped in"
+    )
+    text = load_file(ckpt / "model_1.safetensors")
+    live = pipe.text_encoder.state_dict()
+    assert all(torch.equal(live[k], v) for k, v in text.items())
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    base.set_progress_bar_config(disable=True)
+    again = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    again.set_progress_bar_config(disable=True)
+    assert np.array_equal(image(pipe), image(again))
+    assert not np.allclose(image(pipe), image(base))
+
+
+# --- resume -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_after_crash_matches_uninterrupted(mode, tiny_sd_dir, d7p_small_train, tmp_path, monkeypatch):
+    extra = {"mode": "full", "use_ema": True, "ema_decay": 0.9} if mode == "full" else {}
+    whole = train(small_config(tiny_sd_dir, d7p_small_train, tmp_path / "whole", **extra))
+
+    crashed = small_config(tiny_sd_dir, d7p_small_train, tmp_path / "crashed", **extra)
+    real_loss, calls = train_module.batch_loss, {"n": 0}
+
+    def crash_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "batch_loss", crash_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(crashed)
+    monkeypatch.setattr(train_module, "batch_loss", real_loss)
+    assert [p.name for p in (tmp_path / "crashed").glob("checkpoint-*")] == ["checkpoint-2"]
+    half_written = tmp_path / "crashed" / ".checkpoint-4.abc123.tmp"
+    half_written.mkdir()
+    resumed = train(replace(crashed, resume_from_checkpoint="latest"))
+    assert resumed.global_step == 4 and len(resumed.losses) == 2
+    assert np.allclose(resumed.losses, whole.losses[2:], rtol=1e-5)
+    assert not half_written.exists()
+
+    if mode == "lora":
+        a = load_file(tmp_path / "whole" / "pytorch_lora_weights.safetensors")
+        b = load_file(tmp_path / "crashed" / "pytorch_lora_weights.safetensors")
+    else:
+        a = load_file(tmp_path / "whole" / "unet" / "diffusion_pytorch_model.safetensors")
+        b = load_file(tmp_path / "crashed" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_resume_refuses_changed_architecture_and_missing_checkpoints(
+    tiny_lora_run, tiny_sd_dir, d7p_small_train, tmp_path
+):
+    cfg = small_config(tiny_sd_dir, d7p_small_train, tiny_lora_run, resume_from_checkpoint="latest", rank=8)
+    with pytest.raises(InputError, match="--rank.*trained with 4"):
+        train(cfg)
+    with pytest.raises(InputError, match="no complete checkpoint"):
+        train(small_config(tiny_sd_dir, d7p_small_train, tmp_path / "empty", resume_from_checkpoint="latest"))
+    with pytest.raises(InputError, match="not a checkpoint-<step> folder"):
+        train(small_config(tiny_sd_dir, d7p_small_train, tmp_path, resume_from_checkpoint=str(tmp_path)))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_sd_dir, d7p_small_train, tmp_path, monkeypatch):
+    real, calls = train_module.diffusion_loss, {"n": 0}
+
+    def nan_from_step_3(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(train_module, "diffusion_loss", nan_from_step_3)
+    with pytest.raises(InputError, match="step 3: loss is nan.*kept checkpoint-2"):
+        train(small_config(tiny_sd_dir, d7p_small_train, tmp_path / "run"))
+    assert (tmp_path / "run" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
+
+
+# --- latent cache -----------------------------------------------------------------------------------
+
+
+def test_cached_and_uncached_latents_give_the_same_loss(tiny_sd_dir, d7p_small_train):
+    parts = load_training_parts(tiny_sd_dir)
+    examples = read_examples(d7p_small_train, parts["tokenizer"])[:4]
+    images = ImageCaptionDataset(examples, parts["tokenizer"], 64, center_crop=True)
+    cached = CachedLatentDataset(
+        encode_dataset(images, parts["vae"], parts["text_encoder"], batch_size=3), examples, None
+    )
+    plan = next(
+        plan_batch(n, 4, 4, 0, True, 0.3) for n in range(100) if len(set(plan_batch(n, 4, 4, 0, True, 0.3).flips)) == 2
+    )
+    keys = list(zip(plan.indices, plan.flips, plan.drop_caption, strict=True))
+    batches = collate([images[k] for k in keys]), collate([cached[k] for k in keys])
+    assert "pixel_values" in batches[0] and "latent_params" in batches[1] and "prompt_embeds" in batches[1]
+    losses = []
+    for batch in batches:
+        with torch.no_grad():
+            g = step_generator(0, 5, "cpu")
+            losses.append(
+                batch_loss(
+                    batch, parts["unet"], parts["vae"], parts["text_encoder"], parts["noise_scheduler"], g, 5.0, 0.05
+                )
+            )
+    assert torch.allclose(losses[0], losses[1], rtol=1e-4), losses
+    # Flips are cached as two different latents, not one mirrored latent.
+    latent = cached.cache.latent_params[0]
+    assert not torch.allclose(latent[1], torch.flip(latent[0], dims=[-1]), atol=1e-3)
+
+
+def test_min_snr_weighting_matches_hand_computation(tiny_sd_dir):
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_pretrained(tiny_sd_dir, subfolder="scheduler")
+    pred, target = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    t = torch.tensor([10, 900])
+    alpha_bar = sched.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = (torch.clamp(snr, max=5.0) / snr).mean()
+    assert torch.allclose(diffusion_loss(pred, target, t, sched, 5.0), expected)
+    assert diffusion_loss(pred, target, t, sched, None).item() == 1.0
+
+
+# --- configuration and bad input ---------------------------------------------------------------------
+
+
+def test_flags_parse_in_diffusers_spelling_and_combinations_are_checked():
+    cfg = parse_config(
+        TrainConfig,
+        [
+            "--pretrained-model-name-or-path",
+            "m",
+            "--mode",
+            "full",
+            "--use_ema",
+            "--validation_prompts",
+            "a",
+            "b",
+            "--snr_gamma",
+            "none",
+        ],
+    )
+    assert cfg.pretrained_model_name_or_path == "m" and cfg.use_ema and cfg.validation_prompts == ["a", "b"]
+    assert cfg.snr_gamma is None
+    for argv, flag in [
+        (["--use_ema"], "--use_ema"),
+        (["--train_text_encoder"], "--train_text_encoder"),
+        (["--center_crop", "false"], "--center_crop"),
+        (["--resolution", "100"], "--resolution"),
+        (["--caption_dropout", "1.5"], "--caption_dropout"),
+    ]:
+        with pytest.raises(InputError, match=flag):
+            parse_config(TrainConfig, argv)
+
+
+def write_folder(folder: Path, rows: list[dict], images: dict[str, bytes | None]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in images.items():
+        if content is None:
+            Image.new("RGB", (80, 64), (200, 120, 90)).save(folder / name)
+        else:
+            (folder / name).write_bytes(content)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing_image", "row 2: image .*b.png not found"),
+        ("corrupt_image", "row 1: image .*a.png cannot be read"),
+        ("empty", "no training examples"),
+        ("long_caption", "row 1: caption has \\d+ tokens, more than the text encoder's 77"),
+        ("no_metadata", "no metadata.jsonl"),
+    ],
+)
+def test_bad_data_is_reported_with_row_and_fix(case, match, tmp_path, tiny_sd_dir):
+    folder = tmp_path / "data"
+    if case == "missing_image":
+        write_folder(
+            folder, [{"file_name": "a.png", "text": "x"}, {"file_name": "b.png", "text": "y"}], {"a.png": None}
+        )
+    elif case == "corrupt_image":
+        write_folder(folder, [{"file_name": "a.png", "text": "x"}], {"a.png": b"not a png"})
+    elif case == "empty":
+        write_folder(folder, [], {})
+    elif case == "long_caption":
+        write_folder(folder, [{"file_name": "a.png", "text": "melanoma " * 90}], {"a.png": None})
+    else:
+        folder.mkdir()
+    with pytest.raises(InputError, match=match):
+        train(small_config(tiny_sd_dir, folder, tmp_path / "out"))
+
+
+def test_missing_model_path_is_one_line_exit_2(tmp_path, capsys, d7p_small_train):
+    code = main(["--pretrained_model_name_or_path", str(tmp_path / "nope"), "--train_data_dir", str(d7p_small_train)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "model directory not found" in err
+
+
+def test_uncached_lora_run_with_random_crop(tiny_sd_dir, d7p_small_train, tmp_path):
+    cfg = small_config(
+        tiny_sd_dir, d7p_small_train, tmp_path / "u", cache_latents=False, center_crop=False, max_train_steps=2
+    )
+    result = train(cfg)
+    assert result.global_step == 2 and all(np.isfinite(result.losses))
+    assert not (tmp_path / "u" / "latent_cache").exists()
+    assert (tmp_path / "u" / "pytorch_lora_weights.safetensors").is_file()
+
+
+# --- several processes --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run_trains_with_world_size_2_and_saves_once(tiny_sd_dir, d7p_small_train, tmp_path):
+    """TOOLCHAIN.md: `accelerate launch --cpu` does not distribute; this recipe does (gloo, world size 2)."""
+    out = tmp_path / "ddp"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [
+        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        "-m", "lesiongen.train", "--pretrained_model_name_or_path", str(tiny_sd_dir),
+        "--train_data_dir", str(d7p_small_train), "--output_dir", str(out), "--resolution", "64", "--rank", "4",
+        "--train_batch_size", "1", "--gradient_accumulation_steps", "1", "--max_train_steps", "3",
+        "--checkpointing_steps", "3", "--validation_steps", "0", "--learning_rate", "1e-3", "--report_to", "none",
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es), effective batch 2" in proc.stdout
+    assert proc.stdout.count("saved lora model") == 1
+    assert json.loads((out / "config.json").read_text())["num_processes"] == 2
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    assert (out / "checkpoint-3" / "random_states_1.pkl").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    shutil.rmtree(out)

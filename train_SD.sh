@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Full UNet fine-tuning of Stable Diffusion with EMA on LesionGen captions (the original train_SD.sh defaults).
+# Every setting is an overridable environment variable; extra arguments are passed through and win:
+#   MODEL_NAME=models/tiny-sd TRAIN_DATA_DIR=data/captions/train ./train_SD.sh --max_train_steps 100
+# Hardware (GPUs, DeepSpeed, FSDP, CPU) is chosen by ACCELERATE_CONFIG, one of the files in external/.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+MODEL_NAME="${MODEL_NAME:-runwayml/stable-diffusion-v1-5}"
+TRAIN_DATA_DIR="${TRAIN_DATA_DIR:-data/captions/train}"
+OUTPUT_DIR="${OUTPUT_DIR:-outputs/lesiongen-sd}"
+ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-external/single_gpu.yaml}"
+RESOLUTION="${RESOLUTION:-256}"
+TRAIN_BATCH_SIZE="${TRAIN_BATCH_SIZE:-1}"
+GRADIENT_ACCUMULATION_STEPS="${GRADIENT_ACCUMULATION_STEPS:-4}"
+MAX_TRAIN_STEPS="${MAX_TRAIN_STEPS:-15000}"
+LEARNING_RATE="${LEARNING_RATE:-1e-5}"
+LR_SCHEDULER="${LR_SCHEDULER:-constant}"
+LR_WARMUP_STEPS="${LR_WARMUP_STEPS:-0}"
+MAX_GRAD_NORM="${MAX_GRAD_NORM:-1}"
+MIXED_PRECISION="${MIXED_PRECISION:-fp16}"
+CHECKPOINTING_STEPS="${CHECKPOINTING_STEPS:-7500}"
+VALIDATION_STEPS="${VALIDATION_STEPS:-500}"
+SEED="${SEED:-42}"
+ACCELERATE="${ACCELERATE:-accelerate}"
+if [ -x .venv/bin/accelerate ] && [ "$ACCELERATE" = accelerate ]; then ACCELERATE=.venv/bin/accelerate; fi
+
+exec "$ACCELERATE" launch --config_file "$ACCELERATE_CONFIG" -m lesiongen.train \
+  --mode full --use_ema \
+  --pretrained_model_name_or_path "$MODEL_NAME" \
+  --train_data_dir "$TRAIN_DATA_DIR" \
+  --output_dir "$OUTPUT_DIR" \
+  --resolution "$RESOLUTION" --center_crop --random_flip \
+  --train_batch_size "$TRAIN_BATCH_SIZE" \
+  --gradient_accumulation_steps "$GRADIENT_ACCUMULATION_STEPS" \
+  --gradient_checkpointing \
+  --max_train_steps "$MAX_TRAIN_STEPS" \
+  --learning_rate "$LEARNING_RATE" \
+  --lr_scheduler "$LR_SCHEDULER" --lr_warmup_steps "$LR_WARMUP_STEPS" \
+  --max_grad_norm "$MAX_GRAD_NORM" \
+  --mixed_precision "$MIXED_PRECISION" \
+  --checkpointing_steps "$CHECKPOINTING_STEPS" \
+  --validation_steps "$VALIDATION_STEPS" \
+  --seed "$SEED" \
+  "$@"

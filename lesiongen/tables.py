@@ -87,7 +87,7 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
     """Labels as stripped strings, numeric age, and every subgroup field present as a string."""
     frame["label"] = frame["label"].astype(str).str.strip()
     if "age" in frame.columns:
-        frame["age"] = pd.to_numeric(frame["age"].replace("", None), errors="coerce")
+        frame["age"] = pd.to_numeric(frame["age"].replace("", None), errors="coerce").astype(float)
     for name in labels.SUBGROUP_FIELDS:
         if name not in frame.columns:
             frame[name] = "unknown"

@@ -1,0 +1,5 @@
+import sys
+
+from lesiongen.classify_compare import main
+
+sys.exit(main(sys.argv[1:]))

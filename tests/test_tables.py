@@ -1,0 +1,107 @@
+"""read_image_table on the real Derm7pt build and on a small fake generation manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from lesiongen import labels
+from lesiongen.errors import InputError
+from lesiongen.tables import read_image_table
+
+MANIFEST_COLUMNS = [
+    "file_name", "text", "label", "condition", "dx", "sex", "age", "age_bin", "site", "site_group", "skin_tone",
+    *labels.CONCEPT_NAMES, "concept_source", "seed", "guidance_scale", "num_inference_steps", "scheduler", "model",
+    "negative_prompt", "index",
+]  # fmt: skip
+
+
+def write_manifest(folder: Path, rows: list[dict]) -> Path:
+    """A generate.py-style output: PNGs under dataset/<Condition>/ and manifest.csv beside them."""
+    records = []
+    for i, row in enumerate(rows):
+        cond = labels.BY_CODE[row["label"]].name if row["label"] in labels.BY_CODE else row["label"]
+        name = f"dataset/{cond}/{row['label']}_{i:06d}.png"
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(row.get("pixels", np.full((16, 16, 3), 40 * i % 255, np.uint8))).save(folder / name)
+        base = {c: "" for c in MANIFEST_COLUMNS}
+        base.update(
+            file_name=name, text=f"{cond}, dermoscopic image", label=row["label"], condition=cond, dx=row["label"]
+        )
+        base.update(
+            sex=row.get("sex", "female"), age=row.get("age", 50), age_bin="45-59", site="back", site_group="trunk"
+        )
+        base.update(skin_tone="unknown", concept_source="imputed", seed=i, guidance_scale=7.5, num_inference_steps=25)
+        base.update(scheduler="ddim", model="tiny", index=i)
+        records.append(base)
+    pd.DataFrame(records, columns=MANIFEST_COLUMNS).to_csv(folder / "manifest.csv", index=False)
+    return folder
+
+
+def test_build_captions_folder_by_split(d7p_captions_dir):
+    train = read_image_table(d7p_captions_dir, "train")
+    # 413 train images, 3 of them Derm7pt 'miscellaneous' (label other): counted, not silently dropped
+    assert len(train) == 410
+    assert len(train.attrs["skipped"]["label_other"]) == 3
+    assert set(train["label"]) <= set(labels.CODES)
+    assert all(os.path.isabs(p) and os.path.isfile(p) for p in train["path"])
+    assert {"lesion_id", "text", *labels.SUBGROUP_FIELDS, *labels.CONCEPT_NAMES} <= set(train.columns)
+    assert set(train["skin_tone"]) <= {*labels.SKIN_TONE_NAMES, "unknown"} and set(train["sex"]) <= set(labels.SEXES)
+    both = read_image_table(d7p_captions_dir)
+    assert both["split"].value_counts().to_dict() == {"train": 410, "validation": 200}
+    kept = read_image_table(d7p_captions_dir / "validation" / "metadata.jsonl", keep_other=True)
+    assert len(kept) == 203 and (kept["label"] == labels.OTHER).sum() == 3
+
+
+def test_manifest_folder_and_file(tmp_path):
+    write_manifest(tmp_path, [{"label": "mel"}, {"label": "nv", "sex": ""}, {"label": "xyz"}])
+    for source in (tmp_path, tmp_path / "manifest.csv"):
+        frame = read_image_table(source)
+        assert frame["label"].tolist() == ["mel", "nv"]
+        assert frame.attrs["skipped"] == {"unknown_label": ["dataset/xyz/xyz_000002.png"]}
+        assert frame["path"][0] == str(tmp_path / "dataset" / "Melanoma" / "mel_000000.png")
+        assert frame["sex"].tolist() == ["female", "unknown"]  # blank subgroup value -> unknown
+        assert frame["age"].dtype == float and frame["guidance_scale"][0] == "7.5"
+
+
+def test_missing_image_is_an_error_or_a_counted_skip(tmp_path):
+    write_manifest(tmp_path, [{"label": "mel"}, {"label": "nv"}])
+    (tmp_path / "dataset" / "Melanoma" / "mel_000000.png").unlink()
+    with pytest.raises(InputError, match=r"manifest.csv: 1 listed image\(s\) not found, e.g. dataset/Melanoma"):
+        read_image_table(tmp_path)
+    frame = read_image_table(tmp_path, on_missing="skip")
+    assert frame["label"].tolist() == ["nv"] and len(frame.attrs["skipped"]["missing_image"]) == 1
+
+
+def test_missing_subgroup_columns_become_unknown(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "label": "bcc"}) + "\n")
+    frame = read_image_table(tmp_path)
+    assert all(frame[f][0] == "unknown" for f in labels.SUBGROUP_FIELDS)
+
+
+def test_bad_paths_and_tables(tmp_path, d7p_captions_dir):
+    with pytest.raises(InputError, match="not found"):
+        read_image_table(tmp_path / "nope")
+    with pytest.raises(InputError, match="has no manifest.csv, no metadata.jsonl"):
+        read_image_table(tmp_path)
+    with pytest.raises(InputError, match=r"has no 'test' split \(found: train, validation\)"):
+        read_image_table(d7p_captions_dir, "test")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="is not a metadata.jsonl or manifest.csv"):
+        read_image_table(tmp_path / "notes.txt")
+    (tmp_path / "manifest.csv").write_text("")
+    with pytest.raises(InputError, match="is empty"):
+        read_image_table(tmp_path)
+    (tmp_path / "manifest.csv").write_text("name,label\na.png,mel\n")
+    with pytest.raises(InputError, match="missing column"):
+        read_image_table(tmp_path)
+    (tmp_path / "manifest.csv").write_text("file_name,label\na.png,other\n")
+    with pytest.raises(InputError, match="no usable images"):
+        read_image_table(tmp_path)

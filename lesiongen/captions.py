@@ -141,6 +141,7 @@ MEASURED_PHRASES: dict[str, str] = {
     "large": "lesion fills most of the frame",
     "cut_off": "extends beyond the field of view",
 }
+COLOUR_WORDS = {"blue_gray": "blue-gray"}
 MAX_VLM_WORDS = 12  # a model's free-text field is cut here so it cannot crowd out the facts
 
 
@@ -212,7 +213,7 @@ def report_long_text(record: LesionRecord, report: dict) -> str:
         sentences.append(f"The lesion covers {m['area_pct']:.0f}% of the image and {edge} (measured).")
         colours = sorted(((c, x) for c, x in m["colors"].items() if x >= 0.05), key=lambda t: -t[1])
         if colours:
-            shares = ", ".join(f"{c.replace('_', ' ')} {x * 100:.0f}%" for c, x in colours)
+            shares = ", ".join(f"{COLOUR_WORDS.get(c, c.replace('_', ' '))} {x * 100:.0f}%" for c, x in colours)
             sentences.append(f"Colours (measured share of the lesion): {shares}.")
         said = [MEASURED_PHRASES[c] for c in report["claims"] if c not in ("large", "cut_off")]
         if said:

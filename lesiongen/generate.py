@@ -89,9 +89,9 @@ class GenerateConfig:
         "single", help="single: a quick image per condition; dataset: a labelled, resumable set", choices=MODES
     )
     num_images: int | None = option(None, help="images per condition (default: 1 in single mode, 100 in dataset mode)")
-    output_dir: str = option("generated", help="where images, manifest.csv and the contact sheet go")
+    output_dir: str = option("outputs/generated", help="where images, manifest.csv and the contact sheet go")
     model_path: str = option(
-        "outputs/lora", help="a LoRA folder (train_lora.sh) or a full pipeline folder (train_SD.sh)"
+        "outputs/lesiongen-lora", help="a LoRA folder (train_lora.sh) or a full pipeline folder (train_SD.sh)"
     )
     base_model: str | None = option(None, help="base pipeline for a LoRA (default: the one its config.json records)")
     device: str = option(

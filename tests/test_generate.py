@@ -247,6 +247,15 @@ def test_lora_and_full_pipeline_dirs_both_load(tiny_sd_dir, pipe, tmp_path):
     assert manifest(lora)[0]["model"] == str(lora_dir)
 
 
+def test_a_lora_trained_by_train_py_loads_on_its_recorded_base(tiny_lora_run, tiny_sd_dir, pipe, tmp_path):
+    lora = generate(config(tiny_lora_run, tmp_path / "lora", num_images=2)).root
+    base = generate(config(tiny_sd_dir, tmp_path / "base", num_images=2), pipe=pipe).root
+    rows = manifest(lora)
+    assert len(rows) == 2 and {r["model"] for r in rows} == {str(tiny_lora_run)}
+    name = rows[0]["file_name"]
+    assert np.abs(pixels(lora / name) - pixels(base / name)).max() > 0
+
+
 def test_dtype_follows_the_device(tiny_sd_dir, pipe):
     import torch
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -119,6 +121,31 @@ def allocate(n: int, weights: Sequence[float], rng: random.Random) -> list[int]:
     order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), tie[i]))
     for i in order[: n - sum(counts)]:
         counts[i] += 1
+    return counts
+
+
+def allocate_balanced(n: int, sizes: Sequence[int], rng: random.Random) -> list[int]:
+    """Equal counts over the joint cells of fields with ``sizes`` values (row-major cell order), with
+    every field's own counts also within one of each other (12 images over sex x age bin: 6 and 6).
+
+    The leftover images walk the cells along the diagonal (+1 on every field at each step), which
+    visits each field's values in turn; a finished walk restarts from an unvisited cell. So any
+    number of leftovers is spread evenly over each field, not only over the joint cells.
+    """
+    k = math.prod(sizes)
+    counts = [n // k] * k
+    starts = list(itertools.product(*(range(s) for s in sizes)))
+    rng.shuffle(starts)
+    walk: list[tuple[int, ...]] = []
+    seen: set[tuple[int, ...]] = set()
+    for cell in starts:
+        while cell not in seen:
+            seen.add(cell)
+            walk.append(cell)
+            cell = tuple((x + 1) % size for x, size in zip(cell, sizes, strict=True))
+    strides = [math.prod(sizes[j + 1 :]) for j in range(len(sizes))]
+    for cell in walk[: n - sum(counts)]:
+        counts[sum(x * st for x, st in zip(cell, strides, strict=True))] += 1
     return counts
 
 
@@ -348,7 +375,10 @@ def build_plan(
     for dx in codes:
         cells, weights = _cells_for(dx, balance, distribution)
         rng = random.Random(f"plan:{seed}:{dx}")
-        counts = allocate(num_images, weights, rng)
+        if distribution is None:
+            counts = allocate_balanced(num_images, [len(BALANCE_VALUES[f]) for f in balance], rng)
+        else:
+            counts = allocate(num_images, weights, rng)
         assigned = interleave(cells, counts, rng)
         for index, cell in enumerate(assigned):
             s = seed + index if single else image_seed(seed, dx, index)

@@ -11,6 +11,7 @@ import pytest
 from lesiongen import labels
 from lesiongen.errors import InputError
 from lesiongen.plans import (
+    BALANCE_VALUES,
     ORIGINAL_GUIDANCE_SCALES,
     ORIGINAL_STEPS,
     allocate,
@@ -56,6 +57,15 @@ def test_balanced_counts_are_exact(n):
         assert sum(counts) == n
         assert max(counts) - min(counts) <= 1
         assert min(counts) == n // cells
+
+
+@pytest.mark.parametrize("n", [3, 7, 12, 23, 30, 55])
+def test_each_balanced_field_is_even_on_its_own_when_cells_outnumber_images(n):
+    plan = build_plan(("bkl",), n, seed=4, balance=["sex", "age_bin", "skin_tone"])
+    for field in ("sex", "age_bin", "skin_tone"):
+        counts = Counter(getattr(s, field) for s in plan)
+        values = [counts.get(v, 0) for v in BALANCE_VALUES[field]]
+        assert max(values) - min(values) <= 1, (field, counts)
 
 
 def test_every_prefix_of_a_balanced_plan_is_spread():

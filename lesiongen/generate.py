@@ -450,9 +450,10 @@ def generate(
     check_writable(root)
     manifest = Manifest(root / "manifest.csv")
     mine = plans.shard(plan, processes.index, processes.count)
+    if cfg.mode == "dataset":
+        check_resume(root, cfg)  # every process checks before any writes, so a refusal stops them all
+    processes.wait()
     if processes.is_main:
-        if cfg.mode == "dataset":
-            check_resume(root, cfg)
         # single mode regenerates its images: a rerun with new flags must not keep an old image under the same seed
         manifest.repair(root, drop={file_name(s, cfg.mode) for s in plan} if cfg.mode == "single" else set())
         write_json(
@@ -471,7 +472,10 @@ def generate(
             set_scheduler(pipe, cfg.scheduler)
         lora = bool(getattr(pipe, "get_active_adapters", lambda: [])())
         bar = tqdm(
-            total=len(todo), unit="img", desc=f"generating ({cfg.scheduler})", disable=not processes.is_main or None
+            total=len(todo),
+            unit="img",
+            desc=f"generating ({cfg.scheduler})",
+            disable=None if processes.is_main else True,
         )
         for batch in batches(todo, cfg.batch_size):
             prompts = [build_prompt(s.record(), cfg.caption_style, cfg.seed) for s in batch]

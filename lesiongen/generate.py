@@ -454,6 +454,9 @@ def generate(
         check_resume(root, cfg)  # every process checks before any writes, so a refusal stops them all
     processes.wait()
     if processes.is_main:
+        # a SIGKILL skips atomic_path's cleanup; its hidden temporaries are never listed, so remove them
+        for stale in root.rglob(".*.tmp"):
+            stale.unlink()
         # single mode regenerates its images: a rerun with new flags must not keep an old image under the same seed
         manifest.repair(root, drop={file_name(s, cfg.mode) for s in plan} if cfg.mode == "single" else set())
         write_json(

@@ -328,3 +328,34 @@ def test_accelerate_launch_splits_the_plan_across_two_processes(tiny_sd_dir, pip
     assert len(two_rows) == 6 and two_rows == {r["file_name"]: r for r in manifest(one)}
     for name in two_rows:
         assert np.array_equal(pixels(one / name), pixels(tmp_path / "two" / name))
+
+
+@pytest.mark.slow
+def test_sigkilled_cli_run_resumes_without_duplicates(tiny_sd_dir, pipe, tmp_path):
+    """A real kill -9 of the command a user runs, then the same command again (here in-process)."""
+    import signal
+    import time
+
+    cfg = config(tiny_sd_dir, tmp_path / "out", num_images=8, batch_size=1, contact_sheet=0)
+    argv = ["--model_path", cfg.model_path, "--output_dir", cfg.output_dir, "--mode", "dataset", "--condition", "mel"]
+    argv += ["--num_images", "8", "--batch_size", "1", "--guidance_scale", "5", "--num_inference_steps", "2"]
+    argv += ["--resolution", "32", "--device", "cpu", "--contact_sheet", "0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "generate.py", *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    out = Path(cfg.output_dir)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "manifest.csv").is_file() and len(manifest(out)) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = len(manifest(out))
+    assert 2 <= before < 8, "the run finished before it could be killed"
+    result = generate(cfg, pipe=pipe)
+    rows = manifest(out)
+    assert result.generated == 8 - before
+    assert sorted(r["file_name"] for r in rows) == [f"dataset/Melanoma/mel_00000{i}.png" for i in range(8)]
+    assert sorted(p.name for p in (out / "dataset/Melanoma").iterdir()) == [f"mel_00000{i}.png" for i in range(8)]

@@ -52,6 +52,8 @@ HAIR_CONTRAST = 0.06  # black-hat response (0-1 luminance) that counts as hair o
 MIN_LESION_FRACTION = 0.004  # of the field of view: smaller is "no lesion found"
 MAX_LESION_FRACTION = 0.92  # of the field of view: larger means no skin left to contrast with
 MIN_CONTRAST = 0.05  # inverted-blue difference lesion vs skin; below it the threshold split noise
+MIN_DELTA_E = 10.0  # fallback segmentation: lesion-to-skin colour distance (CIELAB) needed to call it a lesion
+SKIN_BAND = 0.12  # fallback: skin colour is the median of this outer band of the field of view (shorter side)
 RING_GAP, RING_WIDTH = 0.04, 0.10  # healthy-skin ring around the lesion, as fractions of the shorter side
 MIN_RING_PIXELS = 150  # fewer ring pixels: the skin tone is unknown
 
@@ -173,16 +175,14 @@ def remove_hair(img: np.ndarray, fov: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return clean, hair
 
 
-def segment(img: np.ndarray, fov: np.ndarray) -> tuple[np.ndarray, float]:
-    """Lesion mask: Otsu on the smoothed inverted blue channel inside the field of view, the largest
-    central component, holes filled. Returns (mask, contrast between lesion and skin)."""
+def _split(channel: np.ndarray, fov: np.ndarray) -> tuple[np.ndarray, float]:
+    """Otsu on ``channel`` inside the field of view, then the largest central component with holes
+    filled; returns (mask, mean channel inside minus outside)."""
     h, w = fov.shape
-    channel = filters.gaussian(1.0 - img[..., 2], sigma=2.0)
     values = channel[fov]
     if values.size < 100 or values.max() - values.min() < 1e-3:
         return np.zeros_like(fov), 0.0
-    threshold = filters.threshold_otsu(values)
-    candidate = (channel > threshold) & fov
+    candidate = (channel > filters.threshold_otsu(values)) & fov
     candidate = _open_close(candidate, 2, ndi.binary_opening)
     lab, n = ndi.label(candidate)
     if n == 0:
@@ -190,11 +190,34 @@ def segment(img: np.ndarray, fov: np.ndarray) -> tuple[np.ndarray, float]:
     areas = ndi.sum_labels(candidate, lab, index=np.arange(1, n + 1))
     centres = np.array(ndi.center_of_mass(candidate, lab, index=np.arange(1, n + 1)))
     dist = np.hypot((centres[:, 0] - h / 2) / (h / 2), (centres[:, 1] - w / 2) / (w / 2)) / math.sqrt(2)
-    score = areas * (1.0 - 0.8 * dist) ** 2
-    mask = lab == (int(np.argmax(score)) + 1)
+    mask = lab == (int(np.argmax(areas * (1.0 - 0.8 * dist) ** 2)) + 1)
     mask = ndi.binary_fill_holes(_open_close(mask, 3, ndi.binary_closing)) & fov
     inside, outside = channel[mask], channel[fov & ~mask]
-    contrast = float(inside.mean() - outside.mean()) if inside.size and outside.size else 0.0
+    return mask, float(inside.mean() - outside.mean()) if inside.size and outside.size else 0.0
+
+
+def _plausible(mask: np.ndarray, fov: np.ndarray, contrast: float, min_contrast: float) -> bool:
+    fraction = mask.sum() / max(fov.sum(), 1)
+    return contrast >= min_contrast and MIN_LESION_FRACTION <= fraction <= MAX_LESION_FRACTION
+
+
+def segment(img: np.ndarray, fov: np.ndarray) -> tuple[np.ndarray, float]:
+    """Lesion mask from the smoothed inverted blue channel (pigment absorbs blue); where that finds no
+    plausible lesion (pink or red lesions, darker skin), from the colour distance to the surrounding
+    skin instead. Returns (mask, contrast); the caller rejects a low contrast as "no lesion"."""
+    mask, contrast = _split(filters.gaussian(1.0 - img[..., 2], sigma=2.0), fov)
+    if _plausible(mask, fov, contrast, MIN_CONTRAST):
+        return mask, contrast
+    lab = color.rgb2lab(img)
+    edge = ndi.distance_transform_edt(np.pad(fov, 1))[1:-1, 1:-1] <= SKIN_BAND * min(fov.shape)
+    band = edge & fov
+    if band.sum() < MIN_RING_PIXELS:
+        return mask, contrast
+    skin = np.median(lab[band], axis=0)
+    distance = filters.gaussian(np.linalg.norm(lab - skin, axis=2) / 100.0, sigma=2.0)
+    mask2, contrast2 = _split(distance, fov)
+    if _plausible(mask2, fov, contrast2, MIN_DELTA_E / 100.0):
+        return mask2, contrast2
     return mask, contrast
 
 
@@ -298,7 +321,7 @@ def analyze_image(rgb: np.ndarray) -> dict:
     clean, hair = remove_hair(img, fov)
     mask, contrast = segment(clean, fov)
     fraction = mask.sum() / max(fov.sum(), 1)
-    if contrast < MIN_CONTRAST or fraction < MIN_LESION_FRACTION:
+    if contrast < min(MIN_CONTRAST, MIN_DELTA_E / 100.0) or fraction < MIN_LESION_FRACTION:
         result["problem"] = "no lesion found"
         return result
     if fraction > MAX_LESION_FRACTION:

@@ -196,7 +196,8 @@ def report_long_text(record: LesionRecord, report: dict) -> str:
     )
     where = f" on the {record.site}" if record.site != "unknown" else ""
     if who or where:
-        sentences.append(f"Lesion{where}" + (f" of a {who} patient." if who else "."))
+        article = "an" if who[:1] == "8" or who[:2] in ("11", "18") else "a"
+        sentences.append(f"Lesion{where}" + (f" of {article} {who} patient." if who else "."))
     if record.elevation:
         sentences.append(f"Elevation: {record.elevation}.")
     present, absent = concept_phrases(rec.concepts)

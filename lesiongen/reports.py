@@ -128,13 +128,13 @@ class Claim:
 # asymmetry is calibrated against irregular pigmentation and checked on PH2's expert asymmetry.
 # fmt: off
 CLAIMS: tuple[Claim, ...] = (
-    Claim("blue_gray", "blue_gray", "blue_gray_pct", "above", 7.81, "blue_areas", 0.6, BLUE_CONCEPTS, True),
-    Claim("no_blue_gray", "blue_gray", "blue_gray_pct", "below", 0.07, "no_blue_areas", 0.8, BLUE_CONCEPTS, False),
+    Claim("blue_gray", "blue_gray", "blue_gray_pct", "above", 7.66, "blue_areas", 0.6, BLUE_CONCEPTS, True),
+    Claim("no_blue_gray", "blue_gray", "blue_gray_pct", "below", 0.08, "no_blue_areas", 0.8, BLUE_CONCEPTS, False),
     Claim("variegated", "colour_variability", "color_variability", "above", 17.22, "irregular_pigmentation", 0.6,
           ("pigmentation",), "variegated"),
-    Claim("uniform", "colour_variability", "color_variability", "below", 8.66, "no_irregular_pigmentation", 0.88,
+    Claim("uniform", "colour_variability", "color_variability", "below", 10.05, "no_irregular_pigmentation", 0.88,
           ("pigmentation",), "uniform"),
-    Claim("color_asymmetry", "colour_distribution", "color_asymmetry", "above", 13.8, "irregular_pigmentation", 0.6,
+    Claim("color_asymmetry", "colour_distribution", "color_asymmetry", "above", 13.73, "irregular_pigmentation", 0.6,
           (), "asymmetric"),
 )
 # fmt: on

@@ -211,3 +211,14 @@ def test_calibrated_claims_beat_the_base_rate_on_d7p_valid(d7p_valid_results):
         said = np.array([claim.holds(analyze.measured_only(r)) for r in results])
         assert said.sum() >= 10, claim.name
         assert truth[said].mean() >= truth[ok].mean() + 0.1, (claim.name, truth[said].mean(), truth[ok].mean())
+
+
+def test_pink_lesion_on_darker_skin_uses_the_colour_distance_fallback():
+    """A pink lesion is not darker than the skin in the blue channel; the skin-distance fallback finds it."""
+    skin = (55, 12, 22)  # tan, ITA 12.8
+    img = draw_disk((300, 300), (150, 150), 70, (225, 160, 170), skin)
+    r = analyze.analyze_image(img)
+    assert r["mask_ok"], r["problem"]
+    true_pct = 100 * math.pi * 70**2 / 300**2
+    assert abs(r["area_pct"] - true_pct) <= 0.1 * true_pct
+    assert r["skin_tone"] == "tan"

@@ -7,6 +7,8 @@ validation balanced accuracy, and resumes from ``last.pt``. The head always has 
 
 from __future__ import annotations
 
+import math
+import pickle
 import random
 import sys
 from collections.abc import Callable
@@ -155,39 +157,39 @@ def config_from_dict(values: dict) -> ClassifyConfig:
     return ClassifyConfig(**{k: v for k, v in values.items() if k in known})
 
 
-def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ClassifyConfig, dict]:
-    """A trained model from best.pt/last.pt; a checkpoint for other classes is an InputError."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.pt"
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint dict written by this stage for this version's classes, or an InputError saying why not."""
+    fix = "pass best.pt or last.pt written by classifier.py"
     if not path.is_file():
-        raise InputError(path, "checkpoint not found", "pass best.pt or last.pt written by classifier.py")
+        raise InputError(path, "checkpoint not found", fix)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise InputError(
-            path,
-            f"is not a readable checkpoint ({type(e).__name__})",
-            "pass best.pt or last.pt written by classifier.py",
-        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise InputError(path, f"is not a readable checkpoint ({type(e).__name__})", fix) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise InputError(
-            path, "is not a LesionGen classifier checkpoint", "pass best.pt or last.pt written by classifier.py"
-        )
+        raise InputError(path, "is not a LesionGen classifier checkpoint", fix)
     classes = list(ckpt.get("classes", []))
     if classes != list(labels.CODES):
         raise InputError(
             path,
-            f"was trained for {len(classes)} classes ({', '.join(classes)}), this version scores {len(labels.CODES)} ({', '.join(labels.CODES)})",
-            "retrain the classifier with this version",
+            f"was trained for {len(classes)} classes ({', '.join(classes)}), "
+            f"this version scores {len(labels.CODES)} ({', '.join(labels.CODES)})",
+            "retrain the classifier with this version, in a new --output_dir",
         )
+    return ckpt
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ClassifyConfig, dict]:
+    """A trained model from best.pt/last.pt (or a run folder's best.pt)."""
+    path = Path(path)
+    ckpt = read_checkpoint(path / "best.pt" if path.is_dir() else path)
     cfg = config_from_dict(ckpt["config"])
     model = MODELS[cfg.model](len(labels.CODES), cfg)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise InputError(
-            path, f"weights do not fit a {cfg.model} with {len(classes)} classes ({str(e)[:200]})", "retrain"
+            path, f"weights do not fit a {cfg.model} with {len(labels.CODES)} classes ({str(e)[:200]})", "retrain"
         ) from None
     return model.to(device).eval(), cfg, ckpt
 
@@ -280,13 +282,7 @@ def resume_state(cfg: ClassifyConfig, out: Path) -> dict | None:
         if cfg.resume_from_checkpoint == "latest":
             return None
         raise InputError("--resume_from_checkpoint", f"{path} not found", "pass 'latest', 'none' or a last.pt path")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if list(state.get("classes", [])) != list(labels.CODES):
-        raise InputError(
-            path,
-            f"was trained for {len(state.get('classes', []))} classes, this version has {len(labels.CODES)}",
-            "use a new --output_dir",
-        )
+    state = read_checkpoint(path)
     for name in RUN_FIELDS:
         if state["config"].get(name) != getattr(cfg, name):
             raise InputError(
@@ -306,7 +302,8 @@ def fit(cfg: ClassifyConfig, train_frame: pd.DataFrame, val_frame: pd.DataFrame,
     device = pick_device(cfg.device)
     model = MODELS[cfg.model](len(labels.CODES), cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    # Cosine decay as a function of cfg.epochs, so resuming with more --epochs stretches the schedule.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / cfg.epochs)))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
     y_train = targets(train_frame)
     weight = (

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from lesiongen import labels
+from lesiongen.caption_dataset import main as build_captions
 from lesiongen.errors import InputError
 from lesiongen.tables import read_image_table
 
@@ -20,6 +21,18 @@ MANIFEST_COLUMNS = [
     *labels.CONCEPT_NAMES, "concept_source", "seed", "guidance_scale", "num_inference_steps", "scheduler", "model",
     "negative_prompt", "index",
 ]  # fmt: skip
+
+
+def build_d7p(out: Path, d7p_csv: Path, d7p_images: Path) -> Path:
+    """build_captions on all of Derm7pt (official splits; metadata reports only, which keeps it to seconds)."""
+    args = ["--dataset", "d7p", "--metadata", str(d7p_csv), "--images", str(d7p_images), "--out", str(out)]
+    assert build_captions(args + ["--skip_bad_rows", "--reporter", "metadata"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def d7p_built(tmp_path_factory, d7p_csv, d7p_images) -> Path:
+    return build_d7p(tmp_path_factory.mktemp("d7p") / "built", d7p_csv, d7p_images)
 
 
 def write_manifest(folder: Path, rows: list[dict]) -> Path:
@@ -44,8 +57,8 @@ def write_manifest(folder: Path, rows: list[dict]) -> Path:
     return folder
 
 
-def test_build_captions_folder_by_split(d7p_captions_dir):
-    train = read_image_table(d7p_captions_dir, "train")
+def test_build_captions_folder_by_split(d7p_built):
+    train = read_image_table(d7p_built, "train")
     # 413 train images, 3 of them Derm7pt 'miscellaneous' (label other): counted, not silently dropped
     assert len(train) == 410
     assert len(train.attrs["skipped"]["label_other"]) == 3
@@ -53,9 +66,9 @@ def test_build_captions_folder_by_split(d7p_captions_dir):
     assert all(os.path.isabs(p) and os.path.isfile(p) for p in train["path"])
     assert {"lesion_id", "text", *labels.SUBGROUP_FIELDS, *labels.CONCEPT_NAMES} <= set(train.columns)
     assert set(train["skin_tone"]) <= {*labels.SKIN_TONE_NAMES, "unknown"} and set(train["sex"]) <= set(labels.SEXES)
-    both = read_image_table(d7p_captions_dir)
+    both = read_image_table(d7p_built)
     assert both["split"].value_counts().to_dict() == {"train": 410, "validation": 200}
-    kept = read_image_table(d7p_captions_dir / "validation" / "metadata.jsonl", keep_other=True)
+    kept = read_image_table(d7p_built / "validation" / "metadata.jsonl", keep_other=True)
     assert len(kept) == 203 and (kept["label"] == labels.OTHER).sum() == 3
 
 
@@ -86,13 +99,13 @@ def test_missing_subgroup_columns_become_unknown(tmp_path):
     assert all(frame[f][0] == "unknown" for f in labels.SUBGROUP_FIELDS)
 
 
-def test_bad_paths_and_tables(tmp_path, d7p_captions_dir):
+def test_bad_paths_and_tables(tmp_path, d7p_built):
     with pytest.raises(InputError, match="not found"):
         read_image_table(tmp_path / "nope")
     with pytest.raises(InputError, match="has no manifest.csv, no metadata.jsonl"):
         read_image_table(tmp_path)
     with pytest.raises(InputError, match=r"has no 'test' split \(found: train, validation\)"):
-        read_image_table(d7p_captions_dir, "test")
+        read_image_table(d7p_built, "test")
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(InputError, match="is not a metadata.jsonl or manifest.csv"):
         read_image_table(tmp_path / "notes.txt")

@@ -1,0 +1,264 @@
+"""The classifier stage on real Derm7pt images: learning, ViT, resume, folds, comparison, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from test_tables import build_d7p, write_manifest
+
+from lesiongen import classify, labels
+from lesiongen.classify import ClassifyConfig, load_classifier, train
+from lesiongen.classify import main as classifier_main
+from lesiongen.classify_compare import main as compare_main
+from lesiongen.classify_data import check_classes, lesion_folds
+from lesiongen.classify_eval import main as eval_main
+from lesiongen.cli import parse_config
+from lesiongen.errors import InputError
+from lesiongen.metadata import load_metadata
+from lesiongen.tables import read_image_table
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Other test files run beside these on 2 cores; one thread avoids oversubscription stalls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def quick(data_dir: Path, out: Path, **kw) -> ClassifyConfig:
+    settings = dict(
+        image_size=32, epochs=1, batch_size=16, num_workers=0, output_dir=str(out), resume_from_checkpoint=None
+    )
+    return ClassifyConfig(data_dir=str(data_dir), **{**settings, **kw})
+
+
+def subset(src: Path, out: Path, per_class: dict[str, int]) -> Path:
+    """A build_captions-shaped folder with up to N real images per class and split, symlinked."""
+    for split, n in per_class.items():
+        rows = [json.loads(line) for line in (src / split / "metadata.jsonl").read_text().splitlines()]
+        taken: dict[str, int] = {}
+        kept = []
+        for row in rows:
+            if taken.get(row["label"], 0) < n:
+                taken[row["label"]] = taken.get(row["label"], 0) + 1
+                dst = out / split / row["file_name"]
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink((src / split / row["file_name"]).resolve(), dst)
+                kept.append(json.dumps(row))
+        (out / split / "metadata.jsonl").write_text("\n".join(kept) + "\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def d7p_built(tmp_path_factory, d7p_csv, d7p_images) -> Path:
+    """All 616 imaged Derm7pt cases with the official train/validation split."""
+    return build_d7p(tmp_path_factory.mktemp("d7p") / "built", d7p_csv, d7p_images)
+
+
+@pytest.fixture(scope="module")
+def small_d7p(tmp_path_factory, d7p_built) -> Path:
+    """Up to 6 train and 3 validation images per class (about 35 + 19) from the real Derm7pt build."""
+    return subset(d7p_built, tmp_path_factory.mktemp("cls") / "small", {"train": 6, "validation": 3})
+
+
+@pytest.fixture(scope="module")
+def fake_generation(tmp_path_factory, small_d7p) -> Path:
+    """A generate.py-shaped folder whose 'synthetic' images are shrunk real ones, so they carry signal."""
+    frame = read_image_table(small_d7p, "train")
+    rows = [
+        {"label": r.label, "pixels": np.asarray(Image.open(r.path).convert("RGB").resize((40, 40)))}
+        for r in frame.itertuples()
+    ]
+    return write_manifest(tmp_path_factory.mktemp("gen") / "gen", rows)
+
+
+def test_resnet18_beats_majority_on_real_d7p(tmp_path, d7p_built):
+    out = tmp_path / "r18"
+    report = train(quick(d7p_built, out, epochs=5, lr=2e-3, batch_size=32))
+    summary = report["runs"][0]
+    assert summary["majority_baseline"]["balanced_accuracy"] == pytest.approx(1 / 6, abs=1e-6)  # 6 classes in valid
+    assert report["skipped"] == {"train_label_other": 3, "validation_label_other": 3}
+    losses = [h["train_loss"] for h in summary["history"]]
+    assert losses[-1] < losses[0]
+    # scored again from best.pt through the eval command, as a user would
+    assert eval_main(["--checkpoint", str(out / "best.pt"), "--data_dir", str(d7p_built), "--num_workers", "0"]) == 0
+    metrics = json.loads((out / "eval-validation" / "metrics.json").read_text())
+    assert metrics["overall"]["n"] == 200 and metrics["epoch"] == summary["best_epoch"]
+    assert metrics["overall"]["balanced_accuracy"] == pytest.approx(summary["best_balanced_accuracy"], abs=1e-6)
+    assert metrics["overall"]["balanced_accuracy"] > 1 / 6 + 0.05
+    assert set(metrics["subgroups"]) == set(labels.SUBGROUP_FIELDS)
+    assert (
+        metrics["subgroups"]["sex"]["groups"]["male"]["n"] + metrics["subgroups"]["sex"]["groups"]["female"]["n"] == 200
+    )
+    table = pd.read_csv(out / "eval-validation" / "metrics.csv")
+    assert table.iloc[0]["n"] == 200 and "site_group" in set(table["field"])
+    preds = pd.read_csv(out / "eval-validation" / "predictions.csv")
+    assert len(preds) == 200 and np.allclose(preds[[f"p_{c}" for c in labels.CODES]].sum(1), 1, atol=1e-3)
+    png = (out / "eval-validation" / "confusion_matrix.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any((out / "logs").iterdir())  # TensorBoard event file
+
+
+def test_vit_trains_and_evaluates(tmp_path, small_d7p):
+    out = tmp_path / "vit"
+    cfg = quick(small_d7p, out, model="vit", vit_name="vit_tiny_patch16_224", epochs=2, augment="flip", balance="loss")
+    summary = train(cfg)["runs"][0]
+    assert len(summary["history"]) == 2 and all(np.isfinite(h["train_loss"]) for h in summary["history"])
+    model, model_cfg, _ = load_classifier(out)
+    assert model_cfg.model == "vit" and model.patch_embed.img_size == (32, 32)
+    assert (
+        eval_main(
+            [
+                "--checkpoint",
+                str(out),
+                "--data_dir",
+                str(small_d7p),
+                "--output_dir",
+                str(tmp_path / "ev"),
+                "--num_workers",
+                "0",
+            ]
+        )
+        == 0
+    )
+    result = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert result["overall"]["n"] == len(read_image_table(small_d7p, "validation"))
+    with pytest.raises(InputError, match="not a multiple of vit_tiny_patch16_224's patch size 16"):
+        train(quick(small_d7p, tmp_path / "bad", model="vit", vit_name="vit_tiny_patch16_224", image_size=40))
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, small_d7p, monkeypatch):
+    full = tmp_path / "full"
+    train(quick(small_d7p, full, epochs=2))
+    part = tmp_path / "part"
+    calls = []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 2:  # killed during epoch 2, after epoch 1's checkpoint
+            raise KeyboardInterrupt
+        return real_evaluate(*args)
+
+    real_evaluate = classify.evaluate_frame
+    monkeypatch.setattr(classify, "evaluate_frame", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(quick(small_d7p, part, epochs=2))
+    monkeypatch.undo()
+    assert torch.load(part / "last.pt", weights_only=False)["epoch"] == 1
+    train(quick(small_d7p, part, epochs=2, resume_from_checkpoint="latest"))
+    a = torch.load(full / "last.pt", weights_only=False)
+    b = torch.load(part / "last.pt", weights_only=False)
+    assert b["epoch"] == 2 and len(b["history"]) == 2
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    with pytest.raises(InputError, match=r"--model: 'vit' differs from 'resnet18'"):
+        train(
+            quick(
+                small_d7p, part, model="vit", vit_name="vit_tiny_patch16_224", epochs=3, resume_from_checkpoint="latest"
+            )
+        )
+
+
+def test_folds_never_share_a_lesion(ham_csv, tmp_path, small_d7p):
+    # HAM10000 photographs many lesions several times: the grouping is tested where it matters
+    records = load_metadata("ham10000", ham_csv, skip_bad_rows=False).records
+    frame = pd.DataFrame({"label": [r.dx for r in records], "lesion_id": [r.lesion_id for r in records]})
+    pairs = lesion_folds(frame, 5, seed=0)
+    held_lesions = [set(held["lesion_id"]) for _, held in pairs]
+    assert sum(len(held) for _, held in pairs) == len(frame)
+    for i, (fit_rows, _) in enumerate(pairs):
+        assert not set(fit_rows["lesion_id"]) & held_lesions[i]
+        for j in range(i):
+            assert not held_lesions[i] & held_lesions[j]
+    # and the --folds run writes one model per fold plus the cross-validation summary
+    report = train(quick(small_d7p, tmp_path / "cv", folds=2))
+    assert [Path(r["output_dir"]).name for r in report["runs"]] == ["fold-0", "fold-1"]
+    assert (tmp_path / "cv" / "fold-1" / "best.pt").is_file()
+    assert json.loads((tmp_path / "cv" / "cv_summary.json").read_text())["cv_balanced_accuracy"]["mean"] >= 0
+
+
+def test_compare_real_synthetic_mixed(tmp_path, small_d7p, fake_generation):
+    out = tmp_path / "cmp"
+    args = ["--data_dir", str(small_d7p), "--synthetic_dir", str(fake_generation), "--output_dir", str(out)]
+    args += [
+        "--image_size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch_size",
+        "16",
+        "--num_workers",
+        "0",
+        "--synthetic_ratio",
+        "0.5",
+    ]
+    assert compare_main(args) == 0
+    table = pd.read_csv(out / "compare.csv")
+    n_real = len(read_image_table(small_d7p, "train"))
+    assert table["train"].tolist() == ["real", "synthetic", "mixed"]
+    assert table["n_real"].tolist() == [n_real, 0, n_real]
+    assert table["n_synthetic"].tolist() == [0, round(0.5 * n_real), round(0.5 * n_real)]
+    assert table["balanced_accuracy"].between(0, 1).all() and table["seeds"].eq(1).all()
+    text = (out / "compare.md").read_text()
+    assert "| mixed |" in text and "| majority class (" in text and "`validation`" in text
+
+
+def test_corrupt_and_missing_images(tmp_path, small_d7p):
+    data = subset(small_d7p, tmp_path / "data", {"train": 6, "validation": 3})
+    victim = next((data / "train" / "images").rglob("*.*"))
+    victim.unlink()
+    victim.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    report = train(quick(data, tmp_path / "run"))
+    assert report["skipped"]["train_corrupt_image"] == 1
+    assert json.loads((tmp_path / "run" / "data_report.json").read_text())["skipped"]["train_corrupt_image"] == 1
+    victim.unlink()
+    with pytest.raises(InputError, match="listed image.*not found"):
+        train(quick(data, tmp_path / "run2"))
+    assert train(quick(data, tmp_path / "run3", skip_missing=True))["skipped"]["train_missing_image"] == 1
+
+
+def test_class_absent_from_training(tmp_path, small_d7p):
+    data = subset(small_d7p, tmp_path / "data", {"train": 6, "validation": 3})
+    rows = [json.loads(x) for x in (data / "train" / "metadata.jsonl").read_text().splitlines()]
+    (data / "train" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["label"] != "df"))
+    with pytest.raises(InputError, match=r"no training images of class\(es\) df \(3 validation images\)"):
+        train(quick(data, tmp_path / "run"))
+    frame = read_image_table(data, "validation")
+    assert check_classes(frame[frame["label"] != "df"], frame, allow_missing=True) == ["df"]
+
+
+def test_checkpoint_for_other_classes(tmp_path, small_d7p, capsys):
+    ckpt = tmp_path / "old.pt"
+    torch.save({"model": {}, "config": {"model": "resnet18"}, "classes": ["mel", "nv", "bcc"]}, ckpt)
+    with pytest.raises(InputError, match="was trained for 3 classes"):
+        load_classifier(ckpt)
+    assert eval_main(["--checkpoint", str(ckpt), "--data_dir", str(small_d7p)]) == 2
+    assert "was trained for 3 classes (mel, nv, bcc), this version scores 7" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(InputError, match="is not a readable checkpoint"):
+        load_classifier(tmp_path / "junk.pt")
+
+
+def test_flag_errors(tmp_path, small_d7p, fake_generation, monkeypatch):
+    with pytest.raises(InputError, match="--train synthetic needs synthetic images"):
+        parse_config(ClassifyConfig, ["--data_dir", str(small_d7p), "--train", "synthetic"])
+    assert classifier_main(["--data_dir", str(small_d7p), "--epochs", "0"]) == 2
+    with pytest.raises(InputError, match="no train/metadata.jsonl"):
+        train(quick(fake_generation, tmp_path / "x"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr("torchvision.models._api.WeightsEnum.get_state_dict", offline)
+    with pytest.raises(InputError, match="ImageNet weights for resnet18 are not available offline.*drop --pretrained"):
+        train(quick(small_d7p, tmp_path / "pre", pretrained=True))

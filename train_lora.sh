@@ -23,9 +23,12 @@ CHECKPOINTING_STEPS="${CHECKPOINTING_STEPS:-7500}"
 VALIDATION_STEPS="${VALIDATION_STEPS:-500}"
 SEED="${SEED:-42}"
 ACCELERATE="${ACCELERATE:-accelerate}"
+# Extra `accelerate launch` options, e.g. ACCELERATE_LAUNCH_ARGS="--main_process_port 29600 --num_processes 2".
+ACCELERATE_LAUNCH_ARGS="${ACCELERATE_LAUNCH_ARGS:-}"
 if [ -x .venv/bin/accelerate ] && [ "$ACCELERATE" = accelerate ]; then ACCELERATE=.venv/bin/accelerate; fi
 
-exec "$ACCELERATE" launch --config_file "$ACCELERATE_CONFIG" -m lesiongen.train \
+# shellcheck disable=SC2086  # ACCELERATE_LAUNCH_ARGS is split into words on purpose
+exec "$ACCELERATE" launch --config_file "$ACCELERATE_CONFIG" $ACCELERATE_LAUNCH_ARGS -m lesiongen.train \
   --mode lora \
   --pretrained_model_name_or_path "$MODEL_NAME" \
   --train_data_dir "$TRAIN_DATA_DIR" \

@@ -352,7 +352,10 @@ def place_models(parts: dict, trained: list, accelerator, gradient_checkpointing
     for name in ("unet", "text_encoder", "vae"):
         module = parts[name]
         fully_trained = any(module is m for m in trained) and all(p.requires_grad for p in module.parameters())
-        module.to(accelerator.device, dtype=torch.float32 if fully_trained else dtype)
+        target = torch.float32 if fully_trained else dtype
+        module.to(accelerator.device)
+        if module.dtype != target:
+            module.to(dtype=target)
     cast_training_params(parts["unet"], dtype=torch.float32)
     if gradient_checkpointing:
         parts["unet"].enable_gradient_checkpointing()

@@ -129,6 +129,14 @@ class GenerateConfig:
 
     def check(self) -> None:
         plans.resolve_codes(self.condition)
+        default = GenerateConfig.__dataclass_fields__["model_path"].default
+        if self.model_path == default and not Path(default).exists():
+            # the default looks like a hub id too; say what it is instead of trying the hub
+            raise InputError(
+                f"--model_path {default}",
+                "not found (the default is where train_lora.sh saves its LoRA)",
+                "train first, or pass --model_path DIR (a LoRA or pipeline folder, e.g. from python -m lesiongen.tiny --out DIR)",
+            )
         resolve_model(self.model_path, "--model_path")
         if self.num_images is not None and self.num_images < 1:
             raise InputError("--num_images", f"{self.num_images} is not positive", "ask for at least one image")

@@ -269,13 +269,19 @@ def test_dtype_follows_the_device(tiny_sd_dir, pipe):
     assert resolve_dtype(dataclasses.replace(cfg, dtype="bfloat16"), "cuda") == "bfloat16"
 
 
-def test_bad_inputs_give_one_line_errors(tiny_sd_dir, tmp_path, capsys):
+def test_bad_inputs_give_one_line_errors(tiny_sd_dir, tmp_path, capsys, monkeypatch):
     args = ["--model_path", str(tiny_sd_dir), "--output_dir", str(tmp_path / "o"), "--device", "cpu"]
     assert main(["--condition", "Melanomma", *args]) == 2
     err = capsys.readouterr().err
     assert "--condition: unknown condition 'Melanomma'" in err and "'Melanoma' (mel)" in err and err.count("\n") == 1
     assert main(["--condition", "mel", "--model_path", str(tmp_path / "nope")]) == 2
-    assert "--model_path" in capsys.readouterr().err
+    assert f"--model_path {tmp_path / 'nope'}: model directory not found" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # the default model path (outputs/lesiongen-lora) does not exist here
+    assert main(["--condition", "mel", "--mode", "single"]) == 2
+    assert (
+        "--model_path outputs/lesiongen-lora: not found (the default is where train_lora.sh saves"
+        in capsys.readouterr().err
+    )
     blocker = tmp_path / "file"
     blocker.write_text("x")
     cfg = config(tiny_sd_dir, blocker / "out")

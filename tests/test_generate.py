@@ -116,6 +116,16 @@ def test_dataset_mode_writes_images_manifest_and_contact_sheet(tiny_sd_dir, pipe
     assert saved["plan"]["per_condition"] == {"mel": 3, "df": 3}
 
 
+def test_condition_all_with_label_captions(tiny_sd_dir, pipe, tmp_path):
+    cfg = config(tiny_sd_dir, tmp_path, condition="all", num_images=1, caption_style="label", contact_sheet=2)
+    generate(cfg, pipe=pipe)
+    rows = manifest(tmp_path)
+    assert sorted(r["dx"] for r in rows) == sorted(labels.CODES)
+    assert {r["text"] for r in rows} == {f"a dermoscopic image of {c.phrase}" for c in labels.CONDITIONS}
+    assert {r["concept_source"] for r in rows} == {"none"} and {r["streaks"] for r in rows} == {""}
+    assert Image.open(tmp_path / "contact_sheet.png").size[1] == len(labels.CONDITIONS) * (32 + 14)
+
+
 def test_same_seed_same_pixels_and_batching_does_not_change_them(tiny_sd_dir, pipe, tmp_path):
     a = generate(config(tiny_sd_dir, tmp_path / "a", num_images=4), pipe=pipe).root
     b = generate(config(tiny_sd_dir, tmp_path / "b", num_images=4), pipe=pipe).root

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -150,6 +151,7 @@ class TrainResult:
     output_dir: Path
     global_step: int
     losses: list[float] = field(default_factory=list)  # mean loss of each optimiser step run by this call
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each of those steps (benchmarks)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -660,6 +662,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     bar = tqdm(total=cfg.max_train_steps, initial=first_step, desc="train", disable=not accelerator.is_main_process)
     losses: list[float] = []
+    step_seconds: list[float] = []
+    tick = time.perf_counter()
     step, micro, step_loss = first_step, first_step * accum, 0.0
     unet.train()
     while step < cfg.max_train_steps:
@@ -698,6 +702,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             ema.step(accelerator.unwrap_model(unet).parameters())
         step += 1
         losses.append(step_loss)
+        step_seconds.append(time.perf_counter() - tick)
         accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
@@ -710,6 +715,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             and accelerator.is_main_process
         ):
             validate(accelerator, cfg, parts, unet, text_encoder, ema, prompts, step)
+        tick = time.perf_counter()
     bar.close()
 
     accelerator.wait_for_everyone()
@@ -732,7 +738,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         print(f"saved {cfg.mode} model to {out} after {step} steps")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(out, step, losses)
+    return TrainResult(out, step, losses, step_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -150,6 +150,7 @@ def _bad_images() -> dict[str, np.ndarray]:
         "uniform skin": draw_disk((256, 256), (0, 0), 0, (0, 0, 0), (75, 8, 15)),
         "lesion fills the frame": draw_disk((256, 256), (128, 128), 250, (110, 65, 40), (75, 8, 15)),
         "noise": rng.integers(0, 256, (128, 128, 3), dtype=np.uint8),
+        "noise at a generator's 64 px": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
         "empty": np.zeros((0, 0, 3), np.uint8),
     }
 

@@ -1,0 +1,329 @@
+"""The paper's experiment on real Derm7pt: do concept captions beat label captions for synthetic training data?
+
+For each caption style (label-only, concept): build captions, train the diffusion model on the train
+split, generate a class-balanced synthetic set the size of the real train split, train classifiers on
+real / synthetic / mixed images, score them on the validation split (balanced accuracy, macro-F1,
+worst-group accuracy by sex and by body site) and measure the synthetic set (FID/KID in the feature
+space of the real-only classifier). Prints one table and the time of every stage; writes results.json.
+
+    .venv/bin/python benchmarks/paper_experiment.py --out outputs/paper_experiment [--scale 1]
+
+``--scale`` multiplies every training length (VAE, UNet, classifier) so the same script runs a quick
+check (0.1), the CPU run (1) or, on a GPU, a full-size one, e.g. with real Stable Diffusion weights:
+
+    python benchmarks/paper_experiment.py --scale 20 --resolution 256 --device cuda \\
+        --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5   # LoRA on the real model
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lesiongen.caption_dataset import BuildCaptionsConfig, build
+from lesiongen.classify import ClassifyConfig
+from lesiongen.classify import train as train_classifier
+from lesiongen.classify_eval import EvalConfig
+from lesiongen.classify_eval import evaluate as evaluate_classifier
+from lesiongen.cli import option, parse_config, run
+from lesiongen.evaluate import EvaluateConfig, evaluate
+from lesiongen.files import latest_checkpoint, write_json
+from lesiongen.generate import GenerateConfig, generate
+from lesiongen.tables import read_image_table
+from lesiongen.tiny import build_tiny_pipeline
+from lesiongen.train import TrainConfig
+from lesiongen.train import train as train_diffusion
+from lesiongen.train_vae import TrainVAEConfig, train_vae
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_MODES = ("real", "synthetic", "mixed")
+WORST_GROUP_FIELDS = ("sex", "site_group")
+MIN_GROUP = 10  # validation subgroups smaller than this are listed but not ranked (too noisy to be "worst")
+
+# Training lengths at --scale 1, sized for a 2-core CPU at 64 px (TOOLCHAIN.md: ~0.1 s per batch-4 step).
+BASE = {"vae_steps": 400, "unet_steps": 1500, "classifier_epochs": 15}
+
+
+@dataclass
+class PaperConfig:
+    """Run the label-vs-concept caption experiment end to end on real Derm7pt."""
+
+    out: str = option("outputs/paper_experiment", help="working folder (captions, models, images, results)")
+    data: str = option(
+        os.environ.get("LESIONGEN_DATA", str(REPO.parent / "shared" / "data")), help="folder holding d7p/"
+    )
+    scale: float = option(1.0, help="multiplies VAE, UNet and classifier training lengths")
+    resolution: int = option(64, help="image size for the diffusion model and the classifiers")
+    styles: list[str] = option(["label", "concept"], help="caption styles to compare", choices=("label", "concept"))
+    pretrained_model_name_or_path: str | None = option(
+        None, help="a Stable Diffusion model (hub id or dir) to fine-tune with LoRA; default: build the tiny model"
+    )
+    model_size: str = option("tiny", help="shape of the built model when none is given", choices=("tiny", "sd1"))
+    synthetic_per_class: int | None = option(None, help="images per condition (default: real train size / classes)")
+    num_inference_steps: int = option(25, help="sampling steps")
+    guidance_scale: float = option(4.0, help="classifier-free guidance")
+    features: list[str] = option(["domain"], help="feature spaces for FID/KID", choices=("domain", "inception"))
+    device: str | None = option(None, help="cuda, cpu (default: cuda when available)")
+    seed: int = option(0, help="seed for every stage")
+
+
+@contextmanager
+def stage(times: dict, name: str):
+    start = time.time()
+    print(f"--- {name}", flush=True)
+    yield
+    times[name] = round(time.time() - start, 1)
+    print(f"--- {name}: {times[name]} s", flush=True)
+
+
+def scaled(key: str, scale: float) -> int:
+    return max(1, round(BASE[key] * scale))
+
+
+def build_base_model(cfg: PaperConfig, out: Path, images: Path, times: dict) -> tuple[str, str]:
+    """The model every caption style starts from, and the training mode that suits it."""
+    if cfg.pretrained_model_name_or_path:
+        return cfg.pretrained_model_name_or_path, "lora"
+    base = out / "base-model"
+    if not (base / "model_index.json").is_file():
+        with stage(times, "build tiny model + train its VAE"):
+            build_tiny_pipeline(base, resolution=cfg.resolution, seed=cfg.seed, size=cfg.model_size)
+            # Random VAE weights reconstruct nothing (TOOLCHAIN.md): train it on the real train images first.
+            train_vae(
+                TrainVAEConfig(
+                    pretrained_model_name_or_path=str(base),
+                    train_data_dir=str(images),
+                    resolution=cfg.resolution,
+                    max_train_steps=scaled("vae_steps", cfg.scale),
+                    seed=cfg.seed,
+                )
+            )
+    return str(base), "full"
+
+
+def condition_counts(data_dir: Path) -> dict[str, int]:
+    return read_image_table(data_dir, split="train")["label"].value_counts().to_dict()
+
+
+def classifier_metrics(run_dir: Path, data_dir: Path, device: str | None) -> dict:
+    """Validation metrics of the selected checkpoint, with worst-group accuracy by sex and body site."""
+    result = evaluate_classifier(
+        EvalConfig(
+            checkpoint=str(run_dir),
+            data_dir=str(data_dir),
+            split="validation",
+            min_group_size=MIN_GROUP,
+            num_workers=0,
+            device=device,
+        )
+    )
+    groups = result["subgroups"]
+    return {
+        "balanced_accuracy": result["overall"]["balanced_accuracy"],
+        "macro_f1": result["overall"]["macro_f1"],
+        **{f"worst_{f}": groups[f]["worst_accuracy"] for f in WORST_GROUP_FIELDS},
+        **{f"worst_{f}_group": groups[f]["worst_group"] for f in WORST_GROUP_FIELDS},
+    }
+
+
+def run_classifier(cfg: PaperConfig, data_dir: Path, mode: str, synthetic: Path | None, out: Path) -> dict:
+    if (out / "summary.json").is_file():
+        return classifier_metrics(out, data_dir, cfg.device)
+    train_classifier(
+        ClassifyConfig(
+            data_dir=str(data_dir),
+            train=mode,
+            synthetic_dir=str(synthetic) if synthetic else None,
+            image_size=cfg.resolution,
+            epochs=scaled("classifier_epochs", cfg.scale),
+            output_dir=str(out),
+            resume_from_checkpoint=None,
+            num_workers=0,
+            device=cfg.device,
+            seed=cfg.seed,
+        )
+    )
+    return classifier_metrics(out, data_dir, cfg.device)
+
+
+def train_model(cfg: PaperConfig, base: str, mode: str, train_dir: Path, model_dir: Path) -> None:
+    if (model_dir / "model_index.json").is_file() or (model_dir / "pytorch_lora_weights.safetensors").is_file():
+        return
+    steps = scaled("unet_steps", cfg.scale)
+    train_diffusion(
+        TrainConfig(
+            pretrained_model_name_or_path=base,
+            mode=mode,
+            train_text_encoder=mode == "full",  # a random text encoder cannot carry concepts (TOOLCHAIN.md)
+            train_data_dir=str(train_dir),
+            caption_dropout=0.1,  # unconditional steps for classifier-free guidance
+            resolution=cfg.resolution,
+            train_batch_size=16,
+            gradient_accumulation_steps=1,
+            max_train_steps=steps,
+            learning_rate=1e-4 if mode == "lora" else 5e-4,
+            lr_scheduler="cosine",
+            lr_warmup_steps=min(50, steps // 10),
+            output_dir=str(model_dir),
+            checkpointing_steps=max(steps // 2, 1),
+            checkpoints_total_limit=1,
+            validation_steps=0,
+            report_to="none",
+            seed=cfg.seed,
+            resume_from_checkpoint="latest" if latest_checkpoint(model_dir) else None,
+        )
+    )
+
+
+def experiment(cfg: PaperConfig) -> dict:
+    out = Path(cfg.out)
+    times: dict[str, float] = {}
+    d7p = Path(cfg.data) / "d7p"
+    data = {}
+    for style in cfg.styles:
+        data[style] = out / "data" / style
+        if (data[style] / "summary.json").is_file():
+            continue  # finished by an earlier run (every stage resumes, so a killed run can be restarted)
+        with stage(times, f"captions ({style})"):
+            build(
+                BuildCaptionsConfig(
+                    dataset="d7p",
+                    metadata=str(d7p / "meta" / "meta.csv"),
+                    images=str(d7p / "images"),
+                    out=str(data[style]),
+                    style=style,
+                    seed=cfg.seed,
+                    skip_bad_rows=True,
+                )
+            )
+    first = data[cfg.styles[0]]
+    base, mode = build_base_model(cfg, out, first / "train" / "images", times)
+
+    rows: list[dict] = []
+    with stage(times, "classifier (real only)"):
+        real_metrics = run_classifier(cfg, first, "real", None, out / "classifiers" / "real")
+    rows.append({"captions": "-", "train": "real", **real_metrics})
+
+    counts = condition_counts(first)
+    per_class = cfg.synthetic_per_class or max(1, round(sum(counts.values()) / len(counts)))
+    evaluations = {}
+    for style in cfg.styles:
+        model_dir = out / "models" / style
+        with stage(times, f"diffusion training ({style})"):
+            train_model(cfg, base, mode, data[style] / "train", model_dir)
+        with stage(times, f"generation ({style})"):
+            synthetic = out / "synthetic" / style
+            generate(
+                GenerateConfig(
+                    condition=",".join(sorted(counts)),
+                    mode="dataset",
+                    num_images=per_class,
+                    output_dir=str(synthetic),
+                    model_path=str(model_dir),
+                    base_model=base if mode == "lora" else None,
+                    device=cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                    guidance_scale=[cfg.guidance_scale],
+                    num_inference_steps=[cfg.num_inference_steps],
+                    batch_size=32,
+                    caption_style=style,
+                    resolution=cfg.resolution,
+                    seed=cfg.seed,
+                )
+            )
+        for train_mode in ("synthetic", "mixed"):
+            with stage(times, f"classifier ({train_mode}, {style})"):
+                metrics = run_classifier(
+                    cfg, data[style], train_mode, synthetic, out / "classifiers" / f"{train_mode}-{style}"
+                )
+            rows.append({"captions": style, "train": train_mode, **metrics})
+        previous = out / "evaluation" / style / "evaluation.json"
+        if previous.is_file():
+            evaluations[style] = json.loads(previous.read_text())
+            continue
+        with stage(times, f"evaluation ({style})"):
+            evaluations[style] = evaluate(
+                EvaluateConfig(
+                    real=str(data[style]),
+                    synthetic=str(synthetic / "manifest.csv"),
+                    out=str(out / "evaluation" / style),
+                    features=cfg.features,
+                    classifier=str(out / "classifiers" / "real"),
+                    seed=cfg.seed,
+                )
+            )
+    result = {
+        "config": vars(cfg),
+        "machine": machine(),
+        "synthetic_per_class": per_class,
+        "rows": rows,
+        "fidelity": {style: fidelity_row(e) for style, e in evaluations.items()},
+        "seconds": times,
+    }
+    write_json(out / "results.json", result)
+    print(table(result))
+    return result
+
+
+def fidelity_row(evaluation: dict) -> dict:
+    out = {}
+    for space, r in evaluation["spaces"].items():
+        overall = r["overall"]
+        out[space] = {k: overall.get(k) for k in ("fid", "kid", "precision", "recall", "coverage")}
+        out[space]["flagged_copies"] = r["memorisation"]["flagged"]
+        veil = r["concepts"].get("blue_whitish_veil", {})
+        out[space]["veil_effect"] = veil.get("effect")
+    return out
+
+
+def machine() -> dict:
+    import diffusers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+    }
+
+
+def _f(value: object) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
+
+
+def table(result: dict) -> str:
+    space = result["config"]["features"][0]
+    head = f"| captions | train | balanced acc. | macro-F1 | worst sex acc. | worst site acc. | FID ({space}) | KID ({space}) |"
+    lines = [head, "|---" * 8 + "|"]
+    for r in result["rows"]:
+        fid = result["fidelity"].get(r["captions"], {}).get(space, {})
+        cells = [
+            r["balanced_accuracy"],
+            r["macro_f1"],
+            r["worst_sex"],
+            r["worst_site_group"],
+            fid.get("fid"),
+            fid.get("kid"),
+        ]
+        lines.append(f"| {r['captions']} | {r['train']} | " + " | ".join(_f(c) for c in cells) + " |")
+    lines.append("\nstage seconds: " + json.dumps(result["seconds"]))
+    lines.append("machine: " + json.dumps(result["machine"]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(lambda: experiment(parse_config(PaperConfig, argv, prog="benchmarks/paper_experiment.py")))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

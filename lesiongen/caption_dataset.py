@@ -138,7 +138,7 @@ def caption_record(record: LesionRecord, style: str, seed: int) -> tuple[LesionR
         condition=labels.BY_CODE[record.dx].name if record.dx in labels.BY_CODE else labels.OTHER,
         caption_style=style,
         caption_seed=seed,
-        caption_omitted=list(cap.omitted),
+        caption_omitted=",".join(cap.omitted),  # a string: imagefolder infers one type per split
         n_tokens=count_tokens(cap.text),
     )
     return record, row
@@ -197,7 +197,7 @@ def build(cfg: BuildCaptionsConfig) -> dict:
 
 def summarize(cfg: BuildCaptionsConfig, rows: list[dict], skipped: dict, split_kind: str, checked: bool) -> dict:
     lengths = np.array([r["n_tokens"] for r in rows])
-    omitted = Counter(f for r in rows for f in r["caption_omitted"])
+    omitted = Counter(f for r in rows for f in r["caption_omitted"].split(",") if f)
     return {
         "config": asdict(cfg),
         "images_checked": checked,

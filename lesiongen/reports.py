@@ -410,7 +410,7 @@ class Reporter:
             row.update(reported_record(record, report).to_row())
             row.update(
                 text=cap.text,
-                caption_omitted=list(cap.omitted),
+                caption_omitted=",".join(cap.omitted),
                 n_tokens=count_tokens(cap.text),
                 report=json.dumps(report),
                 long_text=long_text,

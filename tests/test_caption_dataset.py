@@ -26,7 +26,12 @@ def ham_built(tmp_path_factory, ham_csv):
 def d7p_built(tmp_path_factory, d7p_csv, d7p_images):
     out = tmp_path_factory.mktemp("d7p_captions")
     cfg = BuildCaptionsConfig(
-        dataset="d7p", metadata=str(d7p_csv), images=str(d7p_images), out=str(out), skip_bad_rows=True
+        dataset="d7p",
+        metadata=str(d7p_csv),
+        images=str(d7p_images),
+        out=str(out),
+        skip_bad_rows=True,
+        reporter="metadata",
     )
     return out, build(cfg)
 

@@ -209,3 +209,19 @@ def save_lora(unet, lora_config, out_dir: str | Path) -> Path:
         safe_serialization=True,
     )
     return out_dir
+
+
+def assemble_pipeline(parts: dict, unet, text_encoder):
+    """A StableDiffusionPipeline around weights in training (validation, full save), no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=parts["vae"],
+        text_encoder=text_encoder,
+        tokenizer=parts["tokenizer"],
+        unet=unet,
+        scheduler=parts["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

@@ -10,35 +10,31 @@ is saved); everything else is the same loop.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .checkpoints import (
+    find_resume_checkpoint,
+    keep_trainable_weights,
+    model_card,
+    publish,
+    remove_stale_temporaries,
+    run_record,
+    save_checkpoint,
+)
 from .cli import option, parse_config, run
 from .errors import InputError
-from .files import CHECKPOINT_RE, atomic_dir, latest_checkpoint, prune_checkpoints, write_json, write_text
+from .files import CHECKPOINT_RE, latest_checkpoint, write_json, write_text
+from .validation import default_prompts, validate
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DEFAULT_LR = {"lora": 5e-6, "full": 1e-5}  # the original train_lora.sh / train_SD.sh
-# Fields that shape the weights; a resumed run must not change them silently (STYLE.md).
-ARCHITECTURE_FIELDS = (
-    "mode",
-    "pretrained_model_name_or_path",
-    "resolution",
-    "rank",
-    "lora_alpha",
-    "train_text_encoder",
-    "use_ema",
-)
 
 
 @dataclass
@@ -266,9 +262,11 @@ def save_full_result(out: Path, parts: dict, unet, text_encoder, ema) -> None:
     """A complete pipeline folder with the EMA weights swapped in, for ``from_pretrained``."""
     import torch
 
+    from .pipeline import assemble_pipeline
+
     if ema is not None:
         ema.copy_to(unet.parameters())
-    pipeline(parts, unet.to(torch.float32), text_encoder.to(torch.float32)).save_pretrained(out)
+    assemble_pipeline(parts, unet.to(torch.float32), text_encoder.to(torch.float32)).save_pretrained(out)
 
 
 @dataclass(frozen=True)
@@ -300,43 +298,6 @@ def make_accelerator(cfg: TrainConfig):
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
-
-
-def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
-    """The checkpoint to continue from, checked before any work: it exists and its architecture matches."""
-    if cfg.resume_from_checkpoint is None:
-        return None
-    out = Path(cfg.output_dir)
-    flag = f"--resume_from_checkpoint {cfg.resume_from_checkpoint}"
-    if cfg.resume_from_checkpoint == "latest":
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise InputError(
-                flag,
-                f"no complete checkpoint-<step> folder in {out}",
-                "omit it to start a new run, or check --output_dir",
-            )
-    else:
-        ckpt = Path(cfg.resume_from_checkpoint)
-        ckpt = ckpt if ckpt.exists() else out / ckpt
-        if not (ckpt.is_dir() and CHECKPOINT_RE.match(ckpt.name)):
-            raise InputError(
-                flag, f"{ckpt} is not a checkpoint-<step> folder", "pass 'latest' or an existing checkpoint folder"
-            )
-    saved_path = ckpt / "config.json"
-    if not saved_path.is_file():
-        raise InputError(
-            ckpt, "has no config.json, so it was not written by lesiongen.train", "resume from another checkpoint"
-        )
-    saved, current = json.loads(saved_path.read_text(encoding="utf-8"))["config"], asdict(cfg)
-    for name in ARCHITECTURE_FIELDS:
-        if saved.get(name) != current[name]:
-            raise InputError(
-                f"--{name}",
-                f"is {current[name]!r} but {ckpt.name} was trained with {saved.get(name)!r}",
-                f"pass --{name} {saved.get(name)} or start a new --output_dir",
-            )
-    return ckpt
 
 
 def weight_dtype(accelerator):
@@ -390,192 +351,6 @@ def make_dataset(cfg: TrainConfig, examples, parts: dict, accelerator, text_trai
             lambda: encode_dataset(images, parts["vae"], text_encoder, show_progress=accelerator.is_main_process),
         )
     return CachedLatentDataset(cache, examples, parts["tokenizer"])
-
-
-def default_prompts(examples) -> list[str]:
-    """One real training caption per condition label (the first seen), so validation covers every class."""
-    firsts: dict[str | None, str] = {}
-    for ex in examples:
-        firsts.setdefault(ex.label, ex.text)
-    return list(firsts.values())[:8]
-
-
-def keep_trainable_weights(models, weights, output_dir) -> None:
-    """Checkpoints hold what trains: a LoRA checkpoint is the adapter, not another copy of the frozen base."""
-    for i, model in enumerate(models):
-        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-        if i < len(weights) and frozen:
-            weights[i] = {k: v for k, v in weights[i].items() if k not in frozen}
-
-
-def save_checkpoint(accelerator, cfg: TrainConfig, step: int, extra: dict) -> None:
-    """Every process writes into one temporary folder that becomes ``checkpoint-<step>`` only when complete."""
-    from accelerate.utils import broadcast_object_list
-
-    out = Path(cfg.output_dir)
-    with contextlib.ExitStack() as stack:
-        tmp = [
-            str(stack.enter_context(atomic_dir(out / f"checkpoint-{step}"))) if accelerator.is_main_process else None
-        ]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(tmp)
-        accelerator.save_state(tmp[0])
-        if accelerator.is_main_process:
-            write_json(Path(tmp[0]) / "config.json", run_record(cfg, accelerator, step, extra))
-        accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        prune_checkpoints(out, cfg.checkpoints_total_limit)
-
-
-def remove_stale_temporaries(out: Path) -> None:
-    """A kill during a checkpoint write leaves ``.checkpoint-N.*.tmp``; resume ignores it, this tidies it."""
-    for p in out.glob(".checkpoint-*.tmp"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in out.glob(".result-*"):
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def pipeline(parts: dict, unet, text_encoder):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        vae=parts["vae"],
-        text_encoder=text_encoder,
-        tokenizer=parts["tokenizer"],
-        unet=unet,
-        scheduler=parts["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-@contextlib.contextmanager
-def swapped_in(ema, unet) -> Iterator[None]:
-    """Use the EMA weights inside the block (validation), then put the training weights back."""
-    if ema is None:
-        yield
-        return
-    ema.store(unet.parameters())
-    ema.copy_to(unet.parameters())
-    try:
-        yield
-    finally:
-        ema.restore(unet.parameters())
-
-
-def validate(
-    accelerator, cfg: TrainConfig, parts: dict, unet, text_encoder, ema, prompts: list[str], step: int
-) -> Path:
-    """A grid of one image per prompt, saved as PNG and logged to TensorBoard; same seed every time."""
-    import numpy as np
-    import torch
-    from diffusers import DPMSolverMultistepScheduler
-    from diffusers.utils import make_image_grid
-
-    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
-    pipe = pipeline(parts, unet, text_encoder)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(parts["scheduler"].config)
-    pipe.set_progress_bar_config(disable=True)
-    was_training = unet.training
-    unet.eval()
-    with swapped_in(ema, unet), accelerator.autocast(), torch.no_grad():
-        images = [
-            pipe(
-                p,
-                num_inference_steps=cfg.validation_inference_steps,
-                generator=torch.Generator(accelerator.device).manual_seed(cfg.seed + i),
-            ).images[0]
-            for i, p in enumerate(prompts)
-        ]
-    unet.train(was_training)
-    cols = min(len(images), 4)
-    grid = (
-        make_image_grid(images, rows=math.ceil(len(images) / cols), cols=cols)
-        if len(images) % cols == 0
-        else _pad_grid(images, cols)
-    )
-    path = Path(cfg.output_dir) / "validation" / f"step-{step:06d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from .files import atomic_path
-
-    with atomic_path(path) as tmp:
-        grid.save(tmp, format="PNG")
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images(
-                "validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC"
-            )
-    return path
-
-
-def _pad_grid(images, cols):
-    from diffusers.utils import make_image_grid
-    from PIL import Image
-
-    blank = Image.new("RGB", images[0].size)
-    padded = images + [blank] * (-len(images) % cols)
-    return make_image_grid(padded, rows=len(padded) // cols, cols=cols)
-
-
-def run_record(cfg: TrainConfig, accelerator, step: int, extra: dict) -> dict:
-    return {"config": asdict(cfg), "global_step": step, "num_processes": accelerator.num_processes, **extra}
-
-
-def publish(out: Path, build: Callable[[Path], None], last: str) -> None:
-    """Write the result in a temporary folder, then move it in with ``last`` (the file loaders look for) moved last."""
-    tmp = out / f".result-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (out / last).unlink(missing_ok=True)
-    build(tmp)
-    for entry in sorted(tmp.iterdir(), key=lambda p: p.name == last):
-        target = out / entry.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-    tmp.rmdir()
-
-
-def model_card(cfg: TrainConfig, record: dict, examples) -> str:
-    """README.md for the output folder: base model, data, captions and every hyperparameter."""
-    styles = sorted({json.loads(line).get("caption_style", "unknown") for line in _metadata_lines(cfg)})
-    how = (
-        f"pipe = StableDiffusionPipeline.from_pretrained('{cfg.pretrained_model_name_or_path}', safety_checker=None)\n"
-        f"pipe.load_lora_weights('{cfg.output_dir}')"
-        if cfg.mode == "lora"
-        else f"pipe = StableDiffusionPipeline.from_pretrained('{cfg.output_dir}', safety_checker=None)"
-    )
-    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in record["config"].items())
-    return f"""# LesionGen {cfg.mode} model
-
-Fine-tuned from `{cfg.pretrained_model_name_or_path}` on {len(examples)} captioned dermoscopic images
-from `{cfg.train_data_dir}` (caption style: {", ".join(styles)}), {record["global_step"]} optimiser steps,
-{record["num_processes"]} process(es), effective batch {record["effective_batch"]}, final loss {record["final_loss"]}.
-Written {record["finished"]} by `lesiongen.train`.
-
-Load it with diffusers:
-
-```python
-from diffusers import StableDiffusionPipeline
-{how}
-image = pipe("melanoma, dermoscopic image").images[0]
-```
-
-or `python generate.py --model_path {cfg.output_dir} ...`. Synthetic medical images are for research, not diagnosis.
-
-## Hyperparameters
-
-| setting | value |
-|---|---|
-{rows}
-"""
-
-
-def _metadata_lines(cfg: TrainConfig) -> list[str]:
-    from .data import find_metadata
-
-    return [line for line in find_metadata(cfg.train_data_dir).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def tracker_config(cfg: TrainConfig) -> dict:

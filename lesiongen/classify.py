@@ -38,7 +38,7 @@ from .classify_data import (
 )
 from .cli import option, parse_config, run
 from .errors import InputError
-from .files import append_jsonl, atomic_path, write_json
+from .files import atomic_path, write_json, write_jsonl
 from .metrics import classification_metrics, majority_baseline
 
 BALANCING = ("none", "sampler", "loss")
@@ -333,7 +333,7 @@ def fit(cfg: ClassifyConfig, train_frame: pd.DataFrame, val_frame: pd.DataFrame,
         row = {"epoch": epoch + 1, "train_loss": round(loss, 5), "lr": optimizer.param_groups[0]["lr"]}
         row.update({k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")})
         history.append(row)
-        append_jsonl(out / "history.jsonl", row)
+        write_jsonl(out / "history.jsonl", history)  # rewritten whole, so a resumed run never repeats an epoch
         for k, v in row.items():
             if k != "epoch" and v is not None:
                 writer.add_scalar(k if k in ("train_loss", "lr") else f"val/{k}", v, epoch + 1)

@@ -414,3 +414,32 @@ def test_train_lora_sh_on_two_cpu_processes_has_world_size_2_and_saves_once(tiny
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
     assert (out / "checkpoint-3" / "random_states_1.pkl").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_latest_matches_uninterrupted(tiny_sd_dir, d7p_small_train, tmp_path):
+    """A real kill -9 after the first checkpoint; `--resume_from_checkpoint latest` ends on the same weights."""
+    import signal
+    import time
+
+    whole = small_config(tiny_sd_dir, d7p_small_train, tmp_path / "whole", max_train_steps=8)
+    train(whole)
+    killed = replace(whole, output_dir=str(tmp_path / "killed"))
+    argv = [sys.executable, "-m", "lesiongen.train"]
+    for name, value in vars(killed).items():
+        if value is not None:
+            argv += [f"--{name}", str(value)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "pytorch_lora_weights.safetensors").exists()
+    resumed = train(replace(killed, resume_from_checkpoint="latest"))
+    assert resumed.global_step == 8
+    a = load_file(tmp_path / "whole" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "killed" / "pytorch_lora_weights.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

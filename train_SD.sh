@@ -4,12 +4,14 @@
 #   MODEL_NAME=models/tiny-sd TRAIN_DATA_DIR=data/captions/train ./train_SD.sh --max_train_steps 100
 # Hardware (GPUs, DeepSpeed, FSDP, CPU) is chosen by ACCELERATE_CONFIG, one of the files in external/.
 set -euo pipefail
-cd "$(dirname "$0")"
+# Relative paths in variables and arguments are taken from the caller's directory, as users expect.
+HERE="$(cd "$(dirname "$0")" && pwd)"
+export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 
 MODEL_NAME="${MODEL_NAME:-runwayml/stable-diffusion-v1-5}"
 TRAIN_DATA_DIR="${TRAIN_DATA_DIR:-data/captions/train}"
 OUTPUT_DIR="${OUTPUT_DIR:-outputs/lesiongen-sd}"
-ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-external/single_gpu.yaml}"
+ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-$HERE/external/single_gpu.yaml}"
 RESOLUTION="${RESOLUTION:-256}"
 TRAIN_BATCH_SIZE="${TRAIN_BATCH_SIZE:-1}"
 GRADIENT_ACCUMULATION_STEPS="${GRADIENT_ACCUMULATION_STEPS:-4}"
@@ -25,7 +27,7 @@ SEED="${SEED:-42}"
 ACCELERATE="${ACCELERATE:-accelerate}"
 # Extra `accelerate launch` options, e.g. ACCELERATE_LAUNCH_ARGS="--main_process_port 29600 --num_processes 2".
 ACCELERATE_LAUNCH_ARGS="${ACCELERATE_LAUNCH_ARGS:-}"
-if [ -x .venv/bin/accelerate ] && [ "$ACCELERATE" = accelerate ]; then ACCELERATE=.venv/bin/accelerate; fi
+if [ "$ACCELERATE" = accelerate ] && [ -x "$HERE/.venv/bin/accelerate" ]; then ACCELERATE="$HERE/.venv/bin/accelerate"; fi
 
 # shellcheck disable=SC2086  # ACCELERATE_LAUNCH_ARGS is split into words on purpose
 exec "$ACCELERATE" launch --config_file "$ACCELERATE_CONFIG" $ACCELERATE_LAUNCH_ARGS -m lesiongen.train \

@@ -24,7 +24,7 @@ from lesiongen.cli import parse_config
 from lesiongen.data import ImageCaptionDataset, collate, plan_batch, read_examples
 from lesiongen.errors import InputError
 from lesiongen.latent_cache import CachedLatentDataset, encode_dataset
-from lesiongen.pipeline import load_training_parts
+from lesiongen.pipeline import is_lora_dir, load_training_parts, lora_base_model
 from lesiongen.train import TrainConfig, batch_loss, diffusion_loss, main, step_generator, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +70,7 @@ def image(pipe, seed=0):
 def test_lora_run_writes_weights_checkpoints_card_validation_and_logs(tiny_lora_run, tiny_sd_dir, d7p_small_train):
     out = tiny_lora_run
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert is_lora_dir(out) and lora_base_model(out) == str(tiny_sd_dir)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     record = json.loads((out / "config.json").read_text())
     assert record["global_step"] == 6 and record["pretrained_model_name_or_path"] == str(tiny_sd_dir)
@@ -443,3 +444,41 @@ def test_sigkill_then_resume_latest_matches_uninterrupted(tiny_sd_dir, d7p_small
     a = load_file(tmp_path / "whole" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "killed" / "pytorch_lora_weights.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.slow
+def test_train_sd_sh_single_cpu_process_saves_a_full_pipeline(tiny_sd_dir, d7p_small_train, tmp_path):
+    """train_SD.sh as a user runs it (env overrides, extra flags win), on external/cpu.yaml."""
+    out = tmp_path / "sd"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_CONFIG": str(REPO / "external" / "cpu.yaml"),
+        "ACCELERATE": str(Path(sys.executable).with_name("accelerate")),
+        "MODEL_NAME": str(tiny_sd_dir),
+        "TRAIN_DATA_DIR": str(d7p_small_train),
+        "OUTPUT_DIR": str(out),
+        "RESOLUTION": "64",
+        "MIXED_PRECISION": "no",
+        "GRADIENT_ACCUMULATION_STEPS": "2",
+        "MAX_TRAIN_STEPS": "2",
+    }
+    extra = [
+        "--train_text_encoder",
+        "--validation_steps",
+        "0",
+        "--report_to",
+        "none",
+        "--gradient_checkpointing",
+        "false",
+    ]
+    proc = subprocess.run(
+        ["bash", str(REPO / "train_SD.sh"), *extra], env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "config.json").read_text())["config"]
+    assert record["mode"] == "full" and record["use_ema"] and record["train_text_encoder"]
+    assert record["learning_rate"] == 1e-5 and record["max_grad_norm"] == 1.0 and record["seed"] == 42
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert pipe.unet.config.sample_size == 16

@@ -337,7 +337,10 @@ def to_markdown(result: dict) -> str:
             (labels.BY_CODE[c].name if c in labels.BY_CODE else c, m) for c, m in space["per_condition"].items()
         ]
         lines += [
-            "| " + " | ".join([set_name] + [_fmt(m.get(col)) for col in METRIC_COLUMNS]) + " |" for set_name, m in rows
+            "| "
+            + " | ".join([set_name] + [_fmt(m.get(col), 4 if col == "kid" else 3) for col in METRIC_COLUMNS])
+            + " |"
+            for set_name, m in rows
         ]
         mem = space["memorisation"]
         lines.append(

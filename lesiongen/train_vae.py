@@ -182,7 +182,7 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
         opt.step()
         sched.step()
         if step % 10 == 0 or step == cfg.max_train_steps - 1:
-            log.append({"step": step + 1, "loss": float(loss), **parts, "lr": sched.get_last_lr()[0]})
+            log.append({"step": step + 1, "loss": loss.item(), **parts, "lr": sched.get_last_lr()[0]})
 
     vae.eval()
     colour_after = mean_colour_error(vae, probe)

@@ -1,0 +1,116 @@
+"""The quick demo end to end (``make demo-quick``), once per test run, and every artefact it leaves."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lesiongen import labels
+from lesiongen.demo import SETTINGS, STAGES, demo, main
+from lesiongen.demo import DemoConfig as Config
+from lesiongen.report import COMPARISON_COLUMNS, RERUN_COMMANDS
+from lesiongen.train_vae import vae_loss
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "demo_output"
+    assert main(["--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_every_stage_finished_with_a_marker(quick_demo):
+    for stage in STAGES:
+        marker = json.loads((quick_demo / ".stages" / f"{stage.key}.json").read_text())
+        assert marker["summary"] and math.isfinite(marker["seconds"]) and marker["seconds"] >= 0
+    times = json.loads((quick_demo / "stage_times.json").read_text())
+    assert len(times) == len(STAGES) and all(math.isfinite(v) for v in times.values())
+
+
+def test_data_captions_and_model_artefacts(quick_demo):
+    s = SETTINGS["quick"]
+    images = sorted((quick_demo / "data" / "images").glob("*.png"))
+    assert len(images) >= 7 * 4
+    for path in images[:10]:
+        with Image.open(path) as im:
+            im.load()
+            assert im.size == (s.resolution, s.resolution)
+    for split in ("train", "validation", "test"):
+        rows = [
+            json.loads(line) for line in (quick_demo / "captions" / split / "metadata.jsonl").read_text().splitlines()
+        ]
+        assert rows and all(r["text"] and r["concept_source"] == "metadata" for r in rows)
+    vae = json.loads((quick_demo / "model" / "tiny" / "vae" / "train_vae.json").read_text())
+    assert vae["final_loss"] < vae["first_loss"]
+    config = json.loads((quick_demo / "model" / "tiny" / "vae" / "config.json").read_text())
+    assert config["scaling_factor"] == pytest.approx(vae["scaling_factor"]) and config["scaling_factor"] > 0
+    assert (quick_demo / "model" / "base" / "model_index.json").is_file()
+    assert (quick_demo / "model" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_generated_images_are_balanced_and_decode(quick_demo):
+    s = SETTINGS["quick"]
+    lines = (quick_demo / "generated" / "manifest.csv").read_text().splitlines()
+    import csv
+
+    rows = list(csv.DictReader(lines))
+    assert len(rows) == s.images_per_condition * len(labels.CONDITIONS)
+    assert {r["label"] for r in rows} == set(labels.CODES)
+    for r in rows[:: s.images_per_condition]:
+        with Image.open(quick_demo / "generated" / r["file_name"]) as im:
+            im.load()
+            assert im.size == (s.resolution, s.resolution)
+
+
+def test_report_has_grids_table_losses_and_commands(quick_demo):
+    html = (quick_demo / "report.html").read_text()
+    md = (quick_demo / "report.md").read_text()
+    for cond in labels.CONDITIONS:
+        with Image.open(quick_demo / "report_files" / f"grid_{cond.code}.png") as grid:
+            assert grid.size == (8 * 64, 2 * 64)
+        assert cond.name in html and cond.name in md
+    with Image.open(quick_demo / "report_files" / "loss.png") as loss:
+        assert loss.size[0] > 300
+    # self-contained: every image is a data URI, nothing points at a file
+    srcs = re.findall(r"src='([^']*)'", html)
+    assert len(srcs) == len(labels.CONDITIONS) + 1 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    results = json.loads((quick_demo / "classifiers" / "results.json").read_text())
+    assert [r["name"] for r in results["rows"]] == ["real only", "synthetic only", "real + synthetic"]
+    for row in results["rows"]:
+        for key in ("balanced_accuracy", "accuracy", "macro_f1", "worst_group_accuracy"):
+            assert math.isfinite(row[key]) and 0 <= row[key] <= 1
+        assert f"| {row['name']} | {row['n_train']} | {row['balanced_accuracy']:.3f} |" in md
+    header = "| " + " | ".join(title for _, title in COMPARISON_COLUMNS) + " |"
+    assert header in md
+    for _, command in RERUN_COMMANDS:
+        assert command in md
+    assert "runwayml/stable-diffusion-v1-5" in html
+
+
+def test_rerun_reuses_finished_stages(quick_demo, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in (quick_demo / ".stages").iterdir()}
+    done = demo(Config(out=str(quick_demo), quick=True))
+    printed = capsys.readouterr().out
+    assert printed.count(": reused (") == len(STAGES) - 1  # the report is always rewritten
+    after = {p.name: p.stat().st_mtime_ns for p in (quick_demo / ".stages").iterdir()}
+    assert all(after[k] == before[k] for k in before if k != "report.json")
+    assert set(done) == {s.key for s in STAGES}
+
+
+def test_colour_term_separates_blue_from_brown():
+    """The VAE loss must punish a brown reconstruction of a blue lesion more than pixel L1 alone does."""
+    blue = torch.tensor([-0.2, 0.1, 0.7]).view(1, 3, 1, 1).expand(1, 3, 16, 16)
+    brown = torch.tensor([0.1, -0.2, -0.5]).view(1, 3, 1, 1).expand(1, 3, 16, 16)
+    grey = blue.mean(1, keepdim=True).expand(1, 3, 16, 16)
+    kl = torch.tensor(0.0)
+    _, to_brown = vae_loss(brown, blue, kl, 0.0, 1.0)
+    _, to_grey = vae_loss(grey, blue, kl, 0.0, 1.0)
+    _, exact = vae_loss(blue, blue, kl, 0.0, 1.0)
+    assert exact["colour"] == 0 and exact["l1"] == 0
+    assert to_brown["colour"] > to_brown["l1"] and to_grey["colour"] > 0

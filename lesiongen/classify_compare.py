@@ -29,6 +29,7 @@ COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "worst_grou
 class CompareConfig(ClassifyConfig):
     """Train real-only, synthetic-only and mixed classifiers with the same settings and compare them."""
 
+    train: str = option("real", help="not used: --runs names the training sets", choices=TRAIN_MODES)
     output_dir: str = option("comparison", help="one sub-folder per run, plus compare.csv and compare.md")
     runs: list[str] = option(list(TRAIN_MODES), help="which training sets to compare", choices=TRAIN_MODES)
     seeds: list[int] = option([0], help="one run per seed and training set; the table shows mean and spread")
@@ -38,6 +39,8 @@ class CompareConfig(ClassifyConfig):
     min_group_size: int = option(5, help="smaller subgroups cannot be the worst group")
 
     def check(self) -> None:
+        if self.train != "real":
+            raise InputError("--train", "compare.py trains every set named by --runs", "use --runs instead of --train")
         super().check()
         if any(r != "real" for r in self.runs) and not self.synthetic_dir:
             raise InputError(

@@ -12,7 +12,7 @@ import pickle
 import random
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,58 +44,6 @@ from .metrics import classification_metrics, majority_baseline
 BALANCING = ("none", "sampler", "loss")
 # Fields that fix what a checkpoint is; resuming with a different value is an error, not an override.
 RUN_FIELDS = ("model", "vit_name", "image_size", "train", "synthetic_dir", "synthetic_ratio", "balance", "folds")
-
-
-@dataclass
-class ClassifyConfig:
-    """Train a skin-lesion classifier on real, synthetic or mixed images."""
-
-    # data
-    data_dir: str = option(help="build_captions.py output folder (train split trains, validation selects)")
-    train: str = option("real", help="which images train the model", choices=TRAIN_MODES)
-    synthetic_dir: str | None = option(None, help="generate.py output folder or its manifest.csv")
-    synthetic_ratio: float | None = option(None, help="synthetic images per real training image (default: all)")
-    skip_missing: bool = option(False, help="skip (and count) images listed but not on disk instead of stopping")
-    allow_missing_classes: bool = option(False, help="train even if a validation class has no training images")
-    # model
-    model: str = option("resnet18", help="classifier architecture", choices=("resnet18", "vit"))
-    vit_name: str = option("vit_small_patch16_224", help="timm ViT variant for --model vit")
-    pretrained: bool = option(False, help="start from ImageNet weights in the local torch/timm cache")
-    image_size: int = option(224, help="square input size in pixels", aliases=("--resolution",))
-    # optimisation
-    epochs: int = option(20, help="training epochs")
-    batch_size: int = option(64, help="images per step")
-    lr: float = option(1e-3, help="AdamW learning rate (cosine decay)", aliases=("--learning_rate",))
-    weight_decay: float = option(1e-4, help="AdamW weight decay")
-    augment: str = option("standard", help="training augmentation", choices=tuple(AUGMENTATIONS))
-    balance: str = option("sampler", help="class balancing: weighted sampling or loss weights", choices=BALANCING)
-    amp: bool = option(False, help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
-    # runs and checkpoints
-    folds: int = option(1, help="K >= 2: K-fold cross-validation on the train split, grouped by lesion")
-    seed: int = option(0, help="seed for weights, sampling, augmentation and folds")
-    output_dir: str = option("weights", help="where checkpoints, logs and metrics go")
-    resume_from_checkpoint: str | None = option("latest", help="'latest' resumes output_dir/last.pt; none starts fresh")
-    num_workers: int = option(2, help="DataLoader worker processes")
-    device: str | None = option(None, help="cuda, cpu, ... (default: cuda when available)")
-
-    def check(self) -> None:
-        if self.train != "real" and not self.synthetic_dir:
-            raise InputError(
-                "--synthetic_dir", f"--train {self.train} needs synthetic images", "pass generate.py's output folder"
-            )
-        if self.synthetic_ratio is not None and self.synthetic_ratio <= 0:
-            raise InputError(
-                "--synthetic_ratio", f"must be positive, got {self.synthetic_ratio}", "e.g. 1.0, or omit it"
-            )
-        for name in ("epochs", "batch_size", "folds"):
-            if getattr(self, name) < 1:
-                raise InputError(
-                    f"--{name}", f"must be at least 1, got {getattr(self, name)}", "pass a positive number"
-                )
-        if self.image_size < 16:
-            raise InputError("--image_size", f"{self.image_size} px is too small", "use 16 or more")
-        if self.lr <= 0:
-            raise InputError("--lr", f"must be positive, got {self.lr}", "e.g. 1e-3")
 
 
 def _pretrained_error(model: str, err: Exception, fix: str) -> InputError:
@@ -151,6 +99,58 @@ def build_vit(num_classes: int, cfg: ClassifyConfig) -> nn.Module:
 MODELS: dict[str, Callable[[int, ClassifyConfig], nn.Module]] = {"resnet18": build_resnet18, "vit": build_vit}
 
 
+@dataclass
+class ClassifyConfig:
+    """Train a skin-lesion classifier on real, synthetic or mixed images."""
+
+    # data
+    data_dir: str = option(help="build_captions.py output folder (train split trains, validation selects)")
+    train: str = option("real", help="which images train the model", choices=TRAIN_MODES)
+    synthetic_dir: str | None = option(None, help="generate.py output folder or its manifest.csv")
+    synthetic_ratio: float | None = option(None, help="synthetic images per real training image (default: all)")
+    skip_missing: bool = option(False, help="skip (and count) images listed but not on disk instead of stopping")
+    allow_missing_classes: bool = option(False, help="train even if a validation class has no training images")
+    # model
+    model: str = option("resnet18", help="classifier architecture", choices=tuple(MODELS))
+    vit_name: str = option("vit_small_patch16_224", help="timm ViT variant for --model vit")
+    pretrained: bool = option(False, help="start from ImageNet weights in the local torch/timm cache")
+    image_size: int = option(224, help="square input size in pixels", aliases=("--resolution",))
+    # optimisation
+    epochs: int = option(20, help="training epochs")
+    batch_size: int = option(64, help="images per step")
+    lr: float = option(1e-3, help="AdamW learning rate (cosine decay)", aliases=("--learning_rate",))
+    weight_decay: float = option(1e-4, help="AdamW weight decay")
+    augment: str = option("standard", help="training augmentation", choices=tuple(AUGMENTATIONS))
+    balance: str = option("sampler", help="class balancing: weighted sampling or loss weights", choices=BALANCING)
+    amp: bool = option(False, help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    # runs and checkpoints
+    folds: int = option(1, help="K >= 2: K-fold cross-validation on the train split, grouped by lesion")
+    seed: int = option(0, help="seed for weights, sampling, augmentation and folds")
+    output_dir: str = option("weights", help="where checkpoints, logs and metrics go")
+    resume_from_checkpoint: str | None = option("latest", help="'latest' resumes output_dir/last.pt; none starts fresh")
+    num_workers: int = option(2, help="DataLoader worker processes")
+    device: str | None = option(None, help="cuda, cpu, ... (default: cuda when available)")
+
+    def check(self) -> None:
+        if self.train != "real" and not self.synthetic_dir:
+            raise InputError(
+                "--synthetic_dir", f"--train {self.train} needs synthetic images", "pass generate.py's output folder"
+            )
+        if self.synthetic_ratio is not None and self.synthetic_ratio <= 0:
+            raise InputError(
+                "--synthetic_ratio", f"must be positive, got {self.synthetic_ratio}", "e.g. 1.0, or omit it"
+            )
+        for name in ("epochs", "batch_size", "folds"):
+            if getattr(self, name) < 1:
+                raise InputError(
+                    f"--{name}", f"must be at least 1, got {getattr(self, name)}", "pass a positive number"
+                )
+        if self.image_size < 16:
+            raise InputError("--image_size", f"{self.image_size} px is too small", "use 16 or more")
+        if self.lr <= 0:
+            raise InputError("--lr", f"must be positive, got {self.lr}", "e.g. 1e-3")
+
+
 def config_from_dict(values: dict) -> ClassifyConfig:
     """Rebuild a stored config, ignoring fields this version no longer has."""
     known = ClassifyConfig.__dataclass_fields__
@@ -184,7 +184,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
     path = Path(path)
     ckpt = read_checkpoint(path / "best.pt" if path.is_dir() else path)
     cfg = config_from_dict(ckpt["config"])
-    model = MODELS[cfg.model](len(labels.CODES), cfg)
+    model = MODELS[cfg.model](len(labels.CODES), replace(cfg, pretrained=False))  # weights come from the checkpoint
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

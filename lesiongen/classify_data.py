@@ -114,9 +114,8 @@ def sample_synthetic(synthetic: pd.DataFrame, n_real: int, ratio: float | None, 
             synthetic,
             f"asked for {want} synthetic images ({ratio} per real), only {len(synthetic)} exist: using all",
         )
-    return synthetic.sample(
-        n=want, random_state=seed
-    ), f"{want} of {len(synthetic)} synthetic images ({ratio} per real)"
+    note = f"{want} of {len(synthetic)} synthetic images ({ratio} per real)"
+    return synthetic.sample(n=want, random_state=seed), note
 
 
 def assemble(

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from test_tables import build_d7p, write_manifest
 
@@ -260,6 +261,11 @@ def test_flag_errors(tmp_path, small_d7p, fake_generation, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
 
+    imagenet = torchvision.models.resnet18().state_dict()  # stands in for the cached ImageNet file
+    monkeypatch.setattr("torchvision.models._api.WeightsEnum.get_state_dict", lambda *a, **k: imagenet)
+    train(quick(small_d7p, tmp_path / "pre", pretrained=True))
     monkeypatch.setattr("torchvision.models._api.WeightsEnum.get_state_dict", offline)
     with pytest.raises(InputError, match="ImageNet weights for resnet18 are not available offline.*drop --pretrained"):
-        train(quick(small_d7p, tmp_path / "pre", pretrained=True))
+        train(quick(small_d7p, tmp_path / "pre2", pretrained=True))
+    model, cfg, _ = load_classifier(tmp_path / "pre")  # offline again: the checkpoint alone suffices
+    assert cfg.pretrained and model.fc.out_features == len(labels.CODES)

@@ -43,6 +43,7 @@ class TrainVAEConfig:
     learning_rate: float = option(1e-3, help="AdamW learning rate (cosine decay to 10%)")
     kl_weight: float = option(1e-6, help="weight of the KL term; small, so reconstructions stay sharp")
     colour_weight: float = option(1.0, help="weight of the blurred opponent-colour L1 term")
+    max_grad_norm: float | None = option(1.0, help="gradient clipping norm; none disables")
     max_train_samples: int | None = option(None, help="use at most this many images")
     seed: int = option(0, help="seed for weights' updates, batches and latent sampling")
 
@@ -128,6 +129,23 @@ def latent_std(vae, x, seed: int, batch: int = 32) -> tuple[float, list[float]]:
     return float(z.std()), [float(s) for s in z.transpose(0, 1).reshape(z.shape[1], -1).std(1)]
 
 
+def shrink_random_posterior(vae, x) -> bool:
+    """Start a random-weight encoder at posterior std ~0.05 instead of ~1.
+
+    A random encoder's log-variance is ~0, so sampled latents are mostly noise and a brief training
+    only learns to decode blurry brown averages; a small start std lets it learn an autoencoder first
+    (the KL term still shapes the posterior). A trained VAE (std already small) is left alone.
+    """
+    import torch
+
+    with torch.no_grad():
+        std = float(vae.encode(x[:8]).latent_dist.std.mean())
+        if std < 0.5:
+            return False
+        vae.quant_conv.bias[vae.config.latent_channels :] -= 6.0
+    return True
+
+
 def augment(x, gen, crop: int | None = None):
     """Random crop, flips and quarter turns: dermoscopy has no canonical orientation."""
     import torch
@@ -157,6 +175,7 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
     probe = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:PROBE_IMAGES]]
     vae.eval()
     colour_before = mean_colour_error(vae, probe)
+    shrunk = shrink_random_posterior(vae, probe)
 
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
@@ -178,7 +197,8 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
         loss, parts = vae_loss(recon, xb, posterior.kl().mean(), cfg.kl_weight, cfg.colour_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.max_grad_norm)
         opt.step()
         sched.step()
         if step % 10 == 0 or step == cfg.max_train_steps - 1:
@@ -191,6 +211,7 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
     summary = {
         "config": asdict(cfg),
         "images": len(x),
+        "posterior_shrunk": shrunk,
         "first_loss": log[0]["loss"],
         "final_loss": log[-1]["loss"],
         "colour_error_before": colour_before,

@@ -114,3 +114,13 @@ def test_colour_term_separates_blue_from_brown():
     _, exact = vae_loss(blue, blue, kl, 0.0, 1.0)
     assert exact["colour"] == 0 and exact["l1"] == 0
     assert to_brown["colour"] > to_brown["l1"] and to_grey["colour"] > 0
+
+
+def test_report_cli_rejects_bad_flags(tmp_path, capsys):
+    from lesiongen.report import main as report_main
+
+    assert report_main(["--out", str(tmp_path), "--real_data", str(tmp_path), "--train_runs", "nodir"]) == 2
+    assert "--train_runs: 'nodir' is not NAME=DIR" in capsys.readouterr().err
+    assert report_main(["--out", str(tmp_path), "--real_data", str(tmp_path / "missing")]) == 2
+    assert "missing: not found" in capsys.readouterr().err
+    assert not (tmp_path / "report.html").exists()

@@ -8,8 +8,10 @@ space of the real-only classifier). Prints one table and the time of every stage
 
     .venv/bin/python benchmarks/paper_experiment.py --out outputs/paper_experiment [--scale 1]
 
-``--scale`` multiplies every training length (VAE, UNet, classifier) so the same script runs a quick
-check (0.1), the CPU run (1) or, on a GPU, a full-size one, e.g. with real Stable Diffusion weights:
+``--scale`` multiplies every training length (VAE, UNet, classifier; ``BASE`` at 1, near the TOOLCHAIN.md
+prototype) so the same script runs a plumbing check (0.05: 75 UNet steps, 1 classifier epoch; ~25 min on
+a quiet 2-core CPU, 50+ when shared), a CPU experiment (1) or, on a GPU, a full-size one, e.g. with real
+Stable Diffusion weights:
 
     python benchmarks/paper_experiment.py --scale 20 --resolution 256 --device cuda \\
         --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5   # LoRA on the real model

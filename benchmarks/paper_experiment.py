@@ -9,8 +9,8 @@ space of the real-only classifier). Prints one table and the time of every stage
     .venv/bin/python benchmarks/paper_experiment.py --out outputs/paper_experiment [--scale 1]
 
 ``--scale`` multiplies every training length (VAE, UNet, classifier; ``BASE`` at 1, near the TOOLCHAIN.md
-prototype) so the same script runs a plumbing check (0.05: 75 UNet steps, 1 classifier epoch; ~25 min on
-a quiet 2-core CPU, 50+ when shared), a CPU experiment (1) or, on a GPU, a full-size one, e.g. with real
+prototype) so the same script runs a plumbing check (0.15: 225 UNet steps, 2 classifier epochs; 18 min on
+a 2-core CPU shared with other jobs), a CPU experiment (1) or, on a GPU, a full-size one, e.g. with real
 Stable Diffusion weights:
 
     python benchmarks/paper_experiment.py --scale 20 --resolution 256 --device cuda \\

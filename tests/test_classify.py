@@ -27,15 +27,6 @@ from lesiongen.metadata import load_metadata
 from lesiongen.tables import read_image_table
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Other test files run beside these on 2 cores; one thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def quick(data_dir: Path, out: Path, **kw) -> ClassifyConfig:
     settings = dict(
         image_size=32, epochs=1, batch_size=16, num_workers=0, output_dir=str(out), resume_from_checkpoint=None

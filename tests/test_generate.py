@@ -65,17 +65,6 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.int16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine two threads run ~40x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pipe(tiny_sd_dir):
     cfg = GenerateConfig(model_path=str(tiny_sd_dir), device="cpu")

@@ -20,15 +20,6 @@ from lesiongen.pipeline import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and two threads on shared cores spin (TOOLCHAIN.md sizes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def unet_output(unet, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 4, 16, 16, generator=g)

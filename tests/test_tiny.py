@@ -14,15 +14,6 @@ from lesiongen.tiny import TinyConfig, build_components, main
 from lesiongen.tokens import clip_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and two threads on shared cores spin (TOOLCHAIN.md sizes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_pipe(tiny_sd_dir):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)

@@ -30,15 +30,6 @@ from lesiongen.train import TrainConfig, batch_loss, diffusion_loss, main, step_
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model runs fastest on one thread; two threads on shared cores spin (measured 0.15 s vs 5 s a step)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_config(tiny_sd_dir, data_dir, out, **overrides) -> TrainConfig:
     cfg = TrainConfig(
         pretrained_model_name_or_path=str(tiny_sd_dir),

@@ -1,0 +1,55 @@
+import os
+
+import pytest
+
+from lesiongen.files import (
+    append_jsonl,
+    atomic_dir,
+    atomic_path,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    read_jsonl,
+    write_json,
+)
+
+
+def test_failed_write_leaves_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "out.json"
+    write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text().strip().startswith("{") and list(tmp_path.iterdir()) == [target]
+
+
+def test_written_files_get_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "x.json", {})
+        with atomic_dir(tmp_path / "d"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_torn_last_line_is_ignored(tmp_path):
+    path = tmp_path / "m.jsonl"
+    append_jsonl(path, {"i": 1})
+    with open(path, "a") as f:
+        f.write('{"i": ')
+    assert read_jsonl(path) == [{"i": 1}]
+
+
+def test_checkpoints_only_exact_names_and_prune(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-5", ".checkpoint-12.tmp", "checkpoint-x"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-5", "checkpoint-10"]
+    assert latest_checkpoint(tmp_path).name == "checkpoint-10"
+    assert [p.name for p in prune_checkpoints(tmp_path, 2)] == ["checkpoint-2"]
+    with atomic_dir(tmp_path / "checkpoint-20") as tmp:
+        (tmp / "w.bin").write_bytes(b"1")
+    assert latest_checkpoint(tmp_path).name == "checkpoint-20"

@@ -209,6 +209,12 @@ D7P_SITES: dict[str, str] = {
     "buttocks": "buttocks",
 }
 SITES: tuple[str, ...] = tuple(SITE_GROUPS)
+
+
+def site_group(site: str) -> str:
+    return SITE_GROUPS.get(site, "unknown")
+
+
 SITE_GROUP_NAMES: tuple[str, ...] = tuple(dict.fromkeys(SITE_GROUPS.values()))
 
 SEXES: tuple[str, ...] = ("male", "female", "unknown")

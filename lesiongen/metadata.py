@@ -40,7 +40,7 @@ class LesionRecord:
 
     @property
     def site_group(self) -> str:
-        return labels.SITE_GROUPS.get(self.site, "unknown")
+        return labels.site_group(self.site)
 
     def to_row(self) -> dict:
         """Flat JSON-able row: concepts become top-level columns so every reader sees one schema."""

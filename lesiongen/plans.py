@@ -75,7 +75,7 @@ class ImageSpec:
 
     @property
     def site_group(self) -> str:
-        return labels.SITE_GROUPS.get(self.site, "unknown")
+        return labels.site_group(self.site)
 
     def record(self) -> LesionRecord:
         """The record the caption builder would see for a real image with these facts."""

@@ -3,8 +3,8 @@
 A diffusion model can only draw what its autoencoder decodes: TOOLCHAIN.md measured that a briefly
 trained tiny VAE turns blue and pink lesions brown, and every sample inherits that. So the loss is L1
 on pixels plus a colour term (L1 on blurred opponent-colour channels, chroma weighted up) and a small
-KL. Afterwards ``scaling_factor`` is set from the latents' measured std, so the UNet sees unit-variance
-latents whatever the VAE learned.
+KL. Afterwards each latent channel's measured mean and std are folded into the VAE's 1x1 convs, so the UNet
+sees zero-mean unit-variance latents whatever the VAE learned (``scaling_factor`` 1).
 
     python -m lesiongen.train_vae --pretrained_model_name_or_path models/tiny-sd --train_data_dir data/images
 """
@@ -129,6 +129,32 @@ def latent_std(vae, x, seed: int, batch: int = 32) -> tuple[float, list[float]]:
     return float(z.std()), [float(s) for s in z.transpose(0, 1).reshape(z.shape[1], -1).std(1)]
 
 
+def standardise_latent_channels(vae, x, seed: int) -> tuple[list[float], list[float]]:
+    """Fold each latent channel's mean and std into the 1x1 convs around the latent, so latents are N(0, 1).
+
+    TOOLCHAIN.md measured per-channel stds from 0.7 to 4.4 in a briefly trained tiny VAE, which a single
+    ``scaling_factor`` cannot balance, and the noise schedule assumes zero-mean latents. ``quant_conv`` gives
+    the posterior (mean, log-variance) and ``post_quant_conv`` reads the latent, so dividing the one and
+    multiplying the other is exact: decode(encode(x)) is unchanged and stock diffusers loads the result.
+    Returns the (mean, std) per channel that were folded in.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(x[i : i + 32]).latent_dist.sample(generator=gen) for i in range(0, len(x), 32)])
+        flat = z.transpose(0, 1).reshape(z.shape[1], -1)
+        mean, std = flat.mean(1), flat.std(1).clamp_min(1e-6)
+        c = vae.config.latent_channels
+        q, post = vae.quant_conv, vae.post_quant_conv
+        post.bias += (post.weight[:, :, 0, 0] @ mean)
+        post.weight *= std[None, :, None, None]
+        q.weight[:c] /= std[:, None, None, None]
+        q.bias[:c] = (q.bias[:c] - mean) / std
+        q.bias[c:] -= 2 * torch.log(std)
+    return [float(m) for m in mean], [float(s) for s in std]
+
+
 def shrink_random_posterior(vae, x) -> bool:
     """Start a random-weight encoder at posterior std ~0.05 instead of ~1.
 
@@ -207,7 +233,9 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
     vae.eval()
     colour_after = mean_colour_error(vae, probe)
     std, per_channel = latent_std(vae, probe, cfg.seed)
-    vae.register_to_config(scaling_factor=1.0 / std)
+    channel_mean, channel_std = standardise_latent_channels(vae, probe, cfg.seed)
+    vae.register_to_config(scaling_factor=1.0)  # the channels are standardised inside the VAE now
+    colour_standardised = mean_colour_error(vae, probe)
     summary = {
         "config": asdict(cfg),
         "images": len(x),
@@ -218,7 +246,10 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
         "colour_error_after": colour_after,
         "latent_std": std,
         "latent_std_per_channel": per_channel,
-        "scaling_factor": 1.0 / std,
+        "folded_channel_mean": channel_mean,
+        "folded_channel_std": channel_std,
+        "colour_error_after_standardising": colour_standardised,
+        "scaling_factor": 1.0,
         "seconds": time.time() - start,
         "log": log,
     }
@@ -228,7 +259,8 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
     print(
         f"VAE trained {cfg.max_train_steps} steps on {len(x)} images in {summary['seconds']:.0f} s: loss "
         f"{summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, mean-colour error {colour_before:.1f} -> "
-        f"{colour_after:.1f} (0-255), scaling_factor {1.0 / std:.3f}; saved to {out}"
+        f"{colour_after:.1f} (0-255), latent channel stds {', '.join(f'{v:.2f}' for v in per_channel)} standardised "
+        f"to 1; saved to {out}"
     )
     return summary
 

@@ -1,0 +1,96 @@
+"""benchmarks/paper_experiment.py run as a user runs it, on a real Derm7pt subset at 32 px with token training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "paper_experiment.py"
+# Far too short to learn anything: the test checks plumbing, resumption and the table, not accuracy.
+SMOKE = ["--scale", "0.01", "--resolution", "32", "--synthetic_per_class", "2", "--num_inference_steps", "2"]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=900
+    )
+
+
+@pytest.fixture(scope="module")
+def d7p_subset_root(tmp_path_factory, d7p_csv: Path, d7p_images: Path) -> Path:
+    """A data folder laid out like ../shared/data (d7p/meta/meta.csv, d7p/images) holding ~4 cases per diagnosis."""
+    root = tmp_path_factory.mktemp("paper_data")
+    (root / "d7p" / "meta").mkdir(parents=True)
+    meta = pd.read_csv(d7p_csv)
+    imaged = meta[[(d7p_images / str(p)).is_file() for p in meta["derm"]]]
+    imaged.groupby("diagnosis", sort=False).head(4).to_csv(root / "d7p" / "meta" / "meta.csv", index=False)
+    os.symlink(d7p_images, root / "d7p" / "images")
+    return root
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, d7p_subset_root: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("paper") / "run"
+    done = run_script("--data", str(d7p_subset_root), "--out", str(out), *SMOKE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+def test_writes_one_row_per_training_set_and_caption_style(experiment):
+    out, _ = experiment
+    result = json.loads((out / "results.json").read_text())
+    assert [(r["captions"], r["train"]) for r in result["rows"]] == [
+        ("-", "real"),
+        ("label", "synthetic"),
+        ("label", "mixed"),
+        ("concept", "synthetic"),
+        ("concept", "mixed"),
+    ]
+    for row in result["rows"]:
+        assert 0.0 <= row["balanced_accuracy"] <= 1.0
+        assert 0.0 <= row["macro_f1"] <= 1.0
+    for style in ("label", "concept"):
+        domain = result["fidelity"][style]["domain"]
+        assert domain["fid"] >= 0.0 and domain["kid"] is not None
+        manifest = pd.read_csv(out / "synthetic" / style / "manifest.csv")
+        rows = (out / "data" / style / "train" / "metadata.jsonl").read_text().splitlines()
+        real = {json.loads(line)["label"] for line in rows} - {"other"}  # Derm7pt's 'miscellaneous' has no prompt
+        # class-balanced: every real training condition, the asked number of images each
+        assert manifest["label"].value_counts().to_dict() == {c: 2 for c in real}
+    assert result["seconds"]["diffusion training (concept)"] > 0
+
+
+def test_prints_the_table_with_stage_times(experiment):
+    _, done = experiment
+    lines = done.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| captions | train | balanced acc."))
+    assert lines[head + 2].startswith("| - | real | ")
+    assert lines[head + 6].startswith("| concept | mixed | ")
+    assert any(line.startswith("stage seconds: ") for line in lines[head:])
+
+
+def test_a_rerun_reuses_finished_stages(experiment, d7p_subset_root):
+    out, _ = experiment
+    first = json.loads((out / "results.json").read_text())
+    weights = out / "models" / "concept" / "unet" / "diffusion_pytorch_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    again = run_script("--data", str(d7p_subset_root), "--out", str(out), *SMOKE)
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = json.loads((out / "results.json").read_text())
+    assert weights.stat().st_mtime_ns == stamp
+    assert second["rows"] == first["rows"]
+    assert not any(name.startswith(("diffusion", "captions", "build")) and t > 5 for name, t in second["seconds"].items())
+
+
+def test_a_wrong_data_folder_is_a_one_line_error(tmp_path):
+    done = run_script("--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert "nowhere" in done.stderr and "Traceback" not in done.stderr

@@ -147,7 +147,7 @@ def standardise_latent_channels(vae, x, seed: int) -> tuple[list[float], list[fl
         mean, std = flat.mean(1), flat.std(1).clamp_min(1e-6)
         c = vae.config.latent_channels
         q, post = vae.quant_conv, vae.post_quant_conv
-        post.bias += (post.weight[:, :, 0, 0] @ mean)
+        post.bias += post.weight[:, :, 0, 0] @ mean
         post.weight *= std[None, :, None, None]
         q.weight[:c] /= std[:, None, None, None]
         q.bias[:c] = (q.bias[:c] - mean) / std

@@ -87,7 +87,9 @@ def test_a_rerun_reuses_finished_stages(experiment, d7p_subset_root):
     second = json.loads((out / "results.json").read_text())
     assert weights.stat().st_mtime_ns == stamp
     assert second["rows"] == first["rows"]
-    assert not any(name.startswith(("diffusion", "captions", "build")) and t > 5 for name, t in second["seconds"].items())
+    assert not any(
+        name.startswith(("diffusion", "captions", "build")) and t > 5 for name, t in second["seconds"].items()
+    )
 
 
 def test_a_wrong_data_folder_is_a_one_line_error(tmp_path):

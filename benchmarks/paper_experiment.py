@@ -4,9 +4,11 @@ For each caption style (label-only, concept): build captions, train the diffusio
 split, generate a class-balanced synthetic set the size of the real train split, train classifiers on
 real / synthetic / mixed images, score them on the validation split (balanced accuracy, macro-F1,
 worst-group accuracy by sex and by body site) and measure the synthetic set (FID/KID in the feature
-space of the real-only classifier). Prints one table and the time of every stage; writes results.json.
+space of the real-only classifier; how often a concept probe fires when the caption asks for the concept
+versus when it states its absence). Each seed is a full replicate in <out>/seed-N with its own
+results.json; the table shows mean ± std over seeds, and <out>/results.json holds it all.
 
-    .venv/bin/python benchmarks/paper_experiment.py --out outputs/paper_experiment [--scale 1]
+    .venv/bin/python benchmarks/paper_experiment.py --out outputs/paper_experiment [--scale 1] [--seeds 0 1]
 
 ``--scale`` multiplies every training length (VAE, UNet, classifier; ``BASE`` at 1, near the TOOLCHAIN.md
 prototype) so the same script runs a plumbing check (0.15: 225 UNet steps, 2 classifier epochs; 18 min on
@@ -49,6 +51,19 @@ from lesiongen.train_vae import TrainVAEConfig, train_vae
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_MODES = ("real", "synthetic", "mixed")
 WORST_GROUP_FIELDS = ("sex", "site_group")
+# Concept probes reported as "effect": detection rate when the caption asks for the concept minus when it
+# states its absence. Label captions never mention concepts, so their effect is the no-steering control.
+CONCEPT_EFFECTS = {"blue_whitish_veil": "veil_effect", "pigment_network": "network_effect"}
+SUMMARY_METRICS = (
+    "balanced_accuracy",
+    "macro_f1",
+    "worst_sex",
+    "worst_site_group",
+    "fid",
+    "kid",
+    "veil_effect",
+    "network_effect",
+)
 MIN_GROUP = 10  # validation subgroups smaller than this are listed but not ranked (too noisy to be "worst")
 
 # Training lengths at --scale 1, sized for a 2-core CPU at 64 px (TOOLCHAIN.md: ~0.1 s per batch-4 step).
@@ -77,7 +92,9 @@ class PaperConfig:
     guidance_scale: float = option(4.0, help="classifier-free guidance")
     features: list[str] = option(["domain"], help="feature spaces for FID/KID", choices=("domain", "inception"))
     device: str | None = option(None, help="cuda, cpu (default: cuda when available)")
-    seed: int = option(0, help="seed for every stage")
+    seeds: list[int] = option(
+        [0], help="one full replicate per seed, in <out>/seed-N; the table shows mean ± std", aliases=("--seed",)
+    )
 
 
 @contextmanager
@@ -93,14 +110,14 @@ def scaled(key: str, scale: float) -> int:
     return max(1, round(BASE[key] * scale))
 
 
-def build_base_model(cfg: PaperConfig, out: Path, images: Path, times: dict) -> tuple[str, str]:
+def build_base_model(cfg: PaperConfig, seed: int, out: Path, images: Path, times: dict) -> tuple[str, str]:
     """The model every caption style starts from, and the training mode that suits it."""
     if cfg.pretrained_model_name_or_path:
         return cfg.pretrained_model_name_or_path, "lora"
     base = out / "base-model"
     if not (base / "model_index.json").is_file():
         with stage(times, "build tiny model + train its VAE"):
-            build_tiny_pipeline(base, resolution=cfg.resolution, seed=cfg.seed, size=cfg.model_size)
+            build_tiny_pipeline(base, resolution=cfg.resolution, seed=seed, size=cfg.model_size)
             # Random VAE weights reconstruct nothing (TOOLCHAIN.md): train it on the real train images first.
             train_vae(
                 TrainVAEConfig(
@@ -109,7 +126,7 @@ def build_base_model(cfg: PaperConfig, out: Path, images: Path, times: dict) -> 
                     resolution=cfg.resolution,
                     max_train_steps=scaled("vae_steps", cfg.scale),
                     crop_size=cfg.resolution // 2,
-                    seed=cfg.seed,
+                    seed=seed,
                 )
             )
     return str(base), "full"
@@ -140,7 +157,7 @@ def classifier_metrics(run_dir: Path, data_dir: Path, device: str | None) -> dic
     }
 
 
-def run_classifier(cfg: PaperConfig, data_dir: Path, mode: str, synthetic: Path | None, out: Path) -> dict:
+def run_classifier(cfg: PaperConfig, seed: int, data_dir: Path, mode: str, synthetic: Path | None, out: Path) -> dict:
     if (out / "summary.json").is_file():
         return classifier_metrics(out, data_dir, cfg.device)
     train_classifier(
@@ -154,13 +171,13 @@ def run_classifier(cfg: PaperConfig, data_dir: Path, mode: str, synthetic: Path 
             resume_from_checkpoint=None,
             num_workers=0,
             device=cfg.device,
-            seed=cfg.seed,
+            seed=seed,
         )
     )
     return classifier_metrics(out, data_dir, cfg.device)
 
 
-def train_model(cfg: PaperConfig, base: str, mode: str, train_dir: Path, model_dir: Path) -> None:
+def train_model(cfg: PaperConfig, seed: int, base: str, mode: str, train_dir: Path, model_dir: Path) -> None:
     if (model_dir / "model_index.json").is_file() or (model_dir / "pytorch_lora_weights.safetensors").is_file():
         return
     steps = scaled("unet_steps", cfg.scale)
@@ -183,14 +200,14 @@ def train_model(cfg: PaperConfig, base: str, mode: str, train_dir: Path, model_d
             checkpoints_total_limit=1,
             validation_steps=0,
             report_to="none",
-            seed=cfg.seed,
+            seed=seed,
             resume_from_checkpoint="latest" if latest_checkpoint(model_dir) else None,
         )
     )
 
 
-def experiment(cfg: PaperConfig) -> dict:
-    out = Path(cfg.out)
+def replicate(cfg: PaperConfig, seed: int, out: Path) -> dict:
+    """One full run of the experiment with one seed; every stage resumes from what ``out`` already holds."""
     times: dict[str, float] = {}
     d7p = Path(cfg.data) / "d7p"
     data = {}
@@ -206,16 +223,16 @@ def experiment(cfg: PaperConfig) -> dict:
                     images=str(d7p / "images"),
                     out=str(data[style]),
                     style=style,
-                    seed=cfg.seed,
+                    seed=seed,
                     skip_bad_rows=True,
                 )
             )
     first = data[cfg.styles[0]]
-    base, mode = build_base_model(cfg, out, first / "train" / "images", times)
+    base, mode = build_base_model(cfg, seed, out, first / "train" / "images", times)
 
     rows: list[dict] = []
     with stage(times, "classifier (real only)"):
-        real_metrics = run_classifier(cfg, first, "real", None, out / "classifiers" / "real")
+        real_metrics = run_classifier(cfg, seed, first, "real", None, out / "classifiers" / "real")
     rows.append({"captions": "-", "train": "real", **real_metrics})
 
     counts = condition_counts(first)
@@ -224,7 +241,7 @@ def experiment(cfg: PaperConfig) -> dict:
     for style in cfg.styles:
         model_dir = out / "models" / style
         with stage(times, f"diffusion training ({style})"):
-            train_model(cfg, base, mode, data[style] / "train", model_dir)
+            train_model(cfg, seed, base, mode, data[style] / "train", model_dir)
         with stage(times, f"generation ({style})"):
             synthetic = out / "synthetic" / style
             generate(
@@ -241,13 +258,13 @@ def experiment(cfg: PaperConfig) -> dict:
                     batch_size=32,
                     caption_style=style,
                     resolution=cfg.resolution,
-                    seed=cfg.seed,
+                    seed=seed,
                 )
             )
         for train_mode in ("synthetic", "mixed"):
             with stage(times, f"classifier ({train_mode}, {style})"):
                 metrics = run_classifier(
-                    cfg, data[style], train_mode, synthetic, out / "classifiers" / f"{train_mode}-{style}"
+                    cfg, seed, data[style], train_mode, synthetic, out / "classifiers" / f"{train_mode}-{style}"
                 )
             rows.append({"captions": style, "train": train_mode, **metrics})
         previous = out / "evaluation" / style / "evaluation.json"
@@ -262,19 +279,17 @@ def experiment(cfg: PaperConfig) -> dict:
                     out=str(out / "evaluation" / style),
                     features=cfg.features,
                     classifier=str(out / "classifiers" / "real"),
-                    seed=cfg.seed,
+                    seed=seed,
                 )
             )
     result = {
-        "config": vars(cfg),
-        "machine": machine(),
+        "seed": seed,
         "synthetic_per_class": per_class,
         "rows": rows,
         "fidelity": {style: fidelity_row(e) for style, e in evaluations.items()},
         "seconds": times,
     }
     write_json(out / "results.json", result)
-    print(table(result))
     return result
 
 
@@ -284,9 +299,44 @@ def fidelity_row(evaluation: dict) -> dict:
         overall = r["overall"]
         out[space] = {k: overall.get(k) for k in ("fid", "kid", "precision", "recall", "coverage")}
         out[space]["flagged_copies"] = r["memorisation"]["flagged"]
-        veil = r["concepts"].get("blue_whitish_veil", {})
-        out[space]["veil_effect"] = veil.get("effect")
+        for concept, name in CONCEPT_EFFECTS.items():
+            out[space][name] = r["concepts"].get(concept, {}).get("effect")
     return out
+
+
+def summarise(replicates: list[dict], space: str) -> list[dict]:
+    """Mean and std (over seeds) of every metric per (captions, train) row, with its style's fidelity."""
+    import pandas as pd
+
+    rows = [
+        {**row, **rep["fidelity"].get(row["captions"], {}).get(space, {})} for rep in replicates for row in rep["rows"]
+    ]
+    frame = pd.DataFrame(rows).reindex(columns=["captions", "train", *SUMMARY_METRICS])
+    grouped = frame.groupby(["captions", "train"], sort=False)
+    out = []
+    for (captions, train), group in grouped:
+        row = {"captions": captions, "train": train, "seeds": len(group)}
+        for m in SUMMARY_METRICS:
+            values = pd.to_numeric(group[m], errors="coerce").dropna()
+            row[m] = float(values.mean()) if len(values) else None
+            row[f"{m}_std"] = float(values.std(ddof=0)) if len(values) else None
+        out.append(row)
+    return out
+
+
+def experiment(cfg: PaperConfig) -> dict:
+    out = Path(cfg.out)
+    replicates = [replicate(cfg, seed, out / f"seed-{seed}") for seed in cfg.seeds]
+    result = {
+        "config": vars(cfg),
+        "machine": machine(),
+        "space": cfg.features[0],
+        "summary": summarise(replicates, cfg.features[0]),
+        "replicates": replicates,
+    }
+    write_json(out / "results.json", result)
+    print(table(result))
+    return result
 
 
 def machine() -> dict:
@@ -302,26 +352,28 @@ def machine() -> dict:
     }
 
 
-def _f(value: object) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
+def _cell(row: dict, metric: str) -> str:
+    value, std = row.get(metric), row.get(f"{metric}_std")
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "n/a"
+    return f"{value:.3f}" + (f" ± {std:.3f}" if row["seeds"] > 1 and std is not None else "")
 
 
 def table(result: dict) -> str:
-    space = result["config"]["features"][0]
-    head = f"| captions | train | balanced acc. | macro-F1 | worst sex acc. | worst site acc. | FID ({space}) | KID ({space}) |"
-    lines = [head, "|---" * 8 + "|"]
-    for r in result["rows"]:
-        fid = result["fidelity"].get(r["captions"], {}).get(space, {})
-        cells = [
-            r["balanced_accuracy"],
-            r["macro_f1"],
-            r["worst_sex"],
-            r["worst_site_group"],
-            fid.get("fid"),
-            fid.get("kid"),
-        ]
-        lines.append(f"| {r['captions']} | {r['train']} | " + " | ".join(_f(c) for c in cells) + " |")
-    lines.append("\nstage seconds: " + json.dumps(result["seconds"]))
+    space, seeds = result["space"], result["config"]["seeds"]
+    heads = ["balanced acc.", "macro-F1", "worst sex acc.", "worst site acc."]
+    heads += [f"FID ({space})", f"KID ({space})", "veil effect", "network effect"]
+    lines = [
+        f"Derm7pt validation split; seeds {', '.join(map(str, seeds))}" + (" (mean ± std)" if len(seeds) > 1 else ""),
+        "",
+        "| captions | train | " + " | ".join(heads) + " |",
+        "|---" * (len(heads) + 2) + "|",
+    ]
+    for r in result["summary"]:
+        cells = " | ".join(_cell(r, m) for m in SUMMARY_METRICS)
+        lines.append(f"| {r['captions']} | {r['train']} | {cells} |")
+    for rep in result["replicates"]:
+        lines.append(f"\nseed {rep['seed']} stage seconds: " + json.dumps(rep["seconds"]))
     lines.append("machine: " + json.dumps(result["machine"]))
     return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -47,25 +48,28 @@ def experiment(tmp_path_factory, d7p_subset_root: Path) -> tuple[Path, subproces
 def test_writes_one_row_per_training_set_and_caption_style(experiment):
     out, _ = experiment
     result = json.loads((out / "results.json").read_text())
-    assert [(r["captions"], r["train"]) for r in result["rows"]] == [
+    assert [(r["captions"], r["train"]) for r in result["summary"]] == [
         ("-", "real"),
         ("label", "synthetic"),
         ("label", "mixed"),
         ("concept", "synthetic"),
         ("concept", "mixed"),
     ]
-    for row in result["rows"]:
-        assert 0.0 <= row["balanced_accuracy"] <= 1.0
-        assert 0.0 <= row["macro_f1"] <= 1.0
+    (seed,) = result["replicates"]
+    assert seed == json.loads((out / "seed-0" / "results.json").read_text())
+    for row, replicate in zip(result["summary"], seed["rows"], strict=True):
+        assert row["seeds"] == 1 and row["balanced_accuracy"] == replicate["balanced_accuracy"]
+        assert 0.0 <= row["balanced_accuracy"] <= 1.0 and 0.0 <= row["macro_f1"] <= 1.0
+        assert (row["fid"] is None) == (row["captions"] == "-")
     for style in ("label", "concept"):
-        domain = result["fidelity"][style]["domain"]
+        domain = seed["fidelity"][style]["domain"]
         assert domain["fid"] >= 0.0 and domain["kid"] is not None
-        manifest = pd.read_csv(out / "synthetic" / style / "manifest.csv")
-        rows = (out / "data" / style / "train" / "metadata.jsonl").read_text().splitlines()
+        manifest = pd.read_csv(out / "seed-0" / "synthetic" / style / "manifest.csv")
+        rows = (out / "seed-0" / "data" / style / "train" / "metadata.jsonl").read_text().splitlines()
         real = {json.loads(line)["label"] for line in rows} - {"other"}  # Derm7pt's 'miscellaneous' has no prompt
         # class-balanced: every real training condition, the asked number of images each
         assert manifest["label"].value_counts().to_dict() == {c: 2 for c in real}
-    assert result["seconds"]["diffusion training (concept)"] > 0
+    assert seed["seconds"]["diffusion training (concept)"] > 0
 
 
 def test_prints_the_table_with_stage_times(experiment):
@@ -74,21 +78,22 @@ def test_prints_the_table_with_stage_times(experiment):
     head = next(i for i, line in enumerate(lines) if line.startswith("| captions | train | balanced acc."))
     assert lines[head + 2].startswith("| - | real | ")
     assert lines[head + 6].startswith("| concept | mixed | ")
-    assert any(line.startswith("stage seconds: ") for line in lines[head:])
+    assert any(line.startswith("seed 0 stage seconds: ") for line in lines[head:])
 
 
 def test_a_rerun_reuses_finished_stages(experiment, d7p_subset_root):
     out, _ = experiment
     first = json.loads((out / "results.json").read_text())
-    weights = out / "models" / "concept" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = out / "seed-0" / "models" / "concept" / "unet" / "diffusion_pytorch_model.safetensors"
     stamp = weights.stat().st_mtime_ns
     again = run_script("--data", str(d7p_subset_root), "--out", str(out), *SMOKE)
     assert again.returncode == 0, again.stderr[-3000:]
     second = json.loads((out / "results.json").read_text())
     assert weights.stat().st_mtime_ns == stamp
-    assert second["rows"] == first["rows"]
+    assert second["summary"] == first["summary"]
     assert not any(
-        name.startswith(("diffusion", "captions", "build")) and t > 5 for name, t in second["seconds"].items()
+        name.startswith(("diffusion", "captions", "build")) and t > 5
+        for name, t in second["replicates"][0]["seconds"].items()
     )
 
 
@@ -96,3 +101,36 @@ def test_a_wrong_data_folder_is_a_one_line_error(tmp_path):
     done = run_script("--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"))
     assert done.returncode == 2
     assert "nowhere" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_seeds_are_summarised_as_mean_and_spread():
+    spec = importlib.util.spec_from_file_location("paper_experiment", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+
+    def replicate(seed: int, acc: float, fid: float) -> dict:
+        metrics = {"macro_f1": acc, "worst_sex": acc, "worst_site_group": None}
+        return {
+            "seed": seed,
+            "rows": [
+                {"captions": "-", "train": "real", "balanced_accuracy": 0.5, **metrics},
+                {"captions": "concept", "train": "synthetic", "balanced_accuracy": acc, **metrics},
+            ],
+            "fidelity": {"concept": {"domain": {"fid": fid, "kid": 0.1, "veil_effect": 0.2}}},
+            "seconds": {"generation (concept)": 1.0},
+        }
+
+    replicates = [replicate(0, 0.2, 100.0), replicate(1, 0.4, 120.0)]
+    summary = module.summarise(replicates, "domain")
+    real, synthetic = summary
+    assert (real["captions"], real["seeds"], real["balanced_accuracy"], real["fid"]) == ("-", 2, 0.5, None)
+    assert synthetic["balanced_accuracy"] == pytest.approx(0.3) and synthetic["balanced_accuracy_std"] == pytest.approx(
+        0.1
+    )
+    assert synthetic["fid"] == pytest.approx(110.0) and synthetic["worst_site_group"] is None
+    text = module.table(
+        {"space": "domain", "config": {"seeds": [0, 1]}, "summary": summary, "replicates": replicates, "machine": {}}
+    )
+    assert "| concept | synthetic | 0.300 ± 0.100 | " in text
+    assert "110.000 ± 10.000" in text and "mean ± std" in text

@@ -137,10 +137,14 @@ def condition_counts(data_dir: Path) -> dict[str, int]:
 
 
 def classifier_metrics(run_dir: Path, data_dir: Path, device: str | None) -> dict:
-    """Validation metrics of the selected checkpoint, with worst-group accuracy by sex and body site."""
+    """Validation metrics of the last epoch, with worst-group accuracy by sex and body site.
+
+    Derm7pt's test images are withheld, so validation is the only real held-out split: scoring the epoch
+    that was best on it would select on the test data. Every run trains a fixed number of epochs instead.
+    """
     result = evaluate_classifier(
         EvalConfig(
-            checkpoint=str(run_dir),
+            checkpoint=str(run_dir / "last.pt"),
             data_dir=str(data_dir),
             split="validation",
             min_group_size=MIN_GROUP,

@@ -132,6 +132,12 @@ def build_base_model(cfg: PaperConfig, seed: int, out: Path, images: Path, times
     return str(base), "full"
 
 
+def finished_generation(synthetic: Path, expected: int) -> bool:
+    """A complete synthetic set is reused as is, even if its folder moved (generate's resume checks paths)."""
+    manifest = synthetic / "manifest.csv"
+    return manifest.is_file() and len(read_image_table(manifest)) == expected
+
+
 def condition_counts(data_dir: Path) -> dict[str, int]:
     return read_image_table(data_dir, split="train")["label"].value_counts().to_dict()
 
@@ -246,25 +252,26 @@ def replicate(cfg: PaperConfig, seed: int, out: Path) -> dict:
         model_dir = out / "models" / style
         with stage(times, f"diffusion training ({style})"):
             train_model(cfg, seed, base, mode, data[style] / "train", model_dir)
-        with stage(times, f"generation ({style})"):
-            synthetic = out / "synthetic" / style
-            generate(
-                GenerateConfig(
-                    condition=",".join(sorted(counts)),
-                    mode="dataset",
-                    num_images=per_class,
-                    output_dir=str(synthetic),
-                    model_path=str(model_dir),
-                    base_model=base if mode == "lora" else None,
-                    device=cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                    guidance_scale=[cfg.guidance_scale],
-                    num_inference_steps=[cfg.num_inference_steps],
-                    batch_size=32,
-                    caption_style=style,
-                    resolution=cfg.resolution,
-                    seed=seed,
+        synthetic = out / "synthetic" / style
+        if not finished_generation(synthetic, per_class * len(counts)):
+            with stage(times, f"generation ({style})"):
+                generate(
+                    GenerateConfig(
+                        condition=",".join(sorted(counts)),
+                        mode="dataset",
+                        num_images=per_class,
+                        output_dir=str(synthetic),
+                        model_path=str(model_dir),
+                        base_model=base if mode == "lora" else None,
+                        device=cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                        guidance_scale=[cfg.guidance_scale],
+                        num_inference_steps=[cfg.num_inference_steps],
+                        batch_size=32,
+                        caption_style=style,
+                        resolution=cfg.resolution,
+                        seed=seed,
+                    )
                 )
-            )
         for train_mode in ("synthetic", "mixed"):
             with stage(times, f"classifier ({train_mode}, {style})"):
                 metrics = run_classifier(

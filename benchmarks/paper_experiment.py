@@ -167,29 +167,33 @@ def classifier_metrics(run_dir: Path, data_dir: Path, device: str | None) -> dic
     }
 
 
-def run_classifier(cfg: PaperConfig, seed: int, data_dir: Path, mode: str, synthetic: Path | None, out: Path) -> dict:
-    if (out / "summary.json").is_file():
-        return classifier_metrics(out, data_dir, cfg.device)
-    train_classifier(
-        ClassifyConfig(
-            data_dir=str(data_dir),
-            train=mode,
-            synthetic_dir=str(synthetic) if synthetic else None,
-            image_size=cfg.resolution,
-            epochs=scaled("classifier_epochs", cfg.scale),
-            output_dir=str(out),
-            resume_from_checkpoint=None,
-            num_workers=0,
-            device=cfg.device,
-            seed=seed,
-        )
-    )
+def run_classifier(
+    cfg: PaperConfig, seed: int, data_dir: Path, mode: str, synthetic: Path | None, out: Path, times: dict
+) -> dict:
+    if not (out / "summary.json").is_file():
+        with stage(times, f"classifier ({mode}{', ' + data_dir.name if synthetic else ' only'})"):
+            train_classifier(
+                ClassifyConfig(
+                    data_dir=str(data_dir),
+                    train=mode,
+                    synthetic_dir=str(synthetic) if synthetic else None,
+                    image_size=cfg.resolution,
+                    epochs=scaled("classifier_epochs", cfg.scale),
+                    output_dir=str(out),
+                    resume_from_checkpoint=None,
+                    num_workers=0,
+                    device=cfg.device,
+                    seed=seed,
+                )
+            )
     return classifier_metrics(out, data_dir, cfg.device)
 
 
+def trained(model_dir: Path) -> bool:
+    return (model_dir / "model_index.json").is_file() or (model_dir / "pytorch_lora_weights.safetensors").is_file()
+
+
 def train_model(cfg: PaperConfig, seed: int, base: str, mode: str, train_dir: Path, model_dir: Path) -> None:
-    if (model_dir / "model_index.json").is_file() or (model_dir / "pytorch_lora_weights.safetensors").is_file():
-        return
     steps = scaled("unet_steps", cfg.scale)
     train_diffusion(
         TrainConfig(
@@ -217,8 +221,12 @@ def train_model(cfg: PaperConfig, seed: int, base: str, mode: str, train_dir: Pa
 
 
 def replicate(cfg: PaperConfig, seed: int, out: Path) -> dict:
-    """One full run of the experiment with one seed; every stage resumes from what ``out`` already holds."""
-    times: dict[str, float] = {}
+    """One full run of the experiment with one seed; every stage resumes from what ``out`` already holds.
+
+    Stage times are those of the run that did the work: a resumed run keeps the times it finds.
+    """
+    earlier = out / "results.json"
+    times: dict[str, float] = json.loads(earlier.read_text())["seconds"] if earlier.is_file() else {}
     d7p = Path(cfg.data) / "d7p"
     data = {}
     for style in cfg.styles:
@@ -241,8 +249,7 @@ def replicate(cfg: PaperConfig, seed: int, out: Path) -> dict:
     base, mode = build_base_model(cfg, seed, out, first / "train" / "images", times)
 
     rows: list[dict] = []
-    with stage(times, "classifier (real only)"):
-        real_metrics = run_classifier(cfg, seed, first, "real", None, out / "classifiers" / "real")
+    real_metrics = run_classifier(cfg, seed, first, "real", None, out / "classifiers" / "real", times)
     rows.append({"captions": "-", "train": "real", **real_metrics})
 
     counts = condition_counts(first)
@@ -250,8 +257,9 @@ def replicate(cfg: PaperConfig, seed: int, out: Path) -> dict:
     evaluations = {}
     for style in cfg.styles:
         model_dir = out / "models" / style
-        with stage(times, f"diffusion training ({style})"):
-            train_model(cfg, seed, base, mode, data[style] / "train", model_dir)
+        if not trained(model_dir):
+            with stage(times, f"diffusion training ({style})"):
+                train_model(cfg, seed, base, mode, data[style] / "train", model_dir)
         synthetic = out / "synthetic" / style
         if not finished_generation(synthetic, per_class * len(counts)):
             with stage(times, f"generation ({style})"):
@@ -273,10 +281,8 @@ def replicate(cfg: PaperConfig, seed: int, out: Path) -> dict:
                     )
                 )
         for train_mode in ("synthetic", "mixed"):
-            with stage(times, f"classifier ({train_mode}, {style})"):
-                metrics = run_classifier(
-                    cfg, seed, data[style], train_mode, synthetic, out / "classifiers" / f"{train_mode}-{style}"
-                )
+            run_dir = out / "classifiers" / f"{train_mode}-{style}"
+            metrics = run_classifier(cfg, seed, data[style], train_mode, synthetic, run_dir, times)
             rows.append({"captions": style, "train": train_mode, **metrics})
         previous = out / "evaluation" / style / "evaluation.json"
         if previous.is_file():

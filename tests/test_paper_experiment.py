@@ -91,9 +91,9 @@ def test_a_rerun_reuses_finished_stages(experiment, d7p_subset_root):
     second = json.loads((out / "results.json").read_text())
     assert weights.stat().st_mtime_ns == stamp
     assert second["summary"] == first["summary"]
-    times = second["replicates"][0]["seconds"]
-    assert not any(name.startswith(("diffusion", "captions", "build")) and t > 5 for name, t in times.items())
-    assert not any(name.startswith("generation") for name in times)  # complete synthetic sets are reused
+    # nothing was redone, so the stage times are still those of the run that did the work
+    assert second["replicates"][0]["seconds"] == first["replicates"][0]["seconds"]
+    assert "--- generation" not in again.stdout and "--- diffusion training" not in again.stdout
 
 
 def test_a_wrong_data_folder_is_a_one_line_error(tmp_path):

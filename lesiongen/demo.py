@@ -68,9 +68,11 @@ SETTINGS: dict[str, Settings] = {
     "full": Settings(
         images_per_class=40,
         resolution=64,
-        vae_steps=300,
-        vae_batch=4,
-        vae_crop=None,
+        # Half-size crops cost a quarter per step: 1200 crop steps (about 4 min) measured a held-out L1 of
+        # 0.14 against 0.24 for 300 full-image steps, which decoded every lesion as a dark blob.
+        vae_steps=1200,
+        vae_batch=8,
+        vae_crop=32,
         base_steps=800,
         base_batch=8,
         base_lr=5e-4,

@@ -11,9 +11,9 @@ results.json; the table shows mean ± std over seeds, and <out>/results.json hol
     .venv/bin/python benchmarks/paper_experiment.py --out outputs/paper_experiment [--scale 1] [--seeds 0 1]
 
 ``--scale`` multiplies every training length (VAE, UNet, classifier; ``BASE`` at 1, near the TOOLCHAIN.md
-prototype) so the same script runs a plumbing check (0.15: 225 UNet steps, 2 classifier epochs; 18 min on
-a 2-core CPU shared with other jobs), a CPU experiment (1) or, on a GPU, a full-size one, e.g. with real
-Stable Diffusion weights:
+prototype) so the same script runs a plumbing check (0.01, as the tests run it), a CPU experiment (1: about
+51 min a seed on one core of a 2-core CPU; the README has the measured table) or, on a GPU, a full-size one,
+e.g. with real Stable Diffusion weights:
 
     python benchmarks/paper_experiment.py --scale 20 --resolution 256 --device cuda \\
         --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5   # LoRA on the real model

@@ -168,10 +168,10 @@ def classifier_metrics(run_dir: Path, data_dir: Path, device: str | None) -> dic
 
 
 def run_classifier(
-    cfg: PaperConfig, seed: int, data_dir: Path, mode: str, synthetic: Path | None, out: Path, times: dict
+    cfg: PaperConfig, seed: int, data_dir: Path, mode: str, synthetic: Path | None, out: Path, times: dict, name: str
 ) -> dict:
     if not (out / "summary.json").is_file():
-        with stage(times, f"classifier ({mode}{', ' + data_dir.name if synthetic else ' only'})"):
+        with stage(times, name):
             train_classifier(
                 ClassifyConfig(
                     data_dir=str(data_dir),
@@ -249,7 +249,9 @@ def replicate(cfg: PaperConfig, seed: int, out: Path) -> dict:
     base, mode = build_base_model(cfg, seed, out, first / "train" / "images", times)
 
     rows: list[dict] = []
-    real_metrics = run_classifier(cfg, seed, first, "real", None, out / "classifiers" / "real", times)
+    real_metrics = run_classifier(
+        cfg, seed, first, "real", None, out / "classifiers" / "real", times, "classifier (real only)"
+    )
     rows.append({"captions": "-", "train": "real", **real_metrics})
 
     counts = condition_counts(first)
@@ -282,7 +284,8 @@ def replicate(cfg: PaperConfig, seed: int, out: Path) -> dict:
                 )
         for train_mode in ("synthetic", "mixed"):
             run_dir = out / "classifiers" / f"{train_mode}-{style}"
-            metrics = run_classifier(cfg, seed, data[style], train_mode, synthetic, run_dir, times)
+            name = f"classifier ({train_mode}, {style})"
+            metrics = run_classifier(cfg, seed, data[style], train_mode, synthetic, run_dir, times, name)
             rows.append({"captions": style, "train": train_mode, **metrics})
         previous = out / "evaluation" / style / "evaluation.json"
         if previous.is_file():

@@ -116,19 +116,6 @@ def mean_colour_error(vae, x, batch: int = 32) -> float:
     return float(torch.cat(errs).mean())
 
 
-def latent_std(vae, x, seed: int, batch: int = 32) -> tuple[float, list[float]]:
-    """Std of sampled latents over the data, overall and per channel, as training will see them."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    latents = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            latents.append(vae.encode(x[i : i + batch]).latent_dist.sample(generator=gen))
-    z = torch.cat(latents)
-    return float(z.std()), [float(s) for s in z.transpose(0, 1).reshape(z.shape[1], -1).std(1)]
-
-
 def standardise_latent_channels(vae, x, seed: int) -> tuple[list[float], list[float]]:
     """Fold each latent channel's mean and std into the 1x1 convs around the latent, so latents are N(0, 1).
 
@@ -232,7 +219,6 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
 
     vae.eval()
     colour_after = mean_colour_error(vae, probe)
-    std, per_channel = latent_std(vae, probe, cfg.seed)
     channel_mean, channel_std = standardise_latent_channels(vae, probe, cfg.seed)
     vae.register_to_config(scaling_factor=1.0)  # the channels are standardised inside the VAE now
     colour_standardised = mean_colour_error(vae, probe)
@@ -244,8 +230,6 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
         "final_loss": log[-1]["loss"],
         "colour_error_before": colour_before,
         "colour_error_after": colour_after,
-        "latent_std": std,
-        "latent_std_per_channel": per_channel,
         "folded_channel_mean": channel_mean,
         "folded_channel_std": channel_std,
         "colour_error_after_standardising": colour_standardised,
@@ -259,7 +243,7 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
     print(
         f"VAE trained {cfg.max_train_steps} steps on {len(x)} images in {summary['seconds']:.0f} s: loss "
         f"{summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, mean-colour error {colour_before:.1f} -> "
-        f"{colour_after:.1f} (0-255), latent channel stds {', '.join(f'{v:.2f}' for v in per_channel)} standardised "
+        f"{colour_after:.1f} (0-255), latent channel stds {', '.join(f'{v:.2f}' for v in channel_std)} standardised "
         f"to 1; saved to {out}"
     )
     return summary

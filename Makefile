@@ -29,12 +29,12 @@ test-fast: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lesiongen tests classification benchmarks *.py
-	$(VENV)/bin/ruff format --check lesiongen tests classification benchmarks *.py
+	$(VENV)/bin/ruff check lesiongen tests classification benchmarks experiments *.py
+	$(VENV)/bin/ruff format --check lesiongen tests classification benchmarks experiments *.py
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format lesiongen tests classification benchmarks *.py
-	$(VENV)/bin/ruff check --fix lesiongen tests classification benchmarks *.py
+	$(VENV)/bin/ruff format lesiongen tests classification benchmarks experiments *.py
+	$(VENV)/bin/ruff check --fix lesiongen tests classification benchmarks experiments *.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,7 +2,7 @@
 
 import sys
 
-from lesiongen.caption_dataset import main
+from lesiongen.captions.build import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -2,7 +2,7 @@
 
 import sys
 
-from lesiongen.generate import main
+from lesiongen.diffusion.generate import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

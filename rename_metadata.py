@@ -2,7 +2,7 @@
 
 import sys
 
-from lesiongen.rename_metadata import main
+from lesiongen.captions.rename_metadata import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

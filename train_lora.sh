@@ -30,7 +30,7 @@ ACCELERATE_LAUNCH_ARGS="${ACCELERATE_LAUNCH_ARGS:-}"
 if [ "$ACCELERATE" = accelerate ] && [ -x "$HERE/.venv/bin/accelerate" ]; then ACCELERATE="$HERE/.venv/bin/accelerate"; fi
 
 # shellcheck disable=SC2086  # ACCELERATE_LAUNCH_ARGS is split into words on purpose
-exec "$ACCELERATE" launch --config_file "$ACCELERATE_CONFIG" $ACCELERATE_LAUNCH_ARGS -m lesiongen.train \
+exec "$ACCELERATE" launch --config_file "$ACCELERATE_CONFIG" $ACCELERATE_LAUNCH_ARGS -m lesiongen.diffusion.train \
   --mode lora \
   --pretrained_model_name_or_path "$MODEL_NAME" \
   --train_data_dir "$TRAIN_DATA_DIR" \

@@ -22,7 +22,8 @@ import skimage
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from lesiongen import analyze, reports
+from lesiongen.captions import analyze, reports
+from lesiongen.images import read_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,7 @@ def run_d7p(root: Path) -> tuple[pd.DataFrame, list[dict], list[str], tuple[floa
     rows = meta.loc[sorted(split)]
     rows = rows[[(root / "d7p" / "images" / p).is_file() for p in rows["derm"]]]
     start, cpu = time.perf_counter(), time.process_time()
-    results = [analyze.analyze_image(analyze.load_rgb(root / "d7p" / "images" / p)) for p in rows["derm"]]
+    results = [analyze.analyze_image(read_rgb(root / "d7p" / "images" / p)) for p in rows["derm"]]
     seconds = ((time.perf_counter() - start) / len(rows), (time.process_time() - cpu) / len(rows))
     return rows, results, [split[i] for i in rows.index], seconds
 
@@ -46,7 +47,7 @@ def run_ph2(root: Path) -> tuple[pd.DataFrame, list[dict], np.ndarray, tuple[flo
     results, dice = [], []
     start, cpu = time.perf_counter(), time.process_time()
     for image_id in meta["image_id"]:
-        r = analyze.analyze_image(analyze.load_rgb(root / "ph2" / "images" / f"{image_id}.jpg"))
+        r = analyze.analyze_image(read_rgb(root / "ph2" / "images" / f"{image_id}.jpg"))
         results.append(r)
         truth = np.asarray(Image.open(root / "ph2" / "masks" / f"{image_id}.png").convert("L")) >= 128
         dice.append(2 * (r["mask"] & truth).sum() / (r["mask"].sum() + truth.sum()))

@@ -21,8 +21,9 @@ import torchvision
 from torch.utils.data import DataLoader
 
 from lesiongen import labels
-from lesiongen.classify import MODELS, ClassifyConfig, autocast
-from lesiongen.classify_data import ImageDataset, make_transform
+from lesiongen.classify.config import ClassifyConfig
+from lesiongen.classify.data import ImageDataset, make_transform
+from lesiongen.classify.models import MODELS, autocast
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,8 @@ import diffusers
 import torch
 import transformers
 
-from lesiongen.generate import SCHEDULERS, GenerateConfig, Processes, generate, load_model, resolve_device
+from lesiongen.devices import resolve_device
+from lesiongen.diffusion.generate import SCHEDULERS, GenerateConfig, Processes, generate, load_model
 
 
 def machine() -> dict:
@@ -78,7 +79,7 @@ def main() -> None:
         tmp = Path(tmp)
         model = args.model_path
         if model is None:
-            from lesiongen.tiny import build_tiny_pipeline
+            from lesiongen.diffusion.tiny import build_tiny_pipeline
 
             model = str(build_tiny_pipeline(tmp / "model", resolution=args.resolution, seed=0, size=args.size))
         base = GenerateConfig(
@@ -92,8 +93,7 @@ def main() -> None:
             device=args.device,
             contact_sheet=0,
         )
-        base.check()
-        device = resolve_device(base, Processes())
+        device = resolve_device(base.device)
         pipe = load_model(base, device)
 
         def measure(name: str, **kw) -> tuple[float, float]:

@@ -1,6 +1,6 @@
 """Training speed with cached latents against encoding every step with the VAE and text encoder.
 
-Both runs use the same model, data and settings and go through ``lesiongen.train.train``; only
+Both runs use the same model, data and settings and go through ``lesiongen.diffusion.train.train``; only
 ``--cache_latents`` differs. Steps/s excludes the first step (warm-up), checkpoints and validation;
 the one-off cache build is reported separately.
 
@@ -59,7 +59,7 @@ def versions() -> str:
 
 
 def run(model: Path, data: Path, out: Path, cached: bool, args) -> dict:
-    from lesiongen.train import TrainConfig, train
+    from lesiongen.diffusion.train import TrainConfig, train
 
     cfg = TrainConfig(
         pretrained_model_name_or_path=str(model),
@@ -80,7 +80,6 @@ def run(model: Path, data: Path, out: Path, cached: bool, args) -> dict:
         report_to="none",
         dataloader_num_workers=args.workers,
     )
-    cfg.check()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -100,7 +99,7 @@ def run(model: Path, data: Path, out: Path, cached: bool, args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="pipeline folder (default: build one with lesiongen.tiny at --size)")
+    p.add_argument("--model", help="pipeline folder (default: build one with lesiongen.diffusion.tiny at --size)")
     p.add_argument("--size", default="tiny", choices=("tiny", "sd1"))
     p.add_argument("--data", help="folder with metadata.jsonl (default: synthetic 600x450 JPEGs)")
     p.add_argument("--images", type=int, default=32, help="synthetic images to make")
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.model:
             model = Path(args.model)
         else:
-            from lesiongen.tiny import build_tiny_pipeline
+            from lesiongen.diffusion.tiny import build_tiny_pipeline
 
             model = build_tiny_pipeline(tmp / "model", resolution=args.resolution, size=args.size)
         data = Path(args.data) if args.data else synthetic_images(tmp / "data", args.images)

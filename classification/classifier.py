@@ -1,5 +1,5 @@
 import sys
 
-from lesiongen.classify import main
+from lesiongen.classify.train import main
 
 sys.exit(main(sys.argv[1:]))

@@ -1,5 +1,5 @@
 import sys
 
-from lesiongen.classify_compare import main
+from lesiongen.classify.compare import main
 
 sys.exit(main(sys.argv[1:]))

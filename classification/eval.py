@@ -1,5 +1,5 @@
 import sys
 
-from lesiongen.classify_eval import main
+from lesiongen.classify.evaluate import main
 
 sys.exit(main(sys.argv[1:]))

@@ -99,11 +99,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, prog: str | None = No
         v = values[f.name]
         if optional and isinstance(v, str) and v.lower() in ("none", "null", ""):
             values[f.name] = None
-    cfg = cls(**values)
-    check = getattr(cfg, "check", None)
-    if callable(check):
-        check()
-    return cfg
+    return cls(**values)  # a config checks itself in __post_init__, however it is built
 
 
 def run(fn: Callable[[], Any]) -> int:

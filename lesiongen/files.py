@@ -1,4 +1,4 @@
-"""Atomic writes, append-safe JSONL and complete-checkpoint discovery.
+"""Atomic writes and append-safe JSONL.
 
 A killed process must never leave a half-written file under a final name: every writer goes through
 a temporary sibling followed by ``os.replace``.
@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def _umask() -> int:
@@ -101,28 +98,3 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first; only exact ``checkpoint-<step>`` names count."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(output_dir)
-    return ckpts[-1] if ckpts else None
-
-
-def prune_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
-    """Remove the oldest complete checkpoints beyond ``keep``; returns what was removed."""
-    if not keep or keep <= 0:
-        return []
-    ckpts = list_checkpoints(output_dir)
-    removed = ckpts[:-keep] if len(ckpts) > keep else []
-    for p in removed:
-        shutil.rmtree(p)
-    return removed

@@ -7,6 +7,7 @@ columns, with the subgroup fields always present ("unknown" where the source has
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,12 +16,36 @@ import pandas as pd
 
 from . import labels
 from .errors import InputError
-from .files import read_jsonl
-from .splits import SPLITS
 
 MANIFEST = "manifest.csv"
 METADATA = "metadata.jsonl"
+SPLITS = ("train", "validation", "test")  # build_captions writes OUT/<split>/metadata.jsonl
 MISSING_POLICIES = ("error", "skip")
+
+
+def read_metadata(path: str | Path) -> list[tuple[int, dict]]:
+    """(1-based line, row) for every row of a ``metadata.jsonl``; a bad line is an InputError naming it.
+
+    Training, classification, evaluation and reports all read build_captions' output through this one
+    reader, so a file one stage accepts is accepted by all.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(path, "is not UTF-8 text", "rebuild it with build_captions.py") from None
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path} row {i}", f"not valid JSON ({e.msg})", "fix or remove the line") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path} row {i}", "is not a JSON object", "rebuild it with build_captions.py")
+        rows.append((i, row))
+    return rows
 
 
 def find_tables(path: str | Path, split: str | None = None) -> list[Path]:
@@ -40,7 +65,7 @@ def find_tables(path: str | Path, split: str | None = None) -> list[Path]:
         raise InputError(
             path,
             f"has no {MANIFEST}, no {METADATA} and no <split>/{METADATA}",
-            "pass the --out folder of build_captions.py or the --output_dir of generate.py",
+            "pass the --output_dir folder of build_captions.py or the --output_dir of generate.py",
         )
     if split is None:
         return [path / s / METADATA for s in present]
@@ -53,12 +78,7 @@ def find_tables(path: str | Path, split: str | None = None) -> list[Path]:
 
 def _read_one(table: Path) -> pd.DataFrame:
     if table.suffix == ".jsonl":
-        try:
-            frame = pd.DataFrame(read_jsonl(table))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InputError(
-                table, f"is not valid JSON lines ({type(e).__name__})", "rebuild it with build_captions.py"
-            ) from None
+        frame = pd.DataFrame([row for _, row in read_metadata(table)])
     else:
         try:
             frame = pd.read_csv(table, dtype=str, keep_default_na=False)

@@ -50,7 +50,7 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
     """The embedded tiny SD-architecture model (64 px, random weights), built once and loaded via from_pretrained."""
     import torch
 
-    from lesiongen.tiny import build_tiny_pipeline
+    from lesiongen.diffusion.tiny import build_tiny_pipeline
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     threads = torch.get_num_threads()
@@ -69,7 +69,7 @@ def d7p_captions_dir(tmp_path_factory, d7p_csv: Path, d7p_images: Path) -> Path:
     """
     import pandas as pd
 
-    from lesiongen.caption_dataset import main as build_captions
+    from lesiongen.captions.build import main as build_captions
 
     root = tmp_path_factory.mktemp("d7p_captions")
     meta = pd.read_csv(d7p_csv)
@@ -107,7 +107,7 @@ def tiny_lora_run(tmp_path_factory, tiny_sd_dir: Path, d7p_small_train: Path) ->
     """A LoRA (rank 4, alpha 8) trained 6 steps on d7p_small_train with checkpoints at 3 and 6; its output dir."""
     import torch
 
-    from lesiongen.train import TrainConfig, train
+    from lesiongen.diffusion.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("lora_run") / "lora"
     cfg = TrainConfig(
@@ -128,7 +128,6 @@ def tiny_lora_run(tmp_path_factory, tiny_sd_dir: Path, d7p_small_train: Path) ->
         snr_gamma=5.0,
         seed=0,
     )
-    cfg.check()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is faster, and far faster when other tests share the cores
     try:
@@ -136,3 +135,36 @@ def tiny_lora_run(tmp_path_factory, tiny_sd_dir: Path, d7p_small_train: Path) ->
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+@pytest.fixture(scope="session")
+def d7p_built(tmp_path_factory, d7p_csv: Path, d7p_images: Path) -> Path:
+    """All 616 imaged Derm7pt cases with the official train/validation split (metadata reports: seconds)."""
+    from builders import build_d7p
+
+    return build_d7p(tmp_path_factory.mktemp("d7p") / "built", d7p_csv, d7p_images)
+
+
+@pytest.fixture(scope="session")
+def small_d7p(tmp_path_factory, d7p_built: Path) -> Path:
+    """Up to 6 train and 3 validation images per class (about 35 + 19) from the real Derm7pt build."""
+    from builders import subset
+
+    return subset(d7p_built, tmp_path_factory.mktemp("cls") / "small", {"train": 6, "validation": 3})
+
+
+@pytest.fixture(scope="session")
+def fake_generation(tmp_path_factory, small_d7p: Path) -> Path:
+    """A generate.py-shaped folder whose 'synthetic' images are shrunk real ones, so they carry signal."""
+    import numpy as np
+    from builders import write_manifest
+    from PIL import Image
+
+    from lesiongen.tables import read_image_table
+
+    frame = read_image_table(small_d7p, "train")
+    rows = [
+        {"label": r.label, "pixels": np.asarray(Image.open(r.path).convert("RGB").resize((40, 40)))}
+        for r in frame.itertuples()
+    ]
+    return write_manifest(tmp_path_factory.mktemp("gen") / "gen", rows)

@@ -13,7 +13,9 @@ from PIL import Image
 from skimage import color
 from sklearn.metrics import roc_auc_score
 
-from lesiongen import analyze, labels
+from lesiongen import labels
+from lesiongen.captions import analyze
+from lesiongen.images import read_rgb
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +24,7 @@ def ph2_results(data_root):
     meta = pd.read_csv(data_root / "ph2" / "meta.csv")
     results = []
     for image_id in meta["image_id"]:
-        result = analyze.analyze_image(analyze.load_rgb(data_root / "ph2" / "images" / f"{image_id}.jpg"))
+        result = analyze.analyze_image(read_rgb(data_root / "ph2" / "images" / f"{image_id}.jpg"))
         truth = np.asarray(Image.open(data_root / "ph2" / "masks" / f"{image_id}.png").convert("L")) >= 128
         assert result["mask"].shape == truth.shape  # the mask comes back at the input's size
         result["dice"] = 2 * (result["mask"] & truth).sum() / (result["mask"].sum() + truth.sum())
@@ -37,7 +39,7 @@ def d7p_valid_results(data_root, d7p_csv):
     valid = pd.read_csv(data_root / "d7p" / "meta" / "valid_indexes.csv").iloc[:, 0]
     rows = meta.loc[sorted(valid)]
     rows = rows[[(data_root / "d7p" / "images" / p).is_file() for p in rows["derm"]]]
-    results = [analyze.analyze_image(analyze.load_rgb(data_root / "d7p" / "images" / p)) for p in rows["derm"]]
+    results = [analyze.analyze_image(read_rgb(data_root / "d7p" / "images" / p)) for p in rows["derm"]]
     return rows, results
 
 
@@ -203,7 +205,7 @@ def test_cli_missing_folder_is_one_line_error(tmp_path, capsys):
 
 def test_calibrated_claims_beat_the_base_rate_on_d7p_valid(d7p_valid_results):
     """reports.CLAIMS thresholds were chosen on Derm7pt train; on valid each claim must be informative."""
-    from lesiongen import reports
+    from lesiongen.captions import reports
 
     rows, results = d7p_valid_results
     for claim in reports.CLAIMS:

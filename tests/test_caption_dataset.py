@@ -6,11 +6,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lesiongen.caption_dataset import BuildCaptionsConfig, build
-from lesiongen.captions import caption
+from lesiongen.captions.build import BuildCaptionsConfig, build
+from lesiongen.captions.metadata import LesionRecord
+from lesiongen.captions.text import caption
 from lesiongen.errors import InputError
 from lesiongen.files import read_jsonl
-from lesiongen.metadata import LesionRecord
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def ham_built(tmp_path_factory, ham_csv):
     out = tmp_path_factory.mktemp("ham_captions")
-    summary = build(BuildCaptionsConfig(dataset="ham10000", metadata=str(ham_csv), out=str(out), seed=7))
+    summary = build(BuildCaptionsConfig(dataset="ham10000", metadata=str(ham_csv), output_dir=str(out), seed=7))
     return out, summary
 
 
@@ -29,7 +29,7 @@ def d7p_built(tmp_path_factory, d7p_csv, d7p_images):
         dataset="d7p",
         metadata=str(d7p_csv),
         images=str(d7p_images),
-        out=str(out),
+        output_dir=str(out),
         skip_bad_rows=True,
         reporter="metadata",
     )
@@ -90,7 +90,7 @@ def test_d7p_loads_with_datasets_imagefolder(d7p_built):
 
 
 def test_missing_image_is_an_error_without_skip(tmp_path, d7p_csv, d7p_images):
-    cfg = BuildCaptionsConfig(dataset="d7p", metadata=str(d7p_csv), images=str(d7p_images), out=str(tmp_path))
+    cfg = BuildCaptionsConfig(dataset="d7p", metadata=str(d7p_csv), images=str(d7p_images), output_dir=str(tmp_path))
     with pytest.raises(InputError, match="missing image for image_id .*--skip_bad_rows"):
         build(cfg)
 
@@ -105,7 +105,7 @@ def test_corrupt_image_is_reported(tmp_path):
         dataset="ham10000",
         metadata=str(csv),
         images=str(images),
-        out=str(tmp_path / "o"),
+        output_dir=str(tmp_path / "o"),
         split_fractions=[1.0, 0.0, 0.0],
     )
     with pytest.raises(InputError, match="I1.jpg: corrupt image"):
@@ -115,7 +115,7 @@ def test_corrupt_image_is_reported(tmp_path):
 def test_label_style(tmp_path, ham_csv):
     small = tmp_path / "small.csv"
     pd.read_csv(ham_csv).head(200).to_csv(small, index=False)
-    build(BuildCaptionsConfig(dataset="ham10000", metadata=str(small), out=str(tmp_path / "o"), style="label"))
+    build(BuildCaptionsConfig(dataset="ham10000", metadata=str(small), output_dir=str(tmp_path / "o"), style="label"))
     rows = read_jsonl(tmp_path / "o" / "captions.jsonl")
     assert {r["text"] for r in rows} <= {f"a dermoscopic image of {r['diagnosis']}" for r in rows}
     assert all(r["concept_source"] == "none" for r in rows)

@@ -1,8 +1,8 @@
 import pytest
 
 from lesiongen import labels
-from lesiongen.captions import STYLES, caption, concept_phrases
-from lesiongen.metadata import LesionRecord
+from lesiongen.captions.metadata import LesionRecord
+from lesiongen.captions.text import STYLES, caption, concept_phrases
 
 MEL = LesionRecord(
     image_id="I1",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import urllib.error
 from pathlib import Path
 
@@ -12,18 +11,20 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
-from PIL import Image
-from test_tables import build_d7p, write_manifest
+from builders import subset
 
-from lesiongen import classify, labels
-from lesiongen.classify import ClassifyConfig, load_classifier, train
-from lesiongen.classify import main as classifier_main
-from lesiongen.classify_compare import main as compare_main
-from lesiongen.classify_data import check_classes, lesion_folds
-from lesiongen.classify_eval import main as eval_main
+from lesiongen import labels
+from lesiongen.captions.metadata import load_metadata
+from lesiongen.classify import train as classify
+from lesiongen.classify.compare import main as compare_main
+from lesiongen.classify.config import ClassifyConfig
+from lesiongen.classify.data import check_classes, lesion_folds
+from lesiongen.classify.evaluate import main as eval_main
+from lesiongen.classify.models import load_classifier
+from lesiongen.classify.train import main as classifier_main
+from lesiongen.classify.train import train
 from lesiongen.cli import parse_config
 from lesiongen.errors import InputError
-from lesiongen.metadata import load_metadata
 from lesiongen.tables import read_image_table
 
 
@@ -32,46 +33,6 @@ def quick(data_dir: Path, out: Path, **kw) -> ClassifyConfig:
         image_size=32, epochs=1, batch_size=16, num_workers=0, output_dir=str(out), resume_from_checkpoint=None
     )
     return ClassifyConfig(data_dir=str(data_dir), **{**settings, **kw})
-
-
-def subset(src: Path, out: Path, per_class: dict[str, int]) -> Path:
-    """A build_captions-shaped folder with up to N real images per class and split, symlinked."""
-    for split, n in per_class.items():
-        rows = [json.loads(line) for line in (src / split / "metadata.jsonl").read_text().splitlines()]
-        taken: dict[str, int] = {}
-        kept = []
-        for row in rows:
-            if taken.get(row["label"], 0) < n:
-                taken[row["label"]] = taken.get(row["label"], 0) + 1
-                dst = out / split / row["file_name"]
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink((src / split / row["file_name"]).resolve(), dst)
-                kept.append(json.dumps(row))
-        (out / split / "metadata.jsonl").write_text("\n".join(kept) + "\n")
-    return out
-
-
-@pytest.fixture(scope="module")
-def d7p_built(tmp_path_factory, d7p_csv, d7p_images) -> Path:
-    """All 616 imaged Derm7pt cases with the official train/validation split."""
-    return build_d7p(tmp_path_factory.mktemp("d7p") / "built", d7p_csv, d7p_images)
-
-
-@pytest.fixture(scope="module")
-def small_d7p(tmp_path_factory, d7p_built) -> Path:
-    """Up to 6 train and 3 validation images per class (about 35 + 19) from the real Derm7pt build."""
-    return subset(d7p_built, tmp_path_factory.mktemp("cls") / "small", {"train": 6, "validation": 3})
-
-
-@pytest.fixture(scope="module")
-def fake_generation(tmp_path_factory, small_d7p) -> Path:
-    """A generate.py-shaped folder whose 'synthetic' images are shrunk real ones, so they carry signal."""
-    frame = read_image_table(small_d7p, "train")
-    rows = [
-        {"label": r.label, "pixels": np.asarray(Image.open(r.path).convert("RGB").resize((40, 40)))}
-        for r in frame.itertuples()
-    ]
-    return write_manifest(tmp_path_factory.mktemp("gen") / "gen", rows)
 
 
 def test_resnet18_beats_majority_on_real_d7p(tmp_path, d7p_built):

@@ -3,7 +3,8 @@ import random
 import pandas as pd
 import pytest
 
-from lesiongen import concepts, labels
+from lesiongen import labels
+from lesiongen.captions import concepts
 
 
 def test_table_matches_counts_computed_from_derm7pt(d7p_csv):

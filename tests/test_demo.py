@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from lesiongen import labels
-from lesiongen.demo import SETTINGS, STAGES, demo, main
-from lesiongen.demo import DemoConfig as Config
-from lesiongen.report import COMPARISON_COLUMNS, RERUN_COMMANDS
-from lesiongen.train_vae import vae_loss
+from lesiongen.demo.report import COMPARISON_COLUMNS, RERUN_COMMANDS
+from lesiongen.demo.run import SETTINGS, STAGES, demo, main
+from lesiongen.demo.run import DemoConfig as Config
+from lesiongen.diffusion.train_vae import vae_loss
 
 
 @pytest.fixture(scope="session")
@@ -80,12 +80,14 @@ def test_report_has_grids_table_losses_and_commands(quick_demo):
     # self-contained: every image is a data URI, nothing points at a file
     srcs = re.findall(r"src='([^']*)'", html)
     assert len(srcs) == len(labels.CONDITIONS) + 1 and all(s.startswith("data:image/png;base64,") for s in srcs)
-    results = json.loads((quick_demo / "classifiers" / "results.json").read_text())
-    assert [r["name"] for r in results["rows"]] == ["real only", "synthetic only", "real + synthetic"]
-    for row in results["rows"]:
+    results = json.loads((quick_demo / "classifiers" / "comparison.json").read_text())
+    assert results["split"] == "test" and results["checkpoint"] == "best"
+    assert [r["name"] for r in results["runs"]] == ["real only", "synthetic only", "real + synthetic"]
+    for row in results["runs"]:
         for key in ("balanced_accuracy", "accuracy", "macro_f1", "worst_group_accuracy"):
             assert math.isfinite(row[key]) and 0 <= row[key] <= 1
-        assert f"| {row['name']} | {row['n_train']} | {row['balanced_accuracy']:.3f} |" in md
+        n_train = row["n_real"] + row["n_synthetic"]
+        assert f"| {row['name']} | {n_train} | {row['balanced_accuracy']:.3f} |" in md
     header = "| " + " | ".join(title for _, title in COMPARISON_COLUMNS) + " |"
     assert header in md
     for _, command in RERUN_COMMANDS:
@@ -95,7 +97,7 @@ def test_report_has_grids_table_losses_and_commands(quick_demo):
 
 def test_rerun_reuses_finished_stages(quick_demo, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in (quick_demo / ".stages").iterdir()}
-    done = demo(Config(out=str(quick_demo), quick=True))
+    done = demo(Config(output_dir=str(quick_demo), quick=True))
     printed = capsys.readouterr().out
     assert printed.count(": reused (") == len(STAGES) - 1  # the report is always rewritten
     after = {p.name: p.stat().st_mtime_ns for p in (quick_demo / ".stages").iterdir()}
@@ -117,7 +119,7 @@ def test_colour_term_separates_blue_from_brown():
 
 
 def test_report_cli_rejects_bad_flags(tmp_path, capsys):
-    from lesiongen.report import main as report_main
+    from lesiongen.demo.report import main as report_main
 
     assert report_main(["--out", str(tmp_path), "--real_data", str(tmp_path), "--train_runs", "nodir"]) == 2
     assert "--train_runs: 'nodir' is not NAME=DIR" in capsys.readouterr().err

@@ -13,15 +13,15 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import balanced_accuracy_score
 
 from lesiongen import labels
-from lesiongen.demo_data import SKIN_LAB, DemoDataConfig, draw_lesion_row, main, make_demo_data, render
+from lesiongen.captions.metadata import load_ham10000
+from lesiongen.demo.data import SKIN_LAB, DemoDataConfig, draw_lesion_row, main, make_demo_data, render
 from lesiongen.errors import InputError
-from lesiongen.metadata import load_ham10000
 
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "data"
-    summary = make_demo_data(DemoDataConfig(out=str(out), images_per_class=24, seed=3))
+    summary = make_demo_data(DemoDataConfig(output_dir=str(out), images_per_class=24, seed=3))
     return out, summary
 
 
@@ -62,9 +62,9 @@ def test_images_decode_at_resolution_and_some_lesions_repeat(demo_data):
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     cfg = dict(images_per_class=4, resolution=32)
-    make_demo_data(DemoDataConfig(out=str(tmp_path / "a"), seed=1, **cfg))
-    make_demo_data(DemoDataConfig(out=str(tmp_path / "b"), seed=1, **cfg))
-    make_demo_data(DemoDataConfig(out=str(tmp_path / "c"), seed=2, **cfg))
+    make_demo_data(DemoDataConfig(output_dir=str(tmp_path / "a"), seed=1, **cfg))
+    make_demo_data(DemoDataConfig(output_dir=str(tmp_path / "b"), seed=1, **cfg))
+    make_demo_data(DemoDataConfig(output_dir=str(tmp_path / "c"), seed=2, **cfg))
     a, b, c = (sorted((tmp_path / x / "images").iterdir()) for x in "abc")
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     assert [p.read_bytes() for p in a] != [p.read_bytes() for p in c]
@@ -143,5 +143,5 @@ def test_bad_flags_exit_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--images_per_class" in err
     with pytest.raises(InputError, match="--resolution"):
-        DemoDataConfig(resolution=8).check()
+        DemoDataConfig(resolution=8)
     assert not (tmp_path / "x").exists()

@@ -12,12 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lesiongen import fidelity
 from lesiongen.errors import InputError
-from lesiongen.evaluate import concept_faithfulness
-from lesiongen.evaluate import main as evaluate_main
-from lesiongen.features import INCEPTION_DIM, extract, inception_space, module_space, read_rgb
+from lesiongen.evaluate import fidelity
+from lesiongen.evaluate.features import INCEPTION_DIM, extract, inception_space, module_space
+from lesiongen.evaluate.run import concept_faithfulness
+from lesiongen.evaluate.run import main as evaluate_main
 from lesiongen.files import write_jsonl
+from lesiongen.images import read_rgb
 from lesiongen.labels import BY_CODE, CODES
 
 
@@ -293,8 +294,9 @@ def test_attributes_are_measured_from_pixels(eval_run):
 
 @pytest.mark.parametrize("model_name", ["resnet18", "vit"])
 def test_domain_space_is_the_classifier_without_its_head(tmp_path, model_name):
-    from lesiongen.classify import MODELS, ClassifyConfig, save_checkpoint
-    from lesiongen.features import domain_space
+    from lesiongen.classify.config import ClassifyConfig
+    from lesiongen.classify.models import MODELS, save_checkpoint
+    from lesiongen.evaluate.features import domain_space
 
     cfg = ClassifyConfig(data_dir="unused", model=model_name, vit_name="vit_tiny_patch16_224", image_size=32)
     torch.manual_seed(0)
@@ -309,7 +311,7 @@ def test_domain_space_is_the_classifier_without_its_head(tmp_path, model_name):
 
 
 def test_domain_space_rejects_a_missing_checkpoint(tmp_path):
-    from lesiongen.features import domain_space
+    from lesiongen.evaluate.features import domain_space
 
     with pytest.raises(InputError, match="checkpoint not found"):
         domain_space(tmp_path)

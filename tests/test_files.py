@@ -6,9 +6,6 @@ from lesiongen.files import (
     append_jsonl,
     atomic_dir,
     atomic_path,
-    latest_checkpoint,
-    list_checkpoints,
-    prune_checkpoints,
     read_jsonl,
     write_json,
 )
@@ -42,14 +39,3 @@ def test_torn_last_line_is_ignored(tmp_path):
     with open(path, "a") as f:
         f.write('{"i": ')
     assert read_jsonl(path) == [{"i": 1}]
-
-
-def test_checkpoints_only_exact_names_and_prune(tmp_path):
-    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-5", ".checkpoint-12.tmp", "checkpoint-x"):
-        (tmp_path / name).mkdir()
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-5", "checkpoint-10"]
-    assert latest_checkpoint(tmp_path).name == "checkpoint-10"
-    assert [p.name for p in prune_checkpoints(tmp_path, 2)] == ["checkpoint-2"]
-    with atomic_dir(tmp_path / "checkpoint-20") as tmp:
-        (tmp / "w.bin").write_bytes(b"1")
-    assert latest_checkpoint(tmp_path).name == "checkpoint-20"

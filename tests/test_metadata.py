@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
+from lesiongen.captions.metadata import LesionRecord, load_d7p, load_ham10000, load_metadata
 from lesiongen.errors import InputError
-from lesiongen.metadata import LesionRecord, load_d7p, load_ham10000, load_metadata
 
 
 def test_ham10000_loads_every_row(ham_csv):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lesiongen import labels
-from lesiongen.metrics import (
+from lesiongen.classify.metrics import (
     balanced_accuracy,
     classification_metrics,
     majority_baseline,

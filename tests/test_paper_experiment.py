@@ -1,4 +1,4 @@
-"""benchmarks/paper_experiment.py run as a user runs it, on a real Derm7pt subset at 32 px with token training."""
+"""experiments/paper_experiment.py run as a user runs it, on a real Derm7pt subset at 32 px with token training."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "paper_experiment.py"
+SCRIPT = REPO / "experiments" / "paper_experiment.py"
 # Far too short to learn anything: the test checks plumbing, resumption and the table, not accuracy.
 SMOKE = ["--scale", "0.01", "--resolution", "32", "--synthetic_per_class", "2", "--num_inference_steps", "2"]
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from lesiongen.errors import InputError
-from lesiongen.pipeline import (
+from lesiongen.diffusion.pipeline import (
     add_lora,
     is_lora_dir,
     load_pipeline,
@@ -18,6 +17,7 @@ from lesiongen.pipeline import (
     resolve_model,
     save_lora,
 )
+from lesiongen.errors import InputError
 
 
 def unet_output(unet, seed=0):

@@ -9,8 +9,7 @@ import pandas as pd
 import pytest
 
 from lesiongen import labels
-from lesiongen.errors import InputError
-from lesiongen.plans import (
+from lesiongen.diffusion.plans import (
     BALANCE_VALUES,
     ORIGINAL_GUIDANCE_SCALES,
     ORIGINAL_STEPS,
@@ -23,6 +22,7 @@ from lesiongen.plans import (
     shard,
     summarize_plan,
 )
+from lesiongen.errors import InputError
 
 
 def test_allocate_matches_hand_counts():

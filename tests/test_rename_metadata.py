@@ -2,8 +2,8 @@ import shutil
 
 import pytest
 
+from lesiongen.captions.rename_metadata import RenameConfig, rename_all
 from lesiongen.errors import InputError
-from lesiongen.rename_metadata import RenameConfig, rename_all
 
 
 def test_renames_the_single_candidate(tmp_path, ham_csv, d7p_csv):

@@ -9,12 +9,13 @@ import os
 import pandas as pd
 import pytest
 
-from lesiongen import analyze, labels, reports
-from lesiongen.caption_dataset import BuildCaptionsConfig, build
-from lesiongen.captions import MEASURED_PHRASES, caption, report_caption, report_long_text
+from lesiongen import labels
+from lesiongen.captions import analyze, reports
+from lesiongen.captions.build import BuildCaptionsConfig, build
+from lesiongen.captions.metadata import LesionRecord
+from lesiongen.captions.text import MEASURED_PHRASES, caption, report_caption, report_long_text
 from lesiongen.errors import InputError
 from lesiongen.files import read_jsonl
-from lesiongen.metadata import LesionRecord
 from lesiongen.tokens import count_tokens
 
 
@@ -166,7 +167,7 @@ def test_every_text_fits_clip_with_the_diagnosis_first_even_when_overloaded():
 
 
 def test_reporter_flags():
-    cfg = BuildCaptionsConfig(dataset="d7p", metadata="m.csv", out="o")
+    cfg = BuildCaptionsConfig(dataset="d7p", metadata="m.csv", output_dir="o")
     assert reports.resolve_reporters(cfg, "concept", True) == ("metadata", "image")
     assert reports.resolve_reporters(cfg, "concept", False) == ("metadata",)
     assert reports.resolve_reporters(cfg, "label", True) == ("metadata",)
@@ -196,7 +197,7 @@ def d7p_subset(tmp_path_factory, d7p_csv, d7p_images):
 
 def test_build_captions_stores_report_and_long_text(tmp_path, d7p_subset, d7p_images):
     csv, n = d7p_subset
-    cfg = BuildCaptionsConfig(dataset="d7p", metadata=str(csv), images=str(d7p_images), out=str(tmp_path / "o"))
+    cfg = BuildCaptionsConfig(dataset="d7p", metadata=str(csv), images=str(d7p_images), output_dir=str(tmp_path / "o"))
     summary = build(cfg)
     rows = read_jsonl(tmp_path / "o" / "captions.jsonl")
     assert len(rows) == n and summary["reports"]["sources"] == ["metadata", "image"]
@@ -227,8 +228,12 @@ def test_build_captions_stores_report_and_long_text(tmp_path, d7p_subset, d7p_im
 def test_label_style_and_metadata_reporter_keep_their_output(tmp_path, d7p_subset, d7p_images):
     csv, _ = d7p_subset
     out_a, out_b = tmp_path / "a", tmp_path / "b"
-    build(BuildCaptionsConfig(dataset="d7p", metadata=str(csv), images=str(d7p_images), out=str(out_a), style="label"))
-    build(BuildCaptionsConfig(dataset="d7p", metadata=str(csv), out=str(out_b), reporter="metadata"))
+    build(
+        BuildCaptionsConfig(
+            dataset="d7p", metadata=str(csv), images=str(d7p_images), output_dir=str(out_a), style="label"
+        )
+    )
+    build(BuildCaptionsConfig(dataset="d7p", metadata=str(csv), output_dir=str(out_b), reporter="metadata"))
     for out, style in ((out_a, "label"), (out_b, "concept")):
         for row in read_jsonl(out / "captions.jsonl"):
             assert "report" not in row and "long_text" not in row
@@ -237,7 +242,7 @@ def test_label_style_and_metadata_reporter_keep_their_output(tmp_path, d7p_subse
 
 def test_build_captions_cli_rejects_bad_reporter(tmp_path, d7p_subset):
     csv, _ = d7p_subset
-    from lesiongen.caption_dataset import main
+    from lesiongen.captions.build import main
 
     assert main(["--dataset", "d7p", "--metadata", str(csv), "--out", str(tmp_path), "--reporter", "image"]) == 2
     assert not os.listdir(tmp_path)

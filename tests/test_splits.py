@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lesiongen.captions.splits import d7p_official_splits, grouped_kfold, split_by_lesion
 from lesiongen.errors import InputError
-from lesiongen.splits import d7p_official_splits, grouped_kfold, split_by_lesion
 
 
 @pytest.fixture(scope="module")

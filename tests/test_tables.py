@@ -4,57 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
-from PIL import Image
+from builders import write_manifest
 
 from lesiongen import labels
-from lesiongen.caption_dataset import main as build_captions
 from lesiongen.errors import InputError
 from lesiongen.tables import read_image_table
-
-MANIFEST_COLUMNS = [
-    "file_name", "text", "label", "condition", "dx", "sex", "age", "age_bin", "site", "site_group", "skin_tone",
-    *labels.CONCEPT_NAMES, "concept_source", "seed", "guidance_scale", "num_inference_steps", "scheduler", "model",
-    "negative_prompt", "index",
-]  # fmt: skip
-
-
-def build_d7p(out: Path, d7p_csv: Path, d7p_images: Path) -> Path:
-    """build_captions on all of Derm7pt (official splits; metadata reports only, which keeps it to seconds)."""
-    args = ["--dataset", "d7p", "--metadata", str(d7p_csv), "--images", str(d7p_images), "--out", str(out)]
-    assert build_captions(args + ["--skip_bad_rows", "--reporter", "metadata"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def d7p_built(tmp_path_factory, d7p_csv, d7p_images) -> Path:
-    return build_d7p(tmp_path_factory.mktemp("d7p") / "built", d7p_csv, d7p_images)
-
-
-def write_manifest(folder: Path, rows: list[dict]) -> Path:
-    """A generate.py-style output: PNGs under dataset/<Condition>/ and manifest.csv beside them."""
-    records = []
-    for i, row in enumerate(rows):
-        cond = labels.BY_CODE[row["label"]].name if row["label"] in labels.BY_CODE else row["label"]
-        name = f"dataset/{cond}/{row['label']}_{i:06d}.png"
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(row.get("pixels", np.full((16, 16, 3), 40 * i % 255, np.uint8))).save(folder / name)
-        base = {c: "" for c in MANIFEST_COLUMNS}
-        base.update(
-            file_name=name, text=f"{cond}, dermoscopic image", label=row["label"], condition=cond, dx=row["label"]
-        )
-        base.update(
-            sex=row.get("sex", "female"), age=row.get("age", 50), age_bin="45-59", site="back", site_group="trunk"
-        )
-        base.update(skin_tone="unknown", concept_source="imputed", seed=i, guidance_scale=7.5, num_inference_steps=25)
-        base.update(scheduler="ddim", model="tiny", index=i)
-        records.append(base)
-    pd.DataFrame(records, columns=MANIFEST_COLUMNS).to_csv(folder / "manifest.csv", index=False)
-    return folder
 
 
 def test_build_captions_folder_by_split(d7p_built):

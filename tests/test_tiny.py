@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
+from lesiongen.diffusion.tiny import TinyConfig, build_components, main
 from lesiongen.errors import InputError
-from lesiongen.tiny import TinyConfig, build_components, main
 from lesiongen.tokens import clip_tokenizer
 
 
@@ -68,7 +68,7 @@ def test_seed_fixes_weights():
 def test_sample_size_follows_resolution_and_bad_resolution_is_rejected():
     assert build_components(resolution=32)["unet"].config.sample_size == 8
     with pytest.raises(InputError, match="--resolution"):
-        TinyConfig(out="x", resolution=70).check()
+        TinyConfig(output_dir="x", resolution=70)
 
 
 def test_cli_writes_a_loadable_pipeline(tmp_path, capsys):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lesiongen.diffusion.train_vae import TrainVAEConfig, load_images, standardise_latent_channels, train_vae
 from lesiongen.errors import InputError
-from lesiongen.train_vae import TrainVAEConfig, load_images, standardise_latent_channels, train_vae
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,5 @@ def test_short_training_learns_colours_and_saves_a_standardised_vae(trained, ima
 
 
 def test_a_folder_without_a_vae_is_refused(tmp_path, d7p_small_train):
-    cfg = TrainVAEConfig(pretrained_model_name_or_path=str(tmp_path), train_data_dir=str(d7p_small_train))
     with pytest.raises(InputError, match="config.json"):
-        cfg.check()
+        TrainVAEConfig(pretrained_model_name_or_path=str(tmp_path), train_data_dir=str(d7p_small_train))

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lesiongen import reports, vlm
-from lesiongen.caption_dataset import BuildCaptionsConfig, build
+from lesiongen.captions import reports, vlm
+from lesiongen.captions.build import BuildCaptionsConfig, build
 from lesiongen.errors import InputError
 from lesiongen.files import read_jsonl
 
@@ -258,7 +258,7 @@ def test_build_captions_with_vlm_reporter(fake, tmp_path, monkeypatch, capsys):
         dataset="ham10000",
         metadata=str(csv),
         images=str(images),
-        out=str(tmp_path / "o"),
+        output_dir=str(tmp_path / "o"),
         split_fractions=[1.0, 0.0, 0.0],
     )
     args.update(
@@ -286,7 +286,7 @@ def test_build_captions_with_vlm_reporter(fake, tmp_path, monkeypatch, capsys):
 
 def test_build_captions_stops_before_any_image_when_endpoint_is_down(tmp_path):
     csv, images, _ = ham_folder(tmp_path)
-    from lesiongen.caption_dataset import main
+    from lesiongen.captions.build import main
 
     args = ["--dataset", "ham10000", "--metadata", str(csv), "--images", str(images), "--out", str(tmp_path / "o")]
     args += ["--reporter", "metadata,image,vlm", "--vlm_base_url", f"http://127.0.0.1:{free_port()}/v1"]

@@ -1,0 +1,376 @@
+"""The paper's experiment on real Derm7pt: do concept captions beat label captions for synthetic training data?
+
+For each caption style (label-only, concept): build captions, train the diffusion model on the train
+split, generate a class-balanced synthetic set the size of the real train split, train classifiers on
+real / synthetic / mixed images, score them on the validation split (balanced accuracy, macro-F1,
+worst-group accuracy by sex and by body site) and measure the synthetic set (FID/KID in the feature
+space of the real-only classifier; how often a concept probe fires when the caption asks for the concept
+versus when it states its absence). Each seed is a full replicate in <out>/seed-N with its own
+results.json; the table shows mean ± std over seeds, and <out>/results.json holds it all.
+
+    .venv/bin/python experiments/paper_experiment.py --out outputs/paper_experiment [--scale 1] [--seeds 0 1]
+
+``--scale`` multiplies every training length (VAE, UNet, classifier; ``BASE`` at 1, near the TOOLCHAIN.md
+prototype) so the same script runs a plumbing check (0.01, as the tests run it), a CPU experiment (1: about
+51 min a seed on one core of a 2-core CPU; the README has the measured table) or, on a GPU, a full-size one,
+e.g. with real Stable Diffusion weights:
+
+    python experiments/paper_experiment.py --scale 20 --resolution 256 --device cuda \\
+        --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5   # LoRA on the real model
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lesiongen.captions.build import BuildCaptionsConfig, build
+from lesiongen.classify.compare import CompareConfig, compare, markdown
+from lesiongen.classify.compare import summarise as summarise_rows
+from lesiongen.cli import option, parse_config, run
+from lesiongen.devices import AUTO
+from lesiongen.diffusion.checkpoints import latest_checkpoint
+from lesiongen.diffusion.generate import GenerateConfig, generate
+from lesiongen.diffusion.tiny import build_tiny_pipeline
+from lesiongen.diffusion.train import TrainConfig
+from lesiongen.diffusion.train import train as train_diffusion
+from lesiongen.diffusion.train_vae import TrainVAEConfig, train_vae
+from lesiongen.evaluate.run import EvaluateConfig, evaluate
+from lesiongen.files import write_json
+from lesiongen.tables import read_image_table
+
+REPO = Path(__file__).resolve().parents[1]
+WORST_GROUP_FIELDS = ("sex", "site_group")
+# Concept probes reported as "effect": detection rate when the caption asks for the concept minus when it
+# states its absence. Label captions never mention concepts, so their effect is the no-steering control.
+CONCEPT_EFFECTS = {"blue_whitish_veil": "veil_effect", "pigment_network": "network_effect"}
+SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("balanced_accuracy", "balanced acc."),
+    ("macro_f1", "macro-F1"),
+    ("worst_sex", "worst sex acc."),
+    ("worst_site_group", "worst site acc."),
+    ("fid", "FID ({space})"),
+    ("kid", "KID ({space})"),
+    ("veil_effect", "veil effect"),
+    ("network_effect", "network effect"),
+)
+SUMMARY_METRICS = tuple(key for key, _ in SUMMARY_COLUMNS)
+MIN_GROUP = 10  # validation subgroups smaller than this are listed but not ranked (too noisy to be "worst")
+
+# Training lengths at --scale 1, sized for a 2-core CPU at 64 px (TOOLCHAIN.md: ~0.1 s per batch-4 step).
+# The VAE trains on half-size random crops: a quarter of the cost per step, and it measured a lower colour
+# error (6.3 vs 8.2 on 0-255) than full images for the same time on Derm7pt.
+BASE = {"vae_steps": 3000, "unet_steps": 1500, "classifier_epochs": 15}
+
+
+@dataclass
+class PaperConfig:
+    """Run the label-vs-concept caption experiment end to end on real Derm7pt."""
+
+    output_dir: str = option(
+        "outputs/paper_experiment", help="working folder (captions, models, images, results)", aliases=("--out",)
+    )
+    data: str = option(
+        os.environ.get("LESIONGEN_DATA", str(REPO.parent / "shared" / "data")), help="folder holding d7p/"
+    )
+    scale: float = option(1.0, help="multiplies VAE, UNet and classifier training lengths")
+    resolution: int = option(64, help="image size for the diffusion model and the classifiers")
+    styles: list[str] = option(["label", "concept"], help="caption styles to compare", choices=("label", "concept"))
+    pretrained_model_name_or_path: str | None = option(
+        None, help="a Stable Diffusion model (hub id or dir) to fine-tune with LoRA; default: build the tiny model"
+    )
+    model_size: str = option("tiny", help="shape of the built model when none is given", choices=("tiny", "sd1"))
+    synthetic_per_class: int | None = option(None, help="images per condition (default: real train size / classes)")
+    num_inference_steps: int = option(25, help="sampling steps")
+    guidance_scale: float = option(4.0, help="classifier-free guidance")
+    features: list[str] = option(["domain"], help="feature spaces for FID/KID", choices=("domain", "inception"))
+    device: str = option(AUTO, help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+    seeds: list[int] = option(
+        [0], help="one full replicate per seed, in <out>/seed-N; the table shows mean ± std", aliases=("--seed",)
+    )
+
+
+@contextmanager
+def stage(times: dict, name: str):
+    start = time.time()
+    print(f"--- {name}", flush=True)
+    yield
+    times[name] = round(time.time() - start, 1)
+    print(f"--- {name}: {times[name]} s", flush=True)
+
+
+def scaled(key: str, scale: float) -> int:
+    return max(1, round(BASE[key] * scale))
+
+
+def build_base_model(cfg: PaperConfig, seed: int, out: Path, images: Path, times: dict) -> tuple[str, str]:
+    """The model every caption style starts from, and the training mode that suits it."""
+    if cfg.pretrained_model_name_or_path:
+        return cfg.pretrained_model_name_or_path, "lora"
+    base = out / "base-model"
+    if not (base / "model_index.json").is_file():
+        with stage(times, "build tiny model + train its VAE"):
+            build_tiny_pipeline(base, resolution=cfg.resolution, seed=seed, size=cfg.model_size)
+            # Random VAE weights reconstruct nothing (TOOLCHAIN.md): train it on the real train images first.
+            train_vae(
+                TrainVAEConfig(
+                    pretrained_model_name_or_path=str(base),
+                    train_data_dir=str(images),
+                    resolution=cfg.resolution,
+                    max_train_steps=scaled("vae_steps", cfg.scale),
+                    crop_size=cfg.resolution // 2,
+                    seed=seed,
+                )
+            )
+    return str(base), "full"
+
+
+def finished_generation(synthetic: Path, expected: int) -> bool:
+    """A complete synthetic set is reused as is, even if its folder moved (generate's resume checks paths)."""
+    manifest = synthetic / "manifest.csv"
+    return manifest.is_file() and len(read_image_table(manifest)) == expected
+
+
+def condition_counts(data_dir: Path) -> dict[str, int]:
+    return read_image_table(data_dir, split="train")["label"].value_counts().to_dict()
+
+
+def classifier_rows(
+    cfg: PaperConfig,
+    seed: int,
+    data_dir: Path,
+    runs: list[str],
+    synthetic: Path | None,
+    out: Path,
+    times: dict,
+    name: str,
+) -> list[dict]:
+    """The classifier comparison for these training sets, scored on validation at each run's last epoch.
+
+    Derm7pt's test images are withheld, so validation is the only real held-out split: scoring the epoch
+    that was best on it would select on the test data. Every run trains a fixed number of epochs instead.
+    A finished run is not retrained (it resumes from its last epoch), so only new work is timed.
+    """
+    compare_cfg = CompareConfig(
+        data_dir=str(data_dir),
+        synthetic_dir=str(synthetic) if synthetic else None,
+        output_dir=str(out),
+        runs=runs,
+        seeds=[seed],
+        eval_split="validation",
+        checkpoint="last",
+        min_group_size=MIN_GROUP,
+        image_size=cfg.resolution,
+        epochs=scaled("classifier_epochs", cfg.scale),
+        num_workers=0,
+        device=cfg.device,
+    )
+    finished = all((out / f"{mode}-seed{seed}" / "summary.json").is_file() for mode in runs)
+    if finished:
+        return compare(compare_cfg)["runs"]
+    with stage(times, name):
+        return compare(compare_cfg)["runs"]
+
+
+def trained(model_dir: Path) -> bool:
+    return (model_dir / "model_index.json").is_file() or (model_dir / "pytorch_lora_weights.safetensors").is_file()
+
+
+def train_model(cfg: PaperConfig, seed: int, base: str, mode: str, train_dir: Path, model_dir: Path) -> None:
+    steps = scaled("unet_steps", cfg.scale)
+    train_diffusion(
+        TrainConfig(
+            pretrained_model_name_or_path=base,
+            mode=mode,
+            train_text_encoder=mode == "full",  # a random text encoder cannot carry concepts (TOOLCHAIN.md)
+            train_data_dir=str(train_dir),
+            caption_dropout=0.1,  # unconditional steps for classifier-free guidance
+            resolution=cfg.resolution,
+            train_batch_size=16,
+            gradient_accumulation_steps=1,
+            max_train_steps=steps,
+            learning_rate=1e-4 if mode == "lora" else 5e-4,
+            lr_scheduler="cosine",
+            lr_warmup_steps=min(50, steps // 10),
+            output_dir=str(model_dir),
+            checkpointing_steps=max(steps // 2, 1),
+            checkpoints_total_limit=1,
+            validation_steps=0,
+            report_to="none",
+            seed=seed,
+            resume_from_checkpoint="latest" if latest_checkpoint(model_dir) else None,
+        )
+    )
+
+
+def replicate(cfg: PaperConfig, seed: int, out: Path) -> dict:
+    """One full run of the experiment with one seed; every stage resumes from what ``out`` already holds.
+
+    Stage times are those of the run that did the work: a resumed run keeps the times it finds.
+    """
+    earlier = out / "results.json"
+    times: dict[str, float] = json.loads(earlier.read_text())["seconds"] if earlier.is_file() else {}
+    d7p = Path(cfg.data) / "d7p"
+    data = {}
+    for style in cfg.styles:
+        data[style] = out / "data" / style
+        if (data[style] / "summary.json").is_file():
+            continue  # finished by an earlier run (every stage resumes, so a killed run can be restarted)
+        with stage(times, f"captions ({style})"):
+            build(
+                BuildCaptionsConfig(
+                    dataset="d7p",
+                    metadata=str(d7p / "meta" / "meta.csv"),
+                    images=str(d7p / "images"),
+                    output_dir=str(data[style]),
+                    style=style,
+                    seed=seed,
+                    skip_bad_rows=True,
+                )
+            )
+    first = data[cfg.styles[0]]
+    base, mode = build_base_model(cfg, seed, out, first / "train" / "images", times)
+
+    real_dir = out / "classifiers" / "real"
+    rows = [
+        {"captions": "-", **r}
+        for r in classifier_rows(cfg, seed, first, ["real"], None, real_dir, times, "classifier (real only)")
+    ]
+
+    counts = condition_counts(first)
+    per_class = cfg.synthetic_per_class or max(1, round(sum(counts.values()) / len(counts)))
+    evaluations = {}
+    for style in cfg.styles:
+        model_dir = out / "models" / style
+        if not trained(model_dir):
+            with stage(times, f"diffusion training ({style})"):
+                train_model(cfg, seed, base, mode, data[style] / "train", model_dir)
+        synthetic = out / "synthetic" / style
+        if not finished_generation(synthetic, per_class * len(counts)):
+            with stage(times, f"generation ({style})"):
+                generate(
+                    GenerateConfig(
+                        condition=",".join(sorted(counts)),
+                        mode="dataset",
+                        num_images=per_class,
+                        output_dir=str(synthetic),
+                        model_path=str(model_dir),
+                        base_model=base if mode == "lora" else None,
+                        device=cfg.device,
+                        guidance_scale=[cfg.guidance_scale],
+                        num_inference_steps=[cfg.num_inference_steps],
+                        batch_size=32,
+                        caption_style=style,
+                        resolution=cfg.resolution,
+                        seed=seed,
+                    )
+                )
+        runs = ["synthetic", "mixed"]
+        name = f"classifiers (synthetic, mixed; {style})"
+        rows += [
+            {"captions": style, **r}
+            for r in classifier_rows(cfg, seed, data[style], runs, synthetic, out / "classifiers" / style, times, name)
+        ]
+        previous = out / "evaluation" / style / "evaluation.json"
+        if previous.is_file():
+            evaluations[style] = json.loads(previous.read_text())
+            continue
+        with stage(times, f"evaluation ({style})"):
+            evaluations[style] = evaluate(
+                EvaluateConfig(
+                    real=str(data[style]),
+                    synthetic=str(synthetic / "manifest.csv"),
+                    output_dir=str(out / "evaluation" / style),
+                    features=cfg.features,
+                    classifier=str(real_dir / f"real-seed{seed}" / "last.pt"),
+                    seed=seed,
+                )
+            )
+    result = {
+        "seed": seed,
+        "synthetic_per_class": per_class,
+        "rows": rows,
+        "fidelity": {style: fidelity_row(e) for style, e in evaluations.items()},
+        "seconds": times,
+    }
+    write_json(out / "results.json", result)
+    return result
+
+
+def fidelity_row(evaluation: dict) -> dict:
+    out = {}
+    for space, r in evaluation["spaces"].items():
+        overall = r["overall"]
+        out[space] = {k: overall.get(k) for k in ("fid", "kid", "precision", "recall", "coverage")}
+        out[space]["flagged_copies"] = r["memorisation"]["flagged"]
+        for concept, name in CONCEPT_EFFECTS.items():
+            out[space][name] = r["concepts"].get(concept, {}).get("effect")
+    return out
+
+
+def summarise(replicates: list[dict], space: str) -> list[dict]:
+    """Mean and std (over seeds) of every metric per (captions, train) row, with its style's fidelity."""
+    rows = [
+        {"seed": rep["seed"], **row, **rep["fidelity"].get(row["captions"], {}).get(space, {})}
+        for rep in replicates
+        for row in rep["rows"]
+    ]
+    return summarise_rows(rows, by=("captions", "train"), metrics=SUMMARY_METRICS)
+
+
+def experiment(cfg: PaperConfig) -> dict:
+    out = Path(cfg.output_dir)
+    replicates = [replicate(cfg, seed, out / f"seed-{seed}") for seed in cfg.seeds]
+    result = {
+        "config": vars(cfg),
+        "machine": machine(),
+        "space": cfg.features[0],
+        "summary": summarise(replicates, cfg.features[0]),
+        "replicates": replicates,
+    }
+    write_json(out / "results.json", result)
+    print(table(result))
+    return result
+
+
+def machine() -> dict:
+    import diffusers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+    }
+
+
+def table(result: dict) -> str:
+    space, seeds = result["space"], result["config"]["seeds"]
+    columns = [(key, title.format(space=space)) for key, title in SUMMARY_COLUMNS]
+    lines = [
+        f"Derm7pt validation split; seeds {', '.join(map(str, seeds))}" + (" (mean ± std)" if len(seeds) > 1 else ""),
+        "",
+        markdown(result["summary"], by=(("captions", "captions"), ("train", "train")), metrics=columns, counts=False),
+    ]
+    for rep in result["replicates"]:
+        lines.append(f"seed {rep['seed']} stage seconds: " + json.dumps(rep["seconds"]))
+    lines.append("machine: " + json.dumps(result["machine"]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(lambda: experiment(parse_config(PaperConfig, argv, prog="experiments/paper_experiment.py")))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

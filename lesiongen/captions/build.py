@@ -1,0 +1,230 @@
+"""The ``build_captions.py`` stage: metadata -> captions -> lesion-grouped splits -> imagefolder.
+
+Output layout (loadable with ``datasets.load_dataset("imagefolder", data_dir=OUT)``)::
+
+    OUT/train/metadata.jsonl, OUT/train/images/...      (and validation/, test/)
+    OUT/captions.jsonl                                  every captioned row, with its split
+    OUT/summary.json                                    counts, skips, token lengths
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import labels
+from ..cli import option, parse_config, run
+from ..errors import InputError
+from ..files import write_json, write_jsonl
+from ..images import decode_problem, list_images
+from ..tables import SPLITS
+from ..tokens import CLIP_MAX_TOKENS, count_tokens
+from .concepts import impute_concepts
+from .metadata import LOADERS, LesionRecord, load_metadata
+from .reports import Reporter, ReportOptions
+from .splits import D7P_INDEX_FILES, d7p_official_splits, split_by_lesion
+from .text import STYLES, caption, record_rng
+
+LINKS = ("symlink", "hardlink", "copy")
+
+
+@dataclass
+class BuildCaptionsConfig(ReportOptions):
+    """Turn HAM10000 / Derm7pt metadata into a captioned, split imagefolder dataset."""
+
+    dataset: str = option(help="which metadata schema to read", choices=tuple(LOADERS))
+    metadata: str = option(help="the metadata CSV (HAM10000_metadata.csv or Derm7pt meta.csv)")
+    output_dir: str = option(help="output folder for the imagefolder dataset", aliases=("--out",))
+    images: str | None = option(None, help="image folder; omit to caption the metadata alone")
+    style: str = option("concept", help="caption style", choices=tuple(STYLES))
+    seed: int = option(0, help="seed for phrasing, imputed concepts and splits")
+    skip_bad_rows: bool = option(
+        False, help="skip (and count) bad rows and missing or corrupt images instead of stopping"
+    )
+    split_dir: str | None = option(
+        None, help="Derm7pt folder with {train,valid,test}_indexes.csv (default: beside --metadata)"
+    )
+    split_fractions: list[float] = option(
+        [0.8, 0.1, 0.1], help="train/validation/test fractions when no official split exists"
+    )
+    link: str = option("symlink", help="how images enter the output folder", choices=LINKS)
+
+    def __post_init__(self) -> None:
+        if self.images is not None and not Path(self.images).is_dir():
+            raise InputError(
+                self.images, "image folder not found", "check --images, or omit it to caption metadata alone"
+            )
+
+
+def index_images(folder: Path) -> dict[str, Path]:
+    """Map lower-case relative path and stem -> file, so HAM's part_1/part_2 layouts both work."""
+    index: dict[str, Path] = {}
+    for p in list_images(folder):
+        index.setdefault(p.relative_to(folder).as_posix().lower(), p)
+        index.setdefault(p.stem.lower(), p)
+    return index
+
+
+def find_image(record: LesionRecord, index: dict[str, Path]) -> Path | None:
+    keys = [record.image_path.lower()] if record.image_path else []
+    keys.append(record.image_id.lower())
+    return next((index[k] for k in keys if k in index), None)
+
+
+def place_image(src: Path, dst: Path, how: str) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() or dst.exists():
+        dst.unlink()
+    if how == "symlink":
+        os.symlink(src.resolve(), dst)
+    elif how == "hardlink":
+        os.link(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def find_d7p_split_dir(metadata: Path) -> Path | None:
+    """The official index files sit beside meta.csv, or in meta/ once rename_metadata.py moved it up."""
+    for folder in (metadata.parent, metadata.parent / "meta"):
+        if (folder / D7P_INDEX_FILES["train"]).is_file():
+            return folder
+    return None
+
+
+def assign_splits(cfg: BuildCaptionsConfig, records: list[LesionRecord], rows: list[int]) -> tuple[list[str], str]:
+    split_dir = Path(cfg.split_dir) if cfg.split_dir else find_d7p_split_dir(Path(cfg.metadata))
+    if cfg.dataset == "d7p" and split_dir is not None:
+        n_rows = max(rows) + 1
+        official = d7p_official_splits(split_dir, max(n_rows, 1))
+        return [official[i] or "train" for i in rows], f"official ({split_dir})"
+    fractions = tuple(cfg.split_fractions)
+    if len(fractions) != 3:
+        raise InputError("--split_fractions", "needs three numbers", "e.g. --split_fractions 0.8 0.1 0.1")
+    splits = split_by_lesion([r.dx for r in records], [r.lesion_id for r in records], fractions, cfg.seed)
+    return splits, "lesion-grouped, diagnosis-stratified"
+
+
+def caption_record(record: LesionRecord, style: str, seed: int) -> tuple[LesionRecord, dict]:
+    """Impute concepts where none were observed (concept style), caption, and return the row."""
+    if style == "concept" and record.concept_source == "none":
+        drawn = impute_concepts(record.dx, record_rng(seed, "concepts:" + record.image_id))
+        if drawn:
+            record.concepts, record.concept_source = drawn, "imputed"
+    cap = caption(record, style, seed, fits=lambda t: count_tokens(t) <= CLIP_MAX_TOKENS)
+    row = record.to_row()
+    row.update(
+        text=cap.text,
+        label=record.dx,
+        condition=labels.BY_CODE[record.dx].name if record.dx in labels.BY_CODE else labels.OTHER,
+        caption_style=style,
+        caption_seed=seed,
+        caption_omitted=",".join(cap.omitted),  # a string: imagefolder infers one type per split
+        n_tokens=count_tokens(cap.text),
+    )
+    return record, row
+
+
+def build(cfg: BuildCaptionsConfig) -> dict:
+    loaded = load_metadata(cfg.dataset, cfg.metadata, cfg.skip_bad_rows)
+    records, rows = loaded.records, loaded.rows
+    skipped = {"bad_rows": loaded.skipped, "missing_images": [], "corrupt_images": []}
+    splits, split_kind = assign_splits(cfg, records, rows)
+    out = Path(cfg.output_dir)
+    images = Path(cfg.images) if cfg.images else None
+    index = index_images(images) if images else {}
+    reporter = Reporter.from_config(cfg, cfg.style, images, out)
+
+    kept: list[dict] = []
+    sources: list[tuple[LesionRecord, Path]] = []
+    for record, split in tqdm(list(zip(records, splits, strict=False)), desc="captions", unit="img", disable=None):
+        src = None
+        if images is not None:
+            src = find_image(record, index)
+            problem = None if src else "missing image"
+            problem = problem or (f"corrupt image ({p})" if (p := decode_problem(src)) else None)
+            if problem:
+                where = images / (record.image_path or record.image_id + ".jpg")
+                if not cfg.skip_bad_rows:
+                    raise InputError(
+                        where, f"{problem} for image_id {record.image_id}", "add the image or pass --skip_bad_rows"
+                    )
+                key = "missing_images" if problem == "missing image" else "corrupt_images"
+                skipped[key].append(record.image_id)
+                continue
+        record, row = caption_record(record, cfg.style, cfg.seed)
+        row["split"] = split
+        if src is not None:
+            row["file_name"] = f"images/{record.image_path or src.name}"
+            place_image(src, out / split / row["file_name"], cfg.link)
+            sources.append((record, src))
+        kept.append(row)
+    fits = lambda t: count_tokens(t) <= CLIP_MAX_TOKENS  # noqa: E731
+    report_stats = reporter.apply(sources, kept, cfg.seed, fits) if reporter else None
+
+    if images is not None:
+        for split in SPLITS:
+            split_rows = [r for r in kept if r["split"] == split]
+            if split_rows:
+                write_jsonl(out / split / "metadata.jsonl", [{"file_name": r["file_name"], **r} for r in split_rows])
+    write_jsonl(out / "captions.jsonl", kept)
+    summary = summarize(cfg, kept, skipped, split_kind, images is not None)
+    if report_stats:
+        summary["reports"] = report_stats
+    write_json(out / "summary.json", summary)
+    print_summary(summary, out)
+    return summary
+
+
+def summarize(cfg: BuildCaptionsConfig, rows: list[dict], skipped: dict, split_kind: str, checked: bool) -> dict:
+    lengths = np.array([r["n_tokens"] for r in rows])
+    omitted = Counter(f for r in rows for f in r["caption_omitted"].split(",") if f)
+    return {
+        "config": asdict(cfg),
+        "images_checked": checked,
+        "captioned": len(rows),
+        "skipped": {k: len(v) for k, v in skipped.items()},
+        "skipped_examples": {k: v[:20] for k, v in skipped.items()},
+        "split_method": split_kind,
+        "per_split": {s: dict(Counter(r["label"] for r in rows if r["split"] == s)) for s in SPLITS},
+        "concept_source": dict(Counter(r["concept_source"] for r in rows)),
+        "tokens": {
+            "min": int(lengths.min()),
+            "mean": round(float(lengths.mean()), 1),
+            "p95": int(np.percentile(lengths, 95)),
+            "max": int(lengths.max()),
+            "limit": CLIP_MAX_TOKENS,
+            "histogram": {
+                f"{lo}-{lo + 9}": int(((lengths >= lo) & (lengths < lo + 10)).sum()) for lo in range(0, 80, 10)
+            },
+        },
+        "omitted_facts": dict(omitted),
+    }
+
+
+def print_summary(s: dict, out: Path) -> None:
+    skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in s["skipped"].items() if v) or "none"
+    print(f"captioned {s['captioned']} images ({s['config']['style']} style); skipped: {skipped}")
+    if not s["images_checked"]:
+        print("no --images given: captions are keyed by image_id and no image was checked")
+    counts = ", ".join(f"{k} {sum(v.values())}" for k, v in s["per_split"].items())
+    print(f"splits ({s['split_method']}): {counts}")
+    t = s["tokens"]
+    print(f"CLIP tokens: min {t['min']}, mean {t['mean']}, p95 {t['p95']}, max {t['max']} (limit {t['limit']})")
+    if s["omitted_facts"]:
+        print(f"facts shortened to fit the window: {s['omitted_facts']}")
+    print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(lambda: build(parse_config(BuildCaptionsConfig, argv, prog="build_captions.py")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Lesion-grouped, diagnosis-stratified splits and grouped k-fold.
+
+HAM10000 photographs one lesion several times; an image-level split would put the same lesion in
+train and test, so every split here keeps all images of a ``lesion_id`` together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from ..errors import InputError
+
+D7P_INDEX_FILES = {"train": "train_indexes.csv", "validation": "valid_indexes.csv", "test": "test_indexes.csv"}
+
+
+def grouped_kfold(labels: Sequence[str], groups: Sequence[str], k: int, seed: int = 0) -> list[np.ndarray]:
+    """Fold id per item: k diagnosis-stratified folds with no group in two folds."""
+    n = len(labels)
+    folds = np.full(n, -1)
+    if len(set(groups)) < k:
+        raise InputError(
+            "--folds", f"{k} folds need at least {k} distinct lesions, got {len(set(groups))}", "use fewer folds"
+        )
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for fold, (_, idx) in enumerate(splitter.split(np.zeros(n), list(labels), list(groups))):
+        folds[idx] = fold
+    return [np.flatnonzero(folds == f) for f in range(k)]
+
+
+def split_by_lesion(
+    labels: Sequence[str], groups: Sequence[str], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> list[str]:
+    """Assign train/validation/test per item, grouped by lesion and stratified by diagnosis.
+
+    Built from 1/q-sized grouped stratified folds, with q chosen so the validation and test
+    fractions are whole numbers of folds (0.1 -> 10 folds).
+    """
+    if abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
+        raise InputError("--split_fractions", f"{fractions} must be non-negative and sum to 1", "e.g. 0.8 0.1 0.1")
+    q = next(q for q in range(2, 101) if all(abs(f * q - round(f * q)) < 1e-6 for f in fractions))
+    n_val, n_test = round(fractions[1] * q), round(fractions[2] * q)
+    if n_val + n_test == 0:
+        return ["train"] * len(labels)
+    if len(set(groups)) < q:
+        raise InputError(
+            "--split_fractions",
+            f"{fractions} needs at least {q} distinct lesions, got {len(set(groups))}",
+            "use coarser fractions or more data",
+        )
+    folds = grouped_kfold(labels, groups, q, seed)
+    out = ["train"] * len(labels)
+    for f, idx in enumerate(folds):
+        name = "test" if f < n_test else "validation" if f < n_test + n_val else "train"
+        for i in idx:
+            out[i] = name
+    return out
+
+
+def d7p_official_splits(split_dir: str | Path, n_rows: int) -> list[str]:
+    """The official Derm7pt split: index files hold 0-based row numbers of meta.csv."""
+    split_dir = Path(split_dir)
+    out = [""] * n_rows
+    for split, name in D7P_INDEX_FILES.items():
+        path = split_dir / name
+        if not path.is_file():
+            raise InputError(
+                path, "split index file not found", "pass --split_dir with train/valid/test_indexes.csv, or omit it"
+            )
+        idx = pd.read_csv(path)["indexes"].astype(int)
+        if idx.max() >= n_rows or idx.min() < 0:
+            raise InputError(
+                path, f"index {idx.max()} is outside meta.csv's {n_rows} rows", "use the index files of this meta.csv"
+            )
+        for i in idx:
+            out[i] = split
+    return out

@@ -1,0 +1,2 @@
+"""Classification: the classifier registry and training loop, its data, per-subgroup evaluation, pure metrics and
+the one real / synthetic / mixed comparison."""

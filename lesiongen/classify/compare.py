@@ -1,0 +1,217 @@
+"""The one real / synthetic / mixed comparison: ``classification/compare.py``, the demo and the paper experiment.
+
+The paper's main result: the same classifier, settings and seeds, trained on each kind of data and
+scored on the same real held-out split, overall and on its worst subgroup. Every caller reads the one
+result file written here (``comparison.json``), and ``summarise`` / ``markdown`` make the mean ± std
+table over seeds here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import labels
+from ..cli import option, parse_config, run
+from ..errors import InputError
+from ..files import atomic_path, write_json, write_text
+from ..tables import METADATA, SPLITS, read_image_table
+from .config import ClassifierSettings, ClassifyConfig
+from .data import TRAIN_MODES
+from .evaluate import EvalConfig, evaluate
+from .metrics import majority_baseline
+from .train import train
+
+RESULT_FILE = "comparison.json"
+CHECKPOINTS = {"best": "best.pt", "last": "last.pt"}
+# Metrics averaged over seeds, with their table titles.
+METRICS: tuple[tuple[str, str], ...] = (
+    ("accuracy", "accuracy"),
+    ("balanced_accuracy", "balanced acc."),
+    ("macro_f1", "macro-F1"),
+    ("macro_auc", "macro AUC"),
+    ("worst_group_accuracy", "worst-group acc."),
+    ("max_gap", "best-worst gap"),
+)
+RUN_NAMES = {"real": "real only", "synthetic": "synthetic only", "mixed": "real + synthetic"}
+
+
+@dataclass
+class CompareConfig(ClassifierSettings):
+    """Train real-only, synthetic-only and mixed classifiers with the same settings and compare them."""
+
+    output_dir: str = option(
+        "comparison", help="one sub-folder per run, plus comparison.json, compare.csv and compare.md"
+    )
+    runs: list[str] = option(list(TRAIN_MODES), help="which training sets to compare", choices=TRAIN_MODES)
+    seeds: list[int] = option([0], help="one run per seed and training set; the table shows mean and spread")
+    eval_split: str | None = option(
+        None, help="real split scored in the table (default: test if it has images, else validation)", choices=SPLITS
+    )
+    checkpoint: str = option(
+        "best",
+        help="score each run's best-validation epoch, or its last epoch (use last when --eval_split is validation)",
+        choices=tuple(CHECKPOINTS),
+    )
+    min_group_size: int = option(5, help="smaller subgroups cannot be the worst group")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if any(r != "real" for r in self.runs) and not self.synthetic_dir:
+            raise InputError(
+                "--synthetic_dir",
+                "synthetic and mixed runs need synthetic images",
+                "pass generate.py's output folder, or --runs real",
+            )
+
+    def run_config(self, mode: str, seed: int) -> ClassifyConfig:
+        """The classifier config of one run: these settings with its own data, seed and folder."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ClassifierSettings)}
+        out = Path(self.output_dir) / f"{mode}-seed{seed}"
+        return ClassifyConfig(**{**shared, "train": mode, "seed": seed, "output_dir": str(out)})
+
+
+def eval_split(cfg: CompareConfig) -> str:
+    if cfg.eval_split:
+        return cfg.eval_split
+    return "test" if (Path(cfg.data_dir) / "test" / METADATA).is_file() else "validation"
+
+
+def check_inputs(cfg: CompareConfig, split: str) -> None:
+    """Read every table once before the first run trains, so a bad path fails in seconds, not after an hour."""
+    for name in ("train", split):
+        read_image_table(cfg.data_dir, name, on_missing="skip" if cfg.skip_missing else "error")
+    if any(r != "real" for r in cfg.runs):
+        read_image_table(cfg.synthetic_dir, on_missing="skip" if cfg.skip_missing else "error")
+
+
+def run_row(cfg: CompareConfig, mode: str, seed: int, split: str) -> dict:
+    """Train one run (or resume it), score its chosen checkpoint on ``split``, return its table row."""
+    run_cfg = cfg.run_config(mode, seed)
+    report = train(run_cfg)
+    checkpoint = Path(run_cfg.output_dir) / CHECKPOINTS[cfg.checkpoint]
+    result = evaluate(
+        EvalConfig(
+            checkpoint=str(checkpoint),
+            data_dir=cfg.data_dir,
+            split=split,
+            output_dir=str(Path(run_cfg.output_dir) / f"eval-{split}"),
+            min_group_size=cfg.min_group_size,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            skip_missing=cfg.skip_missing,
+            device=cfg.device,
+        )
+    )
+    n = report["runs"][0]["n_train"]
+    o = result["overall"]
+    return {
+        "train": mode,
+        "name": RUN_NAMES[mode],
+        "seed": seed,
+        "n_real": n.get("real", 0),
+        "n_synthetic": n.get("synthetic", 0),
+        **{key: o.get(key) for key, _ in METRICS[:4]},
+        "worst_group_accuracy": result["worst_group_accuracy"],
+        "worst_group": result["worst_group"],
+        "max_gap": result["max_gap"],
+        "max_gap_field": result["max_gap_field"],
+        **{f"worst_{f}": result["subgroups"][f]["worst_accuracy"] for f in labels.SUBGROUP_FIELDS},
+        **{f"worst_{f}_group": result["subgroups"][f]["worst_group"] for f in labels.SUBGROUP_FIELDS},
+        "checkpoint": str(checkpoint),
+        "epoch": result["epoch"],
+        "eval_dir": str(Path(run_cfg.output_dir) / f"eval-{split}"),
+    }
+
+
+def summarise(rows: Sequence[dict], by: Sequence[str] = ("train",), metrics: Sequence[str] = ()) -> list[dict]:
+    """Mean and standard deviation over seeds of each metric, per group of ``by`` values, in first-seen order.
+
+    ``n_real`` and ``n_synthetic`` are carried from a group's first row; missing values are skipped.
+    """
+    metrics = list(metrics) or [key for key, _ in METRICS]
+    frame = pd.DataFrame(list(rows))
+    out = []
+    for keys, group in frame.groupby(list(by), sort=False):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        row = dict(zip(by, keys, strict=True))
+        row.update({k: group[k].iloc[0] for k in ("n_real", "n_synthetic") if k in group})
+        row["seeds"] = int(group["seed"].nunique()) if "seed" in group else len(group)
+        for m in metrics:
+            values = pd.to_numeric(group[m], errors="coerce").dropna() if m in group else pd.Series(dtype=float)
+            row[m] = float(values.mean()) if len(values) else None
+            row[f"{m}_std"] = float(values.std(ddof=0)) if len(values) else None
+        out.append(row)
+    return out
+
+
+def cell(row: dict, metric: str) -> str:
+    """``mean ± std`` over seeds, or the single value; ``n/a`` when missing."""
+    value, std = row.get(metric), row.get(f"{metric}_std")
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "n/a"
+    return f"{value:.3f}" + (f" ± {std:.3f}" if row.get("seeds", 1) > 1 and std is not None else "")
+
+
+def markdown(
+    table: Sequence[dict],
+    by: Sequence[tuple[str, str]] = (("train", "train"),),
+    metrics: Sequence[tuple[str, str]] = METRICS,
+    counts: bool = True,
+) -> str:
+    """The summary as a Markdown table: the ``by`` columns, image counts, then each metric as mean ± std."""
+    heads = [title for _, title in by] + (["real imgs", "synthetic imgs"] if counts else []) + [t for _, t in metrics]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for r in table:
+        cells = [str(r[k]) for k, _ in by] + (
+            [str(r.get("n_real", "")), str(r.get("n_synthetic", ""))] if counts else []
+        )
+        lines.append("| " + " | ".join(cells + [cell(r, m) for m, _ in metrics]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(cfg: CompareConfig) -> dict:
+    """Every (training set, seed) run, scored on one split; writes and returns the comparison result."""
+    out = Path(cfg.output_dir)
+    split = eval_split(cfg)
+    check_inputs(cfg, split)
+    rows = [run_row(cfg, mode, seed, split) for mode in cfg.runs for seed in cfg.seeds]
+    table = summarise(rows)
+    scored = read_image_table(cfg.data_dir, split)["label"]
+    baseline = majority_baseline(read_image_table(cfg.data_dir, "train")["label"], scored)
+    result = {
+        "split": split,
+        "n_eval": len(scored),
+        "checkpoint": cfg.checkpoint,
+        "baseline": baseline,
+        "runs": rows,
+        "table": table,
+    }
+    write_json(out / RESULT_FILE, result)
+    for name, frame in (("compare_runs.csv", pd.DataFrame(rows)), ("compare.csv", pd.DataFrame(table))):
+        with atomic_path(out / name) as tmp:
+            frame.to_csv(tmp, index=False)
+    text = (
+        f"Scored on the real `{split}` split ({cfg.checkpoint} checkpoint of each run); mean ± std over seeds.\n\n"
+        + markdown(table)
+        + f"| majority class ({baseline['class']}) | | | {baseline['accuracy']:.3f} | "
+        f"{baseline['balanced_accuracy']:.3f} | | | | |\n"
+    )
+    write_text(out / "compare.md", text)
+    print(text)
+    print(f"wrote {out / RESULT_FILE}, {out / 'compare.csv'} and {out / 'compare.md'}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(lambda: compare(parse_config(CompareConfig, argv, prog="compare.py")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The classifier registry (a name -> constructor, as timm does), checkpoints, and running a model on images.
+
+The head always has one output per ``labels.CODES`` entry, so every checkpoint scores the same classes
+whatever data trained it.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .. import labels
+from ..errors import InputError
+from ..files import atomic_path
+from .config import ClassifyConfig, config_from_dict
+from .data import ImageDataset, make_transform
+
+
+def _pretrained_error(model: str, err: Exception, fix: str) -> InputError:
+    return InputError(
+        "--pretrained", f"ImageNet weights for {model} are not available offline ({type(err).__name__}: {err})", fix
+    )
+
+
+def build_resnet18(num_classes: int, cfg: ClassifyConfig) -> nn.Module:
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    if cfg.pretrained:
+        weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+        try:
+            state = weights.get_state_dict(progress=False, check_hash=False)
+        except OSError as e:
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+            raise _pretrained_error(
+                "resnet18", e, f"put {Path(weights.url).name} at {cache}, or drop --pretrained"
+            ) from None
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        model.load_state_dict(state, strict=False)
+    return model
+
+
+def build_vit(num_classes: int, cfg: ClassifyConfig) -> nn.Module:
+    import timm
+
+    try:
+        model = timm.create_model(
+            cfg.vit_name, pretrained=cfg.pretrained, num_classes=num_classes, img_size=cfg.image_size
+        )
+    except RuntimeError as e:
+        if "Unknown model" not in str(e):
+            raise
+        raise InputError(
+            "--vit_name", f"timm has no model '{cfg.vit_name}'", "e.g. vit_tiny_patch16_224, vit_small_patch16_224"
+        ) from None
+    except OSError as e:
+        fix = "download it once online into the Hugging Face cache, set HF_HUB_OFFLINE=1 to skip retries, or drop --pretrained"
+        raise _pretrained_error(cfg.vit_name, e, fix) from None
+    patch = model.patch_embed.patch_size[0]
+    if cfg.image_size % patch:
+        raise InputError(
+            "--image_size",
+            f"{cfg.image_size} is not a multiple of {cfg.vit_name}'s patch size {patch}",
+            f"use a multiple of {patch}",
+        )
+    return model
+
+
+MODELS: dict[str, Callable[[int, ClassifyConfig], nn.Module]] = {"resnet18": build_resnet18, "vit": build_vit}
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint dict written by this stage for this version's classes, or an InputError saying why not."""
+    fix = "pass best.pt or last.pt written by classifier.py"
+    if not path.is_file():
+        raise InputError(path, "checkpoint not found", fix)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise InputError(path, f"is not a readable checkpoint ({type(e).__name__})", fix) from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise InputError(path, "is not a LesionGen classifier checkpoint", fix)
+    classes = list(ckpt.get("classes", []))
+    if classes != list(labels.CODES):
+        raise InputError(
+            path,
+            f"was trained for {len(classes)} classes ({', '.join(classes)}), "
+            f"this version scores {len(labels.CODES)} ({', '.join(labels.CODES)})",
+            "retrain the classifier with this version, in a new --output_dir",
+        )
+    return ckpt
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ClassifyConfig, dict]:
+    """A trained model from best.pt/last.pt (or a run folder's best.pt)."""
+    path = Path(path)
+    ckpt = read_checkpoint(path / "best.pt" if path.is_dir() else path)
+    cfg = config_from_dict(ckpt["config"])
+    model = MODELS[cfg.model](len(labels.CODES), replace(cfg, pretrained=False))  # weights come from the checkpoint
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise InputError(
+            path, f"weights do not fit a {cfg.model} with {len(labels.CODES)} classes ({str(e)[:200]})", "retrain"
+        ) from None
+    return model.to(device).eval(), cfg, ckpt
+
+
+def autocast(device: str | torch.device, enabled: bool):
+    kind = torch.device(device).type
+    return torch.autocast(device_type=kind, dtype=torch.float16 if kind == "cuda" else torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module, frame: pd.DataFrame, cfg: ClassifyConfig, device: str | torch.device, desc: str = "predict"
+) -> np.ndarray:
+    """Softmax probabilities, one column per ``labels.CODES`` entry, in row order."""
+    dataset = ImageDataset(frame["path"].tolist(), np.zeros(len(frame)), cfg.image_size, make_transform(cfg.image_size))
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    model.eval()
+    out = []
+    for x, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+        with autocast(device, cfg.amp):
+            out.append(torch.softmax(model(x.to(device)).float(), dim=1).cpu())
+    return torch.cat(out).numpy()
+
+
+def save_checkpoint(path: Path, model: nn.Module, cfg: ClassifyConfig, epoch: int, extra: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "classes": list(labels.CODES),
+                "config": asdict(cfg),
+                "epoch": epoch,
+                **extra,
+            },
+            tmp,
+        )

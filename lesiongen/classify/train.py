@@ -1,0 +1,236 @@
+"""The classifier stage: one training loop over real, synthetic or mixed images (``classifier.py``).
+
+Selects the epoch with the best validation balanced accuracy (``best.pt``), keeps ``last.pt`` every
+epoch and resumes from it, so a killed run repeats nothing and ends with the uninterrupted weights.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, WeightedRandomSampler
+from tqdm import tqdm
+
+from .. import labels
+from ..cli import parse_config, run
+from ..devices import resolve_device
+from ..errors import InputError
+from ..files import write_json, write_jsonl
+from .config import ClassifyConfig
+from .data import (
+    ImageDataset,
+    assemble,
+    check_classes,
+    class_weights,
+    drop_corrupt,
+    lesion_folds,
+    load_tables,
+    make_transform,
+    targets,
+)
+from .metrics import classification_metrics, majority_baseline
+from .models import MODELS, autocast, predict_proba, read_checkpoint, save_checkpoint
+
+RUN_FIELDS = ("model", "vit_name", "image_size", "train", "synthetic_dir", "synthetic_ratio", "balance", "folds")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def evaluate_frame(
+    model: nn.Module, frame: pd.DataFrame, cfg: ClassifyConfig, device: torch.device
+) -> tuple[dict, np.ndarray]:
+    proba = predict_proba(model, frame, cfg, device)
+    pred = [labels.CODES[i] for i in proba.argmax(1)]
+    return classification_metrics(frame["label"].tolist(), pred, proba), proba
+
+
+def make_train_loader(cfg: ClassifyConfig, frame: pd.DataFrame, epoch: int) -> DataLoader:
+    """Order and augmentation are seeded per epoch, so a resumed run repeats the uninterrupted one."""
+    y = targets(frame)
+    dataset = ImageDataset(frame["path"].tolist(), y, cfg.image_size, make_transform(cfg.image_size, cfg.augment))
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    sampler = None
+    if cfg.balance == "sampler":
+        weights = class_weights(y, len(labels.CODES))[y]
+        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(y), generator=generator)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        num_workers=cfg.num_workers,
+        drop_last=len(y) > cfg.batch_size,
+        persistent_workers=False,
+    )
+
+
+def train_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg: ClassifyConfig, desc: str) -> float:
+    model.train()
+    total, n = 0.0, 0
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=None)
+    for x, y in bar:
+        x, y = x.to(device), y.to(device)
+        with autocast(device, cfg.amp):
+            loss = loss_fn(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += loss.item() * len(y)
+        n += len(y)
+        bar.set_postfix(loss=f"{total / n:.3f}")
+    return total / max(n, 1)
+
+
+def resume_state(cfg: ClassifyConfig, out: Path) -> dict | None:
+    """The saved state of this run, after checking it is the same kind of run."""
+    if cfg.resume_from_checkpoint is None or cfg.resume_from_checkpoint.lower() == "none":
+        return None
+    path = out / "last.pt" if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
+    if not path.is_file():
+        if cfg.resume_from_checkpoint == "latest":
+            return None
+        raise InputError("--resume_from_checkpoint", f"{path} not found", "pass 'latest', 'none' or a last.pt path")
+    state = read_checkpoint(path)
+    for name in RUN_FIELDS:
+        if state["config"].get(name) != getattr(cfg, name):
+            raise InputError(
+                f"--{name}",
+                f"{getattr(cfg, name)!r} differs from {state['config'].get(name)!r} in {path}",
+                "use a new --output_dir, pass the original value, or --resume_from_checkpoint none",
+            )
+    return state
+
+
+def fit(cfg: ClassifyConfig, train_frame: pd.DataFrame, val_frame: pd.DataFrame, out: Path) -> dict:
+    """One training run: best.pt by validation balanced accuracy, last.pt every epoch, summary.json."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    device = torch.device(resolve_device(cfg.device))
+    model = MODELS[cfg.model](len(labels.CODES), cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Cosine decay as a function of cfg.epochs, so resuming with more --epochs stretches the schedule.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / cfg.epochs)))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    y_train = targets(train_frame)
+    weight = (
+        torch.as_tensor(class_weights(y_train, len(labels.CODES)), dtype=torch.float32)
+        if cfg.balance == "loss"
+        else None
+    )
+    loss_fn = nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None)
+
+    start, best, history = 0, {"score": -1.0, "epoch": None, "metrics": None}, []
+    state = resume_state(cfg, out)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start, best, history = state["epoch"], state["best"], state["history"]
+        print(f"resuming {out} after epoch {start}")
+    write_json(out / "config.json", asdict(cfg))
+    writer = SummaryWriter(str(out / "logs"))
+    for epoch in range(start, cfg.epochs):
+        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        loader = make_train_loader(cfg, train_frame, epoch)
+        loss = train_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg, f"epoch {epoch + 1}/{cfg.epochs}")
+        scheduler.step()
+        metrics, _ = evaluate_frame(model, val_frame, cfg, device)
+        row = {"epoch": epoch + 1, "train_loss": round(loss, 5), "lr": optimizer.param_groups[0]["lr"]}
+        row.update({k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")})
+        history.append(row)
+        write_jsonl(out / "history.jsonl", history)  # rewritten whole, so a resumed run never repeats an epoch
+        for k, v in row.items():
+            if k != "epoch" and v is not None:
+                writer.add_scalar(k if k in ("train_loss", "lr") else f"val/{k}", v, epoch + 1)
+        if metrics["balanced_accuracy"] > best["score"]:
+            best = {"score": metrics["balanced_accuracy"], "epoch": epoch + 1, "metrics": metrics}
+            save_checkpoint(out / "best.pt", model, cfg, epoch + 1, extra={"metrics": metrics})
+        save_checkpoint(
+            out / "last.pt",
+            model,
+            cfg,
+            epoch + 1,
+            extra={
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "best": best,
+                "history": history,
+            },
+        )
+        print(
+            f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.3f}, val balanced accuracy {metrics['balanced_accuracy']:.3f} "
+            f"(best {best['score']:.3f} at epoch {best['epoch']})"
+        )
+    writer.close()
+    summary = {
+        "output_dir": str(out),
+        "best_epoch": best["epoch"],
+        "best_balanced_accuracy": best["score"],
+        "best_metrics": best["metrics"],
+        "majority_baseline": majority_baseline(train_frame["label"], val_frame["label"]),
+        "n_train": {k: int(v) for k, v in train_frame["origin"].value_counts().items()},
+        "n_validation": len(val_frame),
+        "train_classes": {k: int(v) for k, v in train_frame["label"].value_counts().items()},
+        "history": history,
+    }
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def train(cfg: ClassifyConfig) -> dict:
+    """Read the data once, then one run on the validation split or one run per lesion-grouped fold."""
+    frames, skipped = load_tables(cfg.data_dir, cfg.train, cfg.synthetic_dir, cfg.skip_missing)
+    frames = drop_corrupt(frames, skipped)
+    out = Path(cfg.output_dir)
+    if cfg.folds == 1:
+        runs = [(frames["train"], frames["validation"], out)]
+    else:
+        pairs = lesion_folds(frames["train"], cfg.folds, cfg.seed)
+        runs = [(tr, va, out / f"fold-{k}") for k, (tr, va) in enumerate(pairs)]
+    results, notes = [], []
+    for real_train, val, run_dir in runs:
+        train_frame, note = assemble(real_train, frames.get("synthetic"), cfg.train, cfg.synthetic_ratio, cfg.seed)
+        absent = check_classes(train_frame, val, cfg.allow_missing_classes)
+        notes += [note] if note else []
+        notes += [f"{run_dir.name}: no training images of {', '.join(absent)}"] if absent else []
+        counts = ", ".join(f"{v} {k}" for k, v in train_frame["origin"].value_counts().items())
+        print(f"{run_dir}: training on {counts} images, validating on {len(val)} real images")
+        results.append(fit(cfg, train_frame, val, run_dir))
+    report = {"skipped": skipped, "notes": notes, "runs": results}
+    write_json(out / "data_report.json", {"skipped": skipped, "notes": notes})
+    if cfg.folds > 1:
+        scores = np.array([r["best_balanced_accuracy"] for r in results])
+        report["cv_balanced_accuracy"] = {"mean": round(float(scores.mean()), 4), "std": round(float(scores.std()), 4)}
+        print(f"{cfg.folds}-fold balanced accuracy {scores.mean():.3f} +- {scores.std():.3f}")
+        write_json(out / "cv_summary.json", report)
+    if skipped:
+        print(f"skipped: {', '.join(f'{v} {k}' for k, v in skipped.items())}", file=sys.stderr)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(lambda: train(parse_config(ClassifyConfig, argv, prog="classifier.py")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Where and in what precision tensors live: the one resolver of ``--device`` and ``--dtype`` names.
+
+Every stage's ``--device`` defaults to ``auto``: this process's GPU when launched by accelerate or
+torchrun (``LOCAL_RANK``), else the first GPU, else the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .errors import InputError
+
+AUTO = "auto"
+DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_ALIASES = {"fp32": "float32", "no": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def resolve_device(name: str | None = AUTO) -> str:
+    """A torch device string for a ``--device`` value (``auto`` or None picks as the module says)."""
+    import torch
+
+    if name not in (None, AUTO):
+        return name
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ['LOCAL_RANK'])}" if "LOCAL_RANK" in os.environ else "cuda"
+
+
+def torch_dtype(dtype: Any):
+    """A torch dtype from itself, its name or an accelerate spelling ('fp16', 'bf16', 'no'); None is float32."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    name = DTYPE_ALIASES.get(str(dtype), str(dtype))
+    if name not in DTYPES:
+        raise InputError("--dtype", f"unknown dtype '{dtype}'", f"use one of {', '.join(DTYPES)}")
+    return getattr(torch, name)

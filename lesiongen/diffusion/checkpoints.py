@@ -1,0 +1,198 @@
+"""What a training run leaves on disk: resumable checkpoints, resume checks, the published result, its card.
+
+A checkpoint is written by every process into one temporary folder renamed ``checkpoint-<step>`` when
+complete, so a kill mid-write never leaves a folder resume would load. The final model is moved into
+the output folder with the file loaders look for (``model_index.json`` or the LoRA weights) last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import InputError
+from ..files import atomic_dir, write_json
+from ..tables import read_metadata
+from .config import TrainConfig
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+# Fields that shape the weights; a resumed run must not change them silently (STYLE.md).
+ARCHITECTURE_FIELDS = (
+    "mode",
+    "pretrained_model_name_or_path",
+    "resolution",
+    "rank",
+    "lora_alpha",
+    "train_text_encoder",
+    "use_ema",
+)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first; only exact ``checkpoint-<step>`` names count."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT_RE.match(path.name).group(1))
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
+    """Remove the oldest complete checkpoints beyond ``keep``; returns what was removed."""
+    if not keep or keep <= 0:
+        return []
+    ckpts = list_checkpoints(output_dir)
+    removed = ckpts[:-keep] if len(ckpts) > keep else []
+    for p in removed:
+        shutil.rmtree(p)
+    return removed
+
+
+def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to continue from, checked before any work: it exists and its architecture matches."""
+    if cfg.resume_from_checkpoint is None:
+        return None
+    out = Path(cfg.output_dir)
+    flag = f"--resume_from_checkpoint {cfg.resume_from_checkpoint}"
+    if cfg.resume_from_checkpoint == "latest":
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise InputError(
+                flag,
+                f"no complete checkpoint-<step> folder in {out}",
+                "omit it to start a new run, or check --output_dir",
+            )
+    else:
+        ckpt = Path(cfg.resume_from_checkpoint)
+        ckpt = ckpt if ckpt.exists() else out / ckpt
+        if not (ckpt.is_dir() and CHECKPOINT_RE.match(ckpt.name)):
+            raise InputError(
+                flag, f"{ckpt} is not a checkpoint-<step> folder", "pass 'latest' or an existing checkpoint folder"
+            )
+    saved_path = ckpt / "config.json"
+    if not saved_path.is_file():
+        raise InputError(
+            ckpt,
+            "has no config.json, so it was not written by lesiongen.diffusion.train",
+            "resume from another checkpoint",
+        )
+    saved, current = json.loads(saved_path.read_text(encoding="utf-8"))["config"], asdict(cfg)
+    for name in ARCHITECTURE_FIELDS:
+        if saved.get(name) != current[name]:
+            raise InputError(
+                f"--{name}",
+                f"is {current[name]!r} but {ckpt.name} was trained with {saved.get(name)!r}",
+                f"pass --{name} {saved.get(name)} or start a new --output_dir",
+            )
+    return ckpt
+
+
+def keep_trainable_weights(models, weights, output_dir) -> None:
+    """Checkpoints hold what trains: a LoRA checkpoint is the adapter, not another copy of the frozen base."""
+    for i, model in enumerate(models):
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        if i < len(weights) and frozen:
+            weights[i] = {k: v for k, v in weights[i].items() if k not in frozen}
+
+
+def save_checkpoint(accelerator, cfg: TrainConfig, step: int, extra: dict) -> None:
+    """Every process writes into one temporary folder that becomes ``checkpoint-<step>`` only when complete."""
+    from accelerate.utils import broadcast_object_list
+
+    out = Path(cfg.output_dir)
+    with contextlib.ExitStack() as stack:
+        tmp = [
+            str(stack.enter_context(atomic_dir(out / f"checkpoint-{step}"))) if accelerator.is_main_process else None
+        ]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(tmp)
+        accelerator.save_state(tmp[0])
+        if accelerator.is_main_process:
+            write_json(Path(tmp[0]) / "config.json", run_record(cfg, accelerator, step, extra))
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        prune_checkpoints(out, cfg.checkpoints_total_limit)
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """A kill during a checkpoint write leaves ``.checkpoint-N.*.tmp``; resume ignores it, this tidies it."""
+    for p in out.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in out.glob(".result-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def run_record(cfg: TrainConfig, accelerator, step: int, extra: dict) -> dict:
+    return {"config": asdict(cfg), "global_step": step, "num_processes": accelerator.num_processes, **extra}
+
+
+def publish(out: Path, build: Callable[[Path], None], last: str) -> None:
+    """Write the result in a temporary folder, then move it in with ``last`` (the file loaders look for) moved last."""
+    tmp = out / f".result-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (out / last).unlink(missing_ok=True)
+    build(tmp)
+    for entry in sorted(tmp.iterdir(), key=lambda p: p.name == last):
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    tmp.rmdir()
+
+
+def model_card(cfg: TrainConfig, record: dict, examples) -> str:
+    """README.md for the output folder: base model, data, captions and every hyperparameter."""
+    styles = _caption_styles(cfg)
+    how = (
+        f"pipe = StableDiffusionPipeline.from_pretrained('{cfg.pretrained_model_name_or_path}', safety_checker=None)\n"
+        f"pipe.load_lora_weights('{cfg.output_dir}')"
+        if cfg.mode == "lora"
+        else f"pipe = StableDiffusionPipeline.from_pretrained('{cfg.output_dir}', safety_checker=None)"
+    )
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in record["config"].items())
+    return f"""# LesionGen {cfg.mode} model
+
+Fine-tuned from `{cfg.pretrained_model_name_or_path}` on {len(examples)} captioned dermoscopic images
+from `{cfg.train_data_dir}` (caption style: {", ".join(styles)}), {record["global_step"]} optimiser steps,
+{record["num_processes"]} process(es), effective batch {record["effective_batch"]}, final loss {record["final_loss"]}.
+Written {record["finished"]} by `lesiongen.diffusion.train`.
+
+Load it with diffusers:
+
+```python
+from diffusers import StableDiffusionPipeline
+{how}
+image = pipe("melanoma, dermoscopic image").images[0]
+```
+
+or `python generate.py --model_path {cfg.output_dir} ...`. Synthetic medical images are for research, not diagnosis.
+
+## Hyperparameters
+
+| setting | value |
+|---|---|
+{rows}
+"""
+
+
+def _caption_styles(cfg: TrainConfig) -> list[str]:
+    from .dataset import find_metadata
+
+    return sorted({row.get("caption_style", "unknown") for _, row in read_metadata(find_metadata(cfg.train_data_dir))})

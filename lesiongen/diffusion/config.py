@@ -1,0 +1,123 @@
+"""``TrainConfig``: every setting of a diffusion fine-tuning run, checked when the config is built.
+
+Fields are grouped as the README documents them (model, data, optimisation, checkpoints, validation);
+``cli.parse_config`` turns them into ``python -m lesiongen.diffusion.train`` flags, and the two launch
+scripts only change defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..cli import option
+from ..errors import InputError
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+DEFAULT_LR = {"lora": 5e-6, "full": 1e-5}  # the original train_lora.sh / train_SD.sh
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tune a Stable Diffusion model on captioned lesion images (LoRA or full UNet with EMA)."""
+
+    # model
+    pretrained_model_name_or_path: str = option(
+        "runwayml/stable-diffusion-v1-5",
+        help="base model: hub id or local pipeline folder (python -m lesiongen.diffusion.tiny builds one)",
+    )
+    mode: str = option(
+        "lora", help="what trains: LoRA adapters on the UNet attention, or the full UNet", choices=("lora", "full")
+    )
+    rank: int = option(64, help="LoRA rank (lora mode)")
+    lora_alpha: float | None = option(None, help="LoRA alpha; none means alpha = rank (scale 1)")
+    train_text_encoder: bool = option(
+        False, help="also train the text encoder (full mode; needed when it starts random)"
+    )
+    use_ema: bool = option(False, help="keep an EMA copy of the UNet and save it (full mode)")
+    ema_decay: float = option(0.9999, help="EMA decay")
+    gradient_checkpointing: bool = option(False, help="recompute activations in backward to save memory")
+    # data
+    train_data_dir: str = option(
+        "data/captions/train", help="folder with metadata.jsonl (file_name, text), e.g. build_captions OUT/train"
+    )
+    resolution: int = option(256, help="training image size (px)")
+    center_crop: bool = option(True, help="center crop (false: random crop, which cannot use --cache_latents)")
+    random_flip: bool = option(True, help="random horizontal flip")
+    caption_dropout: float = option(
+        0.0, help="probability of training on the empty caption (for classifier-free guidance)"
+    )
+    cache_latents: bool = option(
+        True, help="encode images and captions once and cache them on disk, so a step runs only the UNet"
+    )
+    cache_dir: str | None = option(None, help="where the latent cache lives (default: OUTPUT_DIR/latent_cache)")
+    dataloader_num_workers: int = option(0, help="image decoding workers (uncached path)")
+    # optimisation
+    train_batch_size: int = option(1, help="images per process per micro-step")
+    gradient_accumulation_steps: int = option(4, help="micro-steps per optimiser step")
+    max_train_steps: int = option(15000, help="optimiser steps")
+    learning_rate: float | None = option(None, help="learning rate; none means 5e-6 for lora, 1e-5 for full")
+    lr_scheduler: str = option("constant", help="learning-rate schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = option(0, help="warm-up optimiser steps")
+    adam_weight_decay: float = option(1e-2, help="AdamW weight decay")
+    max_grad_norm: float | None = option(1.0, help="gradient clipping norm; none disables")
+    mixed_precision: str = option("no", help="fp16 / bf16 autocast (fp16 needs a GPU)", choices=MIXED_PRECISION)
+    snr_gamma: float | None = option(
+        None, help="min-SNR loss weighting gamma (5.0 is the paper's value); none disables"
+    )
+    noise_offset: float = option(0.0, help="noise offset (0.05-0.1 helps very dark/bright images)")
+    seed: int = option(0, help="seed for weights init, data order, flips, noise and timesteps")
+    # checkpoints
+    output_dir: str = option("outputs/lesiongen-lora", help="where the model, checkpoints, logs and model card go")
+    checkpointing_steps: int = option(7500, help="save a resumable checkpoint every N optimiser steps")
+    checkpoints_total_limit: int | None = option(None, help="keep at most this many checkpoints; none keeps all")
+    resume_from_checkpoint: str | None = option(None, help="'latest' or a checkpoint-<step> folder to continue from")
+    # validation and logging
+    validation_prompts: list[str] | None = option(
+        None, help="prompts for validation images (default: one caption per condition)"
+    )
+    validation_steps: int = option(500, help="validation images every N steps and at the end; 0 disables")
+    validation_inference_steps: int = option(25, help="sampling steps for validation images")
+    report_to: str = option(
+        "tensorboard", help="where to log the loss curve and images", choices=("tensorboard", "none")
+    )
+
+    def __post_init__(self) -> None:
+        """Reject impossible combinations when the config is built, so configs made in code are checked too."""
+        positive = (
+            "rank",
+            "resolution",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_train_steps",
+            "checkpointing_steps",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InputError(
+                    f"--{name}", f"must be at least 1, got {getattr(self, name)}", "pass a positive integer"
+                )
+        if self.resolution % 8:
+            raise InputError(
+                "--resolution",
+                f"{self.resolution} is not a multiple of 8",
+                "the VAE downsamples by 4 or 8; use e.g. 64, 256, 512",
+            )
+        if self.use_ema and self.mode != "full":
+            raise InputError("--use_ema", "needs --mode full", "EMA of LoRA adapters is not supported; drop --use_ema")
+        if self.train_text_encoder and self.mode != "full":
+            raise InputError("--train_text_encoder", "needs --mode full", "drop it, or train with --mode full")
+        if self.cache_latents and not self.center_crop:
+            raise InputError("--center_crop false", "random crops cannot be cached", "add --cache_latents false")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise InputError("--caption_dropout", f"{self.caption_dropout} is not in [0, 1)", "e.g. 0.1")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise InputError("--learning_rate", "must be positive", "e.g. 1e-4 for LoRA")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise InputError("--snr_gamma", "must be positive", "5.0 is the min-SNR paper's value, or none")
+        if self.noise_offset < 0:
+            raise InputError("--noise_offset", "must be >= 0", "e.g. 0.05")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise InputError("--checkpoints_total_limit", "must be at least 1", "or none to keep all")
+        if self.validation_steps < 0:
+            raise InputError("--validation_steps", "must be >= 0", "0 disables validation")

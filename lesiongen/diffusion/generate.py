@@ -1,0 +1,454 @@
+"""The ``generate.py`` stage: a trained model -> single images or a labelled, resumable synthetic dataset.
+
+Dataset layout (read back by ``tables.read_image_table(OUTPUT_DIR)``)::
+
+    OUTPUT_DIR/dataset/<Condition>/<dx>_<index>.png
+    OUTPUT_DIR/manifest.csv              one row per image on disk, appended after the image is in place
+    OUTPUT_DIR/generation_config.json    the settings the plan came from, checked on resume
+    OUTPUT_DIR/contact_sheet.png         a grid per condition
+
+Single mode writes the same files under ``OUTPUT_DIR/single/`` with images named by seed.
+Prompts come from ``captions.caption`` on a ``LesionRecord``, the same code that captioned the training data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .. import labels
+from ..captions.metadata import LesionRecord
+from ..captions.text import STYLES, caption
+from ..cli import option, parse_config, run
+from ..devices import resolve_device
+from ..errors import InputError
+from ..files import atomic_path, write_json
+from ..images import image_grid, open_rgb
+from ..tokens import fits_clip
+from . import plans
+from .manifest import MANIFEST_COLUMNS, Manifest
+from .pipeline import resolve_model
+
+# name -> (diffusers class, extra config); built from the model's own scheduler config so betas match.
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+MODES = ("single", "dataset")
+DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+# Settings that change which images a dataset run makes or how they look; a resume must match them.
+PLAN_FIELDS = (
+    "condition", "num_images", "seed", "balance", "distribution", "sex", "age", "site", "skin_tone", "concepts",
+    "impute_concepts", "caption_style", "guidance_scale", "num_inference_steps", "scheduler", "model_path",
+    "base_model", "negative_prompt", "resolution", "lora_scale",
+)  # fmt: skip
+
+
+@dataclass
+class GenerateConfig:
+    """Generate dermoscopic images from a trained LesionGen model: one per condition, or a labelled dataset."""
+
+    condition: str = option("all", help="condition name or dx code (any case), several joined by commas, or 'all'")
+    mode: str = option(
+        "single", help="single: a quick image per condition; dataset: a labelled, resumable set", choices=MODES
+    )
+    num_images: int | None = option(None, help="images per condition (default: 1 in single mode, 100 in dataset mode)")
+    output_dir: str = option("outputs/generated", help="where images, manifest.csv and the contact sheet go")
+    model_path: str = option(
+        "outputs/lesiongen-lora", help="a LoRA folder (train_lora.sh) or a full pipeline folder (train_SD.sh)"
+    )
+    base_model: str | None = option(None, help="base pipeline for a LoRA (default: the one its config.json records)")
+    device: str = option(
+        "auto", help="auto (the accelerate process's device, else cuda if available), cpu, cuda, cuda:1..."
+    )
+    dtype: str = option("auto", help="auto = float16 on CUDA, float32 elsewhere", choices=DTYPE_CHOICES)
+    scheduler: str = option("dpmsolver++", help="sampler", choices=tuple(SCHEDULERS))
+    guidance_scale: list[float] = option(
+        list(plans.ORIGINAL_GUIDANCE_SCALES), help="one value, or several to draw from per image (original: 3 5 7.5 10)"
+    )
+    num_inference_steps: list[int] = option(
+        list(plans.ORIGINAL_STEPS), help="one value, or several to draw from per image (original: 30 50 70 100)"
+    )
+    batch_size: int = option(4, help="images per forward pass (images sharing guidance and steps are batched)")
+    negative_prompt: str = option("", help="negative prompt for classifier-free guidance")
+    seed: int = option(0, help="plan seed; single mode uses seed, seed+1, ... as the images' seeds")
+    caption_style: str = option("concept", help="prompt style, as in build_captions.py", choices=tuple(STYLES))
+    sex: str | None = option(None, help="fix the patient's sex in every prompt", choices=labels.SEXES)
+    age: float | None = option(None, help="fix the patient's age in years")
+    site: str | None = option(None, help="fix the body site", choices=labels.SITES)
+    skin_tone: str | None = option(None, help="fix the skin tone (ITA band)", choices=labels.SKIN_TONE_NAMES)
+    concepts: list[str] = option([], help="checklist concept switches as name=value, e.g. blue_whitish_veil=present")
+    impute_concepts: bool = option(True, help="draw the other concepts from Derm7pt's per-diagnosis frequencies")
+    balance: list[str] = option(
+        [],
+        help="spread images evenly over these subgroup fields",
+        choices=(*plans.BALANCE_VALUES, *plans.BALANCE_ALIASES),
+    )
+    distribution: str | None = option(
+        None, help="CSV of subgroup cells (sex, age_bin, site_group, skin_tone, dx, weight) to follow"
+    )
+    lora_scale: float = option(1.0, help="strength of a LoRA adapter")
+    resolution: int | None = option(None, help="image size (default: the model's)")
+    contact_sheet: int = option(8, help="images per condition on contact_sheet.png (0: none)")
+
+    def __post_init__(self) -> None:
+        plans.resolve_codes(self.condition)
+        default = GenerateConfig.__dataclass_fields__["model_path"].default
+        if self.model_path == default and not Path(default).exists():
+            # the default looks like a hub id too; say what it is instead of trying the hub
+            raise InputError(
+                f"--model_path {default}",
+                "not found (the default is where train_lora.sh saves its LoRA)",
+                "train first, or pass --model_path DIR (a LoRA or pipeline folder, e.g. from python -m lesiongen.diffusion.tiny --output_dir DIR)",
+            )
+        resolve_model(self.model_path, "--model_path")
+        if self.num_images is not None and self.num_images < 1:
+            raise InputError("--num_images", f"{self.num_images} is not positive", "ask for at least one image")
+        if self.batch_size < 1:
+            raise InputError("--batch_size", f"{self.batch_size} is not positive", "use e.g. 4")
+        if min(self.num_inference_steps) < 1:
+            raise InputError("--num_inference_steps", "must be positive", "e.g. --num_inference_steps 50")
+        if min(self.guidance_scale) < 0:
+            raise InputError("--guidance_scale", "must not be negative", "e.g. --guidance_scale 7.5")
+        plans.check_fixed(self.sex, self.age, self.site, self.skin_tone)
+        plans.parse_concepts(self.concepts)
+        targets = (
+            self.balance or self.distribution or self.concepts or any((self.sex, self.age, self.site, self.skin_tone))
+        )
+        if self.caption_style == "label" and targets:
+            raise InputError(
+                "--caption_style label",
+                "label captions state only the diagnosis, so subgroup and concept targets would not reach the prompt",
+                "use --caption_style concept or drop the targets",
+            )
+        if self.distribution is not None and not Path(self.distribution).is_file():
+            raise InputError(self.distribution, "distribution CSV not found", "check --distribution")
+
+    @property
+    def images_per_condition(self) -> int:
+        return self.num_images or (1 if self.mode == "single" else 100)
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Which share of the plan this process draws; from accelerate, or given (tests, manual sharding)."""
+
+    index: int = 0
+    count: int = 1
+    wait: Callable[[], None] = lambda: None
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+
+@dataclass
+class GenerateResult:
+    root: Path
+    manifest: Path
+    planned: int  # images in the whole plan
+    generated: int  # images this process made in this run
+    already_done: int  # of this process's share, found finished on disk
+    seconds: float
+    contact_sheet: Path | None
+
+
+def make_plan(cfg: GenerateConfig) -> list[plans.ImageSpec]:
+    distribution = plans.read_distribution(cfg.distribution) if cfg.distribution else None
+    return plans.build_plan(
+        plans.resolve_codes(cfg.condition),
+        cfg.images_per_condition,
+        cfg.seed,
+        balance=cfg.balance,
+        distribution=distribution,
+        sex=cfg.sex,
+        age=cfg.age,
+        site=cfg.site,
+        skin_tone=cfg.skin_tone,
+        concepts=plans.parse_concepts(cfg.concepts),
+        impute=cfg.impute_concepts and cfg.caption_style == "concept",
+        guidance_scales=cfg.guidance_scale,
+        steps=cfg.num_inference_steps,
+        single=cfg.mode == "single",
+    )
+
+
+def build_prompt(record: LesionRecord, style: str, seed: int) -> str:
+    """The caption build_captions.py would write for this record: one source of truth for prompt text."""
+    return caption(record, style, seed, fits=fits_clip).text
+
+
+def file_name(spec: plans.ImageSpec, mode: str) -> str:
+    """Image path relative to the manifest's folder."""
+    prefix = "" if mode == "single" else "dataset/"
+    return f"{prefix}{spec.condition}/{spec.image_id}.png"
+
+
+def manifest_row(spec: plans.ImageSpec, cfg: GenerateConfig, prompt: str) -> dict:
+    """The manifest row: the same column names as build_captions' metadata.jsonl, plus sampling settings."""
+    row = spec.record().to_row()
+    row.update(
+        file_name=file_name(spec, cfg.mode),
+        text=prompt,
+        label=spec.dx,
+        condition=spec.condition,
+        seed=spec.seed,
+        guidance_scale=spec.guidance_scale,
+        num_inference_steps=spec.num_inference_steps,
+        scheduler=cfg.scheduler,
+        model=cfg.model_path,
+        negative_prompt=cfg.negative_prompt,
+        index=spec.index,
+    )
+    return {c: "" if row.get(c) is None else row[c] for c in MANIFEST_COLUMNS}
+
+
+def settings(cfg: GenerateConfig) -> dict:
+    """The plan-defining settings, with the distribution CSV's content hash so an edited file counts."""
+    out = {k: getattr(cfg, k) for k in PLAN_FIELDS}
+    out["num_images"] = cfg.images_per_condition
+    if cfg.distribution:
+        out["distribution_sha256"] = hashlib.sha256(Path(cfg.distribution).read_bytes()).hexdigest()
+    return out
+
+
+def check_resume(root: Path, cfg: GenerateConfig) -> None:
+    """A dataset folder resumes only under the settings that made it, so one folder never mixes two plans."""
+    path = root / "generation_config.json"
+    if not path.is_file():
+        return
+    before = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
+    now = json.loads(json.dumps(settings(cfg)))
+    diffs = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in now if before.get(k) != now.get(k)]
+    if diffs:
+        raise InputError(
+            path,
+            f"this folder was generated with other settings ({'; '.join(diffs)})",
+            "rerun with the same flags or use a new --output_dir",
+        )
+
+
+def check_writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise InputError(
+            f"--output_dir {root}", f"cannot write there ({e.strerror or e})", "choose a folder you can write to"
+        ) from None
+
+
+def accelerate_processes() -> Processes:
+    """The accelerate/torchrun process layout; one process when not launched by them."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Processes()
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # PartialState, unlike Accelerator, ignores ACCELERATE_USE_CPU and would report one process on a CPU machine
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+    return Processes(state.process_index, state.num_processes, state.wait_for_everyone)
+
+
+def resolve_dtype(cfg: GenerateConfig, device: str) -> str:
+    """float16 on CUDA (half the memory, tensor cores), float32 elsewhere: CPU half precision is slow or missing."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return "float16" if device.startswith("cuda") else "float32"
+
+
+def load_model(cfg: GenerateConfig, device: str):
+    """The pipeline with the chosen sampler, in the dtype ``resolve_dtype`` picks."""
+    from .pipeline import load_pipeline
+
+    pipe = load_pipeline(cfg.model_path, cfg.base_model, device=device, dtype=resolve_dtype(cfg, device))
+    set_scheduler(pipe, cfg.scheduler, model_scheduler_config(cfg))
+    return pipe
+
+
+def model_scheduler_config(cfg: GenerateConfig) -> dict:
+    """The scheduler config saved with the model (a LoRA's base model): every sampler starts from it, because
+    converting one sampler's config into the next would let settings drift on a reused pipeline."""
+    from .pipeline import is_lora_dir, lora_base_model, scheduler_config
+
+    base = (cfg.base_model or lora_base_model(cfg.model_path)) if is_lora_dir(cfg.model_path) else cfg.model_path
+    return scheduler_config(resolve_model(base, "--base_model" if base != cfg.model_path else "--model_path"))
+
+
+def set_scheduler(pipe, name: str, base_config: dict) -> None:
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise InputError("--scheduler", f"unknown sampler '{name}'", f"choose one of {', '.join(SCHEDULERS)}")
+    cls_name, extra = SCHEDULERS[name]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(base_config, **extra)
+
+
+def sample(pipe, prompts: list[str], seeds: list[int], guidance: float, steps: int, cfg: GenerateConfig, lora: bool):
+    """One batch; each image's starting noise comes from its own CPU generator, so its pixels do not
+    depend on which batch or process it lands in (up to float rounding)."""
+    import torch
+
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    size = {"height": cfg.resolution, "width": cfg.resolution} if cfg.resolution else {}
+    return pipe(
+        prompt=prompts,
+        negative_prompt=[cfg.negative_prompt] * len(prompts) if cfg.negative_prompt else None,
+        guidance_scale=guidance,
+        num_inference_steps=steps,
+        generator=generators,
+        cross_attention_kwargs={"scale": cfg.lora_scale} if lora else None,
+        output_type="pil",
+        **size,
+    ).images
+
+
+def batches(specs: Sequence[plans.ImageSpec], size: int) -> list[list[plans.ImageSpec]]:
+    """Chunks of specs sharing guidance and steps (the pipeline takes one of each per call), in plan order."""
+    groups: dict[tuple[float, int], list[plans.ImageSpec]] = {}
+    for s in specs:
+        groups.setdefault((s.guidance_scale, s.num_inference_steps), []).append(s)
+    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
+def save_image(image, path: Path, row: dict) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key in ("text", "seed", "guidance_scale", "num_inference_steps", "scheduler", "model"):
+        info.add_text(key, str(row[key]))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+
+
+def contact_sheet(root: Path, rows: list[dict], per_condition: int, out: Path) -> Path | None:
+    """One labelled row per condition (its name and count, then its first images by index) for a quick look."""
+    by_dx: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: int(r["index"])):
+        by_dx.setdefault(r["dx"], []).append(r)
+    bands = [dx for dx in labels.CODES if dx in by_dx]
+    if not bands or per_condition < 1:
+        return None
+    cells = [
+        open_rgb(root / by_dx[dx][i]["file_name"]) if i < len(by_dx[dx]) else None
+        for dx in bands
+        for i in range(per_condition)
+    ]
+    thumb = min(max(next(c for c in cells if c is not None).size), 128)
+    names = [f"{labels.BY_CODE[dx].name} ({len(by_dx[dx])})" for dx in bands]
+    sheet = image_grid(cells, cols=per_condition, tile=thumb, row_labels=names, fill=(255, 255, 255))
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format="PNG")
+    return out
+
+
+def generate(
+    cfg: GenerateConfig,
+    pipe=None,
+    processes: Processes | None = None,
+    on_saved: Callable[[plans.ImageSpec, Path], None] | None = None,
+) -> GenerateResult:
+    """Make every planned image that is not already on disk, appending its manifest row once it is in place.
+
+    ``pipe`` reuses a loaded pipeline (tests, benchmarks); ``processes`` overrides accelerate's layout;
+    ``on_saved`` is called after each image and its row are written.
+    """
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    processes = processes or accelerate_processes()
+    plan = make_plan(cfg)
+    root = Path(cfg.output_dir) / ("single" if cfg.mode == "single" else "")
+    check_writable(root)
+    manifest = Manifest(root / "manifest.csv")
+    mine = plans.shard(plan, processes.index, processes.count)
+    if cfg.mode == "dataset":
+        check_resume(root, cfg)  # every process checks before any writes, so a refusal stops them all
+    processes.wait()
+    if processes.is_main:
+        # a SIGKILL skips atomic_path's cleanup; its hidden temporaries are never listed, so remove them
+        for stale in root.rglob(".*.tmp"):
+            stale.unlink()
+        # single mode regenerates its images: a rerun with new flags must not keep an old image under the same seed
+        manifest.repair(root, drop={file_name(s, cfg.mode) for s in plan} if cfg.mode == "single" else set())
+        write_json(
+            root / "generation_config.json",
+            {"settings": settings(cfg), "config": asdict(cfg), "plan": plans.summarize_plan(plan)},
+        )
+    processes.wait()
+    done = {r["file_name"] for r in manifest.read()}
+    todo = [s for s in mine if file_name(s, cfg.mode) not in done]
+
+    if todo:
+        device = resolve_device(cfg.device)
+        if pipe is None:
+            pipe = load_model(cfg, device)
+        else:
+            set_scheduler(pipe, cfg.scheduler, model_scheduler_config(cfg))
+        lora = bool(getattr(pipe, "get_active_adapters", lambda: [])())
+        bar = tqdm(
+            total=len(todo),
+            unit="img",
+            desc=f"generating ({cfg.scheduler})",
+            disable=None if processes.is_main else True,
+        )
+        for batch in batches(todo, cfg.batch_size):
+            prompts = [build_prompt(s.record(), cfg.caption_style, cfg.seed) for s in batch]
+            images = sample(
+                pipe, prompts, [s.seed for s in batch], batch[0].guidance_scale, batch[0].num_inference_steps, cfg, lora
+            )
+            for spec, prompt, image in zip(batch, prompts, images, strict=True):
+                row = manifest_row(spec, cfg, prompt)
+                path = root / row["file_name"]
+                save_image(image, path, row)
+                manifest.append(row)
+                bar.update(1)
+                if on_saved is not None:
+                    on_saved(spec, path)
+        bar.close()
+    processes.wait()
+
+    sheet = None
+    if processes.is_main and cfg.contact_sheet > 0:
+        sheet = contact_sheet(root, manifest.read(), cfg.contact_sheet, root / "contact_sheet.png")
+    result = GenerateResult(
+        root, manifest.path, len(plan), len(todo), len(mine) - len(todo), time.perf_counter() - start, sheet
+    )
+    if processes.count > 1:
+        print(
+            f"process {processes.index}/{processes.count}: generated {result.generated}, {result.already_done} already on disk"
+        )
+    if processes.is_main:
+        print_summary(result, cfg)
+    return result
+
+
+def print_summary(result: GenerateResult, cfg: GenerateConfig) -> None:
+    rate = result.generated / result.seconds if result.seconds > 0 else 0.0
+    print(
+        f"generated {result.generated} image(s) in {result.seconds:.1f} s ({rate:.2f} img/s); {result.already_done} already on disk"
+    )
+    print(f"{result.planned} planned ({cfg.images_per_condition} per condition); manifest: {result.manifest}")
+    if result.contact_sheet:
+        print(f"contact sheet: {result.contact_sheet}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(lambda: generate(parse_config(GenerateConfig, argv, prog="generate.py")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Load Stable Diffusion models (hub id or directory), tell a LoRA dir from a full pipeline, attach/save LoRA.
+
+Training and generation both load models here, so a directory written by ``train.py`` (either mode)
+is read back the same way a user's ``from_pretrained`` call reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from ..devices import resolve_device, torch_dtype
+from ..errors import InputError
+
+LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model(name_or_path: str | Path, flag: str = "--pretrained_model_name_or_path") -> str:
+    """A local directory, or a hub id; a path-like name that does not exist is an error, not a download."""
+    text = str(name_or_path)
+    if Path(text).expanduser().exists():
+        path = Path(text).expanduser()
+        if not path.is_dir():
+            raise InputError(
+                f"{flag} {text}", "is a file, not a model directory", "pass the folder holding model_index.json"
+            )
+        return str(path)
+    looks_local = text.startswith((".", "/", "~")) or os.sep in text.replace("/", "", 1) or not HUB_ID_RE.match(text)
+    if looks_local:
+        raise InputError(
+            f"{flag} {text}",
+            "model directory not found",
+            "check the path, or build the embedded model with `python -m lesiongen.diffusion.tiny --output_dir DIR`",
+        )
+    return text
+
+
+def is_lora_dir(path: str | Path) -> bool:
+    """True for a folder holding diffusers LoRA weights and no full pipeline (no model_index.json)."""
+    path = Path(path)
+    return (
+        path.is_dir()
+        and not (path / "model_index.json").exists()
+        and any((path / n).is_file() for n in LORA_WEIGHT_NAMES)
+    )
+
+
+def is_pipeline_dir(path: str | Path) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+def lora_base_model(lora_dir: str | Path) -> str | None:
+    """The base model a LoRA was trained on, as train.py records it in the folder's config.json."""
+    cfg = Path(lora_dir) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8")).get("pretrained_model_name_or_path")
+    except json.JSONDecodeError as e:
+        raise InputError(cfg, f"not valid JSON ({e})", "restore the file or pass the base model explicitly") from e
+
+
+def from_pretrained_pipeline(model: str | Path, dtype: Any = None, flag: str = "--pretrained_model_name_or_path"):
+    """``StableDiffusionPipeline.from_pretrained`` without the safety checker, with errors as InputError."""
+    from diffusers import StableDiffusionPipeline
+
+    source = resolve_model(model, flag)
+    if Path(source).is_dir() and not is_pipeline_dir(source):
+        raise InputError(
+            f"{flag} {source}",
+            "no model_index.json here, so it is not a pipeline directory",
+            "pass a diffusers pipeline folder",
+        )
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            source, torch_dtype=torch_dtype(dtype), safety_checker=None, requires_safety_checker=False
+        )
+    except OSError as e:
+        raise InputError(
+            f"{flag} {source}",
+            f"could not load the model ({e.__class__.__name__}: {str(e).splitlines()[0]})",
+            "check the id or path, and that the hub is reachable for hub ids",
+        ) from e
+
+
+def load_pipeline(
+    model_path: str | Path, base_model: str | Path | None = None, device: str | None = None, dtype: Any = None
+):
+    """A ready pipeline from a full pipeline dir or hub id, or from a LoRA dir applied to its base model.
+
+    For a LoRA dir the base is ``base_model`` or, when omitted, the one recorded by train.py.
+    """
+    if is_lora_dir(model_path):
+        base = base_model or lora_base_model(model_path)
+        if base is None:
+            raise InputError(
+                model_path, "is a LoRA folder that does not record its base model", "pass the base model (--base_model)"
+            )
+        pipe = from_pretrained_pipeline(base, dtype, flag="--base_model")
+        pipe.load_lora_weights(str(model_path))
+    else:
+        pipe = from_pretrained_pipeline(model_path, dtype, flag="--model_path")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(resolve_device(device))
+
+
+def load_training_parts(model: str | Path) -> dict:
+    """Tokenizer, text encoder, VAE, UNet, a DDPM noise scheduler for training and the sampling scheduler."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = resolve_model(model)
+    if Path(source).is_dir() and not is_pipeline_dir(source):
+        hint = (
+            "this is a LoRA folder; pass its base model" if is_lora_dir(source) else "pass a diffusers pipeline folder"
+        )
+        raise InputError(f"--pretrained_model_name_or_path {source}", "no model_index.json here", hint)
+    try:
+        return {
+            "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", model_max_length=77),
+            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
+            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae"),
+            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
+            "noise_scheduler": DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
+            "scheduler": base_scheduler(source),
+        }
+    except OSError as e:
+        raise InputError(
+            f"--pretrained_model_name_or_path {source}",
+            f"could not load the model ({str(e).splitlines()[0]})",
+            "check the id or path",
+        ) from e
+
+
+def scheduler_config(source: str) -> dict:
+    """The scheduler config saved with a model (hub id or folder), as a plain dict."""
+    import diffusers
+
+    return dict(diffusers.DDPMScheduler.load_config(source, subfolder="scheduler"))
+
+
+def base_scheduler(source: str):
+    """The model's own sampling scheduler (class named in its config), kept unchanged in saved pipelines."""
+    import diffusers
+
+    config = scheduler_config(source)
+    cls = getattr(diffusers, config.get("_class_name", ""), None) or diffusers.PNDMScheduler
+    return cls.from_config(config)
+
+
+def add_lora(unet, rank: int, alpha: float | None = None, seed: int | None = None):
+    """Attach a trainable LoRA adapter to the UNet's attention projections; returns its LoraConfig.
+
+    Gaussian init keeps B = 0, so an untrained adapter changes nothing (TOOLCHAIN.md).
+    """
+    import torch
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        init_lora_weights="gaussian",
+        target_modules=LORA_TARGET_MODULES,
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    unet.add_adapter(config)
+    return config
+
+
+def lora_state_dict(unet) -> dict:
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(unet, lora_config, out_dir: str | Path) -> Path:
+    """Save in the diffusers format ``pipe.load_lora_weights(dir)`` reads.
+
+    The adapter metadata is saved too: without it a LoRA whose alpha differs from its rank reloads at
+    the wrong scale, silently (TOOLCHAIN.md).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        str(out_dir),
+        unet_lora_layers=lora_state_dict(unet),
+        unet_lora_adapter_metadata=lora_config.to_dict(),
+        safe_serialization=True,
+    )
+    return out_dir
+
+
+def assemble_pipeline(parts: dict, unet, text_encoder):
+    """A StableDiffusionPipeline around weights in training (validation, full save), no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=parts["vae"],
+        text_encoder=text_encoder,
+        tokenizer=parts["tokenizer"],
+        unet=unet,
+        scheduler=parts["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

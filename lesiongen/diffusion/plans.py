@@ -1,0 +1,443 @@
+"""Generation plans: condition(s) + subgroup targets -> a seeded list of ``ImageSpec``. Pure, no torch.
+
+A plan is a pure function of its arguments, so a rerun after a kill, or every process of a multi-GPU
+run, rebuilds exactly the same list and agrees on which image is which. Counts are exact: images are
+spread over subgroup cells by the largest-remainder rule, never sampled, so ``--num_images 100
+--balance skin_tone`` gives 17 or 16 per tone, summing to 100.
+
+Every per-image draw (age within its bin, site within its group, imputed concepts, guidance, steps)
+comes from its own RNG derived from the image's seed, so changing one list (say, the guidance values)
+does not reshuffle the others.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import math
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import labels
+from ..captions.concepts import impute_concepts
+from ..captions.metadata import LesionRecord
+from ..errors import InputError
+
+# The original LesionGen draws each image's guidance and step count from these lists.
+ORIGINAL_GUIDANCE_SCALES: tuple[float, ...] = (3.0, 5.0, 7.5, 10.0)
+ORIGINAL_STEPS: tuple[int, ...] = (30, 50, 70, 100)
+
+# Values a plan can balance over; "unknown" is left out because a caption cannot state it.
+BALANCE_VALUES: dict[str, tuple[str, ...]] = {
+    "sex": tuple(s for s in labels.SEXES if s != "unknown"),
+    "age_bin": labels.AGE_BIN_NAMES,
+    "site_group": tuple(g for g in labels.SITE_GROUP_NAMES if g != "unknown"),
+    "skin_tone": labels.SKIN_TONE_NAMES,
+}
+BALANCE_ALIASES: dict[str, str] = {"age": "age_bin", "site": "site_group", "body_site": "site_group"}
+
+# Columns a distribution CSV may carry (metadata.jsonl, a manifest and HAM10000's CSV all qualify).
+DX_COLUMNS = ("dx", "label", "condition")
+WEIGHT_COLUMNS = ("weight", "count", "n", "fraction")
+SUBGROUP_COLUMNS = ("sex", "age_bin", "age", "site_group", "site", "localization", "skin_tone")
+
+Cell = tuple[tuple[str, str], ...]  # sorted (field, value) pairs, hashable
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Everything needed to generate one image and describe it in the manifest."""
+
+    dx: str
+    index: int  # number of the image within its condition
+    image_id: str  # names the file and seeds the caption phrasing
+    seed: int
+    guidance_scale: float
+    num_inference_steps: int
+    sex: str = "unknown"
+    age: float | None = None
+    site: str = "unknown"
+    skin_tone: str = "unknown"
+    concepts: tuple[tuple[str, str], ...] = ()
+    concept_source: str = "none"
+
+    @property
+    def condition(self) -> str:
+        return labels.BY_CODE[self.dx].name
+
+    @property
+    def age_bin(self) -> str:
+        return labels.age_bin(self.age)
+
+    @property
+    def site_group(self) -> str:
+        return labels.site_group(self.site)
+
+    def record(self) -> LesionRecord:
+        """The record the caption builder would see for a real image with these facts."""
+        return LesionRecord(
+            image_id=self.image_id,
+            lesion_id=self.image_id,
+            dataset="synthetic",
+            dx=self.dx,
+            diagnosis=labels.BY_CODE[self.dx].phrase,
+            age=self.age,
+            sex=self.sex,
+            site=self.site,
+            skin_tone=self.skin_tone,
+            concepts=dict(self.concepts),
+            concept_source=self.concept_source,
+        )
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """Weighted subgroup cells read from a CSV, optionally per dx code."""
+
+    source: str
+    cells: tuple[tuple[str | None, Cell, float], ...]  # (dx or None for every condition, cell, weight)
+    columns: tuple[str, ...] = field(default=())
+
+
+def image_seed(seed: int, dx: str, index: int) -> int:
+    """A stable 31-bit seed per image: the same image gets the same seed however the plan is cut."""
+    digest = hashlib.sha256(f"{seed}:{dx}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def allocate(n: int, weights: Sequence[float], rng: random.Random) -> list[int]:
+    """Split ``n`` into integer counts proportional to ``weights`` (largest remainder; seeded tie-break)."""
+    total = float(sum(weights))
+    if n < 0 or total <= 0 or any(w < 0 for w in weights):
+        raise ValueError("allocate needs n >= 0 and non-negative weights with a positive sum")
+    exact = [n * w / total for w in weights]
+    counts = [int(x) for x in exact]
+    tie = list(range(len(weights)))
+    rng.shuffle(tie)
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), tie[i]))
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def allocate_balanced(n: int, sizes: Sequence[int], rng: random.Random) -> list[int]:
+    """Equal counts over the joint cells of fields with ``sizes`` values (row-major cell order), with
+    every field's own counts also within one of each other (12 images over sex x age bin: 6 and 6).
+
+    The leftover images walk the cells along the diagonal (+1 on every field at each step), which
+    visits each field's values in turn; a finished walk restarts from an unvisited cell. So any
+    number of leftovers is spread evenly over each field, not only over the joint cells.
+    """
+    k = math.prod(sizes)
+    counts = [n // k] * k
+    starts = list(itertools.product(*(range(s) for s in sizes)))
+    rng.shuffle(starts)
+    walk: list[tuple[int, ...]] = []
+    seen: set[tuple[int, ...]] = set()
+    for cell in starts:
+        while cell not in seen:
+            seen.add(cell)
+            walk.append(cell)
+            cell = tuple((x + 1) % size for x, size in zip(cell, sizes, strict=True))
+    strides = [math.prod(sizes[j + 1 :]) for j in range(len(sizes))]
+    for cell in walk[: n - sum(counts)]:
+        counts[sum(x * st for x, st in zip(cell, strides, strict=True))] += 1
+    return counts
+
+
+def interleave(cells: Sequence[Cell], counts: Sequence[int], rng: random.Random) -> list[Cell]:
+    """Order the images so that every prefix is spread over the cells in proportion to their counts.
+
+    Each cell's k images sit at evenly spaced positions (j + offset) / k with a seeded offset; a run
+    stopped early therefore still holds a balanced set rather than the first cells only.
+    """
+    slots = []
+    for c, (cell, k) in enumerate(zip(cells, counts, strict=True)):
+        offset = rng.random()
+        slots += [((j + offset) / k, c, cell) for j in range(k)]
+    return [cell for _, _, cell in sorted(slots)]
+
+
+def resolve_codes(condition: str) -> tuple[str, ...]:
+    """'all', a display name or a dx code (any case) -> dx codes; an unknown name lists the valid ones."""
+    if condition.strip().lower() == "all":
+        return labels.CODES
+    codes = []
+    for part in condition.split(","):
+        try:
+            codes.append(labels.condition(part).code)
+        except KeyError as e:
+            raise InputError("--condition", str(e).strip("\"'"), "or pass 'all'") from None
+    return tuple(dict.fromkeys(codes))
+
+
+def resolve_balance(fields: Sequence[str]) -> tuple[str, ...]:
+    out = []
+    for f in fields:
+        name = BALANCE_ALIASES.get(f.lower(), f.lower())
+        if name not in BALANCE_VALUES:
+            valid = ", ".join([*BALANCE_VALUES, *BALANCE_ALIASES])
+            raise InputError("--balance", f"cannot balance over '{f}'", f"choose from {valid}")
+        out.append(name)
+    return tuple(dict.fromkeys(out))
+
+
+def check_fixed(sex: str | None, age: float | None, site: str | None, skin_tone: str | None) -> None:
+    """Validate subgroup values given on the command line against labels' vocabularies."""
+    if sex is not None and sex not in labels.SEXES:
+        raise InputError("--sex", f"'{sex}' is not valid", f"choose one of {', '.join(labels.SEXES)}")
+    if age is not None and not 0 <= age <= labels.MAX_AGE:
+        raise InputError("--age", f"{age} is outside 0..{labels.MAX_AGE}", "pass an age in years")
+    if site is not None and site not in labels.SITE_GROUPS:
+        raise InputError("--site", f"'{site}' is not a known body site", f"choose one of {', '.join(labels.SITES)}")
+    if skin_tone is not None and skin_tone not in labels.SKIN_TONE_NAMES:
+        raise InputError(
+            "--skin_tone", f"'{skin_tone}' is not valid", f"choose one of {', '.join(labels.SKIN_TONE_NAMES)}"
+        )
+
+
+def parse_concepts(items: Sequence[str]) -> dict[str, str]:
+    """``name=value`` switches -> a checklist dict, validated against labels.CONCEPTS."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name, value = name.strip().lower(), value.strip().lower()
+        if not sep or name not in labels.CONCEPT_BY_NAME:
+            raise InputError(
+                "--concepts",
+                f"'{item}' is not name=value with a checklist concept",
+                f"names: {', '.join(labels.CONCEPT_NAMES)}",
+            )
+        values = labels.CONCEPT_BY_NAME[name].values
+        if value not in values:
+            raise InputError("--concepts", f"{name} '{value}' is not valid", f"choose one of {', '.join(values)}")
+        out[name] = value
+    return out
+
+
+def _csv_value(column: str, text: str, where: str) -> tuple[str, str]:
+    """Normalise one distribution cell value to (field, value); raises ValueError naming the problem."""
+    value = text.strip().lower() or "unknown"
+    if column in ("site", "localization"):
+        if value not in labels.SITE_GROUPS:
+            raise ValueError(f"unknown site '{text}' (valid: {', '.join(labels.SITES)})")
+        return "site", value
+    if column == "age":
+        if value in ("unknown", "nan"):
+            return "age_bin", "unknown"
+        return "age_bin", labels.age_bin(float(value))
+    valid = {
+        "sex": labels.SEXES,
+        "age_bin": (*labels.AGE_BIN_NAMES, "unknown"),
+        "site_group": labels.SITE_GROUP_NAMES,
+        "skin_tone": (*labels.SKIN_TONE_NAMES, "unknown"),
+    }[column]
+    if value not in valid:
+        raise ValueError(f"{column} '{text}' is not one of {', '.join(valid)}")
+    return column, value
+
+
+def read_distribution(path: str | Path) -> Distribution:
+    """Read a subgroup distribution: one row per cell with a weight column, or one row per image.
+
+    Recognised columns: dx/label/condition, sex, age_bin or age, site_group, site or localization,
+    skin_tone, and weight/count/n/fraction (absent: each row counts once, so a real metadata file
+    gives its own demographics). Other columns are ignored.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "distribution CSV not found", "check --distribution")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = [c.strip().lower() for c in reader.fieldnames or []]
+        rows = [{k.strip().lower(): (v or "") for k, v in r.items() if k is not None} for r in reader]
+    dx_col = next((c for c in DX_COLUMNS if c in header), None)
+    weight_col = next((c for c in WEIGHT_COLUMNS if c in header), None)
+    sub_cols = [c for c in SUBGROUP_COLUMNS if c in header]
+    if "age_bin" in sub_cols and "age" in sub_cols:
+        sub_cols.remove("age")
+    if "site" in sub_cols and "localization" in sub_cols:
+        sub_cols.remove("localization")
+    if not sub_cols:
+        raise InputError(
+            path, f"no subgroup column (has: {', '.join(header)})", f"add one of {', '.join(SUBGROUP_COLUMNS)}"
+        )
+    if not rows:
+        raise InputError(path, "the CSV has a header but no rows", "add one row per subgroup cell")
+    weights: dict[tuple[str | None, Cell], float] = {}
+    for i, r in enumerate(rows):
+        line = i + 2
+        try:
+            dx = None
+            if dx_col:
+                key = r[dx_col].strip()
+                if key.lower() == labels.OTHER:
+                    continue
+                try:
+                    dx = labels.condition(key).code
+                except KeyError as e:
+                    raise ValueError(str(e).strip("\"'")) from None
+            w = float(r[weight_col]) if weight_col else 1.0
+            if not w >= 0:
+                raise ValueError(f"{weight_col} '{r[weight_col]}' is negative")
+            cell = tuple(sorted(_csv_value(c, r[c], str(path)) for c in sub_cols))
+        except ValueError as e:
+            raise InputError(f"{path} line {line}", str(e), "fix the value") from None
+        weights[(dx, cell)] = weights.get((dx, cell), 0.0) + w
+    cells = tuple((dx, cell, w) for (dx, cell), w in weights.items() if w > 0)
+    if not cells:
+        raise InputError(path, "every weight is zero", "give some cells a positive weight")
+    return Distribution(str(path), cells, tuple(([dx_col] if dx_col else []) + sub_cols))
+
+
+def _cells_for(dx: str, balance: tuple[str, ...], distribution: Distribution | None) -> tuple[list[Cell], list[float]]:
+    if distribution is not None:
+        chosen = [(cell, w) for d, cell, w in distribution.cells if d in (None, dx)]
+        if not chosen:
+            raise InputError(
+                distribution.source,
+                f"no rows for {labels.BY_CODE[dx].name} ({dx})",
+                "add rows for it or drop its dx column",
+            )
+        return [c for c, _ in chosen], [w for _, w in chosen]
+    cells: list[Cell] = [()]
+    for f in balance:
+        cells = [(*c, (f, v)) for c in cells for v in BALANCE_VALUES[f]]
+    return [tuple(sorted(c)) for c in cells], [1.0] * len(cells)
+
+
+def _draw_age(age_bin: str, rng: random.Random) -> float | None:
+    """An age within the bin, in HAM10000's 5-year steps (so prompts look like the training captions)."""
+    for name, lo, hi in labels.AGE_BINS:
+        if name == age_bin:
+            top = min(hi, 95)
+            return float(rng.randrange(int(lo) + (5 if lo == 0 else 0), int(top), 5))
+    return None
+
+
+def _draw_site(group: str, rng: random.Random) -> str:
+    sites = [s for s, g in labels.SITE_GROUPS.items() if g == group and s != g]
+    return rng.choice(sites) if sites else group
+
+
+def build_plan(
+    codes: Sequence[str],
+    num_images: int,
+    seed: int = 0,
+    *,
+    balance: Sequence[str] = (),
+    distribution: Distribution | None = None,
+    sex: str | None = None,
+    age: float | None = None,
+    site: str | None = None,
+    skin_tone: str | None = None,
+    concepts: dict[str, str] | None = None,
+    impute: bool = True,
+    guidance_scales: Sequence[float] = ORIGINAL_GUIDANCE_SCALES,
+    steps: Sequence[int] = ORIGINAL_STEPS,
+    single: bool = False,
+) -> list[ImageSpec]:
+    """``num_images`` specs per condition, spread over the subgroup cells, in a seeded order.
+
+    Dataset plans name images ``<dx>_<index:06d>`` and derive each seed from (seed, dx, index);
+    single plans use seeds ``seed, seed+1, ...`` directly so a seed from a manifest can be reused.
+    """
+    if num_images < 1:
+        raise InputError("--num_images", f"{num_images} is not positive", "ask for at least one image")
+    if not guidance_scales or not steps or min(steps) < 1:
+        raise InputError(
+            "--num_inference_steps", "needs one or more positive step counts", "e.g. --num_inference_steps 50"
+        )
+    balance = resolve_balance(balance)
+    check_fixed(sex, age, site, skin_tone)
+    fixed = {"sex": sex, "age_bin": age, "site_group": site, "skin_tone": skin_tone}
+    for f in balance:
+        if fixed[f] is not None:
+            raise InputError(
+                "--balance", f"{f} is both balanced and fixed", "drop it from --balance or drop the fixed value"
+            )
+    if distribution is not None and balance:
+        raise InputError("--balance", "cannot be combined with --distribution", "use one of them")
+    if distribution is not None:
+        fields = {
+            "site_group" if c in ("site", "localization") else "age_bin" if c == "age" else c
+            for c in distribution.columns
+        }
+        clash = [f for f, v in fixed.items() if v is not None and f in fields]
+        if clash:
+            raise InputError("--distribution", f"sets {', '.join(clash)}, which is also fixed", "drop the fixed value")
+    concepts = dict(concepts or {})
+    plan: list[ImageSpec] = []
+    for dx in codes:
+        cells, weights = _cells_for(dx, balance, distribution)
+        rng = random.Random(f"plan:{seed}:{dx}")
+        if distribution is None:
+            counts = allocate_balanced(num_images, [len(BALANCE_VALUES[f]) for f in balance], rng)
+        else:
+            counts = allocate(num_images, weights, rng)
+        assigned = interleave(cells, counts, rng)
+        for index, cell in enumerate(assigned):
+            s = seed + index if single else image_seed(seed, dx, index)
+            plan.append(_spec(dx, index, s, dict(cell), fixed, concepts, impute, guidance_scales, steps, single))
+    return plan
+
+
+def _spec(
+    dx: str,
+    index: int,
+    seed: int,
+    cell: dict[str, str],
+    fixed: dict,
+    concepts: dict[str, str],
+    impute: bool,
+    guidance_scales: Sequence[float],
+    steps: Sequence[int],
+    single: bool,
+) -> ImageSpec:
+    def rng(purpose: str) -> random.Random:
+        return random.Random(f"{seed}:{purpose}")
+
+    site = fixed["site_group"] or cell.get("site", "unknown")
+    if site == "unknown" and cell.get("site_group", "unknown") != "unknown":
+        site = _draw_site(cell["site_group"], rng("site"))
+    age = fixed["age_bin"]
+    if age is None and cell.get("age_bin", "unknown") != "unknown":
+        age = _draw_age(cell["age_bin"], rng("age"))
+    drawn = impute_concepts(dx, rng("concepts")) if impute else {}
+    merged = {**drawn, **concepts}
+    source = "imputed" if drawn else "none"
+    if concepts:
+        source = "requested+imputed" if drawn else "requested"
+    return ImageSpec(
+        dx=dx,
+        index=index,
+        image_id=f"{dx}_seed{seed}" if single else f"{dx}_{index:06d}",
+        seed=seed,
+        guidance_scale=float(rng("guidance").choice(list(guidance_scales))),
+        num_inference_steps=int(rng("steps").choice(list(steps))),
+        sex=fixed["sex"] or cell.get("sex", "unknown"),
+        age=age,
+        site=site,
+        skin_tone=fixed["skin_tone"] or cell.get("skin_tone", "unknown"),
+        concepts=tuple((n, merged[n]) for n in labels.CONCEPT_NAMES if n in merged),
+        concept_source=source,
+    )
+
+
+def shard(plan: Sequence[ImageSpec], process_index: int, num_processes: int) -> list[ImageSpec]:
+    """This process's share of the plan; the shards are disjoint and their union is the plan."""
+    return list(plan[process_index::num_processes])
+
+
+def summarize_plan(plan: Sequence[ImageSpec]) -> dict:
+    """Counts per condition and per subgroup field, for the run's config file and its tests."""
+    out: dict = {"total": len(plan), "per_condition": dict(Counter(s.dx for s in plan))}
+    for f in labels.SUBGROUP_FIELDS:
+        out[f] = dict(Counter(getattr(s, f) for s in plan))
+    out["guidance_scale"] = dict(Counter(s.guidance_scale for s in plan))
+    out["num_inference_steps"] = dict(Counter(s.num_inference_steps for s in plan))
+    return out

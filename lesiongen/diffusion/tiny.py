@@ -1,0 +1,174 @@
+"""Build a Stable-Diffusion-architecture pipeline from configs, with random weights, saved like SD.
+
+No model hub is reachable from tests, the demo or a user's first run, so the default model is built
+here: the same classes Stable Diffusion 1.x uses (UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
+the real CLIP BPE tokenizer, a PNDM scheduler) saved with ``save_pretrained`` and loaded back through
+``StableDiffusionPipeline.from_pretrained(dir, safety_checker=None)`` exactly as a downloaded model is.
+
+``size="tiny"`` (about 5 M parameters, 64 px in 16x16 latents) trains on a CPU; ``size="sd1"`` has
+SD-1.x's real shapes (random weights) for GPU speed and memory measurements.
+
+    python -m lesiongen.diffusion.tiny --output_dir models/tiny-sd [--resolution 64] [--seed 0] [--size tiny|sd1]
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..cli import option, parse_config, run
+from ..errors import InputError
+from ..files import atomic_dir
+from ..tokens import CLIP_MAX_TOKENS, write_tokenizer_files
+
+CLIP_VOCAB_SIZE = 49408
+CLIP_BOS, CLIP_EOS = 49406, 49407
+
+# Per-size shapes. "tiny" follows TOOLCHAIN.md (measured ~0.1 s per batch-4 LoRA step at 64 px on one core);
+# "sd1" copies runwayml/stable-diffusion-v1-5's unet/vae/text_encoder config.json values.
+SIZES: dict[str, dict] = {
+    "tiny": {
+        "unet": dict(
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1,
+            cross_attention_dim=64,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        "vae": dict(
+            block_out_channels=(32, 64, 64),
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=32,
+            scaling_factor=1.0,  # a random x4 VAE gives latents of std ~1.0 (measured); SD's 0.18215 would shrink them
+        ),
+        "text": dict(
+            hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, projection_dim=64
+        ),
+        "downsample": 4,
+    },
+    "sd1": {
+        "unet": dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=2,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        "vae": dict(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            norm_num_groups=32,
+            scaling_factor=0.18215,
+        ),
+        "text": dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768
+        ),
+        "downsample": 8,
+    },
+}
+
+
+@dataclass
+class TinyConfig:
+    """Build and save a Stable-Diffusion-architecture pipeline with random weights (no download)."""
+
+    output_dir: str = option(help="output folder (a diffusers pipeline directory)", aliases=("--out",))
+    resolution: int = option(64, help="image size the UNet is configured for (sample_size = resolution / downsampling)")
+    seed: int = option(0, help="seed for the random weights")
+    size: str = option(
+        "tiny", help="tiny (CPU tests, demo) or sd1 (SD-1.x shapes, for GPU benchmarks)", choices=tuple(SIZES)
+    )
+
+    def __post_init__(self) -> None:
+        step = SIZES[self.size]["downsample"]
+        if self.resolution <= 0 or self.resolution % (step * 2) != 0:
+            raise InputError(
+                "--resolution", f"{self.resolution} is not a positive multiple of {step * 2}", f"use e.g. {step * 16}"
+            )
+
+
+def build_components(resolution: int = 64, seed: int = 0, size: str = "tiny") -> dict:
+    """The five pipeline components with seeded random weights, as ``StableDiffusionPipeline(**parts)`` takes them."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    shapes = SIZES[size]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // shapes["downsample"], in_channels=4, out_channels=4, **shapes["unet"]
+    )
+    vae = AutoencoderKL(in_channels=3, out_channels=3, sample_size=resolution, **shapes["vae"])
+    text_config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        max_position_embeddings=CLIP_MAX_TOKENS,
+        bos_token_id=CLIP_BOS,
+        eos_token_id=CLIP_EOS,  # pooled output is read at the real end token (TOOLCHAIN.md)
+        pad_token_id=1,
+        hidden_act="quick_gelu",
+        **shapes["text"],
+    )
+    text_encoder = CLIPTextModel(text_config)
+    # SD 1.x's scheduler config; PNDMScheduler rejects clip_sample as an argument, and a DDPMScheduler loaded
+    # from this config for training would otherwise default to clip_sample=True.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+    scheduler.register_to_config(clip_sample=False)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+
+
+def build_tiny_pipeline(out_dir: str | Path, resolution: int = 64, seed: int = 0, size: str = "tiny") -> Path:
+    """Save a complete pipeline directory (written under a temporary name, renamed when complete)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    out_dir = Path(out_dir)
+    parts = build_components(resolution, seed, size)
+    with atomic_dir(out_dir) as tmp:
+        write_tokenizer_files(tmp / "tokenizer_src")
+        tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer_src", model_max_length=CLIP_MAX_TOKENS)
+        pipe = StableDiffusionPipeline(
+            **parts, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+        pipe.save_pretrained(tmp)
+        # Keep the original vocab.json/merges.txt beside tokenizer.json so slow and fast loaders both work.
+        for f in (tmp / "tokenizer_src").iterdir():
+            target = tmp / "tokenizer" / f.name
+            if not target.exists():
+                f.rename(target)
+        for f in (tmp / "tokenizer_src").iterdir():
+            f.unlink()
+        (tmp / "tokenizer_src").rmdir()
+    return out_dir
+
+
+def build(cfg: TinyConfig) -> Path:
+    out = build_tiny_pipeline(cfg.output_dir, cfg.resolution, cfg.seed, cfg.size)
+    print(f"wrote {cfg.size} Stable-Diffusion-architecture pipeline ({cfg.resolution} px) to {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(lambda: build(parse_config(TinyConfig, argv, prog="python -m lesiongen.diffusion.tiny")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

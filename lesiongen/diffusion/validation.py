@@ -1,0 +1,71 @@
+"""Validation during training: one image per prompt from the current (or EMA) weights, as a grid PNG and in TensorBoard."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..files import atomic_path
+from ..images import image_grid
+from .config import TrainConfig
+from .pipeline import assemble_pipeline
+
+
+def default_prompts(examples) -> list[str]:
+    """One real training caption per condition label (the first seen), so validation covers every class."""
+    firsts: dict[str | None, str] = {}
+    for ex in examples:
+        firsts.setdefault(ex.label, ex.text)
+    return list(firsts.values())[:8]
+
+
+@contextlib.contextmanager
+def swapped_in(ema, unet) -> Iterator[None]:
+    """Use the EMA weights inside the block (validation), then put the training weights back."""
+    if ema is None:
+        yield
+        return
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(unet.parameters())
+
+
+def validate(
+    accelerator, cfg: TrainConfig, parts: dict, unet, text_encoder, ema, prompts: list[str], step: int
+) -> Path:
+    """A grid of one image per prompt, saved as PNG and logged to TensorBoard; same seed every time."""
+    import numpy as np
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    pipe = assemble_pipeline(parts, unet, text_encoder)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(parts["scheduler"].config)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = unet.training
+    unet.eval()
+    with swapped_in(ema, unet), accelerator.autocast(), torch.no_grad():
+        images = [
+            pipe(
+                p,
+                num_inference_steps=cfg.validation_inference_steps,
+                generator=torch.Generator(accelerator.device).manual_seed(cfg.seed + i),
+            ).images[0]
+            for i, p in enumerate(prompts)
+        ]
+    unet.train(was_training)
+    grid = image_grid(images, cols=min(len(images), 4))
+    path = Path(cfg.output_dir) / "validation" / f"step-{step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(
+                "validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC"
+            )
+    return path

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from lesiongen import labels
@@ -94,3 +96,22 @@ def test_each_style_names_the_diagnosis(style):
         text = caption(rec, style, seed=0).text
         assert c.phrase in text
         assert "a 80" not in text
+
+
+@pytest.mark.parametrize("concept", labels.CONCEPTS, ids=lambda c: c.name)
+def test_switching_one_concept_changes_only_that_concepts_phrase(concept):
+    """--contrast pairs rely on it: same opener, same demographics, same order of the other concepts."""
+    others = [
+        c.phrases[MEL.concepts[c.name]] for c in labels.CONCEPTS if c != concept and MEL.concepts[c.name] != "absent"
+    ]
+    for value in concept.values[1:]:
+        on = replace(MEL, concepts={**MEL.concepts, concept.name: value})
+        off = replace(MEL, concepts={**MEL.concepts, concept.name: "absent"})
+        for seed in range(8):
+            a, b = caption(on, "concept", seed=seed).text, caption(off, "concept", seed=seed).text
+            assert concept.phrases[value] in a and concept.absent_phrase in b
+            assert concept.phrases[value] not in b.replace(concept.absent_phrase, "")
+            assert sorted(others, key=a.index) == sorted(others, key=b.index)
+            assert a.split(",")[0] == b.split(",")[0]  # the same opener
+            tail = "back" if "back" in a else None
+            assert a[a.index(tail) :].split(", no ")[0] == b[b.index(tail) :].split(", no ")[0]  # same demographics

@@ -363,3 +363,30 @@ def test_sigkilled_cli_run_resumes_without_duplicates(tiny_sd_dir, pipe, tmp_pat
     assert result.generated == 8 - before
     assert sorted(r["file_name"] for r in rows) == [f"dataset/Melanoma/mel_00000{i}.png" for i in range(8)]
     assert sorted(p.name for p in (out / "dataset/Melanoma").iterdir()) == [f"mel_00000{i}.png" for i in range(8)]
+
+
+def test_contrast_pairs_share_seed_and_prompt_but_one_switch(tiny_sd_dir, pipe, tmp_path):
+    cfg = config(tiny_sd_dir, tmp_path / "pairs", condition="mel,bcc", num_images=2, contrast=["blue_whitish_veil"])
+    result = generate(cfg, pipe=pipe)
+    rows = manifest(tmp_path / "pairs")
+    assert result.planned == len(rows) == 2 * 2 * 2
+    by_pair: dict[str, list[dict]] = {}
+    for r in rows:
+        by_pair.setdefault(r["pair"], []).append(r)
+    assert len(by_pair) == 4
+    for pair, (a, b) in by_pair.items():
+        assert a["contrast"] == b["contrast"] == "blue_whitish_veil=present:absent"
+        assert {a["blue_whitish_veil"], b["blue_whitish_veil"]} == {"present", "absent"}
+        assert a["seed"] == b["seed"] and a["index"] == b["index"] and a["file_name"] != b["file_name"]
+        on, off = (a, b) if a["blue_whitish_veil"] == "present" else (b, a)
+        assert "blue-whitish veil" in on["text"] and "no blue-whitish veil" in off["text"]
+        for c in labels.CONCEPT_NAMES:
+            if c != "blue_whitish_veil":
+                assert a[c] == b[c]
+        assert not np.array_equal(
+            pixels(tmp_path / "pairs" / on["file_name"]), pixels(tmp_path / "pairs" / off["file_name"])
+        )
+    with pytest.raises(InputError, match="label captions state only the diagnosis"):
+        config(tiny_sd_dir, tmp_path / "x", contrast=["streaks"], caption_style="label")
+    with pytest.raises(InputError, match="blue_whitish_veil is also fixed or balanced"):
+        config(tiny_sd_dir, tmp_path / "x", contrast=["blue_whitish_veil"], concepts=["blue_whitish_veil=present"])

@@ -15,8 +15,10 @@ from lesiongen.diffusion.plans import (
     ORIGINAL_STEPS,
     allocate,
     build_plan,
+    contrast_plan,
     image_seed,
     parse_concepts,
+    parse_contrasts,
     read_distribution,
     resolve_codes,
     shard,
@@ -229,3 +231,40 @@ def test_balance_errors():
         build_plan(("mel",), 0)
     with pytest.raises(InputError, match="--skin_tone: 'pale' is not valid"):
         build_plan(("mel",), 4, skin_tone="pale")
+
+
+def test_parse_contrasts_defaults_and_errors():
+    veil, tone, streaks = parse_contrasts(["blue_whitish_veil", "skin_tone", "streaks=irregular:regular"])
+    assert (veil.field, veil.on, veil.off, veil.label) == (
+        "blue_whitish_veil", "present", "absent", "blue_whitish_veil=present:absent",
+    )  # fmt: skip
+    assert (tone.on, tone.off) == ("very light", "brown") and (streaks.on, streaks.off) == ("irregular", "regular")
+    for bad, match in [
+        (["size"], "names no checklist concept"),
+        (["streaks=wavy"], "streaks 'wavy' is not valid"),
+        (["streaks=absent:absent"], "the same value"),
+        (["streaks", "streaks=regular"], "names a field twice"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            parse_contrasts(bad)
+
+
+def test_contrast_pairs_differ_in_exactly_one_field():
+    plan = build_plan(["mel", "nv"], 3, seed=4, balance=["sex"])
+    pairs = contrast_plan(plan, parse_contrasts(["blue_whitish_veil", "skin_tone=light:dark"]))
+    assert len(pairs) == 2 * 2 * len(plan)
+    for spec, group in zip(plan, [pairs[i : i + 4] for i in range(0, len(pairs), 4)], strict=True):
+        veil_on, veil_off, light, dark = group
+        for member in group:
+            assert (member.image_id, member.seed, member.sex, member.guidance_scale) == (
+                spec.image_id, spec.seed, spec.sex, spec.guidance_scale,
+            )  # fmt: skip
+        assert dict(veil_on.concepts)["blue_whitish_veil"] == "present" and veil_on.variant == "present"
+        assert dict(veil_off.concepts)["blue_whitish_veil"] == "absent" and veil_off.stem.endswith("_absent")
+        rest = lambda s: {k: v for k, v in s.concepts if k != "blue_whitish_veil"}  # noqa: E731
+        assert rest(veil_on) == rest(veil_off) == rest(spec)
+        assert (light.skin_tone, dark.skin_tone) == (
+            "light",
+            "dark",
+        ) and light.concepts == dark.concepts == spec.concepts
+        assert len({m.stem for m in group}) == 4 and light.contrast == "skin_tone=light:dark"

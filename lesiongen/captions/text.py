@@ -62,6 +62,10 @@ def concept_phrases(concepts: dict[str, str]) -> tuple[list[str], list[str]]:
     return present, absent
 
 
+def _present(record: LesionRecord, name: str) -> bool:
+    return record.concepts.get(name) not in (None, "absent")
+
+
 def demographics_phrase(record: LesionRecord, rng: random.Random) -> str:
     age = f"{int(record.age)}-year-old" if record.age is not None else ""
     article = "an" if age[:1] == "8" or age[:2] in ("11", "18") else "a"
@@ -86,12 +90,21 @@ def label_caption(record: LesionRecord, rng: random.Random | None = None) -> Cap
 
 
 def _concept_facts(record: LesionRecord, rng: random.Random) -> list[tuple[str, str]]:
-    """(name, phrase) facts, most important first; the first two are never omitted."""
-    present, absent = concept_phrases(record.concepts)
-    rng.shuffle(present)
-    facts = [("diagnosis", rng.choice(OPENERS).format(dx=dx_phrase(record)))]
-    facts.append(("concepts", f"{rng.choice(WITH)} {_join(present)}" if present else ""))
-    facts.append(("demographics", demographics_phrase(record, rng)))
+    """(name, phrase) facts, most important first; the first two are never omitted.
+
+    Every random choice is drawn in a fixed order whatever the concepts are, and present concepts are
+    ordered by a key drawn per concept name, so switching one concept changes that concept's phrase and
+    nothing else: the two prompts of a ``generate.py --contrast`` pair differ in exactly one fact.
+    """
+    opener, joiner, order = rng.choice(OPENERS), rng.choice(WITH), rng.random()
+    demographics = demographics_phrase(record, rng)
+    named = [(c.name, c.phrases[record.concepts[c.name]]) for c in labels.CONCEPTS if _present(record, c.name)]
+    named.sort(key=lambda item: random.Random(f"{order}:{item[0]}").random())
+    present = [phrase for _, phrase in named]
+    _, absent = concept_phrases(record.concepts)
+    facts = [("diagnosis", opener.format(dx=dx_phrase(record)))]
+    facts.append(("concepts", f"{joiner} {_join(present)}" if present else ""))
+    facts.append(("demographics", demographics))
     facts.append(("elevation", f"{record.elevation} lesion" if record.elevation else ""))
     facts.append(("skin_tone", f"{record.skin_tone} skin" if record.skin_tone not in ("unknown", "") else ""))
     facts.append(("dx_type", labels.DX_TYPES.get(record.dx_type or "", "")))

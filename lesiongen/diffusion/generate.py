@@ -50,7 +50,7 @@ DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 # Settings that change which images a dataset run makes or how they look; a resume must match them.
 PLAN_FIELDS = (
     "condition", "num_images", "seed", "balance", "distribution", "sex", "age", "site", "skin_tone", "concepts",
-    "impute_concepts", "caption_style", "guidance_scale", "num_inference_steps", "scheduler", "model_path",
+    "impute_concepts", "contrast", "caption_style", "guidance_scale", "num_inference_steps", "scheduler", "model_path",
     "base_model", "negative_prompt", "resolution", "lora_scale",
 )  # fmt: skip
 
@@ -89,6 +89,11 @@ class GenerateConfig:
     site: str | None = option(None, help="fix the body site", choices=labels.SITES)
     skin_tone: str | None = option(None, help="fix the skin tone (ITA band)", choices=labels.SKIN_TONE_NAMES)
     concepts: list[str] = option([], help="checklist concept switches as name=value, e.g. blue_whitish_veil=present")
+    contrast: list[str] = option(
+        [],
+        help="paired generation: for every planned image, two that share seed and prompt but for this switch, e.g. "
+        "blue_whitish_veil (present:absent), streaks=irregular:regular, skin_tone (very light:brown)",
+    )
     impute_concepts: bool = option(True, help="draw the other concepts from Derm7pt's per-diagnosis frequencies")
     balance: list[str] = option(
         [],
@@ -123,8 +128,22 @@ class GenerateConfig:
             raise InputError("--guidance_scale", "must not be negative", "e.g. --guidance_scale 7.5")
         plans.check_fixed(self.sex, self.age, self.site, self.skin_tone)
         plans.parse_concepts(self.concepts)
+        contrasts = plans.parse_contrasts(self.contrast)
+        fixed = {*plans.parse_concepts(self.concepts), *(["skin_tone"] if self.skin_tone else [])}
+        balanced = {*plans.resolve_balance(self.balance)}
+        for c in contrasts:
+            if c.field in fixed or c.field in balanced:
+                raise InputError(
+                    "--contrast",
+                    f"{c.field} is also fixed or balanced",
+                    f"drop {c.field} from --concepts/--skin_tone/--balance",
+                )
         targets = (
-            self.balance or self.distribution or self.concepts or any((self.sex, self.age, self.site, self.skin_tone))
+            self.balance
+            or self.distribution
+            or self.concepts
+            or self.contrast
+            or any((self.sex, self.age, self.site, self.skin_tone))
         )
         if self.caption_style == "label" and targets:
             raise InputError(
@@ -166,7 +185,7 @@ class GenerateResult:
 
 def make_plan(cfg: GenerateConfig) -> list[plans.ImageSpec]:
     distribution = plans.read_distribution(cfg.distribution) if cfg.distribution else None
-    return plans.build_plan(
+    plan = plans.build_plan(
         plans.resolve_codes(cfg.condition),
         cfg.images_per_condition,
         cfg.seed,
@@ -182,6 +201,7 @@ def make_plan(cfg: GenerateConfig) -> list[plans.ImageSpec]:
         steps=cfg.num_inference_steps,
         single=cfg.mode == "single",
     )
+    return plans.contrast_plan(plan, plans.parse_contrasts(cfg.contrast)) if cfg.contrast else plan
 
 
 def build_prompt(record: LesionRecord, style: str, seed: int) -> str:
@@ -192,7 +212,7 @@ def build_prompt(record: LesionRecord, style: str, seed: int) -> str:
 def file_name(spec: plans.ImageSpec, mode: str) -> str:
     """Image path relative to the manifest's folder."""
     prefix = "" if mode == "single" else "dataset/"
-    return f"{prefix}{spec.condition}/{spec.image_id}.png"
+    return f"{prefix}{spec.condition}/{spec.stem}.png"
 
 
 def manifest_row(spec: plans.ImageSpec, cfg: GenerateConfig, prompt: str) -> dict:
@@ -210,6 +230,8 @@ def manifest_row(spec: plans.ImageSpec, cfg: GenerateConfig, prompt: str) -> dic
         model=cfg.model_path,
         negative_prompt=cfg.negative_prompt,
         index=spec.index,
+        pair=spec.image_id if spec.contrast else "",
+        contrast=spec.contrast,
     )
     return {c: "" if row.get(c) is None else row[c] for c in MANIFEST_COLUMNS}
 

@@ -44,6 +44,8 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "model",
     "negative_prompt",
     "index",
+    "pair",  # a --contrast pair's shared image id; empty otherwise
+    "contrast",  # the pair's switch, 'field=on:off'
 )
 
 

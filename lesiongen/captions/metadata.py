@@ -66,6 +66,7 @@ class LoadResult:
     records: list[LesionRecord]
     skipped: list[str]  # one message per skipped row
     rows: list[int]  # 0-based CSV row of each record, for index-based official splits
+    n_rows: int  # data rows in the file, kept or skipped: what an official split's indexes count
 
 
 HAM_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
@@ -226,7 +227,7 @@ def _load(
         rows.append(i)
     if not records:
         raise InputError(path, "no usable rows", "check the file and --dataset")
-    return LoadResult(records, skipped, rows)
+    return LoadResult(records, skipped, rows, len(df))
 
 
 def load_ham10000(path: str | Path, skip_bad_rows: bool = False) -> LoadResult:

@@ -95,3 +95,28 @@ def truncated_jpeg(src: Path, dst: Path, keep: float = 0.6) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_bytes(data[: int(len(data) * keep)])
     return dst
+
+
+class RunsCode:
+    """Unpickling this makes the folder ``marker``: a stand-in for whatever code a crafted pickle could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def perturbed_copy(model_dir: Path, out: Path) -> Path:
+    """A copy of a diffusers model with the UNet's conv_in weights changed: the same configs, shapes and file
+    sizes, other weights (what a fine-tune of the same base looks like from outside)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["conv_in.weight"] = tensors["conv_in.weight"] + 0.01
+    save_file(tensors, weights)
+    return out

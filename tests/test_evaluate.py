@@ -295,13 +295,13 @@ def test_attributes_are_measured_from_pixels(eval_run):
 @pytest.mark.parametrize("model_name", ["resnet18", "vit"])
 def test_domain_space_is_the_classifier_without_its_head(tmp_path, model_name):
     from lesiongen.classify.config import ClassifyConfig
-    from lesiongen.classify.models import MODELS, save_checkpoint
+    from lesiongen.classify.models import BEST, MODELS, save_checkpoint
     from lesiongen.evaluate.features import domain_space
 
     cfg = ClassifyConfig(data_dir="unused", model=model_name, vit_name="vit_tiny_patch16_224", image_size=32)
     torch.manual_seed(0)
     model = MODELS[model_name](len(CODES), cfg)
-    save_checkpoint(tmp_path / "best.pt", model, cfg, epoch=1, extra={})
+    save_checkpoint(tmp_path / BEST, model, cfg, epoch=1, extra={})
     space = domain_space(tmp_path)
     assert space.name == "domain" and space.size == 32
     paths = [lesion_png(tmp_path / f"{i}.png", (60 + 40 * i, 60, 120), seed=i) for i in range(2)]

@@ -26,10 +26,11 @@ from .config import ClassifierSettings, ClassifyConfig
 from .data import TRAIN_MODES
 from .evaluate import EvalConfig, evaluate
 from .metrics import majority_baseline
+from .models import BEST, LAST
 from .train import train
 
 RESULT_FILE = "comparison.json"
-CHECKPOINTS = {"best": "best.pt", "last": "last.pt"}
+CHECKPOINTS = {"best": BEST, "last": LAST}
 # Metrics averaged over seeds, with their table titles.
 METRICS: tuple[tuple[str, str], ...] = (
     ("accuracy", "accuracy"),

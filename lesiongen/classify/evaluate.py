@@ -27,7 +27,7 @@ from .models import load_classifier, predict_proba
 class EvalConfig:
     """Score a trained classifier per class and per subgroup."""
 
-    checkpoint: str = option(help="best.pt / last.pt written by classifier.py, or its run folder")
+    checkpoint: str = option(help="best.safetensors / last.safetensors written by classifier.py, or its output folder")
     data_dir: str = option(help="build_captions.py folder, a metadata.jsonl, or a generate.py manifest")
     split: str | None = option(None, help="split of a build_captions folder (default: validation)", choices=SPLITS)
     output_dir: str | None = option(None, help="where results go (default: eval-<split> beside the checkpoint)")

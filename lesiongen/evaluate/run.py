@@ -49,7 +49,7 @@ class EvaluateConfig:
     features: list[str] = option(["inception"], help="feature spaces to measure in", choices=tuple(SPACES))
     classifier: str | None = option(
         None,
-        help="a classifier trained on real images (classifier.py run folder, best.pt or last.pt): recognisability "
+        help="a classifier trained on real images (classifier.py run folder, best.safetensors or last.safetensors): recognisability "
         "of the generated images, and the 'domain' feature space",
     )
     heldout_split: str | None = option(

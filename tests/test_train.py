@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,17 +16,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import RunsCode
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
 import lesiongen.diffusion.train as train_module
 from lesiongen.cli import parse_config
+from lesiongen.diffusion.checkpoints import TRAINING_STATE
 from lesiongen.diffusion.dataset import ImageCaptionDataset, collate, plan_batch, read_examples
 from lesiongen.diffusion.latent_cache import CachedLatentDataset, encode_dataset
 from lesiongen.diffusion.pipeline import is_lora_dir, load_training_parts, lora_base_model
 from lesiongen.diffusion.train import TrainConfig, batch_loss, diffusion_loss, main, step_generator, train
 from lesiongen.errors import InputError
+from lesiongen.states import read_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,7 +137,7 @@ def test_full_run_saves_pipeline_with_ema_weights(full_run, tiny_sd_dir):
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     ckpt = out / "checkpoint-24"
-    ema_state = torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=False)
+    ema_state = read_state(ckpt / TRAINING_STATE, "")["ema"]
     raw = load_file(ckpt / "model.safetensors")
     saved = list(pipe.unet.parameters())
     assert len(saved) == len(ema_state["shadow_params"])
@@ -202,6 +206,22 @@ def test_resume_refuses_changed_architecture_and_missing_checkpoints(
         train(small_config(tiny_sd_dir, d7p_small_train, tmp_path / "empty", resume_from_checkpoint="latest"))
     with pytest.raises(InputError, match="not a checkpoint-<step> folder"):
         train(small_config(tiny_sd_dir, d7p_small_train, tmp_path, resume_from_checkpoint=str(tmp_path)))
+
+
+def test_resume_never_unpickles_what_a_checkpoint_folder_holds(tiny_lora_run, tiny_sd_dir, d7p_small_train, tmp_path):
+    """accelerate reads custom_checkpoint_*.pkl with full unpickling; an earlier version's (or a crafted)
+    checkpoint holding one is refused before anything in it is read."""
+    out = tmp_path / "old"
+    shutil.copytree(tiny_lora_run / "checkpoint-3", out / "checkpoint-3")
+    (out / "checkpoint-3" / TRAINING_STATE).unlink(missing_ok=True)
+    marker = tmp_path / "code-ran"
+    torch.save(RunsCode(marker), out / "checkpoint-3" / "custom_checkpoint_0.pkl")
+    cfg = small_config(tiny_sd_dir, d7p_small_train, out, resume_from_checkpoint="latest", lora_alpha=8)
+    with pytest.raises(
+        InputError, match=r"checkpoint-3: has no training_state.*custom_checkpoint_\*.pkl.*not unpickle"
+    ):
+        train(cfg)
+    assert not marker.exists()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_sd_dir, d7p_small_train, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import RunsCode
+from builders import RunsCode, perturbed_copy
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
@@ -222,6 +222,34 @@ def test_resume_never_unpickles_what_a_checkpoint_folder_holds(tiny_lora_run, ti
     ):
         train(cfg)
     assert not marker.exists()
+
+
+def test_a_lora_records_its_resolved_base_and_never_runs_on_another(
+    tiny_sd_dir, d7p_small_train, tmp_path, monkeypatch
+):
+    """Issue 15: the base typed as a relative path was recorded as typed, and generation from another folder,
+    where that path names another model, loaded that model without a word."""
+    from lesiongen.diffusion.fingerprint import fingerprint
+    from lesiongen.diffusion.pipeline import load_pipeline
+
+    first, second, lora = tmp_path / "first", tmp_path / "second", tmp_path / "lora"
+    shutil.copytree(tiny_sd_dir, first / "base")
+    perturbed_copy(tiny_sd_dir, second / "base")
+    monkeypatch.chdir(first)
+    train(small_config("base", d7p_small_train, lora, max_train_steps=1, checkpointing_steps=1))
+    record = json.loads((lora / "config.json").read_text())
+    assert record["pretrained_model_name_or_path"] == str((first / "base").resolve())
+    assert record["base_fingerprint"] == fingerprint(str(first / "base")) != fingerprint(str(second / "base"))
+
+    monkeypatch.chdir(second)  # here "base" is another model
+    pipe = load_pipeline(lora, device="cpu")
+    trained_on = load_file(first / "base" / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"]
+    assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], trained_on)
+    with pytest.raises(InputError, match=r"--base_model base: is not the model .* was trained on"):
+        load_pipeline(lora, base_model="base", device="cpu")
+    resume = small_config("base", d7p_small_train, lora, max_train_steps=2, resume_from_checkpoint="latest")
+    with pytest.raises(InputError, match=r"--pretrained_model_name_or_path base: has fingerprint .* checkpoint-1"):
+        train(resume)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_sd_dir, d7p_small_train, tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from ..files import atomic_dir, write_json
 from ..states import read_state, write_state
 from ..tables import read_metadata
 from .config import TrainConfig
+from .fingerprint import fingerprint
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE = "training_state.safetensors"  # the schedule's and the EMA's state, beside accelerate's files
@@ -106,6 +107,7 @@ def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
         )
     record = json.loads(saved_path.read_text(encoding="utf-8"))
     saved, current = record["config"], asdict(cfg)
+    check_base(cfg, ckpt, record)
     for name in ARCHITECTURE_FIELDS:
         if saved.get(name) != current[name]:
             raise InputError(
@@ -114,6 +116,21 @@ def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
                 f"pass --{name} {saved.get(name)} or start a new --output_dir",
             )
     return ckpt
+
+
+def check_base(cfg: TrainConfig, ckpt: Path, record: dict) -> None:
+    """The base model is the one the checkpoint trained from: the same path typed from another folder, or
+    a folder whose model was replaced, would silently continue on other weights."""
+    from .pipeline import resolve_model
+
+    recorded = record.get("base_fingerprint")
+    now = fingerprint(resolve_model(cfg.pretrained_model_name_or_path)) if recorded else None
+    if now is not None and now != recorded:
+        raise InputError(
+            f"--pretrained_model_name_or_path {cfg.pretrained_model_name_or_path}",
+            f"has fingerprint {now}, but {ckpt.name} was trained from {record.get('base_model')} ({recorded})",
+            "pass that model, or start a new --output_dir",
+        )
 
 
 def keep_trainable_weights(models, weights, output_dir) -> None:

@@ -263,7 +263,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from tqdm.auto import tqdm
 
     from .dataset import PlannedBatches, make_loader, read_examples
-    from .pipeline import load_training_parts
+    from .pipeline import base_identity, load_training_parts
 
     accelerator = make_accelerator(cfg)
     out = Path(cfg.output_dir)
@@ -271,6 +271,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     mode = MODES[cfg.mode]
 
     parts = load_training_parts(cfg.pretrained_model_name_or_path)
+    base = base_identity(cfg.pretrained_model_name_or_path)  # after loading, so a hub model is in the cache
     examples = read_examples(cfg.train_data_dir, parts["tokenizer"])
     torch.manual_seed(cfg.seed)
     trained = mode.trainable(parts, cfg)
@@ -374,7 +375,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         step_loss = 0.0
         if step % cfg.checkpointing_steps == 0:
-            save_checkpoint(accelerator, cfg, step, {"final_loss": losses[-1]}, states)
+            save_checkpoint(accelerator, cfg, step, {"final_loss": losses[-1], **base}, states)
         if (
             cfg.validation_steps
             and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps)
@@ -397,9 +398,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "learning_rate": learning_rate,
                 "final_loss": round(losses[-1], 6) if losses else None,
                 "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                **base,
             },
         )
-        write_json(out / "config.json", {**record, "pretrained_model_name_or_path": cfg.pretrained_model_name_or_path})
+        # the base as resolved here, so generation from any folder finds it (and checks its fingerprint)
+        write_json(out / "config.json", {**record, "pretrained_model_name_or_path": base["base_model"]})
         write_text(out / "README.md", model_card(cfg, record, examples))
         print(f"saved {cfg.mode} model to {out} after {step} steps")
     accelerator.wait_for_everyone()

@@ -70,6 +70,27 @@ def test_a_lora_refuses_a_base_with_other_weights(tiny_sd_dir, tmp_path, trained
     assert fingerprint(str(other)) in message and fingerprint(str(tiny_sd_dir)) in message
 
 
+def test_a_pipeline_folder_missing_a_component_says_which(tiny_sd_dir, tmp_path):
+    broken = tmp_path / "no-unet"
+    shutil.copytree(tiny_sd_dir, broken, ignore=shutil.ignore_patterns("unet"))
+    with pytest.raises(InputError, match="model_index.json lists unet/ but the folder lacks it"):
+        load_pipeline(broken)
+    with pytest.raises(InputError, match="model_index.json lists unet/ but the folder lacks it"):
+        load_training_parts(broken)
+
+
+def test_a_missing_relative_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    with pytest.raises(InputError, match=r"outputs/lora: model directory not found \(relative paths start in"):
+        resolve_model("outputs/lora")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="no hub model of that name is cached"):
+        resolve_model("someone/sd-model")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert resolve_model("someone/sd-model") == "someone/sd-model"
+
+
 def test_resolve_model_local_hub_and_missing(tiny_sd_dir, tmp_path):
     assert resolve_model(tiny_sd_dir) == str(tiny_sd_dir)
     with pytest.raises(InputError, match="model directory not found"):

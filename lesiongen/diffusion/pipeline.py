@@ -17,7 +17,7 @@ from typing import Any
 
 from ..devices import resolve_device, torch_dtype
 from ..errors import InputError
-from .fingerprint import fingerprint
+from .fingerprint import fingerprint, model_folder
 
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -25,7 +25,10 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_model(name_or_path: str | Path, flag: str = "--pretrained_model_name_or_path") -> str:
-    """A local directory, or a hub id; a path-like name that does not exist is an error, not a download."""
+    """A local directory, or a hub id; a path-like name that does not exist is an error, not a download.
+
+    ``outputs/lora`` is spelled like a hub id; it is taken for a local path when its first folder exists
+    here, or when the hub is off (``HF_HUB_OFFLINE=1``) and no such model is in the cache."""
     text = str(name_or_path)
     if Path(text).expanduser().exists():
         path = Path(text).expanduser()
@@ -35,10 +38,13 @@ def resolve_model(name_or_path: str | Path, flag: str = "--pretrained_model_name
             )
         return str(path)
     looks_local = text.startswith((".", "/", "~")) or os.sep in text.replace("/", "", 1) or not HUB_ID_RE.match(text)
-    if looks_local:
+    looks_local = looks_local or Path(text.split("/")[0]).is_dir()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if looks_local or (offline and model_folder(text) is None):
         raise InputError(
             f"{flag} {text}",
-            "model directory not found",
+            f"model directory not found (relative paths start in {Path.cwd()})"
+            + ("" if looks_local else ", and no hub model of that name is cached (HF_HUB_OFFLINE is set)"),
             "check the path, or build the embedded model with `python -m lesiongen.diffusion.tiny --output_dir DIR`",
         )
     return text
@@ -47,6 +53,28 @@ def resolve_model(name_or_path: str | Path, flag: str = "--pretrained_model_name
 def model_location(source: str) -> str:
     """Where a resolved model is, independent of the current folder: an absolute path, or the hub id."""
     return str(Path(source).resolve()) if Path(source).is_dir() else source
+
+
+def check_components(source: str, flag: str) -> None:
+    """Every component folder a local pipeline's model_index.json lists is there (diffusers would report a
+    missing ``unet/`` as a missing config.json)."""
+    if not Path(source).is_dir():
+        return
+    index_file = Path(source) / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(index_file, f"is not valid JSON ({e})", "restore the pipeline folder") from None
+    listed = [
+        n for n, spec in index.items() if isinstance(spec, list) and spec[0] is not None and n != "safety_checker"
+    ]
+    missing = [n for n in listed if not (Path(source) / n).is_dir()]
+    if missing:
+        raise InputError(
+            f"{flag} {source}",
+            f"model_index.json lists {', '.join(f'{m}/' for m in missing)} but the folder lacks it",
+            "copy the whole pipeline folder, or save it again with save_pretrained",
+        )
 
 
 def is_lora_dir(path: str | Path) -> bool:
@@ -133,16 +161,18 @@ def from_pretrained_pipeline(model: str | Path, dtype: Any = None, flag: str = "
             "no model_index.json here, so it is not a pipeline directory",
             "pass a diffusers pipeline folder",
         )
+    check_components(source, flag)
     try:
         return StableDiffusionPipeline.from_pretrained(
             source, torch_dtype=torch_dtype(dtype), safety_checker=None, requires_safety_checker=False
         )
     except OSError as e:
+        where = "" if Path(source).is_dir() else f"neither a folder in {Path.cwd()} nor a downloadable hub model: "
         raise InputError(
             f"{flag} {source}",
-            f"could not load the model ({e.__class__.__name__}: {str(e).splitlines()[0]})",
-            "check the id or path, and that the hub is reachable for hub ids",
-        ) from e
+            f"{where}could not load the model ({e.__class__.__name__}: {str(e).splitlines()[0][:300]})",
+            "check the path (relative paths start in the current folder) or the hub id, and that the hub is reachable",
+        ) from None
 
 
 def load_pipeline(
@@ -179,6 +209,7 @@ def load_training_parts(model: str | Path) -> dict:
             "this is a LoRA folder; pass its base model" if is_lora_dir(source) else "pass a diffusers pipeline folder"
         )
         raise InputError(f"--pretrained_model_name_or_path {source}", "no model_index.json here", hint)
+    check_components(source, "--pretrained_model_name_or_path")
     try:
         return {
             "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", model_max_length=77),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import urllib.error
 from dataclasses import asdict
 from pathlib import Path
@@ -167,6 +168,19 @@ def test_compare_real_synthetic_mixed(tmp_path, small_d7p, fake_generation):
     assert table["balanced_accuracy"].between(0, 1).all() and table["seeds"].eq(1).all()
     text = (out / "compare.md").read_text()
     assert "| mixed |" in text and "| majority class (" in text and "`validation`" in text
+
+
+def test_compare_checks_every_run_before_the_first_trains(tmp_path, small_d7p, fake_generation, capsys):
+    """Issue 15: a synthetic set that cannot be used stopped compare.py only after the real-only run had trained."""
+    synthetic = tmp_path / "synthetic"
+    shutil.copytree(fake_generation, synthetic)
+    for png in synthetic.rglob("*.png"):
+        png.write_bytes(b"not a png")
+    out = tmp_path / "cmp"
+    args = ["--data_dir", str(small_d7p), "--synthetic_dir", str(synthetic), "--output_dir", str(out)]
+    assert compare_main(args + ["--image_size", "32", "--epochs", "1", "--num_workers", "0"]) == 2
+    assert "error: synthetic: no readable images left" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_corrupt_and_missing_images(tmp_path, small_d7p):

@@ -98,3 +98,12 @@ def test_ham_schema_with_concepts_and_skin_tone(tmp_path):
     rec = load_ham10000(write(tmp_path, header + row)).records[0]
     assert rec.skin_tone == "tan" and rec.concept_source == "metadata"
     assert rec.concepts["blue_whitish_veil"] == "present"
+
+
+def test_a_csv_that_is_not_utf8_names_the_line_and_how_to_convert_it(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes((HEADER + "L1,I1,mel,histo,50,male,back\nL2,I2,nv,histo,40,female,épaule\n").encode("latin-1"))
+    with pytest.raises(
+        InputError, match=r"latin1.csv line 3: is not UTF-8 text \(byte 0xe9\); if it is a CSV, save it as UTF-8"
+    ):
+        load_ham10000(path)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import labels
-from ..errors import InputError
+from ..errors import InputError, not_utf8
 
 
 @dataclass
@@ -82,8 +82,11 @@ def read_csv(path: str | Path, required: tuple[str, ...]) -> pd.DataFrame:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     except pd.errors.EmptyDataError:
         raise InputError(path, "the CSV file is empty", "export the metadata again with its header row") from None
-    except (UnicodeDecodeError, pd.errors.ParserError) as e:
-        raise InputError(path, f"is not a readable CSV file ({type(e).__name__})", "pass the metadata .csv") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    except pd.errors.ParserError as e:
+        detail = str(e).strip().splitlines()[-1][:200]
+        raise InputError(path, f"is not a readable CSV file ({detail})", "check it is the metadata CSV") from None
     df.columns = [c.strip() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
     if missing:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..cli import option, parse_config, run
-from ..errors import InputError
+from ..errors import InputError, not_utf8
 from .metadata import D7P_COLUMNS, HAM_COLUMNS
 
 TARGET = "metadata.csv"
@@ -72,6 +72,10 @@ def rename_one(cfg: RenameConfig, dataset: str) -> str:
         src = Path(cfg.source)
         if not src.is_file():
             raise InputError(src, "--source file not found", "check the path")
+        try:
+            src.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise not_utf8(src) from None
         if not set(REQUIRED[dataset]) <= set(header(src)):
             raise InputError(src, f"lacks the {dataset} columns {', '.join(REQUIRED[dataset])}", "pick the right CSV")
     else:

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
-from builders import RunsCode, subset
+from builders import RunsCode, oversized_png, subset
 
 from lesiongen import labels
 from lesiongen.captions.metadata import load_metadata
@@ -21,7 +21,7 @@ from lesiongen.classify import train as classify
 from lesiongen.classify.compare import main as compare_main
 from lesiongen.classify.config import ClassifyConfig
 from lesiongen.classify.convert_checkpoint import main as convert_main
-from lesiongen.classify.data import check_classes, lesion_folds
+from lesiongen.classify.data import check_classes, drop_corrupt, lesion_folds
 from lesiongen.classify.evaluate import main as eval_main
 from lesiongen.classify.models import BEST, FORMAT, LAST, MODELS, load_classifier
 from lesiongen.classify.train import main as classifier_main
@@ -196,6 +196,17 @@ def test_corrupt_and_missing_images(tmp_path, small_d7p):
     with pytest.raises(InputError, match="listed image.*not found"):
         train(quick(data, tmp_path / "run2"))
     assert train(quick(data, tmp_path / "run3", skip_missing=True))["skipped"]["train_missing_image"] == 1
+
+
+def test_an_oversized_image_is_a_counted_skip(tmp_path, small_d7p, capsys):
+    data = subset(small_d7p, tmp_path / "data", {"train": 6, "validation": 3})
+    victim = next((data / "train" / "images").rglob("*.*"))
+    victim.unlink()
+    oversized_png(victim)  # 10 kB on disk, 90 M pixels (270 MB as RGB) decoded
+    skipped: dict[str, int] = {}
+    frame = read_image_table(data, "train")
+    assert len(drop_corrupt({"train": frame}, skipped)["train"]) == len(frame) - 1
+    assert skipped == {"train_corrupt_image": 1} and "exceeds the limit" in capsys.readouterr().err
 
 
 def test_class_absent_from_training(tmp_path, small_d7p):

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from builders import oversized_png
 from PIL import Image
 
 from lesiongen.errors import InputError
@@ -277,6 +278,23 @@ def test_evaluate_bad_input_is_one_line(tmp_path, capsys):
         == 2
     )
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["oversized", "truncated"])
+def test_an_unreadable_synthetic_image_is_one_line(damage, eval_run, tmp_path, capsys):
+    """Issue 15: an oversized first image made evaluation end in PIL's traceback."""
+    root, _ = eval_run
+    synthetic = tmp_path / "syn"
+    shutil.copytree(root / "syn", synthetic)
+    first = synthetic / pd.read_csv(synthetic / "manifest.csv")["file_name"][0]
+    if damage == "oversized":
+        oversized_png(first, side=13400)  # past twice PIL's limit, where PIL raises
+    else:
+        first.write_bytes(first.read_bytes()[:200])
+    argv = ["--real", str(root / "real"), "--synthetic", str(synthetic / "manifest.csv"), "--out", str(tmp_path / "o")]
+    assert evaluate_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {first}: cannot read image")
 
 
 def test_attributes_are_measured_from_pixels(eval_run):

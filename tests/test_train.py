@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import RunsCode, perturbed_copy
+from builders import RunsCode, oversized_png, perturbed_copy, truncated_jpeg
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
@@ -380,6 +380,27 @@ def test_bad_data_is_reported_with_row_and_fix(case, match, tmp_path, tiny_sd_di
         folder.mkdir()
     with pytest.raises(InputError, match=match):
         train(small_config(tiny_sd_dir, folder, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "oversized"])
+def test_an_uncached_run_stops_on_a_damaged_image_with_one_line(damage, tmp_path, capsys, tiny_sd_dir, d7p_images):
+    """A truncated JPEG passes Image.verify() and used to kill an uncached run mid-way inside the DataLoader;
+    an oversized PNG decodes to gigabytes. Both stop before training, as one line naming the row."""
+    folder = tmp_path / "data"
+    rows = [{"file_name": "a.png", "text": "melanoma"}, {"file_name": "b.jpg", "text": "nevus"}]
+    write_folder(folder, rows, {"a.png": None})
+    if damage == "truncated":
+        truncated_jpeg(next(d7p_images.rglob("*.jpg")), folder / "b.jpg")
+    else:
+        oversized_png(folder / "b.jpg")  # the suffix lies; the decoder finds the PNG
+    argv = ["--pretrained_model_name_or_path", str(tiny_sd_dir), "--train_data_dir", str(folder)]
+    argv += ["--output_dir", str(tmp_path / "out"), "--resolution", "64", "--cache_latents", "false"]
+    argv += ["--max_train_steps", "2", "--validation_steps", "0", "--report_to", "none", "--train_batch_size", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # above the error: transformers' "Loading weights" progress bar
+    assert "Traceback" not in err and err.endswith("\n") and err.splitlines()[-1].startswith("error: ")
+    assert "metadata.jsonl row 2: image" in err.splitlines()[-1]
+    assert ("truncated" if damage == "truncated" else "exceeds the limit") in err.splitlines()[-1]
 
 
 def test_missing_model_path_is_one_line_exit_2(tmp_path, capsys, d7p_small_train):

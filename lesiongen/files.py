@@ -7,6 +7,7 @@ was for, so ``cli.run`` can say which file could not be written.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -93,8 +94,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a directory under a temporary name and rename it into place when complete."""
+    """Build a directory under a temporary name and rename it into place when complete (replacing an earlier
+    version of it; a file in its place is an error, never replaced)."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())

@@ -230,6 +230,12 @@ def test_cli_counts_an_oversized_image_and_writes_the_rest(tmp_path, capsys):
 def test_cli_missing_folder_is_one_line_error(tmp_path, capsys):
     assert analyze.main(["--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "image folder not found" in capsys.readouterr().err
+    (tmp_path / "a.png").write_bytes(b"")
+    assert analyze.main(["--images", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")]) == 2
+    assert "a.png: is a file, not an image folder" in capsys.readouterr().err
+    # --limit -1 sliced off the last image and reported success
+    assert analyze.main(["--images", str(tmp_path), "--out", str(tmp_path / "o"), "--limit", "-1"]) == 2
+    assert "--limit: must be at least 1, got -1" in capsys.readouterr().err
 
 
 def test_calibrated_claims_beat_the_base_rate_on_d7p_valid(d7p_valid_results):

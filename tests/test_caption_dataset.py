@@ -178,6 +178,18 @@ def test_rebuild_removes_what_it_no_longer_lists(tmp_path, d7p_images):
     assert not (out / "train" / "metadata.jsonl").exists() and not list((out / "train" / "images").iterdir())
 
 
+def test_a_first_build_removes_nothing_already_in_the_output_folder(tmp_path, d7p_images):
+    """Only a folder an earlier build wrote is tidied: --out may name a folder that holds other files."""
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(next(d7p_images.rglob("*.jpg")), images / "I1.jpg")
+    out = tmp_path / "shared"
+    (out / "train" / "images").mkdir(parents=True)
+    (out / "train" / "images" / "mine.jpg").write_bytes(b"someone else's")
+    build(BuildCaptionsConfig(**cli_config(one_split(ham_rows(tmp_path, ["I1"]), images, out))))
+    assert (out / "train" / "images" / "mine.jpg").read_bytes() == b"someone else's"
+
+
 def cli_config(args: list[str]) -> dict:
     """build_captions.py arguments as BuildCaptionsConfig fields."""
     from lesiongen.cli import build_parser

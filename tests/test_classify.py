@@ -268,6 +268,8 @@ def test_flag_errors(tmp_path, small_d7p, fake_generation, monkeypatch):
     with pytest.raises(InputError, match="--train synthetic needs synthetic images"):
         parse_config(ClassifyConfig, ["--data_dir", str(small_d7p), "--train", "synthetic"])
     assert classifier_main(["--data_dir", str(small_d7p), "--epochs", "0"]) == 2
+    with pytest.raises(InputError, match="--num_workers: must be 0 or more, got -1"):  # was a DataLoader traceback
+        quick(small_d7p, tmp_path / "w", num_workers=-1)
     with pytest.raises(InputError, match="no train/metadata.jsonl"):
         train(quick(fake_generation, tmp_path / "x"))
 

@@ -278,6 +278,8 @@ def test_evaluate_bad_input_is_one_line(tmp_path, capsys):
         == 2
     )
     assert "not found" in capsys.readouterr().err
+    assert evaluate_main(["--real", str(tmp_path), "--synthetic", str(tmp_path), "--out", "o", "--size", "-5"]) == 2
+    assert "--size: must be >= 0, got -5" in capsys.readouterr().err  # was a traceback from the resize
 
 
 @pytest.mark.parametrize("damage", ["oversized", "truncated"])

@@ -52,3 +52,11 @@ def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch):
         write_json(tmp_path / "out.json", {"a": 1})
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "out.json")
     assert list(tmp_path.iterdir()) == []  # no temporary left behind
+
+
+def test_atomic_dir_never_replaces_a_file(tmp_path):
+    (tmp_path / "notes").write_text("mine")
+    with pytest.raises(NotADirectoryError):
+        with atomic_dir(tmp_path / "notes") as tmp:
+            (tmp / "x").write_text("y")
+    assert (tmp_path / "notes").read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["notes"]

@@ -289,6 +289,18 @@ def test_a_resume_on_another_model_under_the_same_path_is_refused(tiny_sd_dir, t
         generate(config(Path("model"), tmp_path / "out", num_images=2, contact_sheet=0))
 
 
+def test_only_temporaries_generate_left_are_removed(tiny_sd_dir, pipe, tmp_path):
+    """--output_dir may hold other work: a hidden .tmp file of someone else's two folders down stays."""
+    theirs = tmp_path / "notes" / "drafts" / ".draft.md.tmp"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text("mine")
+    ours = tmp_path / "dataset" / "Melanoma" / ".mel_000009.png.abc123.tmp"  # a kill -9 mid-save
+    ours.parent.mkdir(parents=True)
+    ours.write_bytes(b"half")
+    generate(config(tiny_sd_dir, tmp_path, num_images=1, contact_sheet=0), pipe=pipe)
+    assert theirs.read_text() == "mine" and not ours.exists()
+
+
 def test_dtype_follows_the_device(tiny_sd_dir, pipe):
     import torch
 
@@ -322,6 +334,11 @@ def test_bad_inputs_give_one_line_errors(tiny_sd_dir, tmp_path, capsys, monkeypa
         generate(cfg)
     with pytest.raises(InputError, match="--caption_style label: label captions state only the diagnosis"):
         config(tiny_sd_dir, tmp_path, caption_style="label", skin_tone="dark")
+    # probes of issue 15: nan guidance made NaN images with exit 0; 30 px failed inside diffusers after loading
+    with pytest.raises(InputError, match="--guidance_scale: must be a number, not negative"):
+        config(tiny_sd_dir, tmp_path, guidance_scale=[float("nan")])
+    with pytest.raises(InputError, match="--resolution: 30 is not a positive multiple of 8"):
+        config(tiny_sd_dir, tmp_path, resolution=30)
 
 
 def test_main_single_mode_as_in_the_original_readme(tiny_sd_dir, tmp_path, capsys):

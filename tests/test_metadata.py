@@ -64,6 +64,8 @@ def test_skip_bad_rows_counts(tmp_path):
 def test_file_level_errors(tmp_path):
     with pytest.raises(InputError, match="metadata file not found"):
         load_ham10000(tmp_path / "nope.csv")
+    with pytest.raises(InputError, match="is a folder, not the metadata CSV; pass the CSV file inside it"):
+        load_ham10000(tmp_path)
     with pytest.raises(InputError, match="the CSV file is empty"):
         load_ham10000(write(tmp_path, ""))
     with pytest.raises(InputError, match="header but no rows"):

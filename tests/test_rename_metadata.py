@@ -71,3 +71,10 @@ def test_a_failure_reports_what_was_already_done(tmp_path, ham_csv, d7p_csv, cap
     assert "ham10000: rename" in captured.out and "HAM10000_metadata.csv" in captured.out
     assert captured.err.count("\n") == 1 and "several metadata candidates" in captured.err
     assert (tmp_path / "ham10000" / "metadata.csv").is_file()
+
+
+def test_a_missing_data_dir_is_an_error_not_a_silent_no_op(tmp_path, capsys):
+    from lesiongen.captions.rename_metadata import main
+
+    assert main(["--data_dir", str(tmp_path / "nowhere")]) == 2
+    assert f"error: --data_dir {tmp_path / 'nowhere'}: folder not found" in capsys.readouterr().err

@@ -363,7 +363,10 @@ class AnalyzeConfig:
 
     def __post_init__(self) -> None:
         if not Path(self.images).is_dir():
-            raise InputError(self.images, "image folder not found", "check --images")
+            problem = "is a file, not an image folder" if Path(self.images).exists() else "image folder not found"
+            raise InputError(self.images, problem, "pass the folder holding the images to --images")
+        if self.limit is not None and self.limit < 1:
+            raise InputError("--limit", f"must be at least 1, got {self.limit}", "pass a positive number, or omit it")
 
 
 def mask_names(files: list[Path], folder: Path) -> dict[Path, str]:

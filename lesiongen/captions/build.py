@@ -58,9 +58,8 @@ class BuildCaptionsConfig(ReportOptions):
 
     def __post_init__(self) -> None:
         if self.images is not None and not Path(self.images).is_dir():
-            raise InputError(
-                self.images, "image folder not found", "check --images, or omit it to caption metadata alone"
-            )
+            problem = "is a file, not an image folder" if Path(self.images).exists() else "image folder not found"
+            raise InputError(self.images, problem, "check --images, or omit it to caption metadata alone")
 
 
 def index_images(folder: Path) -> dict[str, Path]:
@@ -190,10 +189,10 @@ def build(cfg: BuildCaptionsConfig) -> dict:
         placed = {(row["split"], row["file_name"]): src for row, (_, src) in zip(kept, sources, strict=True)}
     for (split, name), src in placed.items():
         place_image(src, out / split / name, cfg.link)
-    removed = 0
+    removed, rebuild = 0, (out / "captions.jsonl").is_file()  # only a folder an earlier build wrote is tidied
     for split in SPLITS:
         split_rows = [{"file_name": r["file_name"], **r} for r in kept if (split, r.get("file_name")) in placed]
-        removed += remove_stale(out / split, {name for s, name in placed if s == split})
+        removed += remove_stale(out / split, {name for s, name in placed if s == split}) if rebuild else 0
         if split_rows:
             write_jsonl(out / split / "metadata.jsonl", split_rows)
     write_jsonl(out / "captions.jsonl", kept)

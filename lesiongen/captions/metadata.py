@@ -76,6 +76,8 @@ D7P_COLUMNS = ("case_num", "diagnosis", *labels.CONCEPT_NAMES, "elevation", "loc
 def read_csv(path: str | Path, required: tuple[str, ...]) -> pd.DataFrame:
     """Read a metadata CSV as strings; missing file, non-CSV, empty file and missing columns are errors."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a folder, not the metadata CSV", "pass the CSV file inside it to --metadata")
     if not path.is_file():
         raise InputError(path, "metadata file not found", "check the --metadata path")
     try:

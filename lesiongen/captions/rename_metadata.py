@@ -32,6 +32,10 @@ class RenameConfig:
     dry_run: bool = option(False, help="only print what would happen")
 
     def __post_init__(self) -> None:
+        if not Path(self.data_dir).is_dir():
+            raise InputError(
+                f"--data_dir {self.data_dir}", "folder not found", "pass the folder holding ham10000/ and d7p/"
+            )
         if self.source and self.dataset == "all":
             raise InputError("--source", "needs one --dataset", "add --dataset ham10000 or --dataset d7p")
 

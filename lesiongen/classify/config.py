@@ -59,6 +59,10 @@ class ClassifierSettings:
                 raise InputError(
                     f"--{name}", f"must be at least 1, got {getattr(self, name)}", "pass a positive number"
                 )
+        if self.num_workers < 0:
+            raise InputError(
+                "--num_workers", f"must be 0 or more, got {self.num_workers}", "0 loads images in this process"
+            )
         if self.image_size < 16:
             raise InputError("--image_size", f"{self.image_size} px is too small", "use 16 or more")
         if self.lr <= 0:

@@ -124,8 +124,10 @@ class GenerateConfig:
             raise InputError("--batch_size", f"{self.batch_size} is not positive", "use e.g. 4")
         if min(self.num_inference_steps) < 1:
             raise InputError("--num_inference_steps", "must be positive", "e.g. --num_inference_steps 50")
-        if min(self.guidance_scale) < 0:
-            raise InputError("--guidance_scale", "must not be negative", "e.g. --guidance_scale 7.5")
+        if not all(0 <= g < float("inf") for g in self.guidance_scale):  # also false for nan
+            raise InputError("--guidance_scale", "must be a number, not negative", "e.g. --guidance_scale 7.5")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise InputError("--resolution", f"{self.resolution} is not a positive multiple of 8", "e.g. 64, 256, 512")
         plans.check_fixed(self.sex, self.age, self.site, self.skin_tone)
         plans.parse_concepts(self.concepts)
         contrasts = plans.parse_contrasts(self.contrast)
@@ -410,7 +412,8 @@ def generate(
     processes.wait()
     if processes.is_main:
         # a SIGKILL skips atomic_path's cleanup; its hidden temporaries are never listed, so remove them
-        for stale in root.rglob(".*.tmp"):
+        # (only where generate writes: --output_dir may be a folder that holds other work)
+        for stale in [*root.glob(".*.tmp"), *root.glob("*/.*.tmp"), *root.glob("dataset/*/.*.tmp")]:
             stale.unlink()
         # single mode regenerates its images: a rerun with new flags must not keep an old image under the same seed
         manifest.repair(root, drop={file_name(s, cfg.mode) for s in plan} if cfg.mode == "single" else set())

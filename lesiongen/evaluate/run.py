@@ -96,6 +96,8 @@ class EvaluateConfig:
             )
         if self.k < 1:
             raise InputError("--k", f"must be >= 1, got {self.k}", "use e.g. --k 5")
+        if self.size is not None and self.size < 0:
+            raise InputError("--size", f"must be >= 0, got {self.size}", "use e.g. --size 64, or 0 to keep sizes")
         if not 0 < self.copy_ratio <= 1:
             raise InputError("--copy_ratio", f"must be in (0, 1], got {self.copy_ratio}", "use e.g. --copy_ratio 0.5")
 

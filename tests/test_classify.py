@@ -270,6 +270,8 @@ def test_flag_errors(tmp_path, small_d7p, fake_generation, monkeypatch):
     assert classifier_main(["--data_dir", str(small_d7p), "--epochs", "0"]) == 2
     with pytest.raises(InputError, match="--num_workers: must be 0 or more, got -1"):  # was a DataLoader traceback
         quick(small_d7p, tmp_path / "w", num_workers=-1)
+    with pytest.raises(InputError, match="--resume_from_checkpoint: .* is a folder, not a checkpoint file"):
+        train(quick(small_d7p, tmp_path / "w", resume_from_checkpoint=str(tmp_path)))
     with pytest.raises(InputError, match="no train/metadata.jsonl"):
         train(quick(fake_generation, tmp_path / "x"))
 

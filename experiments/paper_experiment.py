@@ -35,6 +35,7 @@ import torch
 from lesiongen.captions.build import BuildCaptionsConfig, build
 from lesiongen.classify.compare import CompareConfig, compare, markdown
 from lesiongen.classify.compare import summarise as summarise_rows
+from lesiongen.classify.models import LAST
 from lesiongen.cli import option, parse_config, run
 from lesiongen.devices import AUTO
 from lesiongen.diffusion.checkpoints import latest_checkpoint
@@ -290,7 +291,7 @@ def replicate(cfg: PaperConfig, seed: int, out: Path) -> dict:
                     synthetic=str(synthetic / "manifest.csv"),
                     output_dir=str(out / "evaluation" / style),
                     features=cfg.features,
-                    classifier=str(real_dir / f"real-seed{seed}" / "last.pt"),
+                    classifier=str(real_dir / f"real-seed{seed}" / LAST),
                     heldout_split="validation",
                     pairs=str(pairs / "manifest.csv") if pairs is not None else None,
                     device=cfg.device,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 import types
 import typing
@@ -102,14 +103,45 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, prog: str | None = No
     return cls(**values)  # a config checks itself in __post_init__, however it is built
 
 
+# File-system failures a user causes and can fix (a folder that is a file, no permission, a full disk),
+# with the fix; any other OSError, like any other exception, is a bug and keeps its traceback.
+OS_FIXES: dict[int, str] = {
+    errno.EACCES: "check its permissions, or choose a path you can write to",
+    errno.EPERM: "check its permissions, or choose a path you can write to",
+    errno.EROFS: "choose a path on a writable disk",
+    errno.ENOSPC: "free some disk space, or choose an output folder on another disk",
+    errno.EDQUOT: "free some of your disk quota, or choose an output folder on another disk",
+    errno.ENOTDIR: "a part of this path is a file, not a folder: choose another path",
+    errno.EISDIR: "it is a folder where a file was expected: choose another path",
+    errno.EEXIST: "a file is in the way of a folder: choose another path, or move the file",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """``path: reason; fix`` for an expected file-system failure."""
+    reason = (e.strerror or str(e)).lower()
+    where = f"{e.filename}: " if e.filename is not None else ""
+    return f"{where}{reason}; {OS_FIXES[e.errno]}"
+
+
 def run(fn: Callable[[], Any]) -> int:
-    """Run a stage; bad input becomes one line on stderr and exit code 2."""
+    """Run a stage; bad input and expected file-system failures become one line on stderr and exit code 2."""
     try:
         fn()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in OS_FIXES:
+            raise
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
+        print(
+            "interrupted; every file already written is complete, and a rerun continues or redoes the rest",
+            file=sys.stderr,
+        )
         return 130
     return 0

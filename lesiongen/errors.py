@@ -16,3 +16,20 @@ class InputError(Exception):
         if fix:
             message += f"; {fix}"
         super().__init__(message)
+
+
+def not_utf8(path: str | Path) -> InputError:
+    """The error for a text file that is not UTF-8, with the line of its first bad byte and how to convert
+    it: spreadsheets often save 'CSV' as Latin-1 or UTF-16, and a binary file passed by mistake shows here too."""
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return InputError(
+            f"{path} line {line}",
+            f"is not UTF-8 text (byte 0x{data[e.start]:02x})",
+            f"if it is a CSV, save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 {path} > fixed.csv) and pass that; "
+            "if it is not, pass the CSV instead",
+        )
+    return InputError(path, "is not UTF-8 text", "save it as UTF-8")

@@ -1,23 +1,42 @@
 """Image files: the one list of suffixes, the one opener, the one decode check and the one grid.
 
 Every stage reads images through here, so a file one stage accepts is accepted by all, and a corrupt,
-truncated or oversized file fails the same way everywhere: as a reason string the caller counts or
-turns into one line, never as a traceback from inside a DataLoader.
+truncated or oversized file fails the same way everywhere: as ``UnreadableImage``, an ``InputError``
+naming the file, which a caller that may skip counts (``decode_problem``) and any other caller lets
+through to ``cli.run`` as one line, never as a traceback from inside a DataLoader.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .errors import InputError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-# What PIL raises for a file it cannot decode; DecompressionBombError (more than twice PIL's pixel
-# limit, a crafted or absurdly large file) is not an OSError, so it is named here.
-UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# What PIL raises for a file it cannot decode (DecompressionBombError is not an OSError).
+PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# PIL's decompression-bomb limit (89.5 M pixels, about 270 MB as RGB). PIL only warns up to twice that;
+# here the limit itself refuses, since a dermoscopic image has under 40 M pixels (HAM10000: 0.27 M).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 LABEL_HEIGHT = 14  # px above each labelled grid row
+BACKGROUND = (255, 255, 255)  # what transparent pixels show, as an image viewer shows them
+
+
+class UnreadableImage(InputError):
+    """A file that does not decode as an image; ``reason`` is PIL's account of why."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(path, f"cannot read image ({reason})", "replace the file, or remove it or its row")
+        self.reason = reason
+
+    @classmethod
+    def from_error(cls, path: str | Path, error: Exception) -> UnreadableImage:
+        return cls(path, f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -25,16 +44,48 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def _opened(path: str | Path) -> Image.Image:
+    """``Image.open`` (header only) that refuses more than ``MAX_PIXELS`` before any pixel is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, naming the size
+        im = Image.open(path)
+    if im.width * im.height > MAX_PIXELS:
+        im.close()
+        raise Image.DecompressionBombError(
+            f"{im.width}x{im.height} = {im.width * im.height} pixels exceeds the limit of {MAX_PIXELS}"
+        )
+    return im
+
+
 def open_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
-    """Decode a file as RGB (greyscale and palette files become three channels).
+    """Decode a file as RGB (greyscale and palette files become three channels, transparency shows white).
 
     ``draft`` lets JPEG decode at a reduced scale that is still at least that many pixels a side: the
     stages train at 32-256 px, and a full-size decode of a 6000 px photograph would be wasted work.
+    Transparent pixels keep whatever colour the writer left under them, so they are composited over
+    ``BACKGROUND`` rather than shown as that hidden colour.
     """
-    with Image.open(path) as im:
-        if draft:
-            im.draft("RGB", (draft, draft))
-        return im.convert("RGB")
+    try:
+        with _opened(path) as im:
+            if draft:
+                im.draft("RGB", (draft, draft))
+            if not im.has_transparency_data:
+                return im.convert("RGB")
+            rgba = im.convert("RGBA")
+            out = Image.new("RGB", rgba.size, BACKGROUND)
+            out.paste(rgba, mask=rgba.getchannel("A"))
+            return out
+    except PIL_ERRORS as e:
+        raise UnreadableImage.from_error(path, e) from None
+
+
+def read_alpha(path: str | Path) -> np.ndarray | None:
+    """The alpha channel (uint8, H x W) of a file with transparency, else None: what a measurement must ignore."""
+    try:
+        with _opened(path) as im:
+            return np.asarray(im.convert("RGBA").getchannel("A")) if im.has_transparency_data else None
+    except PIL_ERRORS as e:
+        raise UnreadableImage.from_error(path, e) from None
 
 
 def square(image: Image.Image, size: int | None) -> Image.Image:
@@ -53,14 +104,12 @@ def read_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
 
 
 def decode_problem(path: str | Path) -> str | None:
-    """Why a file does not decode completely, or None. Reads every byte (a header check would pass a
+    """Why a file does not decode completely, or None. Decodes every byte (a header check would pass a
     truncated JPEG that then fails mid-training), at a reduced JPEG scale so large sets check quickly."""
     try:
-        with Image.open(path) as im:
-            im.draft("RGB", (64, 64))
-            im.load()
-    except UNREADABLE as e:
-        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        open_rgb(path, draft=64)
+    except UnreadableImage as e:
+        return e.reason
     return None
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import labels
-from .errors import InputError
+from .errors import InputError, not_utf8
 
 MANIFEST = "manifest.csv"
 METADATA = "metadata.jsonl"
@@ -33,7 +33,7 @@ def read_metadata(path: str | Path) -> list[tuple[int, dict]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise InputError(path, "is not UTF-8 text", "rebuild it with build_captions.py") from None
+        raise not_utf8(path) from None
     rows = []
     for i, line in enumerate(lines, start=1):
         if not line.strip():
@@ -86,8 +86,13 @@ def _read_one(table: Path) -> pd.DataFrame:
             raise InputError(
                 table, "is empty", "rerun generate.py, which writes the header with the first image"
             ) from None
-        except (pd.errors.ParserError, UnicodeDecodeError) as e:
-            raise InputError(table, f"is not a readable CSV ({type(e).__name__})", "pass the manifest.csv") from None
+        except UnicodeDecodeError:
+            raise not_utf8(table) from None
+        except pd.errors.ParserError as e:
+            detail = str(e).strip().splitlines()[-1][:200]
+            raise InputError(
+                table, f"is not a readable CSV ({detail})", "pass the manifest.csv generate.py wrote"
+            ) from None
     if frame.empty:
         raise InputError(table, "has no rows", "rebuild it, or point at a folder with images")
     if "label" not in frame.columns and "dx" in frame.columns:
@@ -117,14 +122,19 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_image_table(
-    path: str | Path, split: str | None = None, on_missing: str = "error", keep_other: bool = False
+    path: str | Path,
+    split: str | None = None,
+    on_missing: str = "error",
+    keep_other: bool = False,
+    skip_flag: str | None = None,
 ) -> pd.DataFrame:
     """Rows with an absolute ``path`` and their metadata; skipped rows are counted in ``frame.attrs``.
 
     Rows labelled 'other' (Derm7pt "miscellaneous") or with a label outside ``labels.CODES`` are
     dropped and counted (``keep_other=True`` keeps the 'other' rows); a missing image file is an
-    ``InputError`` unless ``on_missing='skip'``, which counts it instead. A build_captions folder with
-    no ``split`` reads every split present. ``frame.attrs['skipped']`` maps reason -> file names.
+    ``InputError`` unless ``on_missing='skip'``, which counts it instead; its fix names ``skip_flag``,
+    the caller's flag for skipping, when it has one. A build_captions folder with no ``split`` reads
+    every split present. ``frame.attrs['skipped']`` maps reason -> file names.
     """
     if on_missing not in MISSING_POLICIES:
         raise ValueError(f"on_missing must be one of {MISSING_POLICIES}")
@@ -150,7 +160,7 @@ def read_image_table(
             raise InputError(
                 first["table"],
                 f"{int((~exists).sum())} listed image(s) not found, e.g. {first['file_name']}",
-                "restore the images, rebuild the table, or skip them (--skip_missing)",
+                "restore the images or rebuild the table" + (f", or skip them ({skip_flag})" if skip_flag else ""),
             )
         skipped["missing_image"] = frame.loc[~exists, "file_name"].tolist()
         frame = frame[exists]

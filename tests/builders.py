@@ -65,3 +65,58 @@ def subset(src: Path, out: Path, per_class: dict[str, int]) -> Path:
                 kept.append(json.dumps(row))
         (out / split / "metadata.jsonl").write_text("\n".join(kept) + "\n")
     return out
+
+
+def oversized_png(path: Path, side: int = 9500) -> Path:
+    """A valid 1-bit PNG of side x side black pixels: about 10 kB on disk, side**2 pixels once decoded.
+
+    9500 px a side (90 M pixels) is just past PIL's decompression-bomb limit (89.5 M), where PIL itself
+    only warns; 13400 px and up is where it refuses. Written by hand, because PIL would have to hold the
+    whole image in memory to save it.
+    """
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte, then the packed bits of one row
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def truncated_jpeg(src: Path, dst: Path, keep: float = 0.6) -> Path:
+    """The first ``keep`` of a real JPEG: its header parses (``Image.verify`` passes), its pixels do not decode."""
+    data = src.read_bytes()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(data[: int(len(data) * keep)])
+    return dst
+
+
+class RunsCode:
+    """Unpickling this makes the folder ``marker``: a stand-in for whatever code a crafted pickle could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def perturbed_copy(model_dir: Path, out: Path) -> Path:
+    """A copy of a diffusers model with the UNet's conv_in weights changed: the same configs, shapes and file
+    sizes, other weights (what a fine-tune of the same base looks like from outside)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["conv_in.weight"] = tensors["conv_in.weight"] + 0.01
+    save_file(tensors, weights)
+    return out

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from builders import oversized_png
 from PIL import Image
 from skimage import color
 from sklearn.metrics import roc_auc_score
@@ -198,9 +199,43 @@ def test_cli_writes_measured_masks_and_contact_sheet(tmp_path, capsys):
     assert "2 with a usable mask" in capsys.readouterr().out
 
 
+def test_transparent_pixels_are_not_measured(tmp_path):
+    """A lesion hidden under alpha 0 is not there to see: it must not be measured as if opaque."""
+    disk = draw_disk((256, 256), (128, 128), 60, (110, 65, 40), (75, 8, 15))
+    hidden = analyze.analyze_image(np.dstack([disk, np.zeros((256, 256), np.uint8)]))
+    assert hidden["mask_ok"] is False and "transparent" in hidden["problem"]
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.dstack([disk, np.zeros((256, 256), np.uint8)]), "RGBA").save(images / "hidden.png")
+    alpha = np.full((256, 256), 255, np.uint8)
+    alpha[:, 200:] = 0  # a transparent strip at the right is neither skin nor lesion
+    Image.fromarray(np.dstack([disk, alpha]), "RGBA").save(images / "strip.png")
+    Image.fromarray(disk).save(images / "opaque.png")
+    assert analyze.main(["--images", str(images), "--out", str(tmp_path / "out")]) == 0
+    rows = {r["file_name"]: r for r in map(json.loads, (tmp_path / "out" / "measured.jsonl").read_text().splitlines())}
+    assert not rows["hidden.png"]["mask_ok"]
+    assert rows["strip.png"]["mask_ok"] and rows["strip.png"]["area_pct"] == rows["opaque.png"]["area_pct"]
+
+
+def test_cli_counts_an_oversized_image_and_writes_the_rest(tmp_path, capsys):
+    images = tmp_path / "images"
+    oversized_png(images / "huge.png")
+    Image.fromarray(draw_disk((256, 256), (128, 128), 60, (110, 65, 40), (75, 8, 15))).save(images / "ok.png")
+    assert analyze.main(["--images", str(images), "--out", str(tmp_path / "out")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "measured.jsonl").read_text().splitlines()]
+    assert [(r["file_name"], r["mask_ok"]) for r in rows] == [("huge.png", False), ("ok.png", True)]
+    assert "1 unreadable image" in capsys.readouterr().out
+
+
 def test_cli_missing_folder_is_one_line_error(tmp_path, capsys):
     assert analyze.main(["--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "image folder not found" in capsys.readouterr().err
+    (tmp_path / "a.png").write_bytes(b"")
+    assert analyze.main(["--images", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")]) == 2
+    assert "a.png: is a file, not an image folder" in capsys.readouterr().err
+    # --limit -1 sliced off the last image and reported success
+    assert analyze.main(["--images", str(tmp_path), "--out", str(tmp_path / "o"), "--limit", "-1"]) == 2
+    assert "--limit: must be at least 1, got -1" in capsys.readouterr().err
 
 
 def test_calibrated_claims_beat_the_base_rate_on_d7p_valid(d7p_valid_results):

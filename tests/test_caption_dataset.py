@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,8 +109,109 @@ def test_corrupt_image_is_reported(tmp_path):
         output_dir=str(tmp_path / "o"),
         split_fractions=[1.0, 0.0, 0.0],
     )
-    with pytest.raises(InputError, match="I1.jpg: corrupt image"):
+    with pytest.raises(InputError, match="I1.jpg: unreadable image .*replace the image or pass --skip_bad_rows"):
         build(cfg)
+
+
+HAM_HEADER = "lesion_id,image_id,dx,dx_type,age,sex,localization\n"
+
+
+def ham_rows(tmp_path, ids: list[str]) -> Path:
+    csv = tmp_path / f"{'-'.join(ids)}.csv"
+    csv.write_text(HAM_HEADER + "".join(f"L{i},{i},mel,histo,50,male,back\n" for i in ids))
+    return csv
+
+
+def one_split(csv: Path, images: Path, out: Path, *extra: str) -> list[str]:
+    return ["--dataset", "ham10000", "--metadata", str(csv), "--images", str(images), "--out", str(out)] + [
+        "--split_fractions", "1", "0", "0", *extra
+    ]  # fmt: skip
+
+
+def test_oversized_image_is_skipped_or_one_line(tmp_path, d7p_images, capsys):
+    from builders import oversized_png
+
+    from lesiongen.captions.build import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(next(d7p_images.rglob("*.jpg")), images / "I1.jpg")
+    oversized_png(images / "I2.png")
+    csv = ham_rows(tmp_path, ["I1", "I2"])
+    assert main(one_split(csv, images, tmp_path / "strict")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "I2.png: unreadable image" in err and "exceeds the limit" in err
+    assert main(one_split(csv, images, tmp_path / "skip", "--skip_bad_rows")) == 0
+    summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
+    assert summary["captioned"] == 1 and summary["skipped"]["corrupt_images"] == 1
+
+
+def test_no_link_is_placed_before_every_row_is_checked(tmp_path, d7p_images):
+    from builders import truncated_jpeg
+
+    images = tmp_path / "images"
+    images.mkdir()
+    first = next(d7p_images.rglob("*.jpg"))
+    shutil.copy(first, images / "I1.jpg")
+    truncated_jpeg(first, images / "I2.jpg")
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="I2.jpg: unreadable image"):
+        build(BuildCaptionsConfig(**cli_config(one_split(ham_rows(tmp_path, ["I1", "I2"]), images, out))))
+    assert not out.exists() or not [p for p in out.rglob("*") if not p.is_dir()]
+
+
+def test_rebuild_removes_what_it_no_longer_lists(tmp_path, d7p_images):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, src in zip(("I1", "I2"), sorted(d7p_images.rglob("*.jpg")), strict=False):
+        shutil.copy(src, images / f"{i}.jpg")
+    out = tmp_path / "out"
+    build(BuildCaptionsConfig(**cli_config(one_split(ham_rows(tmp_path, ["I1", "I2"]), images, out))))
+    assert sorted(p.name for p in (out / "train" / "images").iterdir()) == ["I1.jpg", "I2.jpg"]
+    summary = build(BuildCaptionsConfig(**cli_config(one_split(ham_rows(tmp_path, ["I1"]), images, out))))
+    assert [p.name for p in (out / "train" / "images").iterdir()] == ["I1.jpg"]
+    assert [r["image_id"] for r in read_jsonl(out / "train" / "metadata.jsonl")] == ["I1"]
+    assert summary["stale_images_removed"] == 1
+    # captions alone list no image: no split may keep the earlier build's rows
+    csv = ham_rows(tmp_path, ["I1"])
+    build(BuildCaptionsConfig(dataset="ham10000", metadata=str(csv), output_dir=str(out), split_fractions=[1, 0, 0]))
+    assert not (out / "train" / "metadata.jsonl").exists() and not list((out / "train" / "images").iterdir())
+
+
+def test_a_first_build_removes_nothing_already_in_the_output_folder(tmp_path, d7p_images):
+    """Only a folder an earlier build wrote is tidied: --out may name a folder that holds other files."""
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(next(d7p_images.rglob("*.jpg")), images / "I1.jpg")
+    out = tmp_path / "shared"
+    (out / "train" / "images").mkdir(parents=True)
+    (out / "train" / "images" / "mine.jpg").write_bytes(b"someone else's")
+    build(BuildCaptionsConfig(**cli_config(one_split(ham_rows(tmp_path, ["I1"]), images, out))))
+    assert (out / "train" / "images" / "mine.jpg").read_bytes() == b"someone else's"
+
+
+def cli_config(args: list[str]) -> dict:
+    """build_captions.py arguments as BuildCaptionsConfig fields."""
+    from lesiongen.cli import build_parser
+
+    return vars(build_parser(BuildCaptionsConfig).parse_args(args))
+
+
+def test_skipped_rows_at_the_end_do_not_break_the_official_split(tmp_path, d7p_csv):
+    """Derm7pt's index files number meta.csv's rows; skipping its last rows must not make them 'outside'."""
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    for name in ("train_indexes.csv", "valid_indexes.csv", "test_indexes.csv"):
+        shutil.copy(d7p_csv.parent / name, meta / name)
+    df = pd.read_csv(d7p_csv, dtype=str, keep_default_na=False)
+    df.loc[len(df) - 2 :, "diagnosis"] = "not a diagnosis"
+    df.to_csv(meta / "meta.csv", index=False)
+    cfg = BuildCaptionsConfig(
+        dataset="d7p", metadata=str(meta / "meta.csv"), output_dir=str(tmp_path / "out"), skip_bad_rows=True
+    )
+    summary = build(cfg)
+    assert summary["skipped"]["bad_rows"] == 2 and summary["split_method"].startswith("official")
+    assert sum(sum(v.values()) for v in summary["per_split"].values()) == len(df) - 2
 
 
 def test_label_style(tmp_path, ham_csv):

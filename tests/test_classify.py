@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import urllib.error
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +13,22 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
-from builders import subset
+from builders import RunsCode, oversized_png, subset
 
 from lesiongen import labels
 from lesiongen.captions.metadata import load_metadata
 from lesiongen.classify import train as classify
 from lesiongen.classify.compare import main as compare_main
 from lesiongen.classify.config import ClassifyConfig
-from lesiongen.classify.data import check_classes, lesion_folds
+from lesiongen.classify.convert_checkpoint import main as convert_main
+from lesiongen.classify.data import check_classes, drop_corrupt, lesion_folds
 from lesiongen.classify.evaluate import main as eval_main
-from lesiongen.classify.models import load_classifier
+from lesiongen.classify.models import BEST, FORMAT, LAST, MODELS, load_classifier
 from lesiongen.classify.train import main as classifier_main
 from lesiongen.classify.train import train
 from lesiongen.cli import parse_config
 from lesiongen.errors import InputError
+from lesiongen.states import read_state, write_state
 from lesiongen.tables import read_image_table
 
 
@@ -43,8 +47,8 @@ def test_resnet18_beats_majority_on_real_d7p(tmp_path, d7p_built):
     assert report["skipped"] == {"train_label_other": 3, "validation_label_other": 3}
     losses = [h["train_loss"] for h in summary["history"]]
     assert losses[-1] < losses[0]
-    # scored again from best.pt through the eval command, as a user would
-    assert eval_main(["--checkpoint", str(out / "best.pt"), "--data_dir", str(d7p_built), "--num_workers", "0"]) == 0
+    # scored again from the best checkpoint through the eval command, as a user would
+    assert eval_main(["--checkpoint", str(out / BEST), "--data_dir", str(d7p_built), "--num_workers", "0"]) == 0
     metrics = json.loads((out / "eval-validation" / "metrics.json").read_text())
     assert metrics["overall"]["n"] == 200 and metrics["epoch"] == summary["best_epoch"]
     assert metrics["overall"]["balanced_accuracy"] == pytest.approx(summary["best_balanced_accuracy"], abs=1e-6)
@@ -107,10 +111,10 @@ def test_resume_matches_uninterrupted_run(tmp_path, small_d7p, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(quick(small_d7p, part, epochs=2))
     monkeypatch.undo()
-    assert torch.load(part / "last.pt", weights_only=False)["epoch"] == 1
+    assert read_state(part / LAST, "")["epoch"] == 1
     train(quick(small_d7p, part, epochs=2, resume_from_checkpoint="latest"))
-    a = torch.load(full / "last.pt", weights_only=False)
-    b = torch.load(part / "last.pt", weights_only=False)
+    a = read_state(full / LAST, "")
+    b = read_state(part / LAST, "")
     assert b["epoch"] == 2 and len(b["history"]) == 2
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
@@ -136,7 +140,7 @@ def test_folds_never_share_a_lesion(ham_csv, tmp_path, small_d7p):
     # and the --folds run writes one model per fold plus the cross-validation summary
     report = train(quick(small_d7p, tmp_path / "cv", folds=2))
     assert [Path(r["output_dir"]).name for r in report["runs"]] == ["fold-0", "fold-1"]
-    assert (tmp_path / "cv" / "fold-1" / "best.pt").is_file()
+    assert (tmp_path / "cv" / "fold-1" / BEST).is_file()
     assert json.loads((tmp_path / "cv" / "cv_summary.json").read_text())["cv_balanced_accuracy"]["mean"] >= 0
 
 
@@ -166,6 +170,19 @@ def test_compare_real_synthetic_mixed(tmp_path, small_d7p, fake_generation):
     assert "| mixed |" in text and "| majority class (" in text and "`validation`" in text
 
 
+def test_compare_checks_every_run_before_the_first_trains(tmp_path, small_d7p, fake_generation, capsys):
+    """Issue 15: a synthetic set that cannot be used stopped compare.py only after the real-only run had trained."""
+    synthetic = tmp_path / "synthetic"
+    shutil.copytree(fake_generation, synthetic)
+    for png in synthetic.rglob("*.png"):
+        png.write_bytes(b"not a png")
+    out = tmp_path / "cmp"
+    args = ["--data_dir", str(small_d7p), "--synthetic_dir", str(synthetic), "--output_dir", str(out)]
+    assert compare_main(args + ["--image_size", "32", "--epochs", "1", "--num_workers", "0"]) == 2
+    assert "error: synthetic: no readable images left" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_corrupt_and_missing_images(tmp_path, small_d7p):
     data = subset(small_d7p, tmp_path / "data", {"train": 6, "validation": 3})
     victim = next((data / "train" / "images").rglob("*.*"))
@@ -181,6 +198,17 @@ def test_corrupt_and_missing_images(tmp_path, small_d7p):
     assert train(quick(data, tmp_path / "run3", skip_missing=True))["skipped"]["train_missing_image"] == 1
 
 
+def test_an_oversized_image_is_a_counted_skip(tmp_path, small_d7p, capsys):
+    data = subset(small_d7p, tmp_path / "data", {"train": 6, "validation": 3})
+    victim = next((data / "train" / "images").rglob("*.*"))
+    victim.unlink()
+    oversized_png(victim)  # 10 kB on disk, 90 M pixels (270 MB as RGB) decoded
+    skipped: dict[str, int] = {}
+    frame = read_image_table(data, "train")
+    assert len(drop_corrupt({"train": frame}, skipped)["train"]) == len(frame) - 1
+    assert skipped == {"train_corrupt_image": 1} and "exceeds the limit" in capsys.readouterr().err
+
+
 def test_class_absent_from_training(tmp_path, small_d7p):
     data = subset(small_d7p, tmp_path / "data", {"train": 6, "validation": 3})
     rows = [json.loads(x) for x in (data / "train" / "metadata.jsonl").read_text().splitlines()]
@@ -192,21 +220,58 @@ def test_class_absent_from_training(tmp_path, small_d7p):
 
 
 def test_checkpoint_for_other_classes(tmp_path, small_d7p, capsys):
-    ckpt = tmp_path / "old.pt"
-    torch.save({"model": {}, "config": {"model": "resnet18"}, "classes": ["mel", "nv", "bcc"]}, ckpt)
+    ckpt = tmp_path / "three.safetensors"
+    write_state(ckpt, {"format": FORMAT, "model": {}, "config": {"model": "resnet18"}, "classes": ["mel", "nv", "bcc"]})
     with pytest.raises(InputError, match="was trained for 3 classes"):
         load_classifier(ckpt)
     assert eval_main(["--checkpoint", str(ckpt), "--data_dir", str(small_d7p)]) == 2
     assert "was trained for 3 classes (mel, nv, bcc), this version scores 7" in capsys.readouterr().err
-    (tmp_path / "junk.pt").write_bytes(b"junk")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(InputError, match="is not a readable checkpoint"):
-        load_classifier(tmp_path / "junk.pt")
+        load_classifier(tmp_path / "junk.safetensors")
+
+
+def test_a_pickled_checkpoint_is_refused_unread(tmp_path, small_d7p, capsys):
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "run" / "last.pt"
+    crafted.parent.mkdir()
+    torch.save({"model": RunsCode(marker), "config": {}, "classes": list(labels.CODES)}, crafted)
+    assert eval_main(["--checkpoint", str(crafted), "--data_dir", str(small_d7p)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "last.pt: is a pickled checkpoint" in err
+    assert f"python -m lesiongen.classify.convert_checkpoint --checkpoint {crafted}" in err
+    # an earlier version's run folder is neither unpickled nor silently started over
+    with pytest.raises(InputError, match="last.pt: is a pickled checkpoint.*--resume_from_checkpoint none"):
+        train(quick(small_d7p, crafted.parent, resume_from_checkpoint="latest"))
+    # and the converter, without --trust, reads it with the weights-only loader, which refuses it
+    assert convert_main(["--checkpoint", str(crafted)]) == 2
+    assert "rerun with --trust" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "run" / "last.safetensors").exists()
+
+
+def test_an_old_checkpoint_converts_and_scores_the_same(tmp_path, small_d7p):
+    cfg = quick(small_d7p, tmp_path / "run")
+    model = MODELS["resnet18"](len(labels.CODES), cfg)
+    old = tmp_path / "run" / "best.pt"
+    old.parent.mkdir()
+    # the dict earlier versions saved with torch.save
+    state = {"model": model.state_dict(), "classes": list(labels.CODES), "config": asdict(cfg), "epoch": 3}
+    torch.save({**state, "metrics": {"balanced_accuracy": 0.5}}, old)
+    assert convert_main(["--checkpoint", str(old)]) == 0
+    loaded, loaded_cfg, ckpt = load_classifier(tmp_path / "run")  # the folder now means best.safetensors
+    assert ckpt["epoch"] == 3 and loaded_cfg.image_size == cfg.image_size
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    assert convert_main(["--checkpoint", str(old)]) == 2  # never overwrites the converted file
 
 
 def test_flag_errors(tmp_path, small_d7p, fake_generation, monkeypatch):
     with pytest.raises(InputError, match="--train synthetic needs synthetic images"):
         parse_config(ClassifyConfig, ["--data_dir", str(small_d7p), "--train", "synthetic"])
     assert classifier_main(["--data_dir", str(small_d7p), "--epochs", "0"]) == 2
+    with pytest.raises(InputError, match="--num_workers: must be 0 or more, got -1"):  # was a DataLoader traceback
+        quick(small_d7p, tmp_path / "w", num_workers=-1)
+    with pytest.raises(InputError, match="--resume_from_checkpoint: .* is a folder, not a checkpoint file"):
+        train(quick(small_d7p, tmp_path / "w", resume_from_checkpoint=str(tmp_path)))
     with pytest.raises(InputError, match="no train/metadata.jsonl"):
         train(quick(fake_generation, tmp_path / "x"))
 

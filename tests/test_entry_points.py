@@ -30,9 +30,11 @@ def test_classification_scripts_train_evaluate_and_compare(tmp_path, small_d7p, 
 
     done = run([str(scripts / "classifier.py"), "--data_dir", "../captions", *QUICK], work)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (work / "weights" / "best.pt").is_file() and (work / "weights" / "summary.json").is_file()
+    assert (work / "weights" / "best.safetensors").is_file() and (work / "weights" / "summary.json").is_file()
 
-    done = run([str(scripts / "eval.py"), "--checkpoint", "weights/best.pt", "--data_dir", "../captions"], work)
+    done = run(
+        [str(scripts / "eval.py"), "--checkpoint", "weights/best.safetensors", "--data_dir", "../captions"], work
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((work / "weights" / "eval-validation" / "metrics.json").read_text())
     assert metrics["split"] == "validation" and 0 <= metrics["overall"]["balanced_accuracy"] <= 1

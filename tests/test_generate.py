@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -254,6 +255,52 @@ def test_a_lora_trained_by_train_py_loads_on_its_recorded_base(tiny_lora_run, ti
     assert np.abs(pixels(lora / name) - pixels(base / name)).max() > 0
 
 
+def test_the_config_records_the_model_that_ran_and_only_once_it_loaded(tiny_lora_run, tiny_sd_dir, tmp_path):
+    import hashlib
+
+    from lesiongen.diffusion.fingerprint import fingerprint
+
+    out, not_a_model = tmp_path / "out", tmp_path / "empty"
+    not_a_model.mkdir()
+    with pytest.raises(InputError, match="--base_model .*empty: no model_index.json"):
+        generate(config(tiny_lora_run, out, num_images=1, base_model=str(not_a_model)))
+    assert not (out / "generation_config.json").exists()
+    generate(config(tiny_lora_run, out, num_images=1))  # not held to the failed run's --base_model
+    assert json.loads((out / "generation_config.json").read_text())["model"] == {
+        "model_path": str(tiny_lora_run.resolve()),
+        "base_model": str(tiny_sd_dir.resolve()),
+        "fingerprint": fingerprint(str(tiny_sd_dir)),
+        "lora_sha256": hashlib.sha256((tiny_lora_run / "pytorch_lora_weights.safetensors").read_bytes()).hexdigest(),
+    }
+
+
+def test_a_resume_on_another_model_under_the_same_path_is_refused(tiny_sd_dir, tmp_path, monkeypatch):
+    from builders import perturbed_copy
+
+    shutil.copytree(tiny_sd_dir, tmp_path / "a" / "model")
+    perturbed_copy(tiny_sd_dir, tmp_path / "b" / "model")
+    monkeypatch.chdir(tmp_path / "a")
+    generate(config(Path("model"), tmp_path / "out", num_images=2, contact_sheet=0))
+    (tmp_path / "out" / "manifest.csv").write_text(
+        "".join((tmp_path / "out" / "manifest.csv").read_text().splitlines(keepends=True)[:2])
+    )  # as if killed after the first image
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(InputError, match="other settings \\(model fingerprint: [0-9a-f]{16} -> [0-9a-f]{16}"):
+        generate(config(Path("model"), tmp_path / "out", num_images=2, contact_sheet=0))
+
+
+def test_only_temporaries_generate_left_are_removed(tiny_sd_dir, pipe, tmp_path):
+    """--output_dir may hold other work: a hidden .tmp file of someone else's two folders down stays."""
+    theirs = tmp_path / "notes" / "drafts" / ".draft.md.tmp"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text("mine")
+    ours = tmp_path / "dataset" / "Melanoma" / ".mel_000009.png.abc123.tmp"  # a kill -9 mid-save
+    ours.parent.mkdir(parents=True)
+    ours.write_bytes(b"half")
+    generate(config(tiny_sd_dir, tmp_path, num_images=1, contact_sheet=0), pipe=pipe)
+    assert theirs.read_text() == "mine" and not ours.exists()
+
+
 def test_dtype_follows_the_device(tiny_sd_dir, pipe):
     import torch
 
@@ -287,6 +334,11 @@ def test_bad_inputs_give_one_line_errors(tiny_sd_dir, tmp_path, capsys, monkeypa
         generate(cfg)
     with pytest.raises(InputError, match="--caption_style label: label captions state only the diagnosis"):
         config(tiny_sd_dir, tmp_path, caption_style="label", skin_tone="dark")
+    # probes of issue 15: nan guidance made NaN images with exit 0; 30 px failed inside diffusers after loading
+    with pytest.raises(InputError, match="--guidance_scale: must be a number, not negative"):
+        config(tiny_sd_dir, tmp_path, guidance_scale=[float("nan")])
+    with pytest.raises(InputError, match="--resolution: 30 is not a positive multiple of 8"):
+        config(tiny_sd_dir, tmp_path, resolution=30)
 
 
 def test_main_single_mode_as_in_the_original_readme(tiny_sd_dir, tmp_path, capsys):

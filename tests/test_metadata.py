@@ -64,6 +64,8 @@ def test_skip_bad_rows_counts(tmp_path):
 def test_file_level_errors(tmp_path):
     with pytest.raises(InputError, match="metadata file not found"):
         load_ham10000(tmp_path / "nope.csv")
+    with pytest.raises(InputError, match="is a folder, not the metadata CSV; pass the CSV file inside it"):
+        load_ham10000(tmp_path)
     with pytest.raises(InputError, match="the CSV file is empty"):
         load_ham10000(write(tmp_path, ""))
     with pytest.raises(InputError, match="header but no rows"):
@@ -98,3 +100,12 @@ def test_ham_schema_with_concepts_and_skin_tone(tmp_path):
     rec = load_ham10000(write(tmp_path, header + row)).records[0]
     assert rec.skin_tone == "tan" and rec.concept_source == "metadata"
     assert rec.concepts["blue_whitish_veil"] == "present"
+
+
+def test_a_csv_that_is_not_utf8_names_the_line_and_how_to_convert_it(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes((HEADER + "L1,I1,mel,histo,50,male,back\nL2,I2,nv,histo,40,female,épaule\n").encode("latin-1"))
+    with pytest.raises(
+        InputError, match=r"latin1.csv line 3: is not UTF-8 text \(byte 0xe9\); if it is a CSV, save it as UTF-8"
+    ):
+        load_ham10000(path)

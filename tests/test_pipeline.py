@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from builders import perturbed_copy
 from diffusers import StableDiffusionPipeline
 
+from lesiongen.diffusion.fingerprint import fingerprint
 from lesiongen.diffusion.pipeline import (
     add_lora,
+    base_identity,
     is_lora_dir,
     load_pipeline,
     load_training_parts,
@@ -40,13 +44,55 @@ def trained_like_lora(tiny_sd_dir, tmp_path_factory):
                 p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
     out = tmp_path_factory.mktemp("lora") / "lora"
     save_lora(unet, config, out)
-    (out / "config.json").write_text(json.dumps({"pretrained_model_name_or_path": str(tiny_sd_dir)}))
+    record = {"pretrained_model_name_or_path": str(tiny_sd_dir), **base_identity(str(tiny_sd_dir))}
+    (out / "config.json").write_text(json.dumps(record))
     return out, unet_output(unet)
+
+
+def test_fingerprint_tells_weights_apart_and_ignores_bookkeeping(tiny_sd_dir, tmp_path):
+    same = tmp_path / "same"
+    shutil.copytree(tiny_sd_dir, same)
+    config = json.loads((same / "unet" / "config.json").read_text())
+    (same / "unet" / "config.json").write_text(json.dumps({**config, "_diffusers_version": "9.9.9"}))
+    (same / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"a variant a cache may hold")
+    assert fingerprint(str(same)) == fingerprint(str(tiny_sd_dir))
+    assert fingerprint(str(perturbed_copy(tiny_sd_dir, tmp_path / "other"))) != fingerprint(str(tiny_sd_dir))
+    (same / "unet" / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 32}))
+    assert fingerprint(str(same)) != fingerprint(str(tiny_sd_dir))
+
+
+def test_a_lora_refuses_a_base_with_other_weights(tiny_sd_dir, tmp_path, trained_like_lora):
+    other = perturbed_copy(tiny_sd_dir, tmp_path / "other")
+    with pytest.raises(InputError) as err:
+        load_pipeline(trained_like_lora[0], base_model=other)
+    message = str(err.value)
+    assert message.startswith(f"--base_model {other}: is not the model {trained_like_lora[0]} was trained on")
+    assert fingerprint(str(other)) in message and fingerprint(str(tiny_sd_dir)) in message
+
+
+def test_a_pipeline_folder_missing_a_component_says_which(tiny_sd_dir, tmp_path):
+    broken = tmp_path / "no-unet"
+    shutil.copytree(tiny_sd_dir, broken, ignore=shutil.ignore_patterns("unet"))
+    with pytest.raises(InputError, match="model_index.json lists unet/ but the folder lacks it"):
+        load_pipeline(broken)
+    with pytest.raises(InputError, match="model_index.json lists unet/ but the folder lacks it"):
+        load_training_parts(broken)
+
+
+def test_a_missing_relative_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    with pytest.raises(InputError, match=r"outputs/lora: model directory not found \(relative paths start in"):
+        resolve_model("outputs/lora")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="no hub model of that name is cached"):
+        resolve_model("someone/sd-model")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert resolve_model("someone/sd-model") == "someone/sd-model"
 
 
 def test_resolve_model_local_hub_and_missing(tiny_sd_dir, tmp_path):
     assert resolve_model(tiny_sd_dir) == str(tiny_sd_dir)
-    assert resolve_model("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
     with pytest.raises(InputError, match="model directory not found"):
         resolve_model(tmp_path / "nope" / "model")
     with pytest.raises(InputError, match="model directory not found"):

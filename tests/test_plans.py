@@ -268,3 +268,10 @@ def test_contrast_pairs_differ_in_exactly_one_field():
             "dark",
         ) and light.concepts == dark.concepts == spec.concepts
         assert len({m.stem for m in group}) == 4 and light.contrast == "skin_tone=light:dark"
+
+
+def test_a_distribution_csv_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "cells.csv"
+    path.write_bytes("sex,site_group,weight\nfemale,trunk,1\nmale,tête,2\n".encode("latin-1"))
+    with pytest.raises(InputError, match="cells.csv line 3: is not UTF-8 text"):
+        read_distribution(path)

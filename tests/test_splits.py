@@ -49,3 +49,16 @@ def test_official_d7p_split(d7p_csv):
     assert (splits.count("train"), splits.count("validation"), splits.count("test")) == (413, 203, 395)
     with pytest.raises(InputError, match="outside meta.csv's 100 rows"):
         d7p_official_splits(d7p_csv.parent, 100)
+
+
+def test_unreadable_index_files_name_the_file(tmp_path, d7p_csv):
+    import shutil
+
+    for name in ("train_indexes.csv", "valid_indexes.csv", "test_indexes.csv"):
+        shutil.copy(d7p_csv.parent / name, tmp_path / name)
+    (tmp_path / "valid_indexes.csv").write_text("row\n1\n2\n")
+    with pytest.raises(InputError, match="valid_indexes.csv: has no 'indexes' column \\(has: row\\)"):
+        d7p_official_splits(tmp_path, 1011)
+    (tmp_path / "valid_indexes.csv").write_bytes(b"indexes\n1\n\xff\xfe\n")
+    with pytest.raises(InputError, match="valid_indexes.csv line 3: is not UTF-8"):
+        d7p_official_splits(tmp_path, 1011)

@@ -42,8 +42,11 @@ def test_manifest_folder_and_file(tmp_path):
 def test_missing_image_is_an_error_or_a_counted_skip(tmp_path):
     write_manifest(tmp_path, [{"label": "mel"}, {"label": "nv"}])
     (tmp_path / "dataset" / "Melanoma" / "mel_000000.png").unlink()
-    with pytest.raises(InputError, match=r"manifest.csv: 1 listed image\(s\) not found, e.g. dataset/Melanoma"):
+    with pytest.raises(InputError, match=r"manifest.csv: 1 listed image\(s\) not found, e.g. dataset/Melanoma") as err:
         read_image_table(tmp_path)
+    assert "--skip_missing" not in str(err.value)  # evaluate, the demo: no such flag to name
+    with pytest.raises(InputError, match=r"not found.*rebuild the table, or skip them \(--skip_missing\)"):
+        read_image_table(tmp_path, skip_flag="--skip_missing")
     frame = read_image_table(tmp_path, on_missing="skip")
     assert frame["label"].tolist() == ["nv"] and len(frame.attrs["skipped"]["missing_image"]) == 1
 
@@ -73,4 +76,12 @@ def test_bad_paths_and_tables(tmp_path, d7p_built):
         read_image_table(tmp_path)
     (tmp_path / "manifest.csv").write_text("file_name,label\na.png,other\n")
     with pytest.raises(InputError, match="no usable images"):
+        read_image_table(tmp_path)
+
+
+def test_a_table_that_is_not_utf8_names_the_line_and_how_to_convert_it(tmp_path):
+    write_manifest(tmp_path, [{"label": "mel"}, {"label": "nv"}])
+    text = (tmp_path / "manifest.csv").read_text()
+    (tmp_path / "manifest.csv").write_bytes(text.replace("dermoscopic image", "dermoscopic imagé").encode("latin-1"))
+    with pytest.raises(InputError, match=r"manifest.csv line 2: is not UTF-8 text \(byte 0xe9\); .*iconv -f latin1"):
         read_image_table(tmp_path)

@@ -77,3 +77,16 @@ def test_cli_writes_a_loadable_pipeline(tmp_path, capsys):
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "m", safety_checker=None)
     assert pipe.unet.config.sample_size == 8
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_the_cli_never_replaces_an_existing_file_or_folder(tmp_path, capsys):
+    """Issue 15 probe: --output_dir naming a file or a trained model replaced it with random weights."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "model_index.json").write_text("{}")
+    for target in (notes, trained):
+        assert main(["--out", str(target), "--resolution", "32"]) == 2
+        assert f"--output_dir {target}: already exists" in capsys.readouterr().err
+    assert notes.read_text() == "mine" and [p.name for p in trained.iterdir()] == ["model_index.json"]

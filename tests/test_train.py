@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,17 +16,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import RunsCode, oversized_png, perturbed_copy, truncated_jpeg
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
 import lesiongen.diffusion.train as train_module
 from lesiongen.cli import parse_config
+from lesiongen.diffusion.checkpoints import TRAINING_STATE
 from lesiongen.diffusion.dataset import ImageCaptionDataset, collate, plan_batch, read_examples
 from lesiongen.diffusion.latent_cache import CachedLatentDataset, encode_dataset
 from lesiongen.diffusion.pipeline import is_lora_dir, load_training_parts, lora_base_model
 from lesiongen.diffusion.train import TrainConfig, batch_loss, diffusion_loss, main, step_generator, train
 from lesiongen.errors import InputError
+from lesiongen.states import read_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,7 +137,7 @@ def test_full_run_saves_pipeline_with_ema_weights(full_run, tiny_sd_dir):
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     ckpt = out / "checkpoint-24"
-    ema_state = torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=False)
+    ema_state = read_state(ckpt / TRAINING_STATE, "")["ema"]
     raw = load_file(ckpt / "model.safetensors")
     saved = list(pipe.unet.parameters())
     assert len(saved) == len(ema_state["shadow_params"])
@@ -202,6 +206,50 @@ def test_resume_refuses_changed_architecture_and_missing_checkpoints(
         train(small_config(tiny_sd_dir, d7p_small_train, tmp_path / "empty", resume_from_checkpoint="latest"))
     with pytest.raises(InputError, match="not a checkpoint-<step> folder"):
         train(small_config(tiny_sd_dir, d7p_small_train, tmp_path, resume_from_checkpoint=str(tmp_path)))
+
+
+def test_resume_never_unpickles_what_a_checkpoint_folder_holds(tiny_lora_run, tiny_sd_dir, d7p_small_train, tmp_path):
+    """accelerate reads custom_checkpoint_*.pkl with full unpickling; an earlier version's (or a crafted)
+    checkpoint holding one is refused before anything in it is read."""
+    out = tmp_path / "old"
+    shutil.copytree(tiny_lora_run / "checkpoint-3", out / "checkpoint-3")
+    (out / "checkpoint-3" / TRAINING_STATE).unlink(missing_ok=True)
+    marker = tmp_path / "code-ran"
+    torch.save(RunsCode(marker), out / "checkpoint-3" / "custom_checkpoint_0.pkl")
+    cfg = small_config(tiny_sd_dir, d7p_small_train, out, resume_from_checkpoint="latest", lora_alpha=8)
+    with pytest.raises(
+        InputError, match=r"checkpoint-3: has no training_state.*custom_checkpoint_\*.pkl.*not unpickle"
+    ):
+        train(cfg)
+    assert not marker.exists()
+
+
+def test_a_lora_records_its_resolved_base_and_never_runs_on_another(
+    tiny_sd_dir, d7p_small_train, tmp_path, monkeypatch
+):
+    """Issue 15: the base typed as a relative path was recorded as typed, and generation from another folder,
+    where that path names another model, loaded that model without a word."""
+    from lesiongen.diffusion.fingerprint import fingerprint
+    from lesiongen.diffusion.pipeline import load_pipeline
+
+    first, second, lora = tmp_path / "first", tmp_path / "second", tmp_path / "lora"
+    shutil.copytree(tiny_sd_dir, first / "base")
+    perturbed_copy(tiny_sd_dir, second / "base")
+    monkeypatch.chdir(first)
+    train(small_config("base", d7p_small_train, lora, max_train_steps=1, checkpointing_steps=1))
+    record = json.loads((lora / "config.json").read_text())
+    assert record["pretrained_model_name_or_path"] == str((first / "base").resolve())
+    assert record["base_fingerprint"] == fingerprint(str(first / "base")) != fingerprint(str(second / "base"))
+
+    monkeypatch.chdir(second)  # here "base" is another model
+    pipe = load_pipeline(lora, device="cpu")
+    trained_on = load_file(first / "base" / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"]
+    assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], trained_on)
+    with pytest.raises(InputError, match=r"--base_model base: is not the model .* was trained on"):
+        load_pipeline(lora, base_model="base", device="cpu")
+    resume = small_config("base", d7p_small_train, lora, max_train_steps=2, resume_from_checkpoint="latest")
+    with pytest.raises(InputError, match=r"--pretrained_model_name_or_path base: has fingerprint .* checkpoint-1"):
+        train(resume)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_sd_dir, d7p_small_train, tmp_path, monkeypatch):
@@ -332,6 +380,27 @@ def test_bad_data_is_reported_with_row_and_fix(case, match, tmp_path, tiny_sd_di
         folder.mkdir()
     with pytest.raises(InputError, match=match):
         train(small_config(tiny_sd_dir, folder, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "oversized"])
+def test_an_uncached_run_stops_on_a_damaged_image_with_one_line(damage, tmp_path, capsys, tiny_sd_dir, d7p_images):
+    """A truncated JPEG passes Image.verify() and used to kill an uncached run mid-way inside the DataLoader;
+    an oversized PNG decodes to gigabytes. Both stop before training, as one line naming the row."""
+    folder = tmp_path / "data"
+    rows = [{"file_name": "a.png", "text": "melanoma"}, {"file_name": "b.jpg", "text": "nevus"}]
+    write_folder(folder, rows, {"a.png": None})
+    if damage == "truncated":
+        truncated_jpeg(next(d7p_images.rglob("*.jpg")), folder / "b.jpg")
+    else:
+        oversized_png(folder / "b.jpg")  # the suffix lies; the decoder finds the PNG
+    argv = ["--pretrained_model_name_or_path", str(tiny_sd_dir), "--train_data_dir", str(folder)]
+    argv += ["--output_dir", str(tmp_path / "out"), "--resolution", "64", "--cache_latents", "false"]
+    argv += ["--max_train_steps", "2", "--validation_steps", "0", "--report_to", "none", "--train_batch_size", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # above the error: transformers' "Loading weights" progress bar
+    assert "Traceback" not in err and err.endswith("\n") and err.splitlines()[-1].startswith("error: ")
+    assert "metadata.jsonl row 2: image" in err.splitlines()[-1]
+    assert ("truncated" if damage == "truncated" else "exceeds the limit") in err.splitlines()[-1]
 
 
 def test_missing_model_path_is_one_line_exit_2(tmp_path, capsys, d7p_small_train):

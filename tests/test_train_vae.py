@@ -72,3 +72,19 @@ def test_short_training_learns_colours_and_saves_a_standardised_vae(trained, ima
 def test_a_folder_without_a_vae_is_refused(tmp_path, d7p_small_train):
     with pytest.raises(InputError, match="config.json"):
         TrainVAEConfig(pretrained_model_name_or_path=str(tmp_path), train_data_dir=str(d7p_small_train))
+
+
+def test_an_output_folder_that_is_not_a_vae_is_never_replaced(tmp_path, tiny_sd_dir, d7p_small_train):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "table.csv").write_text("a,b\n")
+    with pytest.raises(InputError, match="--output_dir .*results: exists and is not a VAE folder"):
+        TrainVAEConfig(
+            pretrained_model_name_or_path=str(tiny_sd_dir),
+            train_data_dir=str(d7p_small_train),
+            output_dir=str(tmp_path / "results"),
+        )
+    TrainVAEConfig(  # a VAE folder (here the pipeline's own) is what --output_dir may replace
+        pretrained_model_name_or_path=str(tiny_sd_dir),
+        train_data_dir=str(d7p_small_train),
+        output_dir=str(tiny_sd_dir / "vae"),
+    )

@@ -25,7 +25,7 @@ from .. import labels
 from ..cli import option, parse_config, run
 from ..errors import InputError
 from ..files import atomic_path, write_json, write_jsonl
-from ..images import IMAGE_SUFFIXES, UNREADABLE, image_grid, list_images, read_rgb
+from ..images import IMAGE_SUFFIXES, UnreadableImage, image_grid, list_images, read_alpha, read_rgb
 
 # The keys of report["measured"] (issue 9), in this order in measured.jsonl.
 MEASURED_KEYS: tuple[str, ...] = (
@@ -129,6 +129,8 @@ def _problem(rgb: np.ndarray) -> str | None:
         return "not an RGB image"
     if min(rgb.shape[:2]) < MIN_SIDE:
         return f"smaller than {MIN_SIDE} px"
+    if rgb.shape[2] == 4 and (rgb[..., 3] >= 128).mean() < MIN_FOV_FRACTION:
+        return "mostly transparent: too few visible pixels"
     sample = rgb[::4, ::4, :3].astype(np.int16)
     if np.abs(sample[..., 0] - sample[..., 1]).mean() < 1.5 and np.abs(sample[..., 1] - sample[..., 2]).mean() < 1.5:
         return "grayscale: colours cannot be measured"
@@ -310,9 +312,15 @@ def _measure(img: np.ndarray, fov: np.ndarray, hair: np.ndarray, mask: np.ndarra
     }
 
 
+def read_for_analysis(path: str | Path) -> np.ndarray:
+    """RGB pixels, or RGBA where the file has transparency, so ``analyze_image`` skips what cannot be seen."""
+    rgb, visible = read_rgb(path), read_alpha(path)
+    return rgb if visible is None else np.dstack([rgb, visible])
+
+
 def analyze_image(rgb: np.ndarray) -> dict:
-    """Measure one RGB image: the ``MEASURED_KEYS`` plus ``mask`` (bool, input size) and ``problem``
-    (None, or why nothing was measured)."""
+    """Measure one RGB or RGBA image: the ``MEASURED_KEYS`` plus ``mask`` (bool, input size) and ``problem``
+    (None, or why nothing was measured). Pixels with alpha below 128 are outside the field of view."""
     rgb = np.asarray(rgb)
     if rgb.dtype != np.uint8:
         rgb = np.clip(np.asarray(rgb, np.float64) * (255.0 if rgb.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
@@ -322,6 +330,8 @@ def analyze_image(rgb: np.ndarray) -> dict:
         return result
     img = _resize(rgb)
     fov = field_of_view(img)
+    if rgb.shape[2] == 4:  # a transparent pixel is neither skin nor lesion, whatever colour lies under it
+        fov &= _resize(np.repeat(rgb[..., 3:], 3, axis=2))[..., 0] >= 0.5
     if fov.mean() < MIN_FOV_FRACTION:
         result["problem"] = "no field of view (black or nearly black frame)"
         return result
@@ -353,7 +363,10 @@ class AnalyzeConfig:
 
     def __post_init__(self) -> None:
         if not Path(self.images).is_dir():
-            raise InputError(self.images, "image folder not found", "check --images")
+            problem = "is a file, not an image folder" if Path(self.images).exists() else "image folder not found"
+            raise InputError(self.images, problem, "pass the folder holding the images to --images")
+        if self.limit is not None and self.limit < 1:
+            raise InputError("--limit", f"must be at least 1, got {self.limit}", "pass a positive number, or omit it")
 
 
 def mask_names(files: list[Path], folder: Path) -> dict[Path, str]:
@@ -404,11 +417,11 @@ def analyze_folder(cfg: AnalyzeConfig) -> dict:
     for path in tqdm(files, desc="analyze", unit="img", disable=None):
         file_name = path.relative_to(folder).as_posix()
         try:
-            rgb = read_rgb(path)
-        except UNREADABLE as e:
-            rgb, result = None, {**empty_measurement(), "problem": f"unreadable image ({e})"}
+            pixels = read_for_analysis(path)
+        except UnreadableImage as e:
+            rgb, result = None, {**empty_measurement(), "problem": f"unreadable image ({e.reason})"}
         else:
-            result = analyze_image(rgb)
+            rgb, result = pixels[..., :3], analyze_image(pixels)
         if result["problem"]:
             problems[result["problem"]] = problems.get(result["problem"], 0) + 1
         elif rgb is not None:

@@ -27,7 +27,7 @@ from ..images import decode_problem, list_images
 from ..tables import SPLITS
 from ..tokens import CLIP_MAX_TOKENS, count_tokens
 from .concepts import impute_concepts
-from .metadata import LOADERS, LesionRecord, load_metadata
+from .metadata import LOADERS, LesionRecord, LoadResult, load_metadata
 from .reports import Reporter, ReportOptions
 from .splits import D7P_INDEX_FILES, d7p_official_splits, split_by_lesion
 from .text import STYLES, caption, record_rng
@@ -58,9 +58,8 @@ class BuildCaptionsConfig(ReportOptions):
 
     def __post_init__(self) -> None:
         if self.images is not None and not Path(self.images).is_dir():
-            raise InputError(
-                self.images, "image folder not found", "check --images, or omit it to caption metadata alone"
-            )
+            problem = "is a file, not an image folder" if Path(self.images).exists() else "image folder not found"
+            raise InputError(self.images, problem, "check --images, or omit it to caption metadata alone")
 
 
 def index_images(folder: Path) -> dict[str, Path]:
@@ -90,6 +89,18 @@ def place_image(src: Path, dst: Path, how: str) -> None:
         shutil.copy2(src, dst)
 
 
+def remove_stale(split_dir: Path, listed: set[str]) -> int:
+    """Remove the images an earlier build placed in ``split_dir`` that this build does not list, and the
+    split's metadata.jsonl when it lists none, so no reader ever sees a previous build's rows or images."""
+    found = [p for p in (split_dir / "images").rglob("*") if p.is_symlink() or p.is_file()]
+    stale = [p for p in found if p.relative_to(split_dir).as_posix() not in listed]
+    if not listed and (split_dir / "metadata.jsonl").is_file():
+        (split_dir / "metadata.jsonl").unlink()
+    for p in stale:
+        p.unlink()
+    return len(stale)
+
+
 def find_d7p_split_dir(metadata: Path) -> Path | None:
     """The official index files sit beside meta.csv, or in meta/ once rename_metadata.py moved it up."""
     for folder in (metadata.parent, metadata.parent / "meta"):
@@ -98,12 +109,16 @@ def find_d7p_split_dir(metadata: Path) -> Path | None:
     return None
 
 
-def assign_splits(cfg: BuildCaptionsConfig, records: list[LesionRecord], rows: list[int]) -> tuple[list[str], str]:
+def assign_splits(cfg: BuildCaptionsConfig, loaded: LoadResult) -> tuple[list[str], str]:
+    """Derm7pt's official split where its index files are found, else lesion-grouped, stratified splits.
+
+    The index files number the rows of the whole meta.csv, so they are checked against the file's row
+    count, not against the rows --skip_bad_rows kept."""
+    records = loaded.records
     split_dir = Path(cfg.split_dir) if cfg.split_dir else find_d7p_split_dir(Path(cfg.metadata))
     if cfg.dataset == "d7p" and split_dir is not None:
-        n_rows = max(rows) + 1
-        official = d7p_official_splits(split_dir, max(n_rows, 1))
-        return [official[i] or "train" for i in rows], f"official ({split_dir})"
+        official = d7p_official_splits(split_dir, loaded.n_rows)
+        return [official[i] or "train" for i in loaded.rows], f"official ({split_dir})"
     fractions = tuple(cfg.split_fractions)
     if len(fractions) != 3:
         raise InputError("--split_fractions", "needs three numbers", "e.g. --split_fractions 0.8 0.1 0.1")
@@ -133,9 +148,9 @@ def caption_record(record: LesionRecord, style: str, seed: int) -> tuple[LesionR
 
 def build(cfg: BuildCaptionsConfig) -> dict:
     loaded = load_metadata(cfg.dataset, cfg.metadata, cfg.skip_bad_rows)
-    records, rows = loaded.records, loaded.rows
+    records = loaded.records
     skipped = {"bad_rows": loaded.skipped, "missing_images": [], "corrupt_images": []}
-    splits, split_kind = assign_splits(cfg, records, rows)
+    splits, split_kind = assign_splits(cfg, loaded)
     out = Path(cfg.output_dir)
     images = Path(cfg.images) if cfg.images else None
     index = index_images(images) if images else {}
@@ -148,12 +163,13 @@ def build(cfg: BuildCaptionsConfig) -> dict:
         if images is not None:
             src = find_image(record, index)
             problem = None if src else "missing image"
-            problem = problem or (f"corrupt image ({p})" if (p := decode_problem(src)) else None)
+            problem = problem or (f"unreadable image ({p})" if (p := decode_problem(src)) else None)
             if problem:
-                where = images / (record.image_path or record.image_id + ".jpg")
+                where = src or images / (record.image_path or record.image_id + ".jpg")
                 if not cfg.skip_bad_rows:
+                    fix = "add the image" if src is None else "replace the image"
                     raise InputError(
-                        where, f"{problem} for image_id {record.image_id}", "add the image or pass --skip_bad_rows"
+                        where, f"{problem} for image_id {record.image_id}", f"{fix} or pass --skip_bad_rows"
                     )
                 key = "missing_images" if problem == "missing image" else "corrupt_images"
                 skipped[key].append(record.image_id)
@@ -162,19 +178,26 @@ def build(cfg: BuildCaptionsConfig) -> dict:
         row["split"] = split
         if src is not None:
             row["file_name"] = f"images/{record.image_path or src.name}"
-            place_image(src, out / split / row["file_name"], cfg.link)
             sources.append((record, src))
         kept.append(row)
     fits = lambda t: count_tokens(t) <= CLIP_MAX_TOKENS  # noqa: E731
     report_stats = reporter.apply(sources, kept, cfg.seed, fits) if reporter else None
 
+    # every row is checked and captioned: only now does the output folder change
+    placed: dict[tuple[str, str], Path] = {}
     if images is not None:
-        for split in SPLITS:
-            split_rows = [r for r in kept if r["split"] == split]
-            if split_rows:
-                write_jsonl(out / split / "metadata.jsonl", [{"file_name": r["file_name"], **r} for r in split_rows])
+        placed = {(row["split"], row["file_name"]): src for row, (_, src) in zip(kept, sources, strict=True)}
+    for (split, name), src in placed.items():
+        place_image(src, out / split / name, cfg.link)
+    removed, rebuild = 0, (out / "captions.jsonl").is_file()  # only a folder an earlier build wrote is tidied
+    for split in SPLITS:
+        split_rows = [{"file_name": r["file_name"], **r} for r in kept if (split, r.get("file_name")) in placed]
+        removed += remove_stale(out / split, {name for s, name in placed if s == split}) if rebuild else 0
+        if split_rows:
+            write_jsonl(out / split / "metadata.jsonl", split_rows)
     write_jsonl(out / "captions.jsonl", kept)
     summary = summarize(cfg, kept, skipped, split_kind, images is not None)
+    summary["stale_images_removed"] = removed
     if report_stats:
         summary["reports"] = report_stats
     write_json(out / "summary.json", summary)
@@ -217,6 +240,8 @@ def print_summary(s: dict, out: Path) -> None:
     print(f"splits ({s['split_method']}): {counts}")
     t = s["tokens"]
     print(f"CLIP tokens: min {t['min']}, mean {t['mean']}, p95 {t['p95']}, max {t['max']} (limit {t['limit']})")
+    if s["stale_images_removed"]:
+        print(f"removed {s['stale_images_removed']} image(s) an earlier build placed and this one does not list")
     if s["omitted_facts"]:
         print(f"facts shortened to fit the window: {s['omitted_facts']}")
     print(f"wrote {out}")

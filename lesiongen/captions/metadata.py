@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import labels
-from ..errors import InputError
+from ..errors import InputError, not_utf8
 
 
 @dataclass
@@ -66,6 +66,7 @@ class LoadResult:
     records: list[LesionRecord]
     skipped: list[str]  # one message per skipped row
     rows: list[int]  # 0-based CSV row of each record, for index-based official splits
+    n_rows: int  # data rows in the file, kept or skipped: what an official split's indexes count
 
 
 HAM_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
@@ -75,14 +76,19 @@ D7P_COLUMNS = ("case_num", "diagnosis", *labels.CONCEPT_NAMES, "elevation", "loc
 def read_csv(path: str | Path, required: tuple[str, ...]) -> pd.DataFrame:
     """Read a metadata CSV as strings; missing file, non-CSV, empty file and missing columns are errors."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a folder, not the metadata CSV", "pass the CSV file inside it to --metadata")
     if not path.is_file():
         raise InputError(path, "metadata file not found", "check the --metadata path")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     except pd.errors.EmptyDataError:
         raise InputError(path, "the CSV file is empty", "export the metadata again with its header row") from None
-    except (UnicodeDecodeError, pd.errors.ParserError) as e:
-        raise InputError(path, f"is not a readable CSV file ({type(e).__name__})", "pass the metadata .csv") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    except pd.errors.ParserError as e:
+        detail = str(e).strip().splitlines()[-1][:200]
+        raise InputError(path, f"is not a readable CSV file ({detail})", "check it is the metadata CSV") from None
     df.columns = [c.strip() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
     if missing:
@@ -226,7 +232,7 @@ def _load(
         rows.append(i)
     if not records:
         raise InputError(path, "no usable rows", "check the file and --dataset")
-    return LoadResult(records, skipped, rows)
+    return LoadResult(records, skipped, rows, len(df))
 
 
 def load_ham10000(path: str | Path, skip_bad_rows: bool = False) -> LoadResult:

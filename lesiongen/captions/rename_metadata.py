@@ -1,7 +1,9 @@
 """Find each dataset's metadata CSV and rename it to the ``metadata.csv`` the scripts expect.
 
 A CSV qualifies when its header has the dataset's required columns. Several candidates are an error
-listing them (pass ``--source``), never a silent guess.
+listing them (pass ``--source``), never a silent guess. Nothing is overwritten: a ``metadata.csv``
+that ``--source`` replaces is kept as ``metadata.csv.<n>.bak``, and each step is printed as it is
+done, so a later failure leaves a record of what already moved.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..cli import option, parse_config, run
-from ..errors import InputError
+from ..errors import InputError, not_utf8
 from .metadata import D7P_COLUMNS, HAM_COLUMNS
 
 TARGET = "metadata.csv"
@@ -30,6 +32,10 @@ class RenameConfig:
     dry_run: bool = option(False, help="only print what would happen")
 
     def __post_init__(self) -> None:
+        if not Path(self.data_dir).is_dir():
+            raise InputError(
+                f"--data_dir {self.data_dir}", "folder not found", "pass the folder holding ham10000/ and d7p/"
+            )
         if self.source and self.dataset == "all":
             raise InputError("--source", "needs one --dataset", "add --dataset ham10000 or --dataset d7p")
 
@@ -49,10 +55,18 @@ def candidates(folder: Path, dataset: str) -> list[Path]:
     return [p for p in found if required <= set(header(p))]
 
 
+def backup_name(target: Path) -> Path:
+    """The first free ``<name>.<n>.bak`` beside ``target``; ``.bak`` keeps it out of the ``*.csv`` search."""
+    n = 1
+    while target.with_name(f"{target.name}.{n}.bak").exists():
+        n += 1
+    return target.with_name(f"{target.name}.{n}.bak")
+
+
 def rename_one(cfg: RenameConfig, dataset: str) -> str:
     folder = Path(cfg.data_dir) / dataset
     target = folder / TARGET
-    if target.is_file() and not cfg.source:
+    if target.is_file() and (not cfg.source or Path(cfg.source).resolve() == target.resolve()):
         return f"{dataset}: {target} already in place"
     if not folder.is_dir() and cfg.dataset == "all":
         return f"{dataset}: {folder} not present, skipped"
@@ -62,6 +76,10 @@ def rename_one(cfg: RenameConfig, dataset: str) -> str:
         src = Path(cfg.source)
         if not src.is_file():
             raise InputError(src, "--source file not found", "check the path")
+        try:
+            src.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise not_utf8(src) from None
         if not set(REQUIRED[dataset]) <= set(header(src)):
             raise InputError(src, f"lacks the {dataset} columns {', '.join(REQUIRED[dataset])}", "pick the right CSV")
     else:
@@ -74,20 +92,28 @@ def rename_one(cfg: RenameConfig, dataset: str) -> str:
             names = ", ".join(str(p) for p in found)
             raise InputError(folder, f"several metadata candidates: {names}", "pass --source with the one to use")
         src = found[0]
-    verb = "copy" if cfg.copy else "rename"
-    if not cfg.dry_run:
-        if cfg.copy:
-            shutil.copy2(src, target)
-        else:
-            src.replace(target)
-    return f"{dataset}: {verb} {src} -> {target}" + (" (dry run)" if cfg.dry_run else "")
+    line = f"{dataset}: {'copy' if cfg.copy else 'rename'} {src} -> {target}"
+    backup = backup_name(target) if target.exists() else None
+    if backup is not None:
+        line += f" (the previous {TARGET} kept as {backup.name})"
+    if cfg.dry_run:
+        return line + " (dry run)"
+    if backup is not None:
+        target.rename(backup)
+    if cfg.copy:
+        shutil.copy2(src, target)
+    else:
+        shutil.move(src, target)  # a --source on another disk cannot simply be renamed
+    return line
 
 
 def rename_all(cfg: RenameConfig) -> list[str]:
+    """Each dataset in turn, printing what was done before the next one starts."""
     datasets = list(REQUIRED) if cfg.dataset == "all" else [cfg.dataset]
-    done = [rename_one(cfg, d) for d in datasets]
-    for line in done:
-        print(line)
+    done = []
+    for dataset in datasets:
+        done.append(rename_one(cfg, dataset))
+        print(done[-1], flush=True)
     return done
 
 

@@ -21,9 +21,8 @@ from pathlib import Path
 from .. import labels
 from ..cli import option
 from ..errors import InputError
-from ..images import read_rgb
 from ..tokens import count_tokens
-from .analyze import MEASURED_KEYS, analyze_image, measured_only
+from .analyze import MEASURED_KEYS, analyze_image, measured_only, read_for_analysis
 from .metadata import LesionRecord
 from .text import Caption, report_caption, report_long_text, reported_record
 from .vlm import VLM_FIELDS, VLMClient
@@ -381,7 +380,7 @@ class Reporter:
         measured: list[dict | None] = [None] * len(items)
         if "image" in self.sources:
             for i, (_, path) in enumerate(tqdm(items, desc="analyze", unit="img", disable=None)):
-                measured[i] = measured_only(analyze_image(read_rgb(path)))
+                measured[i] = measured_only(analyze_image(read_for_analysis(path)))
         replies = [None] * len(items)
         if self.client is not None:
             replies = self.client.describe_many([p for _, p in items], [patient_facts(r) for r, _ in items])

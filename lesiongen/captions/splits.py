@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from ..errors import InputError
+from ..errors import InputError, not_utf8
 
 D7P_INDEX_FILES = {"train": "train_indexes.csv", "validation": "valid_indexes.csv", "test": "test_indexes.csv"}
 
@@ -61,6 +61,23 @@ def split_by_lesion(
     return out
 
 
+def read_indexes(path: Path) -> pd.Series:
+    """The 0-based meta.csv rows an official index file lists (its one column is named ``indexes``)."""
+    fix = "pass --split_dir with Derm7pt's own train/valid/test_indexes.csv"
+    try:
+        frame = pd.read_csv(path)
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    except (pd.errors.EmptyDataError, pd.errors.ParserError):
+        raise InputError(path, "is not a readable CSV file", fix) from None
+    if "indexes" not in frame.columns:
+        raise InputError(path, f"has no 'indexes' column (has: {', '.join(map(str, frame.columns))})", fix)
+    idx = pd.to_numeric(frame["indexes"], errors="coerce")
+    if idx.isna().any() or idx.empty:
+        raise InputError(path, "lists a row index that is not a whole number, or none at all", fix)
+    return idx.astype(int)
+
+
 def d7p_official_splits(split_dir: str | Path, n_rows: int) -> list[str]:
     """The official Derm7pt split: index files hold 0-based row numbers of meta.csv."""
     split_dir = Path(split_dir)
@@ -71,7 +88,7 @@ def d7p_official_splits(split_dir: str | Path, n_rows: int) -> list[str]:
             raise InputError(
                 path, "split index file not found", "pass --split_dir with train/valid/test_indexes.csv, or omit it"
             )
-        idx = pd.read_csv(path)["indexes"].astype(int)
+        idx = read_indexes(path)
         if idx.max() >= n_rows or idx.min() < 0:
             raise InputError(
                 path, f"index {idx.max()} is outside meta.csv's {n_rows} rows", "use the index files of this meta.csv"

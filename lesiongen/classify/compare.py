@@ -9,6 +9,7 @@ table over seeds here and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,15 +22,16 @@ from .. import labels
 from ..cli import option, parse_config, run
 from ..errors import InputError
 from ..files import atomic_path, write_json, write_text
-from ..tables import METADATA, SPLITS, read_image_table
+from ..tables import METADATA, SPLITS
 from .config import ClassifierSettings, ClassifyConfig
-from .data import TRAIN_MODES
+from .data import TRAIN_MODES, assemble, check_classes, drop_corrupt, load_tables, read_table
 from .evaluate import EvalConfig, evaluate
 from .metrics import majority_baseline
+from .models import BEST, LAST
 from .train import train
 
 RESULT_FILE = "comparison.json"
-CHECKPOINTS = {"best": "best.pt", "last": "last.pt"}
+CHECKPOINTS = {"best": BEST, "last": LAST}
 # Metrics averaged over seeds, with their table titles.
 METRICS: tuple[tuple[str, str], ...] = (
     ("accuracy", "accuracy"),
@@ -84,11 +86,17 @@ def eval_split(cfg: CompareConfig) -> str:
 
 
 def check_inputs(cfg: CompareConfig, split: str) -> None:
-    """Read every table once before the first run trains, so a bad path fails in seconds, not after an hour."""
-    for name in ("train", split):
-        read_image_table(cfg.data_dir, name, on_missing="skip" if cfg.skip_missing else "error")
-    if any(r != "real" for r in cfg.runs):
-        read_image_table(cfg.synthetic_dir, on_missing="skip" if cfg.skip_missing else "error")
+    """Read, decode-check and assemble every run's data before the first run trains, as each run will, so
+    whatever would stop a later run (a bad path, no readable synthetic image, a class the synthetic set
+    lacks) fails in seconds, not after the real-only runs have trained."""
+    mode = "mixed" if any(r != "real" for r in cfg.runs) else "real"
+    frames, skipped = load_tables(cfg.data_dir, mode, cfg.synthetic_dir, cfg.skip_missing)
+    frames = drop_corrupt(frames, skipped)
+    read_table(cfg.data_dir, split, cfg.skip_missing)
+    if cfg.folds == 1:  # folds validate on held-out training lesions, not on the validation split
+        for mode, seed in itertools.product(cfg.runs, cfg.seeds):
+            train_frame, _ = assemble(frames["train"], frames.get("synthetic"), mode, cfg.synthetic_ratio, seed)
+            check_classes(train_frame, frames["validation"], cfg.allow_missing_classes)
 
 
 def run_row(cfg: CompareConfig, mode: str, seed: int, split: str) -> dict:
@@ -183,8 +191,8 @@ def compare(cfg: CompareConfig) -> dict:
     check_inputs(cfg, split)
     rows = [run_row(cfg, mode, seed, split) for mode in cfg.runs for seed in cfg.seeds]
     table = summarise(rows)
-    scored = read_image_table(cfg.data_dir, split)["label"]
-    baseline = majority_baseline(read_image_table(cfg.data_dir, "train")["label"], scored)
+    scored = read_table(cfg.data_dir, split, cfg.skip_missing)["label"]
+    baseline = majority_baseline(read_table(cfg.data_dir, "train", cfg.skip_missing)["label"], scored)
     result = {
         "split": split,
         "n_eval": len(scored),

@@ -43,7 +43,9 @@ class ClassifierSettings:
     # runs
     folds: int = option(1, help="K >= 2: K-fold cross-validation on the train split, grouped by lesion")
     seed: int = option(0, help="seed for weights, sampling, augmentation and folds")
-    resume_from_checkpoint: str | None = option("latest", help="'latest' resumes output_dir/last.pt; none starts fresh")
+    resume_from_checkpoint: str | None = option(
+        "latest", help="'latest' resumes output_dir/last.safetensors; none starts fresh"
+    )
     num_workers: int = option(2, help="DataLoader worker processes")
     device: str = option(AUTO, help="auto (cuda when available), cpu, cuda, cuda:1 ...")
 
@@ -57,6 +59,10 @@ class ClassifierSettings:
                 raise InputError(
                     f"--{name}", f"must be at least 1, got {getattr(self, name)}", "pass a positive number"
                 )
+        if self.num_workers < 0:
+            raise InputError(
+                "--num_workers", f"must be 0 or more, got {self.num_workers}", "0 loads images in this process"
+            )
         if self.image_size < 16:
             raise InputError("--image_size", f"{self.image_size} px is too small", "use 16 or more")
         if self.lr <= 0:

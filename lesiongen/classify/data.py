@@ -85,6 +85,11 @@ def targets(frame: pd.DataFrame) -> np.ndarray:
     return frame["label"].map(index).to_numpy(dtype=np.int64)
 
 
+def read_table(path: str, split: str | None, skip_missing: bool) -> pd.DataFrame:
+    """An image table under the classifier commands' ``--skip_missing`` policy, which its errors name."""
+    return read_image_table(path, split, on_missing="skip" if skip_missing else "error", skip_flag="--skip_missing")
+
+
 def read_real(data_dir: str, split: str, skip_missing: bool) -> pd.DataFrame:
     """A split of a build_captions folder; a manifest has no splits, so it cannot be --data_dir."""
     if not (Path(data_dir) / split / METADATA).is_file():
@@ -93,8 +98,7 @@ def read_real(data_dir: str, split: str, skip_missing: bool) -> pd.DataFrame:
             f"no {split}/{METADATA}",
             "pass the --output_dir folder of build_captions.py as --data_dir (synthetic manifests go to --synthetic_dir)",
         )
-    frame = read_image_table(data_dir, split, on_missing="skip" if skip_missing else "error")
-    return frame.assign(origin="real")
+    return read_table(data_dir, split, skip_missing).assign(origin="real")
 
 
 def sample_synthetic(synthetic: pd.DataFrame, n_real: int, ratio: float | None, seed: int) -> tuple[pd.DataFrame, str]:
@@ -133,7 +137,7 @@ def load_tables(
         "validation": read_real(data_dir, "validation", skip_missing),
     }
     if mode != "real":
-        frames["synthetic"] = read_image_table(synthetic_dir, on_missing="skip" if skip_missing else "error")
+        frames["synthetic"] = read_table(synthetic_dir, None, skip_missing)
     skipped = {
         f"{name}_{reason}": len(rows) for name, f in frames.items() for reason, rows in f.attrs["skipped"].items()
     }

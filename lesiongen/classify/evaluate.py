@@ -17,8 +17,8 @@ from .. import labels
 from ..cli import option, parse_config, run
 from ..devices import AUTO, resolve_device
 from ..files import atomic_path, write_json
-from ..tables import METADATA, SPLITS, read_image_table
-from .data import drop_corrupt
+from ..tables import METADATA, SPLITS
+from .data import drop_corrupt, read_table
 from .metrics import classification_metrics, subgroup_metrics, worst_group_summary
 from .models import load_classifier, predict_proba
 
@@ -27,7 +27,7 @@ from .models import load_classifier, predict_proba
 class EvalConfig:
     """Score a trained classifier per class and per subgroup."""
 
-    checkpoint: str = option(help="best.pt / last.pt written by classifier.py, or its run folder")
+    checkpoint: str = option(help="best.safetensors / last.safetensors written by classifier.py, or its output folder")
     data_dir: str = option(help="build_captions.py folder, a metadata.jsonl, or a generate.py manifest")
     split: str | None = option(None, help="split of a build_captions folder (default: validation)", choices=SPLITS)
     output_dir: str | None = option(None, help="where results go (default: eval-<split> beside the checkpoint)")
@@ -140,7 +140,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)
     model, model_cfg, ckpt = load_classifier(cfg.checkpoint, device)
     split = resolve_split(cfg.data_dir, cfg.split)
-    frame = read_image_table(cfg.data_dir, split, on_missing="skip" if cfg.skip_missing else "error")
+    frame = read_table(cfg.data_dir, split, cfg.skip_missing)
     skipped = {k: len(v) for k, v in frame.attrs["skipped"].items()}
     frame = drop_corrupt({"eval": frame}, skipped)["eval"]
     model_cfg = replace(model_cfg, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device)

@@ -1,12 +1,13 @@
 """The classifier registry (a name -> constructor, as timm does), checkpoints, and running a model on images.
 
 The head always has one output per ``labels.CODES`` entry, so every checkpoint scores the same classes
-whatever data trained it.
+whatever data trained it. Checkpoints are safetensors with their config in the header (``states.py``):
+loading one never unpickles, so a checkpoint from anywhere cannot run code. Pickled ``.pt`` files from
+earlier versions are refused with the command that converts a trusted one.
 """
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from .. import labels
 from ..errors import InputError
-from ..files import atomic_path
+from ..states import read_state, write_state
 from .config import ClassifyConfig, config_from_dict
 from .data import ImageDataset, make_transform
 
@@ -78,17 +79,42 @@ def build_vit(num_classes: int, cfg: ClassifyConfig) -> nn.Module:
 MODELS: dict[str, Callable[[int, ClassifyConfig], nn.Module]] = {"resnet18": build_resnet18, "vit": build_vit}
 
 
-def read_checkpoint(path: Path) -> dict:
-    """A checkpoint dict written by this stage for this version's classes, or an InputError saying why not."""
-    fix = "pass best.pt or last.pt written by classifier.py"
-    if not path.is_file():
-        raise InputError(path, "checkpoint not found", fix)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise InputError(path, f"is not a readable checkpoint ({type(e).__name__})", fix) from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise InputError(path, "is not a LesionGen classifier checkpoint", fix)
+BEST, LAST = "best.safetensors", "last.safetensors"
+FORMAT = "lesiongen-classifier"  # the checkpoint's "format" entry, so another state file is told apart
+PICKLED_SUFFIXES = (".pt", ".pth", ".pkl", ".bin")
+PICKLED_MAGIC = (b"PK\x03\x04", b"\x80\x02\x8a\x0a")  # torch.save's zip and legacy formats
+CHECKPOINT_FIX = f"pass {BEST} or {LAST} written by classifier.py, or its output folder"
+
+
+def is_pickled(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return path.suffix in PICKLED_SUFFIXES or f.read(4) in PICKLED_MAGIC
+
+
+def pickled_checkpoint(path: Path, fix: str = "") -> InputError:
+    """The refusal of a ``torch.save`` checkpoint, naming the command that converts one the user trusts."""
+    convert = (
+        f"if you trust its source, convert it: python -m lesiongen.classify.convert_checkpoint --checkpoint {path}"
+    )
+    return InputError(
+        path,
+        "is a pickled checkpoint (earlier versions wrote .pt files); it is not loaded, because unpickling runs "
+        "any code the file contains",
+        convert + (f"; {fix}" if fix else ""),
+    )
+
+
+def checkpoint_file(path: Path) -> Path:
+    """The checkpoint a path means: the file itself, or an output folder's best one."""
+    if not path.is_dir():
+        return path
+    return next((path / n for n in (BEST, "best.pt") if (path / n).is_file()), path / BEST)
+
+
+def check_checkpoint(path: Path, ckpt: dict) -> dict:
+    """``ckpt`` if it is a classifier checkpoint for this version's classes, else an InputError saying why not."""
+    if ckpt.get("format") != FORMAT or "model" not in ckpt or "config" not in ckpt:
+        raise InputError(path, "is not a LesionGen classifier checkpoint", CHECKPOINT_FIX)
     classes = list(ckpt.get("classes", []))
     if classes != list(labels.CODES):
         raise InputError(
@@ -100,10 +126,19 @@ def read_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint written by this stage for this version's classes, read without unpickling anything."""
+    if not path.is_file():
+        raise InputError(path, "checkpoint not found", CHECKPOINT_FIX)
+    if is_pickled(path):
+        raise pickled_checkpoint(path)
+    return check_checkpoint(path, read_state(path, CHECKPOINT_FIX))
+
+
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ClassifyConfig, dict]:
-    """A trained model from best.pt/last.pt (or a run folder's best.pt)."""
+    """A trained model from best/last.safetensors, or from an output folder's best one."""
     path = Path(path)
-    ckpt = read_checkpoint(path / "best.pt" if path.is_dir() else path)
+    ckpt = read_checkpoint(checkpoint_file(path))
     cfg = config_from_dict(ckpt["config"])
     model = MODELS[cfg.model](len(labels.CODES), replace(cfg, pretrained=False))  # weights come from the checkpoint
     try:
@@ -136,14 +171,6 @@ def predict_proba(
 
 
 def save_checkpoint(path: Path, model: nn.Module, cfg: ClassifyConfig, epoch: int, extra: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "classes": list(labels.CODES),
-                "config": asdict(cfg),
-                "epoch": epoch,
-                **extra,
-            },
-            tmp,
-        )
+    """Weights, classes, config, epoch and ``extra`` (metrics; optimiser, scheduler and scaler state) in one file."""
+    state = {"format": FORMAT, "classes": list(labels.CODES), "config": asdict(cfg), "epoch": epoch, **extra}
+    write_state(path, {**state, "model": model.state_dict()})

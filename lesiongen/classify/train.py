@@ -1,7 +1,7 @@
 """The classifier stage: one training loop over real, synthetic or mixed images (``classifier.py``).
 
-Selects the epoch with the best validation balanced accuracy (``best.pt``), keeps ``last.pt`` every
-epoch and resumes from it, so a killed run repeats nothing and ends with the uninterrupted weights.
+Selects the epoch with the best validation balanced accuracy (``best.safetensors``), keeps ``last.safetensors``
+every epoch and resumes from it, so a killed run repeats nothing and ends with the uninterrupted weights.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from .data import (
     targets,
 )
 from .metrics import classification_metrics, majority_baseline
-from .models import MODELS, autocast, predict_proba, read_checkpoint, save_checkpoint
+from .models import BEST, LAST, MODELS, autocast, pickled_checkpoint, predict_proba, read_checkpoint, save_checkpoint
 
 RUN_FIELDS = ("model", "vit_name", "image_size", "train", "synthetic_dir", "synthetic_ratio", "balance", "folds")
 
@@ -101,11 +101,14 @@ def resume_state(cfg: ClassifyConfig, out: Path) -> dict | None:
     """The saved state of this run, after checking it is the same kind of run."""
     if cfg.resume_from_checkpoint is None or cfg.resume_from_checkpoint.lower() == "none":
         return None
-    path = out / "last.pt" if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
+    path = out / LAST if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
     if not path.is_file():
-        if cfg.resume_from_checkpoint == "latest":
-            return None
-        raise InputError("--resume_from_checkpoint", f"{path} not found", "pass 'latest', 'none' or a last.pt path")
+        if cfg.resume_from_checkpoint != "latest":
+            problem = f"{path} is a folder, not a checkpoint file" if path.is_dir() else f"{path} not found"
+            raise InputError("--resume_from_checkpoint", problem, f"pass 'latest', 'none' or a {LAST} path")
+        if (out / "last.pt").is_file():  # an earlier version's run: say so rather than silently start over
+            raise pickled_checkpoint(out / "last.pt", "or pass --resume_from_checkpoint none to start over")
+        return None
     state = read_checkpoint(path)
     for name in RUN_FIELDS:
         if state["config"].get(name) != getattr(cfg, name):
@@ -118,7 +121,7 @@ def resume_state(cfg: ClassifyConfig, out: Path) -> dict | None:
 
 
 def fit(cfg: ClassifyConfig, train_frame: pd.DataFrame, val_frame: pd.DataFrame, out: Path) -> dict:
-    """One training run: best.pt by validation balanced accuracy, last.pt every epoch, summary.json."""
+    """One training run: the best checkpoint by validation balanced accuracy, the last every epoch, summary.json."""
     from torch.utils.tensorboard import SummaryWriter
 
     out.mkdir(parents=True, exist_ok=True)
@@ -163,9 +166,9 @@ def fit(cfg: ClassifyConfig, train_frame: pd.DataFrame, val_frame: pd.DataFrame,
                 writer.add_scalar(k if k in ("train_loss", "lr") else f"val/{k}", v, epoch + 1)
         if metrics["balanced_accuracy"] > best["score"]:
             best = {"score": metrics["balanced_accuracy"], "epoch": epoch + 1, "metrics": metrics}
-            save_checkpoint(out / "best.pt", model, cfg, epoch + 1, extra={"metrics": metrics})
+            save_checkpoint(out / BEST, model, cfg, epoch + 1, extra={"metrics": metrics})
         save_checkpoint(
-            out / "last.pt",
+            out / LAST,
             model,
             cfg,
             epoch + 1,

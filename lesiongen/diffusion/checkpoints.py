@@ -3,6 +3,9 @@
 A checkpoint is written by every process into one temporary folder renamed ``checkpoint-<step>`` when
 complete, so a kill mid-write never leaves a folder resume would load. The final model is moved into
 the output folder with the file loaders look for (``model_index.json`` or the LoRA weights) last.
+accelerate saves the weights (safetensors), the optimiser and the random states (read back with
+``torch.load(weights_only=True)``); the learning-rate schedule and the EMA weights are saved here, as
+safetensors and JSON, rather than as accelerate's custom pickles, which it reads with full unpickling.
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..files import atomic_dir, write_json
+from ..states import read_state, write_state
 from ..tables import read_metadata
 from .config import TrainConfig
+from .fingerprint import fingerprint
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TRAINING_STATE = "training_state.safetensors"  # the schedule's and the EMA's state, beside accelerate's files
 
 # Fields that shape the weights; a resumed run must not change them silently (STYLE.md).
 ARCHITECTURE_FIELDS = (
@@ -92,7 +98,16 @@ def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
             "has no config.json, so it was not written by lesiongen.diffusion.train",
             "resume from another checkpoint",
         )
-    saved, current = json.loads(saved_path.read_text(encoding="utf-8"))["config"], asdict(cfg)
+    if not (ckpt / TRAINING_STATE).is_file():
+        raise InputError(
+            ckpt,
+            f"has no {TRAINING_STATE}: an earlier version wrote it, with the schedule and EMA state as pickles "
+            "(custom_checkpoint_*.pkl), which this version does not unpickle",
+            "finish the run with the version that started it, or start a new --output_dir",
+        )
+    record = json.loads(saved_path.read_text(encoding="utf-8"))
+    saved, current = record["config"], asdict(cfg)
+    check_base(cfg, ckpt, record)
     for name in ARCHITECTURE_FIELDS:
         if saved.get(name) != current[name]:
             raise InputError(
@@ -103,6 +118,21 @@ def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
     return ckpt
 
 
+def check_base(cfg: TrainConfig, ckpt: Path, record: dict) -> None:
+    """The base model is the one the checkpoint trained from: the same path typed from another folder, or
+    a folder whose model was replaced, would silently continue on other weights."""
+    from .pipeline import resolve_model
+
+    recorded = record.get("base_fingerprint")
+    now = fingerprint(resolve_model(cfg.pretrained_model_name_or_path)) if recorded else None
+    if now is not None and now != recorded:
+        raise InputError(
+            f"--pretrained_model_name_or_path {cfg.pretrained_model_name_or_path}",
+            f"has fingerprint {now}, but {ckpt.name} was trained from {record.get('base_model')} ({recorded})",
+            "pass that model, or start a new --output_dir",
+        )
+
+
 def keep_trainable_weights(models, weights, output_dir) -> None:
     """Checkpoints hold what trains: a LoRA checkpoint is the adapter, not another copy of the frozen base."""
     for i, model in enumerate(models):
@@ -111,8 +141,11 @@ def keep_trainable_weights(models, weights, output_dir) -> None:
             weights[i] = {k: v for k, v in weights[i].items() if k not in frozen}
 
 
-def save_checkpoint(accelerator, cfg: TrainConfig, step: int, extra: dict) -> None:
-    """Every process writes into one temporary folder that becomes ``checkpoint-<step>`` only when complete."""
+def save_checkpoint(accelerator, cfg: TrainConfig, step: int, extra: dict, states: dict) -> None:
+    """Every process writes into one temporary folder that becomes ``checkpoint-<step>`` only when complete.
+
+    ``states`` maps a name to an object with ``state_dict`` (the lr scheduler, the EMA model) whose state
+    goes into ``TRAINING_STATE``; accelerate saves the models, the optimiser and the random states."""
     from accelerate.utils import broadcast_object_list
 
     out = Path(cfg.output_dir)
@@ -124,10 +157,20 @@ def save_checkpoint(accelerator, cfg: TrainConfig, step: int, extra: dict) -> No
             broadcast_object_list(tmp)
         accelerator.save_state(tmp[0])
         if accelerator.is_main_process:
+            write_state(Path(tmp[0]) / TRAINING_STATE, {name: obj.state_dict() for name, obj in states.items()})
             write_json(Path(tmp[0]) / "config.json", run_record(cfg, accelerator, step, extra))
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         prune_checkpoints(out, cfg.checkpoints_total_limit)
+
+
+def load_checkpoint(accelerator, ckpt: Path, states: dict) -> int:
+    """Restore what ``save_checkpoint`` saved into the prepared objects; returns the checkpoint's step."""
+    accelerator.load_state(str(ckpt), strict=False)
+    saved = read_state(ckpt / TRAINING_STATE, "resume from another checkpoint")
+    for name, obj in states.items():
+        obj.load_state_dict(saved[name])
+    return checkpoint_step(ckpt)
 
 
 def remove_stale_temporaries(out: Path) -> None:

@@ -119,5 +119,7 @@ class TrainConfig:
             raise InputError("--noise_offset", "must be >= 0", "e.g. 0.05")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise InputError("--checkpoints_total_limit", "must be at least 1", "or none to keep all")
+        if self.dataloader_num_workers < 0:
+            raise InputError("--dataloader_num_workers", "must be 0 or more", "0 decodes images in this process")
         if self.validation_steps < 0:
             raise InputError("--validation_steps", "must be >= 0", "0 disables validation")

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
 from ..errors import InputError
-from ..images import UNREADABLE, decode_problem, open_rgb
+from ..images import decode_problem, open_rgb
 from ..tables import read_metadata
 from ..tokens import CLIP_MAX_TOKENS
 
@@ -88,13 +87,6 @@ def image_transform(resolution: int, center_crop: bool) -> transforms.Compose:
     )
 
 
-def load_image(example: Example) -> Image.Image:
-    try:
-        return open_rgb(example.path)
-    except UNREADABLE as e:
-        raise InputError(example.path, f"cannot decode image ({e})", "replace the image or remove its row") from None
-
-
 def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     return tokenizer(
         texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
@@ -162,7 +154,7 @@ class ImageCaptionDataset(Dataset):
         return len(self.examples)
 
     def pixels(self, index: int, flip: bool) -> torch.Tensor:
-        x = self.transform(load_image(self.examples[index]))
+        x = self.transform(open_rgb(self.examples[index].path))
         return torch.flip(x, dims=[-1]) if flip else x
 
     def __getitem__(self, key: tuple[int, bool, bool]) -> dict:

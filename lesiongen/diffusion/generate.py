@@ -34,7 +34,7 @@ from ..images import image_grid, open_rgb
 from ..tokens import fits_clip
 from . import plans
 from .manifest import MANIFEST_COLUMNS, Manifest
-from .pipeline import resolve_model
+from .pipeline import model_identity, resolve_model
 
 # name -> (diffusers class, extra config); built from the model's own scheduler config so betas match.
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -124,8 +124,10 @@ class GenerateConfig:
             raise InputError("--batch_size", f"{self.batch_size} is not positive", "use e.g. 4")
         if min(self.num_inference_steps) < 1:
             raise InputError("--num_inference_steps", "must be positive", "e.g. --num_inference_steps 50")
-        if min(self.guidance_scale) < 0:
-            raise InputError("--guidance_scale", "must not be negative", "e.g. --guidance_scale 7.5")
+        if not all(0 <= g < float("inf") for g in self.guidance_scale):  # also false for nan
+            raise InputError("--guidance_scale", "must be a number, not negative", "e.g. --guidance_scale 7.5")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise InputError("--resolution", f"{self.resolution} is not a positive multiple of 8", "e.g. 64, 256, 512")
         plans.check_fixed(self.sex, self.age, self.site, self.skin_tone)
         plans.parse_concepts(self.concepts)
         contrasts = plans.parse_contrasts(self.contrast)
@@ -246,13 +248,21 @@ def settings(cfg: GenerateConfig) -> dict:
 
 
 def check_resume(root: Path, cfg: GenerateConfig) -> None:
-    """A dataset folder resumes only under the settings that made it, so one folder never mixes two plans."""
+    """A dataset folder resumes only under the settings and the model that made it, so one folder never
+    mixes two plans or two models (the same relative --model_path, run from another folder, is another model)."""
     path = root / "generation_config.json"
     if not path.is_file():
         return
-    before = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    before = saved.get("settings", {})
     now = json.loads(json.dumps(settings(cfg)))
     diffs = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in now if before.get(k) != now.get(k)]
+    model_before, model_now = saved.get("model") or {}, model_identity(cfg.model_path, cfg.base_model)
+    diffs += [
+        f"model {k}: {model_before[k]} -> {model_now[k]}"
+        for k in ("fingerprint", "lora_sha256")
+        if model_before.get(k) and model_now.get(k) and model_before[k] != model_now[k]
+    ]
     if diffs:
         raise InputError(
             path,
@@ -402,24 +412,31 @@ def generate(
     processes.wait()
     if processes.is_main:
         # a SIGKILL skips atomic_path's cleanup; its hidden temporaries are never listed, so remove them
-        for stale in root.rglob(".*.tmp"):
+        # (only where generate writes: --output_dir may be a folder that holds other work)
+        for stale in [*root.glob(".*.tmp"), *root.glob("*/.*.tmp"), *root.glob("dataset/*/.*.tmp")]:
             stale.unlink()
         # single mode regenerates its images: a rerun with new flags must not keep an old image under the same seed
         manifest.repair(root, drop={file_name(s, cfg.mode) for s in plan} if cfg.mode == "single" else set())
-        write_json(
-            root / "generation_config.json",
-            {"settings": settings(cfg), "config": asdict(cfg), "plan": plans.summarize_plan(plan)},
-        )
     processes.wait()
     done = {r["file_name"] for r in manifest.read()}
     todo = [s for s in mine if file_name(s, cfg.mode) not in done]
+    if todo and pipe is None:
+        pipe = load_model(cfg, resolve_device(cfg.device))
+    elif todo:
+        set_scheduler(pipe, cfg.scheduler, model_scheduler_config(cfg))
+    if processes.is_main:  # only once the model loaded: a failed load leaves no settings a rerun is held to
+        write_json(
+            root / "generation_config.json",
+            {
+                "settings": settings(cfg),
+                "model": model_identity(cfg.model_path, cfg.base_model),
+                "config": asdict(cfg),
+                "plan": plans.summarize_plan(plan),
+            },
+        )
+    processes.wait()
 
     if todo:
-        device = resolve_device(cfg.device)
-        if pipe is None:
-            pipe = load_model(cfg, device)
-        else:
-            set_scheduler(pipe, cfg.scheduler, model_scheduler_config(cfg))
         lora = bool(getattr(pipe, "get_active_adapters", lambda: [])())
         bar = tqdm(
             total=len(todo),

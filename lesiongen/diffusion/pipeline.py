@@ -1,7 +1,9 @@
 """Load Stable Diffusion models (hub id or directory), tell a LoRA dir from a full pipeline, attach/save LoRA.
 
 Training and generation both load models here, so a directory written by ``train.py`` (either mode)
-is read back the same way a user's ``from_pretrained`` call reads it.
+is read back the same way a user's ``from_pretrained`` call reads it. A LoRA folder records where its
+base model was and the base's fingerprint (``fingerprint.py``); a LoRA is applied only to a base with
+that fingerprint.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 from ..devices import resolve_device, torch_dtype
 from ..errors import InputError
+from .fingerprint import fingerprint, model_folder
 
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -21,7 +25,10 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_model(name_or_path: str | Path, flag: str = "--pretrained_model_name_or_path") -> str:
-    """A local directory, or a hub id; a path-like name that does not exist is an error, not a download."""
+    """A local directory, or a hub id; a path-like name that does not exist is an error, not a download.
+
+    ``outputs/lora`` is spelled like a hub id; it is taken for a local path when its first folder exists
+    here, or when the hub is off (``HF_HUB_OFFLINE=1``) and no such model is in the cache."""
     text = str(name_or_path)
     if Path(text).expanduser().exists():
         path = Path(text).expanduser()
@@ -31,13 +38,43 @@ def resolve_model(name_or_path: str | Path, flag: str = "--pretrained_model_name
             )
         return str(path)
     looks_local = text.startswith((".", "/", "~")) or os.sep in text.replace("/", "", 1) or not HUB_ID_RE.match(text)
-    if looks_local:
+    looks_local = looks_local or Path(text.split("/")[0]).is_dir()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if looks_local or (offline and model_folder(text) is None):
         raise InputError(
             f"{flag} {text}",
-            "model directory not found",
+            f"model directory not found (relative paths start in {Path.cwd()})"
+            + ("" if looks_local else ", and no hub model of that name is cached (HF_HUB_OFFLINE is set)"),
             "check the path, or build the embedded model with `python -m lesiongen.diffusion.tiny --output_dir DIR`",
         )
     return text
+
+
+def model_location(source: str) -> str:
+    """Where a resolved model is, independent of the current folder: an absolute path, or the hub id."""
+    return str(Path(source).resolve()) if Path(source).is_dir() else source
+
+
+def check_components(source: str, flag: str) -> None:
+    """Every component folder a local pipeline's model_index.json lists is there (diffusers would report a
+    missing ``unet/`` as a missing config.json)."""
+    if not Path(source).is_dir():
+        return
+    index_file = Path(source) / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(index_file, f"is not valid JSON ({e})", "restore the pipeline folder") from None
+    listed = [
+        n for n, spec in index.items() if isinstance(spec, list) and spec[0] is not None and n != "safety_checker"
+    ]
+    missing = [n for n in listed if not (Path(source) / n).is_dir()]
+    if missing:
+        raise InputError(
+            f"{flag} {source}",
+            f"model_index.json lists {', '.join(f'{m}/' for m in missing)} but the folder lacks it",
+            "copy the whole pipeline folder, or save it again with save_pretrained",
+        )
 
 
 def is_lora_dir(path: str | Path) -> bool:
@@ -54,15 +91,63 @@ def is_pipeline_dir(path: str | Path) -> bool:
     return (Path(path) / "model_index.json").is_file()
 
 
-def lora_base_model(lora_dir: str | Path) -> str | None:
-    """The base model a LoRA was trained on, as train.py records it in the folder's config.json."""
+def base_identity(name_or_path: str) -> dict:
+    """Where a base model is and what it is, as a LoRA and its checkpoints record it."""
+    source = resolve_model(name_or_path)
+    return {"base_model": model_location(source), "base_fingerprint": fingerprint(source)}
+
+
+def model_identity(model_path: str, base_model: str | None = None) -> dict:
+    """What a generation runs on: the model (and a LoRA's base) as absolute paths or hub ids, the fingerprint
+    of the pipeline's weights (the base's, for a LoRA) and the LoRA weights' checksum."""
+    import hashlib
+
+    source = resolve_model(model_path, "--model_path")
+    if not is_lora_dir(source):
+        return {"model_path": model_location(source), "base_model": None, "fingerprint": fingerprint(source)}
+    base = base_model or lora_base_model(source)
+    base = resolve_model(base, "--base_model") if base else None
+    weights = next(Path(source) / n for n in LORA_WEIGHT_NAMES if (Path(source) / n).is_file())
+    return {
+        "model_path": model_location(source),
+        "base_model": model_location(base) if base else None,
+        "fingerprint": fingerprint(base) if base else None,
+        "lora_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),  # adapters are small: hash them whole
+    }
+
+
+def lora_record(lora_dir: str | Path) -> dict:
+    """What train.py recorded in a LoRA folder's config.json (empty when there is none)."""
     cfg = Path(lora_dir) / "config.json"
     if not cfg.is_file():
-        return None
+        return {}
     try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("pretrained_model_name_or_path")
-    except json.JSONDecodeError as e:
-        raise InputError(cfg, f"not valid JSON ({e})", "restore the file or pass the base model explicitly") from e
+        record = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(cfg, f"not valid JSON ({e})", "restore the file or pass the base model explicitly") from None
+    return record if isinstance(record, dict) else {}
+
+
+def lora_base_model(lora_dir: str | Path) -> str | None:
+    """The base model a LoRA was trained on (an absolute path or a hub id since this version records it)."""
+    return lora_record(lora_dir).get("pretrained_model_name_or_path")
+
+
+def check_lora_base(lora_dir: str | Path, base: str) -> None:
+    """Refuse a base whose fingerprint is not the one the LoRA recorded (say so when it recorded none)."""
+    recorded = lora_record(lora_dir).get("base_fingerprint")
+    if recorded is None:
+        print(
+            f"note: {lora_dir} records no fingerprint of its base (an earlier version trained it); not checked",
+            file=sys.stderr,
+        )
+    elif (now := fingerprint(base)) != recorded:
+        raise InputError(
+            f"--base_model {base}",
+            f"is not the model {lora_dir} was trained on: its fingerprint is {now}, the LoRA's base "
+            f"{lora_base_model(lora_dir)} had {recorded}",
+            "pass that base with --base_model, or train the LoRA on this one",
+        )
 
 
 def from_pretrained_pipeline(model: str | Path, dtype: Any = None, flag: str = "--pretrained_model_name_or_path"):
@@ -76,16 +161,18 @@ def from_pretrained_pipeline(model: str | Path, dtype: Any = None, flag: str = "
             "no model_index.json here, so it is not a pipeline directory",
             "pass a diffusers pipeline folder",
         )
+    check_components(source, flag)
     try:
         return StableDiffusionPipeline.from_pretrained(
             source, torch_dtype=torch_dtype(dtype), safety_checker=None, requires_safety_checker=False
         )
     except OSError as e:
+        where = "" if Path(source).is_dir() else f"neither a folder in {Path.cwd()} nor a downloadable hub model: "
         raise InputError(
             f"{flag} {source}",
-            f"could not load the model ({e.__class__.__name__}: {str(e).splitlines()[0]})",
-            "check the id or path, and that the hub is reachable for hub ids",
-        ) from e
+            f"{where}could not load the model ({e.__class__.__name__}: {str(e).splitlines()[0][:300]})",
+            "check the path (relative paths start in the current folder) or the hub id, and that the hub is reachable",
+        ) from None
 
 
 def load_pipeline(
@@ -93,7 +180,8 @@ def load_pipeline(
 ):
     """A ready pipeline from a full pipeline dir or hub id, or from a LoRA dir applied to its base model.
 
-    For a LoRA dir the base is ``base_model`` or, when omitted, the one recorded by train.py.
+    For a LoRA dir the base is ``base_model`` or, when omitted, the one recorded by train.py; either way
+    it must have the fingerprint the LoRA recorded (checked once it is loaded, so a hub base is cached).
     """
     if is_lora_dir(model_path):
         base = base_model or lora_base_model(model_path)
@@ -102,6 +190,7 @@ def load_pipeline(
                 model_path, "is a LoRA folder that does not record its base model", "pass the base model (--base_model)"
             )
         pipe = from_pretrained_pipeline(base, dtype, flag="--base_model")
+        check_lora_base(model_path, resolve_model(base, "--base_model"))
         pipe.load_lora_weights(str(model_path))
     else:
         pipe = from_pretrained_pipeline(model_path, dtype, flag="--model_path")
@@ -120,6 +209,7 @@ def load_training_parts(model: str | Path) -> dict:
             "this is a LoRA folder; pass its base model" if is_lora_dir(source) else "pass a diffusers pipeline folder"
         )
         raise InputError(f"--pretrained_model_name_or_path {source}", "no model_index.json here", hint)
+    check_components(source, "--pretrained_model_name_or_path")
     try:
         return {
             "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", model_max_length=77),

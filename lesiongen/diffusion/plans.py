@@ -25,7 +25,7 @@ from pathlib import Path
 from .. import labels
 from ..captions.concepts import impute_concepts
 from ..captions.metadata import LesionRecord
-from ..errors import InputError
+from ..errors import InputError, not_utf8
 
 # The original LesionGen draws each image's guidance and step count from these lists.
 ORIGINAL_GUIDANCE_SCALES: tuple[float, ...] = (3.0, 5.0, 7.5, 10.0)
@@ -327,10 +327,13 @@ def read_distribution(path: str | Path) -> Distribution:
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "distribution CSV not found", "check --distribution")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = [c.strip().lower() for c in reader.fieldnames or []]
-        rows = [{k.strip().lower(): (v or "") for k, v in r.items() if k is not None} for r in reader]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = [c.strip().lower() for c in reader.fieldnames or []]
+            rows = [{k.strip().lower(): (v or "") for k, v in r.items() if k is not None} for r in reader]
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     dx_col = next((c for c in DX_COLUMNS if c in header), None)
     weight_col = next((c for c in WEIGHT_COLUMNS if c in header), None)
     sub_cols = [c for c in SUBGROUP_COLUMNS if c in header]

@@ -91,6 +91,13 @@ class TinyConfig:
     )
 
     def __post_init__(self) -> None:
+        out = Path(self.output_dir)
+        if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+            raise InputError(
+                f"--output_dir {out}",
+                "already exists, and a model built here would replace it (random weights over a trained model)",
+                "choose a new --output_dir, or remove this one first",
+            )
         step = SIZES[self.size]["downsample"]
         if self.resolution <= 0 or self.resolution % (step * 2) != 0:
             raise InputError(

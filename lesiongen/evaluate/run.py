@@ -49,7 +49,7 @@ class EvaluateConfig:
     features: list[str] = option(["inception"], help="feature spaces to measure in", choices=tuple(SPACES))
     classifier: str | None = option(
         None,
-        help="a classifier trained on real images (classifier.py run folder, best.pt or last.pt): recognisability "
+        help="a classifier trained on real images (classifier.py run folder, best.safetensors or last.safetensors): recognisability "
         "of the generated images, and the 'domain' feature space",
     )
     heldout_split: str | None = option(
@@ -96,6 +96,8 @@ class EvaluateConfig:
             )
         if self.k < 1:
             raise InputError("--k", f"must be >= 1, got {self.k}", "use e.g. --k 5")
+        if self.size is not None and self.size < 0:
+            raise InputError("--size", f"must be >= 0, got {self.size}", "use e.g. --size 64, or 0 to keep sizes")
         if not 0 < self.copy_ratio <= 1:
             raise InputError("--copy_ratio", f"must be in (0, 1], got {self.copy_ratio}", "use e.g. --copy_ratio 0.5")
 

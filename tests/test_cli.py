@@ -1,0 +1,70 @@
+"""cli.run: bad input and expected file-system failures are one line and exit 2; real bugs keep their traceback."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from lesiongen.cli import run
+from lesiongen.errors import InputError
+
+
+def fails_with(error: BaseException):
+    def fn():
+        raise error
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (InputError("--flag", "is wrong", "fix it"), "error: --flag: is wrong; fix it"),
+        (PermissionError(errno.EACCES, "Permission denied", "/data/out"), "error: /data/out: permission denied"),
+        (OSError(errno.ENOSPC, "No space left on device", "/data/out/x.png"), "error: /data/out/x.png: no space left"),
+        (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/data/file/out"), "error: /data/file/out: not a"),
+        (FileExistsError(errno.EEXIST, "File exists", "/data/out"), "error: /data/out: file exists"),
+        (OSError(errno.ENOSPC, "No space left on device"), "error: no space left on device"),
+    ],
+)
+def test_expected_failures_are_one_line_naming_the_path(error, expected, capsys):
+    assert run(fails_with(error)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and err.count("\n") == 1
+    if isinstance(error, OSError):
+        assert "; " in err  # a fix follows
+
+
+@pytest.mark.parametrize("bug", [KeyError("column"), TypeError("bad call"), OSError(errno.EIO, "I/O error")])
+def test_bugs_and_unexpected_errors_keep_their_traceback(bug):
+    with pytest.raises(type(bug)):
+        run(fails_with(bug))
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    assert run(fails_with(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err.startswith("interrupted")
+
+
+def test_an_output_folder_that_is_a_file_is_one_line(tmp_path, ham_csv, capsys):
+    """Issue 15: --out pointing at a file ended in a FileExistsError / NotADirectoryError traceback."""
+    import numpy as np
+    from PIL import Image
+
+    from lesiongen.captions import analyze, build
+
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("someone's notes")
+    small = tmp_path / "small.csv"
+    small.write_text("".join(ham_csv.read_text().splitlines(keepends=True)[:30]))
+    assert build.main(["--dataset", "ham10000", "--metadata", str(small), "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {blocker}") and err.count("\n") == 1 and "choose another path" in err
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(images / "a.png")
+    assert analyze.main(["--images", str(images), "--out", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {blocker}") and err.count("\n") == 1 and "is a file, not a folder" in err
+    assert blocker.read_text() == "someone's notes"

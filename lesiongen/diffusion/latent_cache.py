@@ -96,46 +96,29 @@ def remove_stale(layout: CacheLayout) -> None:
             p.unlink()
 
 
-class _Encodable(Dataset):
-    """Decoded pixels of both flips of each image, so DataLoader workers can decode while the VAE encodes."""
+class _BothFlips(Dataset):
+    """Decoded pixels of both flips of an image, so DataLoader workers can decode while the VAE encodes."""
 
-    def __init__(self, images: ImageCaptionDataset, rows: range):
-        self.images, self.rows = images, rows
+    def __init__(self, images: ImageCaptionDataset):
+        self.images = images
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.images)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        x = self.images.pixels(self.rows[i], flip=False)
+    def __getitem__(self, index: int) -> torch.Tensor:
+        x = self.images.pixels(index, flip=False)
         return torch.stack([x, torch.flip(x, dims=[-1])])
 
 
 @torch.no_grad()
-def encode_shard(
-    images: ImageCaptionDataset,
-    rows: range,
-    vae,
-    text_encoder,
-    embed_dtype: torch.dtype,
-    batch_size: int = 16,
-    num_workers: int = 0,
-) -> dict[str, torch.Tensor]:
-    """The tensors of one shard: latent distributions of both flips, and caption embeddings when a text encoder is given."""
-    device, dtype = vae.device, vae.dtype
-    params, embeds = [], []
-    loader = DataLoader(_Encodable(images, rows), batch_size=batch_size, num_workers=num_workers)
-    for start, pixels in zip(range(rows.start, rows.stop, batch_size), loader, strict=True):
-        p = vae.encode(pixels.flatten(0, 1).to(device, dtype)).latent_dist.parameters
-        params.append(p.reshape(len(pixels), 2, *p.shape[1:]).cpu())
-        if text_encoder is not None:
-            texts = [images.examples[i].text for i in range(start, start + len(pixels))]
-            ids = tokenize(images.tokenizer, texts).to(device)
-            embeds.append(text_encoder(ids)[0].to(embed_dtype).cpu())
-    tensors = {"latent_params": torch.cat(params)}
+def encode_batch(images: ImageCaptionDataset, rows: list[int], pixels: torch.Tensor, vae, text_encoder, embed_dtype):
+    """Latent distributions of both flips of ``rows`` (and their caption embeddings when a text encoder is given)."""
+    p = vae.encode(pixels.flatten(0, 1).to(vae.device, vae.dtype)).latent_dist.parameters
+    out = {"latent_params": p.reshape(len(rows), 2, *p.shape[1:]).cpu()}
     if text_encoder is not None:
-        tensors["prompt_embeds"] = torch.cat(embeds)
-        tensors["empty_embed"] = text_encoder(tokenize(images.tokenizer, [""]).to(device))[0][0].to(embed_dtype).cpu()
-    return tensors
+        ids = tokenize(images.tokenizer, [images.examples[i].text for i in rows]).to(vae.device)
+        out["prompt_embeds"] = text_encoder(ids)[0].to(embed_dtype).cpu()
+    return out
 
 
 def build_shards(
@@ -153,13 +136,35 @@ def build_shards(
     """Encode this process's missing shards (rank, rank + world, ...); returns how many it wrote.
 
     Each shard is complete on disk before its final name appears, so a rerun after a kill starts at
-    the first missing shard and never reads a half-written one.
+    the first missing shard and never reads a half-written one. One loader serves all of them, so
+    decoding workers start once, not once per shard.
     """
     todo = [s for s in range(rank, layout.n_shards, world) if not layout.is_complete(s)]
-    for shard in tqdm(todo, desc="caching latents", unit="shard", disable=not show_progress):
-        tensors = encode_shard(images, layout.rows(shard), vae, text_encoder, embed_dtype, batch_size, num_workers)
+    plan = [
+        (s, list(layout.rows(s)[i : i + batch_size])) for s in todo for i in range(0, layout.shard_size, batch_size)
+    ]
+    plan = [(s, rows) for s, rows in plan if rows]
+    if not plan:
+        return 0
+    empty = None
+    if text_encoder is not None:
+        with torch.no_grad():
+            empty = text_encoder(tokenize(images.tokenizer, [""]).to(vae.device))[0][0].to(embed_dtype).cpu()
+    loader = DataLoader(_BothFlips(images), batch_sampler=[rows for _, rows in plan], num_workers=num_workers)
+    bar = tqdm(total=len(todo), desc="caching latents", unit="shard", disable=not show_progress)
+    parts: list[dict] = []
+    for (shard, rows), pixels in zip(plan, loader, strict=True):
+        parts.append(encode_batch(images, rows, pixels, vae, text_encoder, embed_dtype))
+        if rows[-1] != layout.rows(shard)[-1]:
+            continue
+        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        if empty is not None:
+            tensors["empty_embed"] = empty
         with atomic_path(layout.path(shard)) as tmp:
             save_file(tensors, str(tmp), metadata={"key": layout.key, "first_row": str(layout.rows(shard).start)})
+        parts = []
+        bar.update(1)
+    bar.close()
     return len(todo)
 
 

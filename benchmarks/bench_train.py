@@ -7,8 +7,9 @@ settings are the ones both scripts take: batch 4, accumulation 1, LoRA rank 4, l
 TensorBoard logging. The reference is diffusers' ``examples/text_to_image/train_text_to_image_lora.py``,
 run unmodified (``--reference PATH``; it is not part of LesionGen: clone github.com/huggingface/diffusers).
 
-Steps/s counts the steps after ``--warmup`` (the reference's per-step TensorBoard wall times; LesionGen's
-``TrainResult.step_seconds``), so cache building, model loading and compilation are reported apart. The
+Steps/s counts the steps after ``--warmup``, timed alike for both trainers at each update of their
+per-step progress bar, by wall time and by the process's CPU time (the steadier figure where other jobs
+share the core); model loading, cache building and compilation fall in the first steps, reported apart. The
 compiled runs share a fresh inductor cache: the first pays the cold compile, later rounds reuse it, as a
 user's second run would; the time of each run's first steps is printed.
 
@@ -64,58 +65,86 @@ def pinned(args, cmd: list[str]) -> list[str]:
     return ["taskset", "-c", args.cores, *cmd] if args.cores else cmd
 
 
-def run_reference(args, model: Path, data: Path, out: Path) -> dict:
-    """The diffusers script as a user runs it; steps/s from the wall times of its per-step TensorBoard scalars."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    steps = args.warmup + args.steps
-    cmd = [sys.executable, args.reference, *shared_flags(args, model, data, out, steps), "--caption_column", "text"]
-    env = {**child_env(args), "HF_DATASETS_CACHE": str(out.parent / "hf-datasets")}
-    start = time.perf_counter()
-    proc = subprocess.run(pinned(args, cmd), env=env, capture_output=True, text=True)
-    total = time.perf_counter() - start
-    if proc.returncode:
-        raise SystemExit(f"reference script failed:\n{proc.stderr[-3000:]}")
-    events = EventAccumulator(str(out / "logs" / "text2image-fine-tune"))
-    events.Reload()
-    walls = [e.wall_time for e in events.Scalars("train_loss")]
-    assert len(walls) == steps, len(walls)
-    timed = walls[-1] - walls[args.warmup - 1]
-    return {"steps_per_s": args.steps / timed, "warmup_s": walls[args.warmup - 1] - walls[0], "total_s": total}
+# The per-optimiser-step progress bars of the reference script ("Steps") and of lesiongen.diffusion.train.
+STEP_BARS = ("Steps", "train")
 
 
-def run_lesiongen(args, model: Path, data: Path, out: Path, extra: list[str]) -> dict:
-    """``lesiongen.diffusion.train`` in a child through ``--run_child``; steps/s from its step wall times."""
-    flags = shared_flags(args, model, data, out, args.warmup + args.steps) + ["--validation_steps", "0", *extra]
-    flags += ["--mode", args.mode, "--cache_dir", str(out.parent / "latent-cache")]
-    if args.micro_batch_size:
-        flags += ["--micro_batch_size", args.micro_batch_size]
-    cmd = [sys.executable, __file__, "--run_child", json.dumps(flags)]
-    env = {**child_env(args), "TORCHINDUCTOR_CACHE_DIR": str(out.parent / "inductor-cache")}
+def observe_steps() -> list[tuple[float, float]]:
+    """(wall, CPU) seconds at every update of a trainer's step progress bar, filled in as training runs.
+
+    Both trainers update their bar once per optimiser step, so the same observer times both without
+    changing either; CPU seconds are the steadier figure where other jobs share the core.
+    """
+    import tqdm.std
+
+    marks: list[tuple[float, float]] = []
+    update = tqdm.std.tqdm.update
+
+    def observed(self, n=1):
+        out = update(self, n)
+        if self.desc in STEP_BARS:
+            marks.append((time.perf_counter(), time.process_time()))
+        return out
+
+    tqdm.std.tqdm.update = observed
+    return marks
+
+
+def run_child(kind: str, flags: list[str]) -> None:
+    """Inside the child: install the observer, train (the reference script as __main__, or LesionGen), print marks."""
+    marks = observe_steps()
+    if kind == "reference":
+        import runpy
+
+        sys.argv = flags
+        runpy.run_path(flags[0], run_name="__main__")
+    else:
+        from lesiongen.cli import parse_config
+        from lesiongen.diffusion.train import TrainConfig, train
+
+        train(parse_config(TrainConfig, flags))
+    print(json.dumps(marks))
+
+
+def timed_run(args, kind: str, flags: list[str], env: dict) -> dict:
+    """One child run; steps/s by wall and CPU time over the steps after the warm-up."""
+    cmd = [sys.executable, __file__, "--run_child", kind, json.dumps(flags)]
     start = time.perf_counter()
     proc = subprocess.run(pinned(args, cmd), env=env, capture_output=True, text=True, cwd=REPO)
     total = time.perf_counter() - start
     if proc.returncode:
-        raise SystemExit(f"lesiongen run failed:\n{proc.stderr[-3000:]}")
-    seconds = json.loads(proc.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{kind} run failed:\n{proc.stderr[-3000:]}")
+    marks = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(marks) == args.warmup + args.steps, (kind, len(marks))
+    (wall0, cpu0), (wall1, cpu1) = marks[args.warmup - 1], marks[-1]
     return {
-        "steps_per_s": args.steps / sum(seconds[args.warmup :]),
-        "warmup_s": sum(seconds[: args.warmup]),
+        "steps_per_s": args.steps / (wall1 - wall0),
+        "steps_per_cpu_s": args.steps / (cpu1 - cpu0),
+        "warmup_s": wall0 - start,
         "total_s": total,
     }
 
 
-def run_child(flags: list[str]) -> None:
-    """Inside the child: train, then print the step wall times as the last line."""
-    import torch
+def run_reference(args, model: Path, data: Path, out: Path) -> dict:
+    """The diffusers script, unmodified, as a user runs it."""
+    flags = [
+        args.reference,
+        *shared_flags(args, model, data, out, args.warmup + args.steps),
+        "--caption_column",
+        "text",
+    ]
+    env = {**child_env(args), "HF_DATASETS_CACHE": str(out.parent / "hf-datasets")}
+    return timed_run(args, "reference", flags, env)
 
-    from lesiongen.cli import parse_config
-    from lesiongen.diffusion.train import TrainConfig, train
 
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    result = train(parse_config(TrainConfig, flags))
-    print(json.dumps(result.step_seconds))
+def run_lesiongen(args, model: Path, data: Path, out: Path, extra: list[str]) -> dict:
+    """``lesiongen.diffusion.train`` with the same flags, plus its own (cache, compile, micro-batch)."""
+    flags = shared_flags(args, model, data, out, args.warmup + args.steps) + ["--validation_steps", "0", *extra]
+    flags += ["--mode", args.mode, "--cache_dir", str(out.parent / "latent-cache")]
+    if args.micro_batch_size:
+        flags += ["--micro_batch_size", args.micro_batch_size]
+    env = {**child_env(args), "TORCHINDUCTOR_CACHE_DIR": str(out.parent / "inductor-cache")}
+    return timed_run(args, "lesiongen", flags, env)
 
 
 def versions(args) -> str:
@@ -158,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--cores", default=None, help="taskset core list for every run, e.g. 1 (default: any)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run (0: torch's default)")
-    p.add_argument("--run_child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--run_child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run_child:
-        run_child(json.loads(args.run_child))
+        run_child(args.run_child[0], json.loads(args.run_child[1]))
         return 0
     if not args.data:
         p.error("--data is required (an imagefolder with metadata.jsonl, e.g. build_captions' OUT/train)")
@@ -193,14 +222,18 @@ def main(argv: list[str] | None = None) -> int:
         f"gradient checkpointing {args.gradient_checkpointing}, precision {args.mixed_precision}, "
         f"{args.steps} timed steps after {args.warmup}, {args.rounds} rounds, data {args.data}"
     )
-    ref = statistics.median(r["steps_per_s"] for r in rows["reference"]) if "reference" in rows else None
+    for key, unit in (("steps_per_s", "steps/s"), ("steps_per_cpu_s", "steps per CPU-second")):
+        print(f"by {'wall' if key == 'steps_per_s' else 'CPU'} time:")
+        ref = statistics.median(r[key] for r in rows["reference"]) if "reference" in rows else None
+        for name, runs in rows.items():
+            speed = statistics.median(r[key] for r in runs)
+            ratio = f", {speed / ref:.2f}x the reference" if ref and name != "reference" else ""
+            label = "diffusers reference" if name == "reference" else f"LesionGen {name}"
+            spread = ", ".join(f"{r[key]:.2f}" for r in runs)
+            print(f"  {label:30s} {speed:5.2f} {unit} (runs: {spread}){ratio}")
     for name, runs in rows.items():
-        speed = statistics.median(r["steps_per_s"] for r in runs)
-        ratio = f", {speed / ref:.2f}x the reference" if ref and name != "reference" else ""
-        label = "diffusers reference" if name == "reference" else f"LesionGen {name}"
-        spread = ", ".join(f"{r['steps_per_s']:.2f}" for r in runs)
-        warmup = statistics.median(r["warmup_s"] for r in runs)
-        print(f"  {label:30s} {speed:5.2f} steps/s (runs: {spread}){ratio}; first {args.warmup} steps {warmup:.1f} s")
+        firsts = ", ".join(f"{r['warmup_s']:.0f}" for r in runs)
+        print(f"  time from start to the end of step {args.warmup}, {name}: {firsts} s")
     return 0
 
 

@@ -352,11 +352,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         step += 1
         reader.add(step_loss, lr_scheduler.get_last_lr()[0])
         step_loss = None
-        bar.update(1)
         checkpoint_due = step % cfg.checkpointing_steps == 0
         validation_due = cfg.validation_steps and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps)
         if checkpoint_due or validation_due or step % LOSS_READ_EVERY == 0 or step == cfg.max_train_steps:
             read_losses()
+        bar.update(1)  # after a loss read, so on a GPU the bar's last update waits for the last step to finish
         if checkpoint_due:
             save_checkpoint(accelerator, cfg, step, {"final_loss": losses[-1]})
         if validation_due and accelerator.is_main_process:

@@ -82,7 +82,7 @@ def observe_steps() -> list[tuple[float, float]]:
 
     def observed(self, n=1):
         out = update(self, n)
-        if self.desc in STEP_BARS:
+        if getattr(self, "desc", None) in STEP_BARS:  # disabled bars (torch.fx uses some) have no desc
             marks.append((time.perf_counter(), time.process_time()))
         return out
 

@@ -51,10 +51,19 @@ class TrainConfig:
         True, help="encode images and captions once and cache them on disk, so a step runs only the UNet"
     )
     cache_dir: str | None = option(None, help="where the latent cache lives (default: OUTPUT_DIR/latent_cache)")
-    dataloader_num_workers: int = option(0, help="image decoding workers (uncached path)")
+    cache_shard_size: int = option(
+        256, help="images per latent-cache shard file; a killed cache build resumes at the last complete shard"
+    )
+    dataloader_num_workers: int = option(0, help="image decoding workers (uncached path and cache build)")
     # optimisation
     train_batch_size: int = option(1, help="images per process per micro-step")
     gradient_accumulation_steps: int = option(4, help="micro-steps per optimiser step")
+    micro_batch_size: str | None = option(
+        None,
+        help="regroup each process's train_batch_size x gradient_accumulation_steps images per optimiser step "
+        "into micro-batches of this size (a divisor), or 'auto': the fastest that fits, found by trial passes. "
+        "Every image draws its own noise, so the result is the same for any value; none keeps train_batch_size",
+    )
     max_train_steps: int = option(15000, help="optimiser steps")
     learning_rate: float | None = option(None, help="learning rate; none means 5e-6 for lora, 1e-5 for full")
     lr_scheduler: str = option("constant", help="learning-rate schedule", choices=LR_SCHEDULERS)
@@ -62,6 +71,12 @@ class TrainConfig:
     adam_weight_decay: float = option(1e-2, help="AdamW weight decay")
     max_grad_norm: float | None = option(1.0, help="gradient clipping norm; none disables")
     mixed_precision: str = option("no", help="fp16 / bf16 autocast (fp16 needs a GPU)", choices=MIXED_PRECISION)
+    torch_compile: bool = option(
+        False,
+        help="torch.compile the UNet: faster steps after a slow first one (minutes on a CPU; README section 2 "
+        "has measured figures), so it pays back only over long runs",
+    )
+    allow_tf32: bool = option(True, help="TF32 matrix multiplies in float32 on Ampere and newer GPUs")
     snr_gamma: float | None = option(
         None, help="min-SNR loss weighting gamma (5.0 is the paper's value); none disables"
     )
@@ -91,6 +106,7 @@ class TrainConfig:
             "gradient_accumulation_steps",
             "max_train_steps",
             "checkpointing_steps",
+            "cache_shard_size",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -102,6 +118,17 @@ class TrainConfig:
                 "--resolution",
                 f"{self.resolution} is not a multiple of 8",
                 "the VAE downsamples by 4 or 8; use e.g. 64, 256, 512",
+            )
+        per_step = self.train_batch_size * self.gradient_accumulation_steps
+        if self.micro_batch_size not in (None, "auto") and not (
+            str(self.micro_batch_size).isdigit()
+            and int(self.micro_batch_size) >= 1
+            and per_step % int(self.micro_batch_size) == 0
+        ):
+            raise InputError(
+                f"--micro_batch_size {self.micro_batch_size}",
+                f"does not divide the {per_step} images per step (train_batch_size x gradient_accumulation_steps)",
+                "pass a divisor of that number, auto, or none",
             )
         if self.use_ema and self.mode != "full":
             raise InputError("--use_ema", "needs --mode full", "EMA of LoRA adapters is not supported; drop --use_ema")

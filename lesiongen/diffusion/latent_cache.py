@@ -1,34 +1,40 @@
-"""VAE latents and text embeddings of a training set, computed once and kept on disk.
+"""VAE latents and text embeddings of a training set, computed once and kept on disk in shards.
 
 With the cache a training step runs only the UNet. The VAE's latent *distribution* (mean and
 log-variance) is cached rather than one sample, so a cached step samples exactly as an uncached one;
 both flips of each image are cached so random flip survives caching. Text embeddings are cached only
-while the text encoder is frozen.
+while the text encoder is frozen, in the dtype the frozen encoder runs in (the training dtype).
+
+The cache is a folder of ``shard-<i>-of-<n>.safetensors`` files of ``shard_size`` images each, so it
+scales with the disk, not with RAM: each process of an accelerate launch encodes its own shards (i, i +
+world, ...), each shard is written under a temporary name and renamed when complete (a killed build
+resumes at the first missing shard), and training reads single items through memory-mapped
+``safe_open`` handles, never the whole cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch.utils.data import Dataset
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..files import atomic_path
 from .dataset import Example, ImageCaptionDataset, tokenize
 
-CACHE_FILE = "latents.safetensors"
-
-
-@dataclass
-class LatentCache:
-    latent_params: torch.Tensor  # [N, 2 (no flip, flip), 2 * latent channels, h, w]
-    prompt_embeds: torch.Tensor | None  # [N, 77, D], or None when the text encoder trains
-    empty_embed: torch.Tensor | None  # [77, D]: the "" caption used for caption dropout
+SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.safetensors$")
+# Open shard handles kept per process (least recently used dropped): a kept handle reads an item 2.5x faster
+# (measured 69 vs 171 us), but each maps its file, and a large cache has
+# thousands of shards: more than a default limit of 1024 open files, and mapped pages count as RSS.
+OPEN_SHARDS = 8
 
 
 def cache_key(
@@ -43,63 +49,197 @@ def cache_key(
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class CacheLayout:
+    """Where each image's tensors live: image i is row i % shard_size of shard i // shard_size."""
+
+    folder: Path
+    key: str
+    n_items: int
+    shard_size: int
+    with_text: bool
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_items // self.shard_size)
+
+    def path(self, shard: int) -> Path:
+        return self.folder / f"shard-{shard:05d}-of-{self.n_shards:05d}.safetensors"
+
+    def rows(self, shard: int) -> range:
+        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.n_items))
+
+    def is_complete(self, shard: int) -> bool:
+        """True when the shard's file exists and was written for this key (only complete files get a final name)."""
+        path = self.path(shard)
+        if not path.is_file():
+            return False
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return (f.metadata() or {}).get("key") == self.key
+        except (SafetensorError, OSError):
+            return False
+
+    def missing(self) -> list[int]:
+        return [s for s in range(self.n_shards) if not self.is_complete(s)]
+
+
+def remove_stale(layout: CacheLayout) -> None:
+    """Drop shards of another layout and temporaries left by a killed build (main process, before building)."""
+    if not layout.folder.is_dir():
+        return
+    wanted = {layout.path(s).name for s in range(layout.n_shards)}
+    for p in layout.folder.iterdir():
+        stale_shard = SHARD_RE.match(p.name) and p.name not in wanted
+        killed_write = p.name.startswith(".shard-") and p.name.endswith(".tmp")
+        if stale_shard or killed_write or p.name == "latents.safetensors":  # the unsharded cache of earlier versions
+            p.unlink()
+
+
+class _BothFlips(Dataset):
+    """Decoded pixels of both flips of an image, so DataLoader workers can decode while the VAE encodes."""
+
+    def __init__(self, images: ImageCaptionDataset):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        x = self.images.pixels(index, flip=False)
+        return torch.stack([x, torch.flip(x, dims=[-1])])
+
+
 @torch.no_grad()
-def encode_dataset(
-    dataset: ImageCaptionDataset, vae, text_encoder, batch_size: int = 16, show_progress: bool = True
-) -> LatentCache:
-    """Encode every image (and its mirror image) with the VAE, and every caption if a text encoder is given."""
-    device, dtype = vae.device, vae.dtype
-    params, embeds = [], []
-    n = len(dataset)
-    for start in tqdm(range(0, n, batch_size), desc="caching latents", unit="batch", disable=not show_progress):
-        idx = range(start, min(start + batch_size, n))
-        pixels = torch.stack([dataset.pixels(i, flip) for i in idx for flip in (False, True)])
-        p = vae.encode(pixels.to(device, dtype)).latent_dist.parameters
-        params.append(p.reshape(len(idx), 2, *p.shape[1:]).cpu())
-        if text_encoder is not None:
-            ids = tokenize(dataset.tokenizer, [dataset.examples[i].text for i in idx])
-            embeds.append(text_encoder(ids.to(device))[0].cpu())
+def encode_batch(images: ImageCaptionDataset, rows: list[int], pixels: torch.Tensor, vae, text_encoder, embed_dtype):
+    """Latent distributions of both flips of ``rows`` (and their caption embeddings when a text encoder is given)."""
+    p = vae.encode(pixels.flatten(0, 1).to(vae.device, vae.dtype)).latent_dist.parameters
+    out = {"latent_params": p.reshape(len(rows), 2, *p.shape[1:]).cpu()}
+    if text_encoder is not None:
+        ids = tokenize(images.tokenizer, [images.examples[i].text for i in rows]).to(vae.device)
+        out["prompt_embeds"] = text_encoder(ids)[0].to(embed_dtype).cpu()
+    return out
+
+
+def build_shards(
+    layout: CacheLayout,
+    images: ImageCaptionDataset,
+    vae,
+    text_encoder,
+    embed_dtype: torch.dtype,
+    rank: int = 0,
+    world: int = 1,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    show_progress: bool = True,
+) -> int:
+    """Encode this process's missing shards (rank, rank + world, ...); returns how many it wrote.
+
+    Each shard is complete on disk before its final name appears, so a rerun after a kill starts at
+    the first missing shard and never reads a half-written one. One loader serves all of them, so
+    decoding workers start once, not once per shard.
+    """
+    todo = [s for s in range(rank, layout.n_shards, world) if not layout.is_complete(s)]
+    plan = [
+        (s, list(layout.rows(s)[i : i + batch_size])) for s in todo for i in range(0, layout.shard_size, batch_size)
+    ]
+    plan = [(s, rows) for s, rows in plan if rows]
+    if not plan:
+        return 0
     empty = None
     if text_encoder is not None:
-        empty = text_encoder(tokenize(dataset.tokenizer, [""]).to(device))[0][0].cpu()
-    return LatentCache(torch.cat(params), torch.cat(embeds) if embeds else None, empty)
-
-
-def load_or_build(cache_dir: str | Path, key: str, build) -> LatentCache:
-    """Reuse ``cache_dir`` when its key matches, else call ``build()`` and save the result atomically."""
-    path = Path(cache_dir) / CACHE_FILE
-    if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            stored_key = (f.metadata() or {}).get("key")
-        if stored_key == key:
-            t = load_file(str(path))
-            return LatentCache(t["latent_params"], t.get("prompt_embeds"), t.get("empty_embed"))
-    cache = build()
-    tensors = {"latent_params": cache.latent_params.contiguous()}
-    if cache.prompt_embeds is not None:
-        tensors["prompt_embeds"] = cache.prompt_embeds.contiguous()
-        tensors["empty_embed"] = cache.empty_embed.contiguous()
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"key": key})
-    return cache
+        with torch.no_grad():
+            empty = text_encoder(tokenize(images.tokenizer, [""]).to(vae.device))[0][0].to(embed_dtype).cpu()
+    loader = DataLoader(_BothFlips(images), batch_sampler=[rows for _, rows in plan], num_workers=num_workers)
+    bar = tqdm(total=len(todo), desc="caching latents", unit="shard", disable=not show_progress)
+    parts: list[dict] = []
+    for (shard, rows), pixels in zip(plan, loader, strict=True):
+        parts.append(encode_batch(images, rows, pixels, vae, text_encoder, embed_dtype))
+        if rows[-1] != layout.rows(shard)[-1]:
+            continue
+        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        if empty is not None:
+            tensors["empty_embed"] = empty
+        with atomic_path(layout.path(shard)) as tmp:
+            save_file(tensors, str(tmp), metadata={"key": layout.key, "first_row": str(layout.rows(shard).start)})
+        parts = []
+        bar.update(1)
+    bar.close()
+    return len(todo)
 
 
 class CachedLatentDataset(Dataset):
-    """Items from the cache: the planned flip selects one of the two cached latents."""
+    """Items read from the shards through memory-mapped handles; the planned flip selects one cached latent."""
 
-    def __init__(self, cache: LatentCache, examples: list[Example], tokenizer):
-        self.cache, self.examples, self.tokenizer = cache, examples, tokenizer
+    def __init__(self, layout: CacheLayout, examples: list[Example], tokenizer):
+        missing = layout.missing()
+        if missing:
+            raise RuntimeError(f"latent cache {layout.folder} is missing shards {missing[:5]}; build it first")
+        self.layout, self.examples, self.tokenizer = layout, examples, tokenizer
+        self._handles: OrderedDict[int, object] = OrderedDict()
+        self.shards_written = 0  # by this process when it built the cache (reports)
+        self.empty_embed = self._open(0).get_tensor("empty_embed") if layout.with_text else None
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, key: tuple[int, bool, bool]) -> dict:
-        index, flip, drop = key
-        item = {"latent_params": self.cache.latent_params[index, int(flip)]}
-        if self.cache.prompt_embeds is not None:
-            item["prompt_embeds"] = self.cache.empty_embed if drop else self.cache.prompt_embeds[index]
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": OrderedDict()}  # DataLoader workers open their own handles
+
+    def _open(self, shard: int):
+        handle = self._handles.pop(shard, None) or safe_open(str(self.layout.path(shard)), framework="pt")
+        self._handles[shard] = handle
+        if len(self._handles) > OPEN_SHARDS:
+            self._handles.popitem(last=False)
+        return handle
+
+    def item_tensors(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(latent distribution [2C, h, w], caption embedding [77, D] or None) of one image."""
+        shard, row = divmod(index, self.layout.shard_size)
+        f = self._open(shard)
+        latent = f.get_slice("latent_params")[row, int(flip)]
+        return latent, f.get_slice("prompt_embeds")[row] if self.layout.with_text else None
+
+    def __getitem__(self, key: tuple[int, bool, bool, int]) -> dict:
+        index, flip, drop, item = key
+        latent, embed = self.item_tensors(index, flip)
+        out = {"latent_params": latent, "item": torch.tensor(item)}
+        if embed is not None:
+            out["prompt_embeds"] = self.empty_embed if drop else embed
         else:
-            item["input_ids"] = tokenize(self.tokenizer, ["" if drop else self.examples[index].text])[0]
-        return item
+            out["input_ids"] = tokenize(self.tokenizer, ["" if drop else self.examples[index].text])[0]
+        return out
+
+
+def open_cache(cfg, examples: list[Example], parts: dict, accelerator, with_text: bool, embed_dtype: torch.dtype):
+    """Build what is missing of ``cfg``'s cache (every process its share of shards), then open it memory-mapped.
+
+    ``cfg`` is a ``TrainConfig``; ``parts`` the loaded model parts with the VAE (and the frozen text
+    encoder) already on the device in the training dtype.
+    """
+    images = ImageCaptionDataset(examples, parts["tokenizer"], cfg.resolution, cfg.center_crop)
+    text_encoder = parts["text_encoder"] if with_text else None
+    key = cache_key(
+        examples, cfg.pretrained_model_name_or_path, cfg.resolution, cfg.center_crop, parts["vae"].dtype, with_text
+    )
+    folder = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "latent_cache"
+    layout = CacheLayout(folder, key, len(examples), cfg.cache_shard_size, with_text)
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale(layout)
+    accelerator.wait_for_everyone()
+    written = build_shards(
+        layout,
+        images,
+        parts["vae"],
+        text_encoder,
+        embed_dtype,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        num_workers=cfg.dataloader_num_workers,
+        show_progress=accelerator.is_main_process,
+    )
+    accelerator.wait_for_everyone()
+    dataset = CachedLatentDataset(layout, examples, parts["tokenizer"])
+    dataset.shards_written = written
+    return dataset

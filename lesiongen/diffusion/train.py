@@ -33,7 +33,14 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .config import DEFAULT_LR, TrainConfig
+from .loss import batch_loss, diffusion_loss
+from .micro_batch import pick_micro_batch
 from .validation import default_prompts, validate
+
+__all__ = ["TrainConfig", "TrainResult", "batch_loss", "diffusion_loss", "main", "train"]
+# Step losses are read back from the device (one host sync) this often, and before every checkpoint,
+# validation and the final save, so steps queue up on a GPU instead of waiting for the host.
+LOSS_READ_EVERY = 25
 
 
 @dataclass
@@ -41,72 +48,9 @@ class TrainResult:
     output_dir: Path
     global_step: int
     losses: list[float] = field(default_factory=list)  # mean loss of each optimiser step run by this call
-    step_seconds: list[float] = field(default_factory=list)  # wall time of each of those steps (benchmarks)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The loss, on tensors (tests call it directly)
-
-
-def diffusion_loss(model_pred, target, timesteps, noise_scheduler, snr_gamma: float | None = None):
-    """MSE, optionally min-SNR weighted (Hang et al. 2023): hard, noisy timesteps stop dominating the gradient."""
-    import torch
-    import torch.nn.functional as F
-    from diffusers.training_utils import compute_snr
-
-    if snr_gamma is None:
-        return F.mse_loss(model_pred.float(), target.float())
-    snr = compute_snr(noise_scheduler, timesteps)
-    weights = torch.clamp(snr, max=snr_gamma)
-    weights = weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
-    per_item = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(
-        dim=list(range(1, model_pred.ndim))
-    )
-    return (per_item * weights).mean()
-
-
-def step_generator(seed: int, batch_number: int, device):
-    """Noise, timesteps and VAE samples for a batch come from (seed, batch number): resume draws the same numbers."""
-    import torch
-
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_number * 7_919 + 1)
-
-
-def batch_loss(batch: dict, unet, vae, text_encoder, noise_scheduler, generator, snr_gamma=None, noise_offset=0.0):
-    """One denoising loss: latents (cached distribution or VAE), captions (cached or encoded), noise, UNet."""
-    import torch
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    if "latent_params" in batch:
-        dist = DiagonalGaussianDistribution(batch["latent_params"].to(vae.device, vae.dtype))
-    else:
-        with torch.no_grad():
-            dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
-    latents = dist.sample(generator=generator) * vae.config.scaling_factor
-    if "prompt_embeds" in batch:
-        text = batch["prompt_embeds"].to(latents.device)
-    else:
-        text_trains = any(p.requires_grad for p in text_encoder.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and text_trains):
-            text = text_encoder(batch["input_ids"].to(latents.device))[0]
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    if noise_offset:
-        # Offset noise (Lin et al. 2023): a per-channel constant lets the model shift overall brightness.
-        noise = noise + noise_offset * torch.randn(
-            (*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
-        )
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
-    )
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    pred = unet(
-        noisy, timesteps, encoder_hidden_states=text.to(noisy.dtype) if text.dtype != noisy.dtype else text
-    ).sample
-    return diffusion_loss(pred, target, timesteps, noise_scheduler, snr_gamma)
+    # Wall time of each of those steps (benchmarks). On a GPU steps run ahead of the host between loss
+    # reads, so only sums up to a read (every LOSS_READ_EVERY steps and the last step) are meaningful.
+    step_seconds: list[float] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -223,28 +167,51 @@ def place_models(parts: dict, trained: list, accelerator, gradient_checkpointing
 def make_dataset(cfg: TrainConfig, examples, parts: dict, accelerator, text_trains: bool):
     """Cached latents (and frozen text embeddings) when allowed, else images decoded every step."""
     from .dataset import ImageCaptionDataset
-    from .latent_cache import CachedLatentDataset, cache_key, encode_dataset, load_or_build
+    from .latent_cache import open_cache
 
-    images = ImageCaptionDataset(examples, parts["tokenizer"], cfg.resolution, cfg.center_crop)
     if not cfg.cache_latents:
-        return images
-    text_encoder = None if text_trains else parts["text_encoder"]
-    key = cache_key(
-        examples,
-        cfg.pretrained_model_name_or_path,
-        cfg.resolution,
-        cfg.center_crop,
-        parts["vae"].dtype,
-        text_encoder is not None,
+        return ImageCaptionDataset(examples, parts["tokenizer"], cfg.resolution, cfg.center_crop)
+    return open_cache(
+        cfg, examples, parts, accelerator, with_text=not text_trains, embed_dtype=weight_dtype(accelerator)
     )
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "latent_cache"
-    with accelerator.main_process_first():
-        cache = load_or_build(
-            cache_dir,
-            key,
-            lambda: encode_dataset(images, parts["vae"], text_encoder, show_progress=accelerator.is_main_process),
-        )
-    return CachedLatentDataset(cache, examples, parts["tokenizer"])
+
+
+def make_optimizer(params: list, learning_rate: float, cfg: TrainConfig, device):
+    """AdamW, fused into one kernel per step on a GPU (on a CPU the fused kernel measured no faster for LoRA)."""
+    import torch
+
+    fused = True if device.type == "cuda" else None
+    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=cfg.adam_weight_decay, fused=fused)
+
+
+def use_fast_math(cfg: TrainConfig, device) -> None:
+    """TF32 matmuls on Ampere+ GPUs: float32 training at tensor-core speed, within float32 training noise."""
+    import torch
+
+    if device.type == "cuda" and cfg.allow_tf32:
+        torch.set_float32_matmul_precision("high")
+
+
+class LossReader:
+    """Step losses kept on the device and read in one host sync every ``LOSS_READ_EVERY`` steps (or on demand)."""
+
+    def __init__(self, accelerator):
+        self.accelerator, self.pending, self.lrs = accelerator, [], []
+
+    def add(self, loss, lr: float) -> None:
+        self.pending.append(loss)
+        self.lrs.append(lr)
+
+    def read(self) -> list[tuple[float, float]]:
+        """(mean loss over processes, learning rate) of each step since the last read."""
+        import torch
+
+        if not self.pending:
+            return []
+        losses = self.accelerator.gather(torch.stack(self.pending)[None]).mean(0).tolist()
+        out = list(zip(losses, self.lrs, strict=True))
+        self.pending, self.lrs = [], []
+        return out
 
 
 def tracker_config(cfg: TrainConfig) -> dict:
@@ -269,6 +236,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     out = Path(cfg.output_dir)
     resume_from = find_resume_checkpoint(cfg)
     mode = MODES[cfg.mode]
+    use_fast_math(cfg, accelerator.device)
 
     parts = load_training_parts(cfg.pretrained_model_name_or_path)
     base = base_identity(cfg.pretrained_model_name_or_path)  # after loading, so a hub model is in the cache
@@ -285,7 +253,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     learning_rate = cfg.learning_rate or DEFAULT_LR[cfg.mode]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=cfg.adam_weight_decay)
+    optimizer = make_optimizer(params, learning_rate, cfg, accelerator.device)
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
     )
@@ -302,87 +270,98 @@ def train(cfg: TrainConfig) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
         accelerator.init_trackers("lesiongen-train", config=tracker_config(cfg))
-    world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.gradient_accumulation_steps
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps  # images per process per optimiser step
     if len(examples) < cfg.train_batch_size:
         raise InputError(
             f"--train_batch_size {cfg.train_batch_size}",
             f"is larger than the {len(examples)} training images",
             "lower it",
         )
-    sampler = PlannedBatches(
-        len(examples),
-        cfg.train_batch_size,
-        cfg.seed,
-        cfg.random_flip,
-        cfg.caption_dropout,
-        start=first_step * accum,
-        rank=rank,
-        world=world,
-    )
+    plan = (len(examples), per_step, 1, cfg.seed, cfg.random_flip, cfg.caption_dropout)
+
+    def run_loss(batch, model=unet):
+        return batch_loss(
+            batch,
+            model,
+            parts["vae"],
+            text_encoder,
+            parts["noise_scheduler"],
+            cfg.seed,
+            cfg.snr_gamma,
+            cfg.noise_offset,
+        )
+
+    trial_sampler = PlannedBatches(*plan, start_step=first_step, rank=rank, world=world)
+    micro = pick_micro_batch(cfg, per_step, dataset, trial_sampler, run_loss, unet, params, accelerator)
+    accum = per_step // micro
+    accelerator.gradient_accumulation_steps = accum
+    sampler = PlannedBatches(*plan[:2], micro, *plan[3:], start_step=first_step, rank=rank, world=world)
     batches = iter(make_loader(dataset, sampler, cfg.dataloader_num_workers))
-    effective_batch = cfg.train_batch_size * accum * world
+    step_unet = torch.compile(unet) if cfg.torch_compile else unet  # validation and saving keep the eager module
+    effective_batch = per_step * world
     if accelerator.is_main_process:
         print(
-            f"training {cfg.mode} on {len(examples)} images: {world} process(es), effective batch {effective_batch}, "
-            f"steps {first_step}->{cfg.max_train_steps}, lr {learning_rate:g}, {'cached latents' if cfg.cache_latents else 'VAE every step'}"
+            f"training {cfg.mode} on {len(examples)} images: {world} process(es), effective batch {effective_batch} "
+            f"({micro} x {accum} accumulation per process), steps {first_step}->{cfg.max_train_steps}, "
+            f"lr {learning_rate:g}, {'cached latents' if cfg.cache_latents else 'VAE every step'}"
         )
 
     bar = tqdm(total=cfg.max_train_steps, initial=first_step, desc="train", disable=not accelerator.is_main_process)
     losses: list[float] = []
     step_seconds: list[float] = []
+    reader = LossReader(accelerator)
+
+    def read_losses() -> None:
+        """Log the steps since the last read; a non-finite loss stops the run before anything is saved."""
+        for value, lr in reader.read():
+            losses.append(value)
+            n = first_step + len(losses)
+            if not math.isfinite(value):
+                last = latest_checkpoint(out)
+                kept = f"kept {last.name}" if last else "no checkpoint was written yet"
+                raise InputError(
+                    f"step {n}",
+                    f"loss is {value} ({kept}; no model saved)",
+                    "lower --learning_rate, use --mixed_precision bf16 or no, then --resume_from_checkpoint latest",
+                )
+            accelerator.log({"loss": value, "lr": lr}, step=n)
+        if losses:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+
     tick = time.perf_counter()
-    step, micro, step_loss = first_step, first_step * accum, 0.0
+    step, step_loss = first_step, None
     unet.train()
     while step < cfg.max_train_steps:
         batch = next(batches)
         with accelerator.accumulate(*models):
-            generator = step_generator(cfg.seed, micro * world + rank, accelerator.device)
-            loss = batch_loss(
-                batch,
-                unet,
-                parts["vae"],
-                text_encoder,
-                parts["noise_scheduler"],
-                generator,
-                cfg.snr_gamma,
-                cfg.noise_offset,
-            )
-            step_loss += accelerator.gather(loss.detach()).mean().item() / accum
+            loss = run_loss(batch, step_unet)
+            step_loss = loss.detach() / accum if step_loss is None else step_loss + loss.detach() / accum
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        micro += 1
         if not accelerator.sync_gradients:
             continue
-        if not math.isfinite(step_loss):
-            last = latest_checkpoint(out)
-            kept = f"kept {last.name}" if last else "no checkpoint was written yet"
-            raise InputError(
-                f"step {step + 1}",
-                f"loss is {step_loss} ({kept}; no model saved)",
-                "lower --learning_rate, use --mixed_precision bf16 or no, then --resume_from_checkpoint latest",
-            )
         lr_scheduler.step()
         if ema is not None:
             ema.step(accelerator.unwrap_model(unet).parameters())
         step += 1
-        losses.append(step_loss)
-        step_seconds.append(time.perf_counter() - tick)
-        accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-        step_loss = 0.0
-        if step % cfg.checkpointing_steps == 0:
+        reader.add(step_loss, lr_scheduler.get_last_lr()[0])
+        step_loss = None
+        checkpoint_due = step % cfg.checkpointing_steps == 0
+        validation_due = cfg.validation_steps and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps)
+        if checkpoint_due or validation_due or step % LOSS_READ_EVERY == 0 or step == cfg.max_train_steps:
+            read_losses()
+        bar.update(1)  # after a loss read, so on a GPU the bar's last update waits for the last step to finish
+        if checkpoint_due:
             save_checkpoint(accelerator, cfg, step, {"final_loss": losses[-1], **base}, states)
-        if (
-            cfg.validation_steps
-            and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps)
-            and accelerator.is_main_process
-        ):
+        if validation_due and accelerator.is_main_process:
             validate(accelerator, cfg, parts, unet, text_encoder, ema, prompts, step)
+        step_seconds.append(time.perf_counter() - tick)
         tick = time.perf_counter()
+    read_losses()
     bar.close()
 
     accelerator.wait_for_everyone()
@@ -395,6 +374,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             step,
             {
                 "effective_batch": effective_batch,
+                "micro_batch": micro,
                 "learning_rate": learning_rate,
                 "final_loss": round(losses[-1], 6) if losses else None,
                 "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -297,6 +297,52 @@ def test_cached_and_uncached_latents_give_the_same_loss(tiny_sd_dir, d7p_small_t
     assert not torch.allclose(flipped, torch.flip(unflipped, dims=[-1]), atol=1e-3)
 
 
+def test_class_balanced_plans_draw_a_rare_class_as_often_as_a_common_one():
+    weights = tuple([1 / 9] * 9 + [1.0])  # nine images of one class, one of another
+    plans = [PlannedBatches(10, 5, 5, 3, True, 0.0, weights=weights).step_items(s) for s in range(400)]
+    assert plans[7] == PlannedBatches(10, 5, 5, 3, True, 0.0, weights=weights).step_items(7)
+    rare = sum(index == 9 for items in plans for index, *_ in items) / (400 * 5)
+    assert 0.42 < rare < 0.58
+    plain = [PlannedBatches(10, 5, 5, 3, True, 0.0).step_items(s) for s in range(400)]
+    assert sum(index == 9 for items in plain for index, *_ in items) / (400 * 5) == pytest.approx(0.1)
+
+
+def test_balance_classes_refuses_rows_without_a_label(tiny_sd_dir, d7p_small_train, tmp_path):
+    rows = [json.loads(line) for line in (d7p_small_train / "metadata.jsonl").read_text().splitlines()]
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    for row in rows:
+        (data / row["file_name"]).symlink_to((d7p_small_train / row["file_name"]).resolve())
+    rows[3].pop("label")
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(InputError, match="--balance_classes: 1 metadata rows have no label .*line 4"):
+        train(small_config(tiny_sd_dir, data, tmp_path / "out", balance_classes=True))
+
+
+def test_freeze_token_embedding_trains_the_rest_of_the_text_encoder(tiny_sd_dir, d7p_small_train, tmp_path):
+    from transformers import CLIPTextModel
+
+    out = tmp_path / "full"
+    cfg = small_config(
+        tiny_sd_dir,
+        d7p_small_train,
+        out,
+        mode="full",
+        train_text_encoder=True,
+        freeze_token_embedding=True,
+        balance_classes=True,
+        max_train_steps=2,
+    )
+    train(cfg)
+    before = CLIPTextModel.from_pretrained(tiny_sd_dir, subfolder="text_encoder")
+    after = CLIPTextModel.from_pretrained(out, subfolder="text_encoder")
+    assert torch.equal(before.get_input_embeddings().weight, after.get_input_embeddings().weight)
+    changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
+    assert any("encoder.layers" in k for k in changed)
+    with pytest.raises(InputError, match="--freeze_token_embedding: needs --train_text_encoder"):
+        small_config(tiny_sd_dir, d7p_small_train, out, mode="full", freeze_token_embedding=True)
+
+
 def test_any_micro_batch_trains_the_same_weights(tiny_sd_dir, d7p_small_train, tmp_path):
     """Noise is drawn per image and items are planned per step, so 4 x 1, 1 x 4, 2 x 2 and auto give one result."""
     runs = {

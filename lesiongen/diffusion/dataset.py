@@ -9,6 +9,7 @@ picks the same flip the image path would have applied.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,26 +100,54 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=2)
-def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
-    """The seeded permutation of epoch ``epoch``; cached, since every item of the epoch looks it up."""
-    return torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+def epoch_order(n_examples: int, seed: int, epoch: int, weights: tuple[float, ...] | None = None) -> list[int]:
+    """Epoch ``epoch``'s order: a seeded permutation, or with ``weights`` a seeded weighted draw with
+    replacement (class-balanced sampling). Cached, since every item of the epoch looks it up."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    if weights is None:
+        return torch.randperm(n_examples, generator=g).tolist()
+    return torch.multinomial(torch.tensor(weights, dtype=torch.double), n_examples, True, generator=g).tolist()
 
 
-def plan_item(item: int, n_examples: int, seed: int, random_flip: bool, caption_dropout: float) -> ItemKey:
+def plan_item(
+    item: int,
+    n_examples: int,
+    seed: int,
+    random_flip: bool,
+    caption_dropout: float,
+    weights: tuple[float, ...] | None = None,
+) -> ItemKey:
     """Item ``item`` of an endless shuffled stream, a pure function of (seed, item): no state to save.
 
-    Epoch e is a seeded permutation; the flip and the caption drop are drawn per item, so how items are
-    grouped into micro-batches and processes changes nothing about what each item is.
+    Epoch e is a seeded permutation (or weighted draw); the flip and the caption drop are drawn per item,
+    so how items are grouped into micro-batches and processes changes nothing about what each item is.
     """
     epoch, position = divmod(item, n_examples)
     g = torch.Generator().manual_seed(seed * 7_919 + item * 104_729 + 17)
     flip_draw, drop_draw = torch.rand(2, generator=g).tolist()
     return (
-        epoch_order(n_examples, seed, epoch)[position],
+        epoch_order(n_examples, seed, epoch, weights)[position],
         random_flip and flip_draw < 0.5,
         drop_draw < caption_dropout,
         item,
     )
+
+
+def class_balanced_weights(examples: list[Example]) -> tuple[float, ...]:
+    """Per-image sampling weight 1 / (images of its class), so every class is drawn equally often.
+
+    On the demo's long-tailed classes this gave the rare red and pink lesions as many updates as the
+    common brown naevi, which the generator otherwise rendered as brown.
+    """
+    missing = [ex.row for ex in examples if not ex.label]
+    if missing:
+        raise InputError(
+            "--balance_classes",
+            f"{len(missing)} metadata rows have no label (e.g. line {missing[0]})",
+            "rebuild the captions with build_captions.py, or drop --balance_classes",
+        )
+    counts = Counter(ex.label for ex in examples)
+    return tuple(1.0 / counts[ex.label] for ex in examples)
 
 
 class PlannedBatches(torch.utils.data.Sampler):
@@ -140,10 +169,11 @@ class PlannedBatches(torch.utils.data.Sampler):
         start_step: int = 0,
         rank: int = 0,
         world: int = 1,
+        weights: tuple[float, ...] | None = None,
     ):
         if per_step % micro_batch:
             raise ValueError(f"micro-batch {micro_batch} does not divide the {per_step} items of a step")
-        self.args = (n_examples, seed, random_flip, caption_dropout)
+        self.args = (n_examples, seed, random_flip, caption_dropout, weights)
         self.per_step, self.micro_batch = per_step, micro_batch
         self.start_step, self.rank, self.world = start_step, rank, world
 

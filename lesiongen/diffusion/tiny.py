@@ -9,6 +9,7 @@ the real CLIP BPE tokenizer, a PNDM scheduler) saved with ``save_pretrained`` an
 SD-1.x's real shapes (random weights) for GPU speed and memory measurements.
 
     python -m lesiongen.diffusion.tiny --output_dir models/tiny-sd [--resolution 64] [--seed 0] [--size tiny|sd1]
+        [--latent_channels 8] [--norm_groups 8] [--zero_snr]
 """
 
 from __future__ import annotations
@@ -89,6 +90,17 @@ class TinyConfig:
     size: str = option(
         "tiny", help="tiny (CPU tests, demo) or sd1 (SD-1.x shapes, for GPU benchmarks)", choices=tuple(SIZES)
     )
+    latent_channels: int | None = option(None, help="VAE latent channels (the UNet follows); none: the size's 4")
+    norm_groups: int | None = option(
+        None,
+        help="GroupNorm groups in the VAE and UNet; none: the size's 32 (on the tiny model's 32-channel blocks "
+        "that is per-channel normalisation, which discards each image's colour balance)",
+    )
+    zero_snr: bool = option(
+        False,
+        help="v-prediction, zero terminal SNR and trailing timesteps (Lin et al. 2024): with the default "
+        "schedule small latents keep their mean colour at the last timestep, so samples took it from the noise",
+    )
 
     def __post_init__(self) -> None:
         out = Path(self.output_dir)
@@ -103,20 +115,44 @@ class TinyConfig:
             raise InputError(
                 "--resolution", f"{self.resolution} is not a positive multiple of {step * 2}", f"use e.g. {step * 16}"
             )
+        widths = SIZES[self.size]["unet"]["block_out_channels"] + SIZES[self.size]["vae"]["block_out_channels"]
+        if self.norm_groups is not None and (self.norm_groups < 1 or any(w % self.norm_groups for w in widths)):
+            raise InputError(
+                f"--norm_groups {self.norm_groups}", f"does not divide the block widths {sorted(set(widths))}", "e.g. 8"
+            )
+        if self.latent_channels is not None and self.latent_channels < 1:
+            raise InputError("--latent_channels", f"{self.latent_channels} is not positive", "e.g. 4 or 8")
 
 
-def build_components(resolution: int = 64, seed: int = 0, size: str = "tiny") -> dict:
+# The scheduler entries --zero_snr sets; DDPM (training) and DDIM/DPM-Solver (sampling) read them from the config.
+ZERO_SNR = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+def build_components(
+    resolution: int = 64,
+    seed: int = 0,
+    size: str = "tiny",
+    latent_channels: int | None = None,
+    norm_groups: int | None = None,
+    zero_snr: bool = False,
+) -> dict:
     """The five pipeline components with seeded random weights, as ``StableDiffusionPipeline(**parts)`` takes them."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     shapes = SIZES[size]
+    groups = {"norm_num_groups": norm_groups} if norm_groups else {}
+    vae_shapes = {**shapes["vae"], **groups, **({"latent_channels": latent_channels} if latent_channels else {})}
+    latent = vae_shapes["latent_channels"]
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=resolution // shapes["downsample"], in_channels=4, out_channels=4, **shapes["unet"]
+        sample_size=resolution // shapes["downsample"],
+        in_channels=latent,
+        out_channels=latent,
+        **{**shapes["unet"], **groups},
     )
-    vae = AutoencoderKL(in_channels=3, out_channels=3, sample_size=resolution, **shapes["vae"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, sample_size=resolution, **vae_shapes)
     text_config = CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
         max_position_embeddings=CLIP_MAX_TOKENS,
@@ -138,17 +174,20 @@ def build_components(resolution: int = 64, seed: int = 0, size: str = "tiny") ->
         skip_prk_steps=True,
         steps_offset=1,
     )
-    scheduler.register_to_config(clip_sample=False)
+    scheduler.register_to_config(clip_sample=False, **(ZERO_SNR if zero_snr else {}))
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
 
 
-def build_tiny_pipeline(out_dir: str | Path, resolution: int = 64, seed: int = 0, size: str = "tiny") -> Path:
-    """Save a complete pipeline directory (written under a temporary name, renamed when complete)."""
+def build_tiny_pipeline(out_dir: str | Path, resolution: int = 64, seed: int = 0, size: str = "tiny", **shape) -> Path:
+    """Save a complete pipeline directory (written under a temporary name, renamed when complete).
+
+    ``shape`` takes ``build_components``' keyword options (latent_channels, norm_groups, zero_snr).
+    """
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     out_dir = Path(out_dir)
-    parts = build_components(resolution, seed, size)
+    parts = build_components(resolution, seed, size, **shape)
     with atomic_dir(out_dir) as tmp:
         write_tokenizer_files(tmp / "tokenizer_src")
         tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer_src", model_max_length=CLIP_MAX_TOKENS)
@@ -168,7 +207,15 @@ def build_tiny_pipeline(out_dir: str | Path, resolution: int = 64, seed: int = 0
 
 
 def build(cfg: TinyConfig) -> Path:
-    out = build_tiny_pipeline(cfg.output_dir, cfg.resolution, cfg.seed, cfg.size)
+    out = build_tiny_pipeline(
+        cfg.output_dir,
+        cfg.resolution,
+        cfg.seed,
+        cfg.size,
+        latent_channels=cfg.latent_channels,
+        norm_groups=cfg.norm_groups,
+        zero_snr=cfg.zero_snr,
+    )
     print(f"wrote {cfg.size} Stable-Diffusion-architecture pipeline ({cfg.resolution} px) to {out}")
     return out
 

@@ -72,6 +72,8 @@ def full_trainable(parts: dict, cfg: TrainConfig) -> list:
     parts["vae"].requires_grad_(False)
     parts["unet"].requires_grad_(True)
     parts["text_encoder"].requires_grad_(cfg.train_text_encoder)
+    if cfg.freeze_token_embedding:
+        parts["text_encoder"].get_input_embeddings().requires_grad_(False)
     return [parts["unet"], parts["text_encoder"]] if cfg.train_text_encoder else [parts["unet"]]
 
 
@@ -157,7 +159,8 @@ def place_models(parts: dict, trained: list, accelerator, gradient_checkpointing
         module.to(accelerator.device)
         if module.dtype != target:
             module.to(dtype=target)
-    cast_training_params(parts["unet"], dtype=torch.float32)
+    for module in trained:  # what trains inside a cast module (LoRA adapters, all but a frozen embedding)
+        cast_training_params(module, dtype=torch.float32)
     if gradient_checkpointing:
         parts["unet"].enable_gradient_checkpointing()
         if any(parts["text_encoder"] is m for m in trained):
@@ -229,7 +232,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from .dataset import PlannedBatches, make_loader, read_examples
+    from .dataset import PlannedBatches, class_balanced_weights, make_loader, read_examples
     from .pipeline import base_identity, load_training_parts
 
     accelerator = make_accelerator(cfg)
@@ -292,11 +295,14 @@ def train(cfg: TrainConfig) -> TrainResult:
             cfg.noise_offset,
         )
 
-    trial_sampler = PlannedBatches(*plan, start_step=first_step, rank=rank, world=world)
+    weights = class_balanced_weights(examples) if cfg.balance_classes else None
+    trial_sampler = PlannedBatches(*plan, start_step=first_step, rank=rank, world=world, weights=weights)
     micro = pick_micro_batch(cfg, per_step, dataset, trial_sampler, run_loss, unet, params, accelerator)
     accum = per_step // micro
     accelerator.gradient_accumulation_steps = accum
-    sampler = PlannedBatches(*plan[:2], micro, *plan[3:], start_step=first_step, rank=rank, world=world)
+    sampler = PlannedBatches(
+        *plan[:2], micro, *plan[3:], start_step=first_step, rank=rank, world=world, weights=weights
+    )
     batches = iter(make_loader(dataset, sampler, cfg.dataloader_num_workers))
     step_unet = torch.compile(unet) if cfg.torch_compile else unet  # validation and saving keep the eager module
     effective_batch = per_step * world

@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,7 +50,28 @@ class TrainVAEConfig:
         None,
         help="train on random square crops of this size (the VAE is convolutional; 32 px crops cost a quarter of 64 px images)",
     )
+    full_size_steps: int = option(
+        0,
+        help="train the last N steps on whole images instead of crops: GroupNorm and attention then see whole-image "
+        "statistics (crop-only training shifted the colours of whole-image reconstructions)",
+    )
     learning_rate: float = option(1e-3, help="AdamW learning rate (cosine decay to 10%)")
+    lesion_weight: float = option(
+        0.0,
+        help="weight each pixel's L1 by 1 + W x its colour distance to the image's median (the skin), so the small "
+        "lesion rather than the background gets the capacity; 0 is plain L1",
+    )
+    balance_classes: bool = option(
+        False,
+        help="draw each class equally often, labels from the folder's metadata.jsonl (build_captions' split "
+        "folders have one), so rare red and pink lesions are learned as early as common brown ones",
+    )
+    whiten_strength: float = option(
+        0.0,
+        help="> 0: train on colour-whitened images in and out, then fold the 3x3 transforms into conv_in/conv_out "
+        "(the saved VAE reads and writes RGB). Lesion images' red-vs-brown axis has about 1/12 of luminance's "
+        "spread and is otherwise learned last; 1 whitens fully, 0.5 scales each axis by the 4th root",
+    )
     kl_weight: float = option(1e-6, help="weight of the KL term; small, so reconstructions stay sharp")
     colour_weight: float = option(1.0, help="weight of the blurred opponent-colour L1 term")
     max_grad_norm: float | None = option(1.0, help="gradient clipping norm; none disables")
@@ -75,22 +97,49 @@ class TrainVAEConfig:
             )
         if self.crop_size is not None and not 8 <= self.crop_size <= self.resolution:
             raise InputError("--crop_size", f"{self.crop_size} is outside 8..{self.resolution}", "use e.g. 32, or none")
+        if not 0 <= self.full_size_steps <= self.max_train_steps:
+            raise InputError("--full_size_steps", f"{self.full_size_steps} is outside 0..--max_train_steps", "e.g. 150")
+        if self.lesion_weight < 0 or not 0 <= self.whiten_strength <= 1:
+            raise InputError("--lesion_weight / --whiten_strength", "must be >= 0 / in [0, 1]", "e.g. 4 and 0.5")
+        if self.balance_classes and not (Path(self.train_data_dir) / "metadata.jsonl").is_file():
+            raise InputError(
+                "--balance_classes",
+                f"{self.train_data_dir} has no metadata.jsonl to read labels from",
+                "pass a build_captions split folder (e.g. OUT/train), or drop the flag",
+            )
         for flag in ("max_train_steps", "train_batch_size", "resolution"):
             if getattr(self, flag) <= 0:
                 raise InputError(f"--{flag}", f"{getattr(self, flag)} is not positive", "use a positive number")
 
 
-def load_images(folder: str | Path, resolution: int, limit: int | None = None):
-    """All images of a small folder, centre-cropped and resized as diffusion training frames them, as one
-    float tensor in [-1, 1], NCHW (the demo's and Derm7pt's sets fit in memory)."""
-    import numpy as np
-    import torch
-
+def training_images(folder: str | Path, limit: int | None = None) -> list[Path]:
     paths = list_images(folder)[:limit] if limit else list_images(folder)
     if not paths:
         raise InputError(folder, "no images found", f"put {', '.join(IMAGE_SUFFIXES)} files in it")
+    return paths
+
+
+def load_images(paths: list[Path], resolution: int):
+    """Images centre-cropped and resized as diffusion training frames them, as one float tensor in
+    [-1, 1], NCHW (the demo's and Derm7pt's sets fit in memory)."""
+    import numpy as np
+    import torch
+
     arrays = [read_rgb(p, resolution).astype(np.float32) for p in paths]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def class_weights(folder: str | Path, paths: list[Path]) -> list[float]:
+    """1 / (images of its class) per image, labels from ``folder/metadata.jsonl``'s file_name and label."""
+    meta = Path(folder) / "metadata.jsonl"
+    label_of = {}
+    for line in meta.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if "file_name" in row:
+            label_of[(Path(folder) / row["file_name"]).resolve()] = row.get("label")
+    labels = [label_of.get(p.resolve()) for p in paths]
+    counts = Counter(labels)
+    return [1.0 / counts[label] for label in labels]
 
 
 def opponent(x):
@@ -101,11 +150,41 @@ def opponent(x):
     return torch.stack([(r + g + b) / 3, r - g, (r + g) / 2 - b], 1)
 
 
-def vae_loss(recon, target, kl, kl_weight: float, colour_weight: float) -> tuple:
-    """(total, parts) with parts = pixel L1, colour L1 (4x4-blurred opponent channels, chroma x2), KL."""
+def colour_whitening(x, strength: float):
+    """3x3 matrix taking RGB to ZCA-whitened colour, where an axis with 1/k of the largest (luminance)
+    variance is scaled by k^(strength/2): strength 1 whitens fully, 0 is the identity."""
+    import torch
+
+    eigvals, eigvecs = torch.linalg.eigh(torch.cov(x.transpose(0, 1).reshape(3, -1).double()))
+    scale = (eigvals.max() / eigvals.clamp_min(1e-8)) ** (strength / 2)
+    return (eigvecs @ torch.diag(scale) @ eigvecs.T).float()
+
+
+def fold_colour_transform(vae, whitening) -> None:
+    """Make a VAE trained on ``whitening @ rgb`` in and out read and write RGB, exactly: conv_in's inputs
+    absorb the matrix and conv_out's outputs its inverse (no centring, so zero padding stays zero)."""
+    import torch
+
+    with torch.no_grad():
+        conv_in, conv_out = vae.encoder.conv_in, vae.decoder.conv_out
+        conv_in.weight.copy_(torch.einsum("ojhw,jc->ochw", conv_in.weight, whitening))
+        inverse = torch.linalg.inv(whitening)
+        conv_out.weight.copy_(torch.einsum("co,oihw->cihw", inverse, conv_out.weight))
+        conv_out.bias.copy_(inverse @ conv_out.bias)
+
+
+def vae_loss(recon, target, kl, kl_weight: float, colour_weight: float, lesion_weight: float = 0.0) -> tuple:
+    """(total, parts) with parts = pixel L1 (lesion-weighted when asked), colour L1 (4x4-blurred
+    opponent channels, chroma x2), KL."""
     import torch.nn.functional as F
 
-    pixel = (recon - target).abs().mean()
+    error = (recon - target).abs()
+    if lesion_weight:
+        skin = target.flatten(2).median(dim=2).values[..., None, None]
+        w = 1 + lesion_weight * (target - skin).abs().mean(1, keepdim=True)
+        pixel = (error * w).mean() / w.mean()
+    else:
+        pixel = error.mean()
     pool = max(1, target.shape[-1] // 16)
     diff = (F.avg_pool2d(opponent(recon), pool) - F.avg_pool2d(opponent(target), pool)).abs().mean((0, 2, 3))
     colour = diff[0] + 2 * (diff[1] + diff[2])
@@ -193,7 +272,10 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
     source = Path(cfg.pretrained_model_name_or_path) / "vae"
     out = Path(cfg.output_dir) if cfg.output_dir else source
     vae = AutoencoderKL.from_pretrained(source)
-    x = load_images(cfg.train_data_dir, cfg.resolution, cfg.max_train_samples)
+    paths = training_images(cfg.train_data_dir, cfg.max_train_samples)
+    x = load_images(paths, cfg.resolution)
+    weights = torch.tensor(class_weights(cfg.train_data_dir, paths)) if cfg.balance_classes else None
+    whitening = colour_whitening(x, cfg.whiten_strength) if cfg.whiten_strength else None
     # Colour error and latent std are measured on a fixed sample: a full pass costs as much as many steps.
     probe = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:PROBE_IMAGES]]
     vae.eval()
@@ -213,11 +295,17 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     log: list[dict] = []
     for step in tqdm(range(cfg.max_train_steps), desc="train vae", disable=None):
-        idx = torch.randint(0, len(x), (min(cfg.train_batch_size, len(x)),), generator=gen)
-        xb = augment(x[idx], gen, cfg.crop_size)
+        if weights is None:
+            idx = torch.randint(0, len(x), (min(cfg.train_batch_size, len(x)),), generator=gen)
+        else:
+            idx = torch.multinomial(weights, cfg.train_batch_size, replacement=True, generator=gen)
+        whole = step >= cfg.max_train_steps - cfg.full_size_steps
+        xb = augment(x[idx], gen, None if whole else cfg.crop_size)
+        if whitening is not None:
+            xb = torch.einsum("ij,bjhw->bihw", whitening, xb)
         posterior = vae.encode(xb).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
-        loss, parts = vae_loss(recon, xb, posterior.kl().mean(), cfg.kl_weight, cfg.colour_weight)
+        loss, parts = vae_loss(recon, xb, posterior.kl().mean(), cfg.kl_weight, cfg.colour_weight, cfg.lesion_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.max_grad_norm:
@@ -228,6 +316,8 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
             log.append({"step": step + 1, "loss": loss.item(), **parts, "lr": sched.get_last_lr()[0]})
 
     vae.eval()
+    if whitening is not None:
+        fold_colour_transform(vae, whitening)
     colour_after = mean_colour_error(vae, probe)
     channel_mean, channel_std = standardise_latent_channels(vae, probe, cfg.seed)
     vae.register_to_config(scaling_factor=1.0)  # the channels are standardised inside the VAE now

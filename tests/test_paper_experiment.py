@@ -73,7 +73,11 @@ def test_writes_one_row_per_training_set_and_caption_style(experiment):
     assert seed["seconds"]["diffusion training (concept)"] > 0
     concept = seed["fidelity"]["concept"]["domain"]
     assert 0 <= concept["recognisability"] <= 1 and concept["recognisability_ratio"] >= 0
-    assert concept["veil_effect"] is not None and concept["veil_blue_gray"] is not None
+    assert concept["veil_effect"] is not None
+    # The blue-gray share is measured on the segmented lesion; a 2-step smoke model may draw none to segment.
+    veil = json.loads((out / "seed-0" / "evaluation" / "concept" / "evaluation.json").read_text())
+    measured = veil["paired_descriptors"]["blue_whitish_veil=present:absent"]
+    assert measured["descriptor"] == "blue_gray_pct" and (concept["veil_blue_gray"] is None) == (measured["n"] == 0)
     assert seed["fidelity"]["label"]["domain"]["veil_effect"] is None  # label captions cannot steer a concept
     pairs = pd.read_csv(out / "seed-0" / "pairs" / "concept" / "manifest.csv")
     assert set(pairs["contrast"]) == {"blue_whitish_veil=present:absent", "pigment_network=typical:absent"}

@@ -102,6 +102,9 @@ def test_faithfulness_is_measured_and_shown(quick_demo):
     rec = result["recognisability"]
     assert set(rec["recall"]) == set(labels.CODES) and rec["real_balanced_accuracy"] is not None
     assert rec["ratio"] == pytest.approx(rec["balanced_accuracy"] / rec["real_balanced_accuracy"])
+    ceiling = rec["vae_ceiling"]  # the demo VAE's reconstructions of the same held-out reals
+    assert ceiling["n"] == rec["n_heldout_real"] and 0 <= ceiling["balanced_accuracy"] <= 1
+    assert ceiling["ratio"] == pytest.approx(ceiling["balanced_accuracy"] / rec["real_balanced_accuracy"])
     s = SETTINGS["quick"]
     assert result["pairs"]["per_contrast"] == {
         c: s.pairs_per_condition * len(labels.CODES) for c in result["pairs"]["per_contrast"]
@@ -109,7 +112,7 @@ def test_faithfulness_is_measured_and_shown(quick_demo):
     for effect in result["spaces"]["domain"]["paired_probe"].values():
         assert effect["n"] == s.pairs_per_condition * len(labels.CODES) and math.isfinite(effect["mean"])
     md = (quick_demo / "report.md").read_text()
-    assert "of its generated images" in md and "## Skin tone: asked vs measured" in md
+    assert "of its generated images" in md and "## Skin tone: asked vs measured" in md and "The ceiling" in md
     for i, contrast in enumerate(result["pairs"]["per_contrast"]):
         field = contrast.partition("=")[0]
         with Image.open(quick_demo / "report_files" / f"pairs_{i}_{field}.png") as grid:

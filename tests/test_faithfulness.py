@@ -97,7 +97,7 @@ def painted_veil(src: Path, dst: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def known(tmp_path_factory):
+def known(tmp_path_factory, tiny_sd_dir):
     """Built-in lesion images: a real classifier trained on one draw, judged on a second, unseen draw."""
     root = tmp_path_factory.mktemp("faithful")
     make_demo_data(DemoDataConfig(output_dir=str(root / "data"), images_per_class=24, resolution=32, seed=5))
@@ -146,7 +146,7 @@ def known(tmp_path_factory):
 
     return {
         "faithful": evaluate(faithful, "eval_faithful", "--pairs", str(pairs)),
-        "ignoring": evaluate(ignoring, "eval_ignoring", "--attributes", "false"),
+        "ignoring": evaluate(ignoring, "eval_ignoring", "--attributes", "false", "--vae", str(tiny_sd_dir)),
         "root": root,
     }
 
@@ -164,6 +164,20 @@ def test_a_generator_that_ignores_its_prompt_scores_near_chance(known):
     rec = known["ignoring"]["recognisability"]
     assert rec["balanced_accuracy"] < 1.8 * rec["chance"] and rec["ratio"] < 0.5
     assert known["faithful"]["recognisability"]["balanced_accuracy"] > 2 * rec["balanced_accuracy"]
+
+
+def test_an_autoencoder_that_reconstructs_nothing_caps_recognisability_near_chance(known):
+    """tiny_sd_dir's VAE has random weights: its reconstructions of the held-out reals carry no condition."""
+    rec = known["ignoring"]["recognisability"]
+    ceiling = rec["vae_ceiling"]
+    assert (
+        ceiling["n"]
+        == rec["n_heldout_real"]
+        == len(list((known["root"] / "eval_ignoring" / "vae_reconstructions").glob("*.png")))
+    )
+    assert ceiling["balanced_accuracy"] < 1.8 * rec["chance"] and ceiling["ratio"] < 0.5
+    assert "VAE ceiling" in (known["root"] / "eval_ignoring" / "evaluation.md").read_text()
+    assert "vae_ceiling" not in known["faithful"]["recognisability"]
 
 
 def test_a_painted_blue_gray_area_shows_a_positive_veil_effect(known):

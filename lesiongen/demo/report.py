@@ -220,6 +220,15 @@ def conditions_section(cfg: ReportConfig, real, synthetic, evaluation: dict, fil
             f"{fmt(rec['ratio'])}, where 1.0 means as recognisable as real photographs. The classifier only judges; "
             "it never steers sampling or picks images."
         )
+        if "vae_ceiling" in rec:
+            c = rec["vae_ceiling"]
+            notes.append(
+                f"The ceiling: the autoencoder's reconstructions of the same held-out real images are recognised with "
+                f"balanced accuracy {fmt(c['balanced_accuracy'])} (ratio {fmt(c['ratio'])}). Nothing generated through "
+                "this autoencoder can do better; conditions its reconstructions lose ("
+                + (", ".join(code for code, v in c["recall"].items() if not v) or "none")
+                + ") cannot be recognised in generated images either."
+            )
         confusion = Path(cfg.evaluation) / rec["confusion_png"]
         if confusion.is_file():
             copied = files / confusion.name

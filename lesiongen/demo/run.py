@@ -43,7 +43,7 @@ class Settings:
     classifier_epochs: int
     classifier_batch: int
     pairs_per_condition: int
-    # The faithfulness levers (README section 6 has what each bought): the model's shape, the VAE's loss
+    # The faithfulness levers (README section 6 says why each is there): the model's shape, the VAE's loss
     # and sampling, and the UNet's sampling, schedule and loss weighting.
     latent_channels: int
     norm_groups: int
@@ -354,6 +354,7 @@ def stage_faithfulness(cfg: DemoConfig, s: Settings, out: Path) -> str:
             output_dir=str(p["evaluation"]),
             features=["domain"],
             classifier=str(p["classifiers"] / f"real-seed{cfg.seed}"),
+            vae=str(p["base"]),
             pairs=str(p["pairs"] / "manifest.csv"),
             concepts=[c.partition("=")[0] for c in CONTRASTS if c != "skin_tone"],
             device="cpu",
@@ -364,7 +365,8 @@ def stage_faithfulness(cfg: DemoConfig, s: Settings, out: Path) -> str:
     significant = sum(bool(e.get("excludes_zero")) for e in result["spaces"]["domain"]["paired_probe"].values())
     return (
         f"recognisability {rec['balanced_accuracy']:.3f} vs {rec['real_balanced_accuracy']:.3f} on held-out reals "
-        f"(ratio {rec['ratio']:.2f}, lowest recall {rec['min_recall']:.2f}); {significant} of {len(CONTRASTS)} "
+        f"(ratio {rec['ratio']:.2f}, lowest recall {rec['min_recall']:.2f}; the VAE's reconstructions "
+        f"{rec['vae_ceiling']['balanced_accuracy']:.3f}); {significant} of {len(CONTRASTS)} "
         "switches with a paired probe effect whose 95% interval excludes 0"
     )
 

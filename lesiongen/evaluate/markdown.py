@@ -98,9 +98,21 @@ def recognisability_lines(rec: dict | None) -> list[str]:
         "| condition | recall | predicted as this |",
         "|---|---|---|",
     ]
+    ceiling = rec.get("vae_ceiling", {}).get("recall", {})
+    if ceiling:
+        lines[-2:] = ["| condition | recall | predicted as this | recall of VAE reconstructions |", "|---|---|---|---|"]
     for code, recall in rec["recall"].items():
-        lines.append(f"| {labels.BY_CODE[code].name} | {_fmt(recall)} | {rec['predicted'].get(code, 0)} |")
-    return lines + [f"\nConfusion matrix: `{rec['confusion_png']}`; every prediction: `{rec['csv']}`.\n"]
+        extra = f" {_fmt(ceiling.get(code))} |" if ceiling else ""
+        lines.append(f"| {labels.BY_CODE[code].name} | {_fmt(recall)} | {rec['predicted'].get(code, 0)} |{extra}")
+    lines.append(f"\nConfusion matrix: `{rec['confusion_png']}`; every prediction: `{rec['csv']}`.\n")
+    if ceiling:
+        c = rec["vae_ceiling"]
+        lines.append(
+            f"VAE ceiling: the same classifier on the autoencoder's reconstructions of the {c['n']} held-out real "
+            f"images, balanced accuracy {_fmt(c['balanced_accuracy'])} (ratio {_fmt(c['ratio'])}); images generated "
+            "through this autoencoder cannot do better than its reconstructions (`vae_reconstructions/`).\n"
+        )
+    return lines
 
 
 def effect_text(e: dict, digits: int = 3) -> str:

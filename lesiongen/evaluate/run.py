@@ -58,6 +58,11 @@ class EvaluateConfig:
         "(default: test if present, else validation)",
         choices=SPLITS,
     )
+    vae: str | None = option(
+        None,
+        help="with --classifier: a pipeline (or its vae/ folder) whose autoencoder reconstructs the held-out real "
+        "images; their recognisability is the ceiling for anything generated through it",
+    )
     pairs: str | None = option(
         None, help="a generate.py --contrast manifest (or folder): paired effects (default: pairs in --synthetic)"
     )
@@ -93,6 +98,12 @@ class EvaluateConfig:
                 "--features domain",
                 "needs a classifier checkpoint",
                 "pass --classifier DIR (written by lesiongen.classify)",
+            )
+        if self.vae and not self.classifier:
+            raise InputError("--vae", "needs --classifier to score the reconstructions", "add --classifier DIR")
+        if self.vae and not any((Path(self.vae) / sub / "config.json").is_file() for sub in ("vae", ".")):
+            raise InputError(
+                f"--vae {self.vae}", "holds no AutoencoderKL (vae/config.json)", "pass a diffusers pipeline folder"
             )
         if self.k < 1:
             raise InputError("--k", f"must be >= 1, got {self.k}", "use e.g. --k 5")
@@ -271,6 +282,12 @@ def recognise(cfg: EvaluateConfig, fake_df: pd.DataFrame, out_dir: Path) -> dict
     proba = predict_proba(model, fake_df, model_cfg, device, desc="generated")
     result = faithfulness.recognisability(fake_df["label"].tolist(), proba, real_balanced)
     result["n_heldout_real"] = None if heldout is None else len(heldout)
+    if cfg.vae and heldout is not None:
+        size = open_rgb(fake_df["path"].iloc[0]).width
+        recon = reconstruct(cfg.vae, heldout, size, out_dir / "vae_reconstructions")
+        recon_proba = predict_proba(model, recon, model_cfg, device, desc="VAE reconstructions")
+        ceiling = faithfulness.recognisability(recon["label"].tolist(), recon_proba, real_balanced)
+        result["vae_ceiling"] = {k: ceiling[k] for k in ("n", "balanced_accuracy", "ratio", "recall", "min_recall")}
     table = fake_df[["path", "label"]].rename(columns={"label": "asked"}).copy()
     table["predicted"] = [labels.CODES[i] for i in proba.argmax(1)]
     for j, code in enumerate(labels.CODES):
@@ -280,6 +297,30 @@ def recognise(cfg: EvaluateConfig, fake_df: pd.DataFrame, out_dir: Path) -> dict
     plot_confusion(result, out_dir / "recognisability_confusion.png")
     result["csv"], result["confusion_png"] = "recognisability.csv", "recognisability_confusion.png"
     return result
+
+
+def reconstruct(vae_path: str, frame: pd.DataFrame, size: int, folder: Path) -> pd.DataFrame:
+    """Each image of ``frame`` through the autoencoder and back (posterior mode), at the generated images'
+    size, saved as PNG; the frame of the reconstructions, labels kept."""
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    root = Path(vae_path) / "vae" if (Path(vae_path) / "vae" / "config.json").is_file() else Path(vae_path)
+    vae = AutoencoderKL.from_pretrained(root).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for start in range(0, len(frame), 16):
+        chunk = frame["path"].iloc[start : start + 16]
+        x = torch.from_numpy(np.stack([read_rgb(p, size) for p in chunk])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        for i, pixels in enumerate(((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()):
+            path = folder / f"{start + i:05d}.png"
+            with atomic_path(path) as tmp:
+                Image.fromarray(pixels).save(tmp, format="PNG")
+            paths.append(str(path))
+    return pd.DataFrame({"path": paths, "label": frame["label"].tolist()})
 
 
 def _median(values: pd.Series) -> float | None:

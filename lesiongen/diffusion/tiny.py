@@ -9,6 +9,10 @@ the real CLIP BPE tokenizer, a PNDM scheduler) saved with ``save_pretrained`` an
 SD-1.x's real shapes (random weights) for GPU speed and memory measurements.
 
     python -m lesiongen.diffusion.tiny --output_dir models/tiny-sd [--resolution 64] [--seed 0] [--size tiny|sd1]
+        [--family sd1|sd2|sdxl|sd3|flux]
+
+``--family`` builds another family's structure on the same shapes (``families/<name>.py`` says how it
+differs), saved with that family's pipeline class.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from ..cli import option, parse_config, run
 from ..errors import InputError
 from ..files import atomic_dir
 from ..tokens import CLIP_MAX_TOKENS, write_tokenizer_files
+from .families import FAMILIES
 
 CLIP_VOCAB_SIZE = 49408
 CLIP_BOS, CLIP_EOS = 49406, 49407
@@ -89,6 +94,9 @@ class TinyConfig:
     size: str = option(
         "tiny", help="tiny (CPU tests, demo) or sd1 (SD-1.x shapes, for GPU benchmarks)", choices=tuple(SIZES)
     )
+    family: str = option(
+        "sd1", help="model family whose structure and pipeline class to build", choices=tuple(FAMILIES)
+    )
 
     def __post_init__(self) -> None:
         out = Path(self.output_dir)
@@ -142,34 +150,35 @@ def build_components(resolution: int = 64, seed: int = 0, size: str = "tiny") ->
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
 
 
-def build_tiny_pipeline(out_dir: str | Path, resolution: int = 64, seed: int = 0, size: str = "tiny") -> Path:
+def build_tiny_pipeline(
+    out_dir: str | Path, resolution: int = 64, seed: int = 0, size: str = "tiny", family: str = "sd1"
+) -> Path:
     """Save a complete pipeline directory (written under a temporary name, renamed when complete)."""
-    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     out_dir = Path(out_dir)
+    fam = FAMILIES[family]
     parts = build_components(resolution, seed, size)
     with atomic_dir(out_dir) as tmp:
         write_tokenizer_files(tmp / "tokenizer_src")
         tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer_src", model_max_length=CLIP_MAX_TOKENS)
-        pipe = StableDiffusionPipeline(
-            **parts, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
-        pipe.save_pretrained(tmp)
+        parts = fam.tiny({**parts, "tokenizer": tokenizer}, seed)
+        fam.pipeline_class()(**parts, **fam.pipeline_extras).save_pretrained(tmp)
         # Keep the original vocab.json/merges.txt beside tokenizer.json so slow and fast loaders both work.
+        clip_folders = [p.tokenizer for p in fam.text_parts if p.tokenizer_class == "CLIPTokenizer"]
         for f in (tmp / "tokenizer_src").iterdir():
-            target = tmp / "tokenizer" / f.name
-            if not target.exists():
-                f.rename(target)
-        for f in (tmp / "tokenizer_src").iterdir():
+            for name in clip_folders:
+                target = tmp / name / f.name
+                if not target.exists():
+                    target.write_bytes(f.read_bytes())
             f.unlink()
         (tmp / "tokenizer_src").rmdir()
     return out_dir
 
 
 def build(cfg: TinyConfig) -> Path:
-    out = build_tiny_pipeline(cfg.output_dir, cfg.resolution, cfg.seed, cfg.size)
-    print(f"wrote {cfg.size} Stable-Diffusion-architecture pipeline ({cfg.resolution} px) to {out}")
+    out = build_tiny_pipeline(cfg.output_dir, cfg.resolution, cfg.seed, cfg.size, cfg.family)
+    print(f"wrote {cfg.size} {cfg.family} pipeline ({cfg.resolution} px) to {out}")
     return out
 
 

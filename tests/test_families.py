@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def fixed_batch_loss(pipe, family_name: str, data: Path) -> float:
     tokenizers = [getattr(pipe, n) for n in family.tokenizers]
     for t, part in zip(tokenizers, family.text_parts, strict=True):
         t.model_max_length = part.max_length or t.model_max_length  # as load_training_parts sets it
-    examples = read_examples(data, tokenizers, family.caption_field)
+    examples = read_examples(data, [getattr(pipe, family.caption_tokenizer)], family.caption_field)
     dataset = ImageCaptionDataset(examples, tokenizers, 64, center_crop=True)
     batch = collate([dataset[(i, False, False, 1000 + i)] for i in range(len(examples))])
     predict = denoiser(family, [getattr(pipe, n) for n in family.text_encoders], pipe.vae)
@@ -157,12 +158,16 @@ def test_a_crash_resumes_to_the_uninterrupted_weights_with_lora_ema(
     b = load_file(tmp_path / "crashed" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     # the EMA is what was saved: it lags the raw adapters of the last checkpoint
-    raw = load_file(tmp_path / "whole" / "checkpoint-4" / "model.safetensors")
-    saved_name = {".lora_A.default.weight": ".lora.down.weight", ".lora_B.default.weight": ".lora.up.weight"}
-    raw = {
-        "unet." + k.replace(end, saved_name[end]): v for k, v in raw.items() for end in saved_name if k.endswith(end)
-    }
-    assert raw.keys() == a.keys() and any(not torch.allclose(raw[k], a[k], atol=1e-6) for k in a)
+    raw = {canonical(k): v for k, v in load_file(tmp_path / "whole" / "checkpoint-4" / "model.safetensors").items()}
+    saved = {canonical(k): v for k, v in a.items()}
+    assert raw.keys() == saved.keys() and any(not torch.allclose(raw[k], saved[k], atol=1e-6) for k in saved)
+
+
+def canonical(key: str) -> str:
+    """One name for an adapter weight in PEFT's (checkpoint) and diffusers' (saved LoRA) spellings."""
+    key = re.sub(r"^(unet|transformer)\.", "", key)
+    key = re.sub(r"\.(lora\.up|lora_B(\.default)?)\.weight$", ".B", key)
+    return re.sub(r"\.(lora\.down|lora_A(\.default)?)\.weight$", ".A", key)
 
 
 def test_generate_writes_a_resumable_manifest_backed_dataset(family_name, family_lora_run, tmp_path):
@@ -204,3 +209,8 @@ def test_generate_writes_a_resumable_manifest_backed_dataset(family_name, family
         pairs.setdefault(r["pair"], []).append(r)
     assert len(pairs) == 4 and all(a["seed"] == b["seed"] for a, b in pairs.values())
     assert (tmp_path / "gen" / "contact_sheet.png").is_file()
+    if FAMILIES[family_name].caption_field == "long_text":  # T5 families are prompted as they were trained
+        assert all(r["text"].startswith("Dermoscopic image of") for r in rows())
+    wrong = "dpmsolver++" if cfg.scheduler == "flow_euler" else "flow_euler"
+    with pytest.raises(InputError, match=f"--scheduler: '{re.escape(wrong)}' cannot sample"):
+        generate(replace(cfg, scheduler=wrong, output_dir=str(tmp_path / "wrong")))

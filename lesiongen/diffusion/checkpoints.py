@@ -137,11 +137,12 @@ def check_base(cfg: TrainConfig, ckpt: Path, record: dict) -> None:
 
 
 def keep_trainable_weights(models, weights, output_dir) -> None:
-    """Checkpoints hold what trains: a LoRA checkpoint is the adapter, not another copy of the frozen base."""
+    """Checkpoints hold what trains: a LoRA checkpoint is the adapter, not another copy of the frozen base, nor
+    its buffers (SD3's position table alone is 226 MB at real size; the config rebuilds it)."""
     for i, model in enumerate(models):
-        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-        if i < len(weights) and frozen:
-            weights[i] = {k: v for k, v in weights[i].items() if k not in frozen}
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        if i < len(weights) and len(trained) < len(list(model.parameters())):
+            weights[i] = {k: v for k, v in weights[i].items() if k in trained}
 
 
 def save_checkpoint(accelerator, cfg: TrainConfig, step: int, extra: dict, states: dict) -> None:

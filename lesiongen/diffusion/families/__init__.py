@@ -11,7 +11,7 @@ module and one ``FAMILIES`` entry.
 from __future__ import annotations
 
 from ...errors import InputError
-from . import sd, sd3, sdxl
+from . import flux, sd, sd3, sdxl
 from .base import Family, denoiser, ids_key, kohya_state_dict, prompt_encoder, tokenize, vae_scale_factor
 
 __all__ = [
@@ -28,7 +28,7 @@ __all__ = [
     "vae_scale_factor",
 ]
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (sd.SD1, sd.SD2, sdxl.SDXL, sd3.SD3)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (sd.SD1, sd.SD2, sdxl.SDXL, sd3.SD3, flux.FLUX)}
 # The scheduler a training objective draws noise levels from, loaded from the model's scheduler config.
 NOISE_SCHEDULERS = {"ddpm": "DDPMScheduler", "flow": "FlowMatchEulerDiscreteScheduler"}
 

@@ -194,31 +194,3 @@ def tiny_family_dir(request, family_name: str, tmp_path_factory) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     return build_tiny_pipeline(tmp_path_factory.mktemp(f"tiny_{family_name}") / family_name, family=family_name)
-
-
-@pytest.fixture(scope="session")
-def family_lora_run(tiny_family_dir: Path, family_name: str, d7p_small_train: Path, tmp_path_factory) -> Path:
-    """A LoRA (rank 4, alpha 8) of the family trained 8 steps on real Derm7pt images, checkpoint and
-    validation at the end; lr 1e-2 so the loss measurably falls in 8 steps."""
-    from lesiongen.diffusion.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp(f"lora_{family_name}") / "lora"
-    train(
-        TrainConfig(
-            pretrained_model_name_or_path=str(tiny_family_dir),
-            train_data_dir=str(d7p_small_train),
-            output_dir=str(out),
-            resolution=64,
-            rank=4,
-            lora_alpha=8,
-            train_batch_size=2,
-            gradient_accumulation_steps=2,
-            max_train_steps=8,
-            learning_rate=1e-2,
-            checkpointing_steps=8,
-            validation_steps=8,
-            validation_inference_steps=2,
-            seed=0,
-        )
-    )
-    return out

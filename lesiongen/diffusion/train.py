@@ -4,8 +4,8 @@
         --train_data_dir CAPTIONS/train --output_dir OUT
 
 ``train_lora.sh`` and ``train_SD.sh`` call this with the original LesionGen defaults. The two modes
-differ only in the three helpers of ``MODES`` (what trains, whether an EMA copy steps, how the result
-is saved); model families (``families/``) differ only in what they load, how captions become the UNet's
+differ only in the two helpers of ``MODES`` (what trains, how the result is saved; an EMA copy follows
+whatever trains); model families (``families/``) differ only in what they load, how captions become the UNet's
 conditioning and which pipeline class validates and saves; everything else is the same loop.
 """
 
@@ -56,11 +56,11 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The three helpers in which LoRA and full training differ
+# The helpers in which LoRA and full training differ
 
 
-def frozen_modules(parts: dict) -> list[str]:
-    """Names of the family's modules: UNet, VAE and every text encoder."""
+def family_modules(parts: dict) -> list[str]:
+    """Names of the family's modules with weights: the denoiser ("unet"), the VAE and every text encoder."""
     return ["unet", "vae", *parts["family"].text_encoders]
 
 
@@ -68,7 +68,7 @@ def lora_trainable(parts: dict, cfg: TrainConfig) -> list:
     """LoRA: only the adapters on the UNet attention projections train; everything else is frozen."""
     from .pipeline import add_lora
 
-    for name in frozen_modules(parts):
+    for name in family_modules(parts):
         parts[name].requires_grad_(False)
     add_lora(parts["unet"], cfg.rank, cfg.lora_alpha, seed=cfg.seed, family=parts["family"])
     return [parts["unet"]]
@@ -82,7 +82,7 @@ def full_trainable(parts: dict, cfg: TrainConfig) -> list:
             f"trains one text encoder, and {parts['family'].name} has {len(parts['family'].text_encoders)}",
             "drop it (the UNet alone trains), or train a single-encoder family",
         )
-    for name in frozen_modules(parts):
+    for name in family_modules(parts):
         parts[name].requires_grad_(False)
     parts["unet"].requires_grad_(True)
     parts["text_encoder"].requires_grad_(cfg.train_text_encoder)
@@ -100,7 +100,7 @@ def make_ema(unet, cfg: TrainConfig):
 
 def save_lora_result(out: Path, parts: dict, unet, text_encoder, ema) -> None:
     """LoRA weights (the EMA's with --use_ema) in the diffusers format ``pipe.load_lora_weights(dir)`` reads,
-    and their kohya copy for A1111/ComfyUI."""
+    and their copy for A1111/ComfyUI."""
     from .pipeline import save_lora
 
     if ema is not None:
@@ -161,7 +161,7 @@ def place_models(parts: dict, trained: list, accelerator, gradient_checkpointing
     from diffusers.training_utils import cast_training_params
 
     dtype = weight_dtype(accelerator)
-    for name in frozen_modules(parts):
+    for name in family_modules(parts):
         module = parts[name]
         fully_trained = any(module is m for m in trained) and all(p.requires_grad for p in module.parameters())
         target = torch.float32 if fully_trained else dtype

@@ -124,7 +124,7 @@ def run_read_pass(cache: Path, data: Path, model: Path) -> None:
     with safe_open(str(first), framework="pt") as f:
         key, shard_size = f.metadata()["key"], f.get_slice("latent_params").get_shape()[0]
     layout = CacheLayout(cache, key, len(examples), shard_size, with_text=True)
-    dataset = CachedLatentDataset(layout, examples, tokenizer)
+    dataset = CachedLatentDataset(layout, examples, [tokenizer])
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
     start = time.perf_counter()

@@ -16,6 +16,15 @@ user's second run would; the time of each run's first steps is printed.
     python benchmarks/bench_train.py --reference diffusers/examples/text_to_image/train_text_to_image_lora.py \\
         --data CAPTIONS/train --cores 1                # real Derm7pt train images, tiny model, 64 px, one core
     python benchmarks/bench_train.py --data CAPTIONS/train --size sd1 --resolution 512 --mixed_precision bf16
+    python benchmarks/bench_train.py --data CAPTIONS/train --families sd1 sd2 sdxl sd3 flux --variants cached
+    python benchmarks/bench_train.py --size real --families sdxl flux     # a GPU: one LoRA step at native shapes
+
+``--families`` times each family's tiny build (the diffusers reference runs for sd1 only) and reports every
+run's peak memory (resident set, and CUDA allocations on a GPU). ``--size real`` needs a GPU and no data: it
+builds each family's denoiser at the released model's shapes with random weights, in bf16, and times LoRA
+steps on random cached latents and text embeddings at the native resolution, as training runs once the cache
+is built (text encoders and VAE released); the weights the cache build needs besides are counted from the
+encoders' configs.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lesiongen.diffusion.families import FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
 # name -> LesionGen flags on top of the shared settings; "reference" is the diffusers script
@@ -90,8 +101,21 @@ def observe_steps() -> list[tuple[float, float]]:
     return marks
 
 
+def peak_memory() -> dict:
+    """This process's peak resident set and, on a GPU, its peak CUDA allocation (MiB)."""
+    import resource
+
+    import torch
+
+    peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        peak["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
 def run_child(kind: str, flags: list[str]) -> None:
-    """Inside the child: install the observer, train (the reference script as __main__, or LesionGen), print marks."""
+    """Inside the child: install the observer, train (the reference script as __main__, or LesionGen), print
+    marks and peak memory."""
     marks = observe_steps()
     if kind == "reference":
         import runpy
@@ -103,7 +127,7 @@ def run_child(kind: str, flags: list[str]) -> None:
         from lesiongen.diffusion.train import TrainConfig, train
 
         train(parse_config(TrainConfig, flags))
-    print(json.dumps(marks))
+    print(json.dumps({"marks": marks, **peak_memory()}))
 
 
 def timed_run(args, kind: str, flags: list[str], env: dict) -> dict:
@@ -114,7 +138,8 @@ def timed_run(args, kind: str, flags: list[str], env: dict) -> dict:
     total = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"{kind} run failed:\n{proc.stderr[-3000:]}")
-    marks = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    marks = report.pop("marks")
     assert len(marks) == args.warmup + args.steps, (kind, len(marks))
     (wall0, cpu0), (wall1, cpu1) = marks[args.warmup - 1], marks[-1]
     return {
@@ -122,6 +147,7 @@ def timed_run(args, kind: str, flags: list[str], env: dict) -> dict:
         "steps_per_cpu_s": args.steps / (cpu1 - cpu0),
         "warmup_s": wall0 - start,
         "total_s": total,
+        **report,
     }
 
 
@@ -173,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", help="diffusers' train_text_to_image_lora.py (omit to time LesionGen only)")
     p.add_argument("--data", required=False, help="imagefolder with metadata.jsonl (file_name, text)")
     p.add_argument("--model", help="pipeline folder (default: build one with lesiongen.diffusion.tiny at --size)")
-    p.add_argument("--size", default="tiny", choices=("tiny", "sd1"))
+    p.add_argument(
+        "--size", default="tiny", choices=("tiny", "sd1", "real"), help="real: native shapes per family (GPU)"
+    )
+    p.add_argument("--families", nargs="+", default=["sd1"], choices=list(FAMILIES), help="model families to time")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--rank", type=int, default=4)
@@ -192,33 +221,44 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_child:
         run_child(args.run_child[0], json.loads(args.run_child[1]))
         return 0
+    if args.size == "real":
+        from real_shapes import run_real
+
+        return run_real(args)
     if not args.data:
         p.error("--data is required (an imagefolder with metadata.jsonl, e.g. build_captions' OUT/train)")
 
     rows: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         tmp = Path(tmp)
-        if args.model:
-            model = Path(args.model)
-        else:
-            from lesiongen.diffusion.tiny import build_tiny_pipeline
+        models = {}
+        for family in args.families:
+            if args.model:
+                models[family] = Path(args.model)
+            else:
+                from lesiongen.diffusion.tiny import build_tiny_pipeline
 
-            model = build_tiny_pipeline(tmp / "model", resolution=args.resolution, size=args.size)
+                models[family] = build_tiny_pipeline(
+                    tmp / f"model-{family}", resolution=args.resolution, size=args.size, family=family
+                )
         data = Path(args.data)
-        names = (["reference"] if args.reference else []) + args.variants
+        # diffusers' reference script trains SD 1.x-style pipelines only
+        runs = [("sd1", "reference")] if args.reference and "sd1" in args.families else []
+        runs += [(family, name) for family in args.families for name in args.variants]
         for r in range(args.rounds):
-            for name in names:
-                out = tmp / f"{r}-{name.replace(', ', '-')}"
+            for family, name in runs:
+                out = tmp / f"{r}-{family}-{name.replace(', ', '-')}"
                 if name == "reference":
-                    row = run_reference(args, model, data, out)
+                    row = run_reference(args, models[family], data, out)
                 else:
-                    row = run_lesiongen(args, model, data, out, VARIANTS[name])
-                rows.setdefault(name, []).append(row)
-                print(json.dumps({"round": r, "run": name, **row}), flush=True)
+                    row = run_lesiongen(args, models[family], data, out, VARIANTS[name])
+                label = name if name == "reference" else f"{family} {name}"
+                rows.setdefault(label, []).append(row)
+                print(json.dumps({"round": r, "run": label, **row}), flush=True)
 
     print("\n" + versions(args))
     print(
-        f"model {args.model or args.size}, LoRA rank {args.rank}, {args.resolution} px, batch {args.batch_size}, "
+        f"model {args.model or args.size}, families {' '.join(args.families)}, LoRA rank {args.rank}, {args.resolution} px, batch {args.batch_size}, "
         f"gradient checkpointing {args.gradient_checkpointing}, precision {args.mixed_precision}, "
         f"{args.steps} timed steps after {args.warmup}, {args.rounds} rounds, data {args.data}"
     )
@@ -234,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, runs in rows.items():
         firsts = ", ".join(f"{r['warmup_s']:.0f}" for r in runs)
         print(f"  time from start to the end of step {args.warmup}, {name}: {firsts} s")
+    print("peak memory (median over runs):")
+    for name, runs in rows.items():
+        rss = statistics.median(r["peak_rss_mib"] for r in runs)
+        cuda = [r["peak_cuda_mib"] for r in runs if "peak_cuda_mib" in r]
+        on_gpu = f", CUDA {statistics.median(cuda):.0f} MiB" if cuda else ""
+        print(f"  {name:30s} resident {rss:.0f} MiB{on_gpu}")
     return 0
 
 

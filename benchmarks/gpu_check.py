@@ -119,6 +119,7 @@ def unet_training_flops(model: Path, args, device, dtype) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from lesiongen.diffusion.families import denoiser
     from lesiongen.diffusion.loss import batch_loss
     from lesiongen.diffusion.pipeline import add_lora, load_training_parts
 
@@ -141,7 +142,8 @@ def unet_training_flops(model: Path, args, device, dtype) -> float:
     }
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     with FlopCounterMode(display=False) as counter, autocast:
-        batch_loss(batch, parts["unet"], parts["vae"], None, parts["noise_scheduler"], 0).backward()
+        predict = denoiser(parts["family"], [], parts["vae"])  # the batch holds the embeddings
+        batch_loss(batch, parts["unet"], parts["vae"], predict, parts["noise_scheduler"], 0).backward()
     del parts
     return float(counter.get_total_flops())
 

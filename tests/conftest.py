@@ -168,3 +168,29 @@ def fake_generation(tmp_path_factory, small_d7p: Path) -> Path:
         for r in frame.itertuples()
     ]
     return write_manifest(tmp_path_factory.mktemp("gen") / "gen", rows)
+
+
+def family_params():
+    from lesiongen.diffusion.families import FAMILIES
+
+    return sorted(FAMILIES)
+
+
+@pytest.fixture(scope="session", params=family_params())
+def family_name(request) -> str:
+    """Every registered model family: a test taking this runs once per family, the day a family is added."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dir(request, family_name: str, tmp_path_factory) -> Path:
+    """The family's tiny build (64 px), saved as a complete pipeline; sd1's is ``tiny_sd_dir`` itself."""
+    import torch
+
+    from lesiongen.diffusion.tiny import build_tiny_pipeline
+
+    if family_name == "sd1":
+        return request.getfixturevalue("tiny_sd_dir")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    return build_tiny_pipeline(tmp_path_factory.mktemp(f"tiny_{family_name}") / family_name, family=family_name)

@@ -19,6 +19,7 @@ from lesiongen import labels
 from lesiongen.captions.build import caption_record
 from lesiongen.captions.metadata import load_d7p, load_ham10000
 from lesiongen.diffusion.generate import (
+    FLOW_SCHEDULERS,
     MANIFEST_COLUMNS,
     SCHEDULERS,
     GenerateConfig,
@@ -208,7 +209,7 @@ def test_builder_captions_and_generation_prompts_agree_on_real_records(ham_csv, 
         assert build_prompt(rec, "label", 3) == caption_record(rec, "label", 3)[1]["text"]
 
 
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("name", sorted(set(SCHEDULERS) - set(FLOW_SCHEDULERS)))
 def test_every_scheduler_samples(tiny_sd_dir, pipe, tmp_path, name):
     import diffusers
 
@@ -217,6 +218,13 @@ def test_every_scheduler_samples(tiny_sd_dir, pipe, tmp_path, name):
     assert type(pipe.scheduler) is getattr(diffusers, SCHEDULERS[name][0])
     image = pixels(tmp_path / "dataset/Melanoma/mel_000000.png")
     assert image.std() > 1 and manifest(tmp_path)[0]["scheduler"] == name
+
+
+def test_a_flow_sampler_is_refused_for_a_ddpm_model(tiny_sd_dir, pipe, tmp_path):
+    """Rectified-flow samplers (SD3, Flux) cannot sample SD 1.x; test_families samples flow models with them."""
+    cfg = config(tiny_sd_dir, tmp_path, num_images=1, scheduler=FLOW_SCHEDULERS[0], contact_sheet=0)
+    with pytest.raises(InputError, match="--scheduler: 'flow_euler' cannot sample a DDPM model.*choose one of ddim"):
+        generate(cfg, pipe=pipe)
 
 
 def test_lora_and_full_pipeline_dirs_both_load(tiny_sd_dir, pipe, tmp_path):

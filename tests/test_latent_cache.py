@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import lesiongen.diffusion.latent_cache as latent_cache
 from lesiongen.diffusion.cache_latents import build_cache
 from lesiongen.diffusion.dataset import ImageCaptionDataset, collate, make_loader, read_examples
+from lesiongen.diffusion.families import prompt_encoder
 from lesiongen.diffusion.latent_cache import CachedLatentDataset, CacheLayout, build_shards, remove_stale
 from lesiongen.diffusion.pipeline import load_training_parts
 from lesiongen.diffusion.train import TrainConfig
@@ -86,7 +87,7 @@ def test_sigkill_mid_build_then_resume_gives_the_uninterrupted_tensors(tiny_sd_d
     for name in shard_names:
         a = load_file(folder / name)
         b = load_file(tmp_path / "whole" / "latent_cache" / name)
-        assert a.keys() == b.keys() == {"latent_params", "prompt_embeds", "empty_embed"}
+        assert a.keys() == b.keys() == {"latent_params", "prompt_embeds", "empty_prompt_embeds"}
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert build_cache(killed).shards_written == 0  # complete: a rerun encodes nothing
 
@@ -95,17 +96,17 @@ def test_sigkill_mid_build_then_resume_gives_the_uninterrupted_tensors(tiny_sd_d
 def small_cache(tiny_sd_dir, d7p_small_train, tmp_path_factory):
     """Seven images in shards of three (the last one short), text embeddings stored in bfloat16."""
     parts = load_training_parts(tiny_sd_dir)
-    examples = read_examples(d7p_small_train, parts["tokenizer"])[:7]
-    images = ImageCaptionDataset(examples, parts["tokenizer"], 64, center_crop=True)
+    examples = read_examples(d7p_small_train, [parts["tokenizer"]])[:7]
+    images = ImageCaptionDataset(examples, [parts["tokenizer"]], 64, center_crop=True)
     layout = CacheLayout(tmp_path_factory.mktemp("cache"), "key", len(examples), shard_size=3, with_text=True)
-    assert build_shards(layout, images, parts["vae"], parts["text_encoder"], torch.bfloat16, batch_size=2) == 3
+    assert build_shards(layout, images, parts["vae"], prompt_encoder(parts), torch.bfloat16, batch_size=2) == 3
     return layout, examples, parts
 
 
 def test_items_read_memory_mapped_equal_the_encoded_tensors_with_few_open_shards(small_cache, monkeypatch):
     layout, examples, parts = small_cache
     monkeypatch.setattr(latent_cache, "OPEN_SHARDS", 2)
-    dataset = CachedLatentDataset(layout, examples, parts["tokenizer"])
+    dataset = CachedLatentDataset(layout, examples, [parts["tokenizer"]])
     shards = [load_file(layout.path(s)) for s in range(layout.n_shards)]
     assert [len(s["latent_params"]) for s in shards] == [3, 3, 1]
     assert shards[0]["prompt_embeds"].dtype == torch.bfloat16 and shards[0]["latent_params"].dtype == torch.float32
@@ -117,12 +118,12 @@ def test_items_read_memory_mapped_equal_the_encoded_tensors_with_few_open_shards
             assert torch.equal(item["prompt_embeds"], shard["prompt_embeds"][index % 3])
             assert item["item"].item() == 99
         assert len(dataset._handles) <= 2
-    assert torch.equal(dataset[(2, False, True, 0)]["prompt_embeds"], shards[2]["empty_embed"])
+    assert torch.equal(dataset[(2, False, True, 0)]["prompt_embeds"], shards[2]["empty_prompt_embeds"])
 
 
 def test_dataloader_workers_read_the_same_items(small_cache):
     layout, examples, parts = small_cache
-    dataset = CachedLatentDataset(layout, examples, parts["tokenizer"])
+    dataset = CachedLatentDataset(layout, examples, [parts["tokenizer"]])
     keys = [[(i, i % 2 == 0, False, i) for i in range(j, j + 2)] for j in range(0, 6, 2)]
     direct = [collate([dataset[k] for k in batch]) for batch in keys]
     loaded = list(make_loader(dataset, keys, num_workers=2))
@@ -147,4 +148,4 @@ def test_stale_layouts_and_killed_writes_are_removed_and_a_new_key_rebuilds(smal
     assert fresh.missing() == [0, 1, 2]  # complete files of another key are not reused
     assert replace(fresh, key=layout.key).missing() == []
     with pytest.raises(RuntimeError, match="missing shards"):
-        CachedLatentDataset(fresh, examples, parts["tokenizer"])
+        CachedLatentDataset(fresh, examples, [parts["tokenizer"]])

@@ -26,6 +26,7 @@ import lesiongen.diffusion.train as train_module
 from lesiongen.cli import parse_config
 from lesiongen.diffusion.checkpoints import TRAINING_STATE
 from lesiongen.diffusion.dataset import ImageCaptionDataset, PlannedBatches, collate, read_examples
+from lesiongen.diffusion.families import denoiser, prompt_encoder
 from lesiongen.diffusion.latent_cache import CachedLatentDataset, CacheLayout, build_shards
 from lesiongen.diffusion.loss import batch_loss, diffusion_loss
 from lesiongen.diffusion.pipeline import is_lora_dir, load_training_parts, lora_base_model
@@ -274,10 +275,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_sd_dir, d7p_small_tr
 
 def test_cached_and_uncached_latents_give_the_same_loss(tiny_sd_dir, d7p_small_train, tmp_path):
     parts = load_training_parts(tiny_sd_dir)
-    examples = read_examples(d7p_small_train, parts["tokenizer"])[:4]
-    images = ImageCaptionDataset(examples, parts["tokenizer"], 64, center_crop=True)
+    examples = read_examples(d7p_small_train, [parts["tokenizer"]])[:4]
+    images = ImageCaptionDataset(examples, [parts["tokenizer"]], 64, center_crop=True)
     layout = CacheLayout(tmp_path, "key", len(examples), shard_size=3, with_text=True)
-    build_shards(layout, images, parts["vae"], parts["text_encoder"], torch.float32, batch_size=2)
+    build_shards(layout, images, parts["vae"], prompt_encoder(parts), torch.float32, batch_size=2)
     cached = CachedLatentDataset(layout, examples, None)
     plans = (PlannedBatches(4, 4, 4, 0, True, 0.3).step_items(s) for s in range(100))
     keys = next(k for k in plans if len({flip for _, flip, _, _ in k}) == 2 and any(drop for _, _, drop, _ in k))
@@ -288,7 +289,14 @@ def test_cached_and_uncached_latents_give_the_same_loss(tiny_sd_dir, d7p_small_t
         with torch.no_grad():
             losses.append(
                 batch_loss(
-                    batch, parts["unet"], parts["vae"], parts["text_encoder"], parts["noise_scheduler"], 0, 5.0, 0.05
+                    batch,
+                    parts["unet"],
+                    parts["vae"],
+                    denoiser(parts["family"], [parts["text_encoder"]], parts["vae"]),
+                    parts["noise_scheduler"],
+                    0,
+                    5.0,
+                    0.05,
                 )
             )
     assert torch.allclose(losses[0], losses[1], rtol=1e-4), losses
@@ -403,7 +411,6 @@ def test_flags_parse_in_diffusers_spelling_and_combinations_are_checked():
     assert cfg.pretrained_model_name_or_path == "m" and cfg.use_ema and cfg.validation_prompts == ["a", "b"]
     assert cfg.snr_gamma is None
     for argv, flag in [
-        (["--use_ema"], "--use_ema"),
         (["--train_text_encoder"], "--train_text_encoder"),
         (["--center_crop", "false"], "--center_crop"),
         (["--resolution", "100"], "--resolution"),

@@ -37,10 +37,12 @@ def build_cache(cfg: TrainConfig) -> CacheReport:
     from .train import make_accelerator, weight_dtype
 
     accelerator = make_accelerator(cfg)
-    parts = load_training_parts(cfg.pretrained_model_name_or_path)
-    examples = read_examples(cfg.train_data_dir, parts["tokenizer"])
+    parts = load_training_parts(cfg.pretrained_model_name_or_path, cfg.model_family)
+    family = parts["family"]
+    field = cfg.caption_field or family.caption_field
+    examples = read_examples(cfg.train_data_dir, [parts[family.caption_tokenizer]], field)
     dtype = weight_dtype(accelerator)
-    for name in ("vae", "text_encoder"):
+    for name in ("vae", *family.text_encoders):
         parts[name].requires_grad_(False).to(accelerator.device, dtype)
     with_text = not (cfg.mode == "full" and cfg.train_text_encoder)
     before = time.perf_counter()

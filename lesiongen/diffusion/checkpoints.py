@@ -24,7 +24,9 @@ from ..files import atomic_dir, write_json
 from ..states import read_state, write_state
 from ..tables import read_metadata
 from .config import TrainConfig
+from .families import FAMILIES
 from .fingerprint import fingerprint
+from .pipeline import INTERCHANGE_NAMES
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE = "training_state.safetensors"  # the schedule's and the EMA's state, beside accelerate's files
@@ -32,6 +34,7 @@ TRAINING_STATE = "training_state.safetensors"  # the schedule's and the EMA's st
 # Fields that shape the weights; a resumed run must not change them silently (STYLE.md).
 ARCHITECTURE_FIELDS = (
     "mode",
+    "model_family",
     "pretrained_model_name_or_path",
     "resolution",
     "rank",
@@ -134,11 +137,12 @@ def check_base(cfg: TrainConfig, ckpt: Path, record: dict) -> None:
 
 
 def keep_trainable_weights(models, weights, output_dir) -> None:
-    """Checkpoints hold what trains: a LoRA checkpoint is the adapter, not another copy of the frozen base."""
+    """Checkpoints hold what trains: a LoRA checkpoint is the adapter, not another copy of the frozen base, nor
+    its buffers (SD3's position table alone is 226 MB at real size; the config rebuilds it)."""
     for i, model in enumerate(models):
-        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-        if i < len(weights) and frozen:
-            weights[i] = {k: v for k, v in weights[i].items() if k not in frozen}
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        if i < len(weights) and len(trained) < len(list(model.parameters())):
+            weights[i] = {k: v for k, v in weights[i].items() if k in trained}
 
 
 def save_checkpoint(accelerator, cfg: TrainConfig, step: int, extra: dict, states: dict) -> None:
@@ -203,28 +207,37 @@ def publish(out: Path, build: Callable[[Path], None], last: str) -> None:
 def model_card(cfg: TrainConfig, record: dict, examples) -> str:
     """README.md for the output folder: base model, data, captions and every hyperparameter."""
     styles = _caption_styles(cfg)
+    family = FAMILIES[record["model_family"]]
+    extras = ", safety_checker=None" if "safety_checker" in family.pipeline_extras else ""
     how = (
-        f"pipe = StableDiffusionPipeline.from_pretrained('{cfg.pretrained_model_name_or_path}', safety_checker=None)\n"
+        f"pipe = {family.pipeline}.from_pretrained('{cfg.pretrained_model_name_or_path}'{extras})\n"
         f"pipe.load_lora_weights('{cfg.output_dir}')"
         if cfg.mode == "lora"
-        else f"pipe = StableDiffusionPipeline.from_pretrained('{cfg.output_dir}', safety_checker=None)"
+        else f"pipe = {family.pipeline}.from_pretrained('{cfg.output_dir}'{extras})"
+    )
+    interchange = (
+        f"`{INTERCHANGE_NAMES[family.interchange]}` holds the same LoRA in the format ComfyUI (and, for the "
+        "UNet families, AUTOMATIC1111) load.\n"
+        if cfg.mode == "lora"
+        else ""
     )
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in record["config"].items())
     return f"""# LesionGen {cfg.mode} model
 
-Fine-tuned from `{cfg.pretrained_model_name_or_path}` on {len(examples)} captioned dermoscopic images
-from `{cfg.train_data_dir}` (caption style: {", ".join(styles)}), {record["global_step"]} optimiser steps,
+Fine-tuned ({family.name} family) from `{cfg.pretrained_model_name_or_path}` on {len(examples)} captioned
+dermoscopic images from `{cfg.train_data_dir}` (caption style: {", ".join(styles)}; trained on the
+`{record["caption_field"]}` field), {record["global_step"]} optimiser steps,
 {record["num_processes"]} process(es), effective batch {record["effective_batch"]}, final loss {record["final_loss"]}.
 Written {record["finished"]} by `lesiongen.diffusion.train`.
 
 Load it with diffusers:
 
 ```python
-from diffusers import StableDiffusionPipeline
+from diffusers import {family.pipeline}
 {how}
 image = pipe("melanoma, dermoscopic image").images[0]
 ```
-
+{interchange}
 or `python generate.py --model_path {cfg.output_dir} ...`. Synthetic medical images are for research, not diagnosis.
 
 ## Hyperparameters

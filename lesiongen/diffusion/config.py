@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ..cli import option
 from ..errors import InputError
+from .families import FAMILIES
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -26,6 +27,11 @@ class TrainConfig:
         "runwayml/stable-diffusion-v1-5",
         help="base model: hub id or local pipeline folder (python -m lesiongen.diffusion.tiny builds one)",
     )
+    model_family: str | None = option(
+        None,
+        help="model family; none reads it from the base model's model_index.json",
+        choices=tuple(FAMILIES),
+    )
     mode: str = option(
         "lora", help="what trains: LoRA adapters on the UNet attention, or the full UNet", choices=("lora", "full")
     )
@@ -39,12 +45,16 @@ class TrainConfig:
         help="with --train_text_encoder, keep the token embedding (vocabulary x width) fixed: on the tiny demo "
         "model its dense AdamW update was a quarter of each step, and random token vectors are already distinct",
     )
-    use_ema: bool = option(False, help="keep an EMA copy of the UNet and save it (full mode)")
+    use_ema: bool = option(False, help="keep an EMA copy of what trains (the UNet, or the LoRA adapters) and save it")
     ema_decay: float = option(0.9999, help="EMA decay")
     gradient_checkpointing: bool = option(False, help="recompute activations in backward to save memory")
     # data
     train_data_dir: str = option(
         "data/captions/train", help="folder with metadata.jsonl (file_name, text), e.g. build_captions OUT/train"
+    )
+    caption_field: str | None = option(
+        None,
+        help="metadata.jsonl field to train on; none means the family's: text (CLIP families) or long_text (T5)",
     )
     resolution: int = option(256, help="training image size (px)")
     center_crop: bool = option(True, help="center crop (false: random crop, which cannot use --cache_latents)")
@@ -140,8 +150,6 @@ class TrainConfig:
                 f"does not divide the {per_step} images per step (train_batch_size x gradient_accumulation_steps)",
                 "pass a divisor of that number, auto, or none",
             )
-        if self.use_ema and self.mode != "full":
-            raise InputError("--use_ema", "needs --mode full", "EMA of LoRA adapters is not supported; drop --use_ema")
         if self.freeze_token_embedding and not self.train_text_encoder:
             raise InputError(
                 "--freeze_token_embedding", "needs --train_text_encoder", "drop it: the text encoder is frozen already"

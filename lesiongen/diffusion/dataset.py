@@ -1,4 +1,4 @@
-"""Torch datasets for diffusion training from a folder holding ``metadata.jsonl`` (file_name, text).
+"""Torch datasets for diffusion training from a folder holding ``metadata.jsonl`` (file_name and a caption field).
 
 Each item of the endless training stream is planned from (seed, item number) alone: which image,
 whether it is flipped, whether its caption is dropped. So an interrupted run resumes on exactly the
@@ -20,7 +20,7 @@ from torchvision import transforms
 from ..errors import InputError
 from ..images import decode_problem, open_rgb
 from ..tables import read_metadata
-from ..tokens import CLIP_MAX_TOKENS
+from .families import tokenize
 
 # (image index, flipped, caption dropped, item number in the stream): what a sampler asks a dataset for.
 ItemKey = tuple[int, bool, bool, int]
@@ -51,32 +51,36 @@ def find_metadata(train_data_dir: str | Path) -> Path:
     )
 
 
-def read_examples(train_data_dir: str | Path, tokenizer=None, max_tokens: int = CLIP_MAX_TOKENS) -> list[Example]:
-    """Read and check every row before training starts: image present and fully decodable, caption within the window."""
+def read_examples(train_data_dir: str | Path, tokenizers=(), caption_field: str = "text") -> list[Example]:
+    """Read and check every row before training starts: image present and fully decodable, caption (the row's
+    ``caption_field``) within every tokenizer's window, so no caption is silently cut."""
     meta = find_metadata(train_data_dir)
     folder = meta.parent
     examples = []
     for i, row in read_metadata(meta):
         where = f"{meta} row {i}"
-        if not row.get("file_name") or not isinstance(row.get("text"), str):
-            raise InputError(where, "needs a file_name and a text field", "rebuild it with build_captions.py")
+        if not row.get("file_name") or not isinstance(row.get(caption_field), str):
+            fix = "rebuild it with build_captions.py"
+            if caption_field != "text":
+                fix = f"build captions with reports (build_captions.py writes {caption_field} on that path), or pass --caption_field text"
+            raise InputError(where, f"needs a file_name and a {caption_field} field", fix)
         path = folder / row["file_name"]
         if not path.is_file():
             raise InputError(where, f"image {path} not found", "restore the image or remove its row")
         problem = decode_problem(path)
         if problem:
             raise InputError(where, f"image {path} cannot be read ({problem})", "replace the image or remove its row")
-        if tokenizer is not None:
-            n = len(tokenizer(row["text"], truncation=False, verbose=False).input_ids)
-            if n > max_tokens:
+        for tokenizer in tokenizers:
+            n = len(tokenizer(row[caption_field], truncation=False, verbose=False).input_ids)
+            if n > tokenizer.model_max_length:
                 raise InputError(
                     where,
-                    f"caption has {n} tokens, more than the text encoder's {max_tokens}",
-                    "shorten it (build_captions.py fits captions to the window)",
+                    f"caption has {n} tokens, more than the text encoder's {tokenizer.model_max_length} ({caption_field} field)",
+                    "shorten it (build_captions.py fits captions to the window), or train on another --caption_field",
                 )
-        examples.append(Example(path, row["text"], row.get("label"), i))
+        examples.append(Example(path, row[caption_field], row.get("label"), i))
     if not examples:
-        raise InputError(meta, "no training examples", "add rows with file_name and text")
+        raise InputError(meta, "no training examples", f"add rows with file_name and {caption_field}")
     return examples
 
 
@@ -91,12 +95,6 @@ def image_transform(resolution: int, center_crop: bool) -> transforms.Compose:
             transforms.Normalize([0.5], [0.5]),
         ]
     )
-
-
-def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
-    return tokenizer(
-        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
 
 
 @functools.lru_cache(maxsize=2)
@@ -192,11 +190,12 @@ class PlannedBatches(torch.utils.data.Sampler):
 
 
 class ImageCaptionDataset(Dataset):
-    """Decodes, crops and flips images and tokenizes captions on every step (the uncached path)."""
+    """Decodes, crops and flips images and tokenizes captions (with each of the family's tokenizers) on every
+    step (the uncached path)."""
 
-    def __init__(self, examples: list[Example], tokenizer, resolution: int, center_crop: bool):
+    def __init__(self, examples: list[Example], tokenizers: list, resolution: int, center_crop: bool):
         self.examples = examples
-        self.tokenizer = tokenizer
+        self.tokenizers = tokenizers
         self.resolution = resolution
         self.transform = image_transform(resolution, center_crop)
 
@@ -212,11 +211,8 @@ class ImageCaptionDataset(Dataset):
     def __getitem__(self, key: ItemKey) -> dict:
         index, flip, drop, item = key
         text = "" if drop else self.examples[index].text
-        return {
-            "pixel_values": self.pixels(index, flip),
-            "input_ids": tokenize(self.tokenizer, [text])[0],
-            "item": torch.tensor(item),
-        }
+        ids = {k: v[0] for k, v in tokenize(self.tokenizers, [text]).items()}
+        return {"pixel_values": self.pixels(index, flip), **ids, "item": torch.tensor(item)}
 
 
 def collate(items: list[dict]) -> dict:

@@ -44,7 +44,9 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),  # SD3 and Flux (rectified flow) sample with this one
 }
+FLOW_SCHEDULERS = ("flow_euler",)
 MODES = ("single", "dataset")
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 # Settings that change which images a dataset run makes or how they look; a resume must match them.
@@ -206,9 +208,27 @@ def make_plan(cfg: GenerateConfig) -> list[plans.ImageSpec]:
     return plans.contrast_plan(plan, plans.parse_contrasts(cfg.contrast)) if cfg.contrast else plan
 
 
-def build_prompt(record: LesionRecord, style: str, seed: int) -> str:
-    """The caption build_captions.py would write for this record: one source of truth for prompt text."""
+def build_prompt(record: LesionRecord, style: str, seed: int, field: str = "text") -> str:
+    """The caption build_captions.py would write for this record in the field the model trained on: one
+    source of truth for prompt text. ``long_text`` (T5 families) is the report prose from the record's metadata."""
+    if field == "long_text":
+        from ..captions.reports import describe
+
+        return describe(record, seed=seed)[2]
     return caption(record, style, seed, fits=fits_clip).text
+
+
+def prompt_field(cfg: GenerateConfig) -> str:
+    """The caption field the model trained on, as train.py recorded it, else its family's default."""
+    from .families import detect_family
+    from .pipeline import is_lora_dir, lora_base_model, lora_record
+
+    source = resolve_model(cfg.model_path, "--model_path")
+    recorded = lora_record(source).get("caption_field") if Path(source).is_dir() else None
+    if recorded:
+        return recorded
+    base = (cfg.base_model or lora_base_model(source)) if is_lora_dir(source) else source
+    return detect_family(resolve_model(base, "--base_model")).caption_field
 
 
 def file_name(spec: plans.ImageSpec, mode: str) -> str:
@@ -325,6 +345,11 @@ def set_scheduler(pipe, name: str, base_config: dict) -> None:
 
     if name not in SCHEDULERS:
         raise InputError("--scheduler", f"unknown sampler '{name}'", f"choose one of {', '.join(SCHEDULERS)}")
+    flow_model = base_config.get("_class_name", "").startswith("FlowMatch")
+    if flow_model != (name in FLOW_SCHEDULERS):
+        wanted = ", ".join(FLOW_SCHEDULERS if flow_model else [n for n in SCHEDULERS if n not in FLOW_SCHEDULERS])
+        kind = "a rectified-flow model (SD3, Flux)" if flow_model else "a DDPM model (SD 1.x, 2.x, SDXL)"
+        raise InputError("--scheduler", f"'{name}' cannot sample {kind}", f"choose one of {wanted}")
     cls_name, extra = SCHEDULERS[name]
     pipe.scheduler = getattr(diffusers, cls_name).from_config(base_config, **extra)
 
@@ -334,15 +359,19 @@ def sample(pipe, prompts: list[str], seeds: list[int], guidance: float, steps: i
     depend on which batch or process it lands in (up to float rounding)."""
     import torch
 
+    from .families import FAMILIES
+
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     size = {"height": cfg.resolution, "width": cfg.resolution} if cfg.resolution else {}
+    # the pipeline argument that scales a LoRA: cross_attention_kwargs (UNets) or joint_attention_kwargs
+    scale_kwarg = next(f.lora_scale_kwarg for f in FAMILIES.values() if f.pipeline == type(pipe).__name__)
     return pipe(
         prompt=prompts,
         negative_prompt=[cfg.negative_prompt] * len(prompts) if cfg.negative_prompt else None,
         guidance_scale=guidance,
         num_inference_steps=steps,
         generator=generators,
-        cross_attention_kwargs={"scale": cfg.lora_scale} if lora else None,
+        **{scale_kwarg: {"scale": cfg.lora_scale} if lora else None},
         output_type="pil",
         **size,
     ).images
@@ -438,6 +467,7 @@ def generate(
 
     if todo:
         lora = bool(getattr(pipe, "get_active_adapters", lambda: [])())
+        field = prompt_field(cfg)
         bar = tqdm(
             total=len(todo),
             unit="img",
@@ -445,7 +475,7 @@ def generate(
             disable=None if processes.is_main else True,
         )
         for batch in batches(todo, cfg.batch_size):
-            prompts = [build_prompt(s.record(), cfg.caption_style, cfg.seed) for s in batch]
+            prompts = [build_prompt(s.record(), cfg.caption_style, cfg.seed, field) for s in batch]
             images = sample(
                 pipe, prompts, [s.seed for s in batch], batch[0].guidance_scale, batch[0].num_inference_steps, cfg, lora
             )

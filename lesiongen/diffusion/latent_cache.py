@@ -2,8 +2,9 @@
 
 With the cache a training step runs only the UNet. The VAE's latent *distribution* (mean and
 log-variance) is cached rather than one sample, so a cached step samples exactly as an uncached one;
-both flips of each image are cached so random flip survives caching. Text embeddings are cached only
-while the text encoder is frozen, in the dtype the frozen encoder runs in (the training dtype).
+both flips of each image are cached so random flip survives caching. Text embeddings (every one the
+family's denoiser takes: ``prompt_embeds``, and ``pooled_prompt_embeds`` for SDXL) are cached only while
+the text encoders are frozen, in the dtype the frozen encoders run in (the training dtype).
 
 The cache is a folder of ``shard-<i>-of-<n>.safetensors`` files of ``shard_size`` images each, so it
 scales with the disk, not with RAM: each process of an accelerate launch encodes its own shards (i, i +
@@ -28,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..files import atomic_path
-from .dataset import Example, ImageCaptionDataset, tokenize
+from .dataset import Example, ImageCaptionDataset
+from .families import prompt_encoder, tokenize
 
 SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.safetensors$")
 # Open shard handles kept per process (least recently used dropped): a kept handle reads an item 2.5x faster
@@ -38,11 +40,17 @@ OPEN_SHARDS = 8
 
 
 def cache_key(
-    examples: list[Example], model: str, resolution: int, center_crop: bool, dtype: torch.dtype, with_text: bool
+    examples: list[Example],
+    model: str,
+    resolution: int,
+    center_crop: bool,
+    dtype: torch.dtype,
+    with_text: bool,
+    family: str = "sd1",
 ) -> str:
     """Changes whenever anything the cached tensors depend on changes, so a stale cache is never reused."""
     h = hashlib.sha256()
-    h.update(json.dumps([str(model), resolution, center_crop, str(dtype), with_text]).encode())
+    h.update(json.dumps([str(model), resolution, center_crop, str(dtype), with_text, family]).encode())
     for ex in examples:
         st = ex.path.stat()
         h.update(f"{ex.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{ex.text}\n".encode())
@@ -111,13 +119,13 @@ class _BothFlips(Dataset):
 
 
 @torch.no_grad()
-def encode_batch(images: ImageCaptionDataset, rows: list[int], pixels: torch.Tensor, vae, text_encoder, embed_dtype):
-    """Latent distributions of both flips of ``rows`` (and their caption embeddings when a text encoder is given)."""
+def encode_batch(images: ImageCaptionDataset, rows: list[int], pixels: torch.Tensor, vae, encode_text, embed_dtype):
+    """Latent distributions of both flips of ``rows`` (and their caption embeddings when ``encode_text`` is given)."""
     p = vae.encode(pixels.flatten(0, 1).to(vae.device, vae.dtype)).latent_dist.parameters
     out = {"latent_params": p.reshape(len(rows), 2, *p.shape[1:]).cpu()}
-    if text_encoder is not None:
-        ids = tokenize(images.tokenizer, [images.examples[i].text for i in rows]).to(vae.device)
-        out["prompt_embeds"] = text_encoder(ids)[0].to(embed_dtype).cpu()
+    if encode_text is not None:
+        embeds = encode_text([images.examples[i].text for i in rows])
+        out.update({k: v.to(embed_dtype).cpu() for k, v in embeds.items()})
     return out
 
 
@@ -125,7 +133,7 @@ def build_shards(
     layout: CacheLayout,
     images: ImageCaptionDataset,
     vae,
-    text_encoder,
+    encode_text,
     embed_dtype: torch.dtype,
     rank: int = 0,
     world: int = 1,
@@ -135,9 +143,10 @@ def build_shards(
 ) -> int:
     """Encode this process's missing shards (rank, rank + world, ...); returns how many it wrote.
 
-    Each shard is complete on disk before its final name appears, so a rerun after a kill starts at
-    the first missing shard and never reads a half-written one. One loader serves all of them, so
-    decoding workers start once, not once per shard.
+    ``encode_text`` (``families.prompt_encoder``) maps captions to named embeddings, or is None when the
+    text encoder trains. Each shard is complete on disk before its final name appears, so a rerun after
+    a kill starts at the first missing shard and never reads a half-written one. One loader serves all
+    of them, so decoding workers start once, not once per shard.
     """
     todo = [s for s in range(rank, layout.n_shards, world) if not layout.is_complete(s)]
     plan = [
@@ -146,20 +155,18 @@ def build_shards(
     plan = [(s, rows) for s, rows in plan if rows]
     if not plan:
         return 0
-    empty = None
-    if text_encoder is not None:
+    empty = {}
+    if encode_text is not None:
         with torch.no_grad():
-            empty = text_encoder(tokenize(images.tokenizer, [""]).to(vae.device))[0][0].to(embed_dtype).cpu()
+            empty = {f"empty_{k}": v[0].to(embed_dtype).cpu() for k, v in encode_text([""]).items()}
     loader = DataLoader(_BothFlips(images), batch_sampler=[rows for _, rows in plan], num_workers=num_workers)
     bar = tqdm(total=len(todo), desc="caching latents", unit="shard", disable=not show_progress)
     parts: list[dict] = []
     for (shard, rows), pixels in zip(plan, loader, strict=True):
-        parts.append(encode_batch(images, rows, pixels, vae, text_encoder, embed_dtype))
+        parts.append(encode_batch(images, rows, pixels, vae, encode_text, embed_dtype))
         if rows[-1] != layout.rows(shard)[-1]:
             continue
-        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        if empty is not None:
-            tensors["empty_embed"] = empty
+        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} | empty
         with atomic_path(layout.path(shard)) as tmp:
             save_file(tensors, str(tmp), metadata={"key": layout.key, "first_row": str(layout.rows(shard).start)})
         parts = []
@@ -169,16 +176,19 @@ def build_shards(
 
 
 class CachedLatentDataset(Dataset):
-    """Items read from the shards through memory-mapped handles; the planned flip selects one cached latent."""
+    """Items read from the shards through memory-mapped handles; the planned flip selects one cached latent.
 
-    def __init__(self, layout: CacheLayout, examples: list[Example], tokenizer):
+    The embedding names are read from the shards, so one reader serves every family."""
+
+    def __init__(self, layout: CacheLayout, examples: list[Example], tokenizers: list):
         missing = layout.missing()
         if missing:
             raise RuntimeError(f"latent cache {layout.folder} is missing shards {missing[:5]}; build it first")
-        self.layout, self.examples, self.tokenizer = layout, examples, tokenizer
+        self.layout, self.examples, self.tokenizers = layout, examples, tokenizers
         self._handles: OrderedDict[int, object] = OrderedDict()
         self.shards_written = 0  # by this process when it built the cache (reports)
-        self.empty_embed = self._open(0).get_tensor("empty_embed") if layout.with_text else None
+        first = self._open(0)
+        self.empty = {k[len("empty_") :]: first.get_tensor(k) for k in first.keys() if k.startswith("empty_")}
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -193,21 +203,22 @@ class CachedLatentDataset(Dataset):
             self._handles.popitem(last=False)
         return handle
 
-    def item_tensors(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(latent distribution [2C, h, w], caption embedding [77, D] or None) of one image."""
+    def item_tensors(self, index: int, flip: bool) -> tuple[torch.Tensor, dict]:
+        """(latent distribution [2C, h, w], named caption embeddings, empty when text is not cached) of one image."""
         shard, row = divmod(index, self.layout.shard_size)
         f = self._open(shard)
         latent = f.get_slice("latent_params")[row, int(flip)]
-        return latent, f.get_slice("prompt_embeds")[row] if self.layout.with_text else None
+        return latent, {k: f.get_slice(k)[row] for k in self.empty}
 
     def __getitem__(self, key: tuple[int, bool, bool, int]) -> dict:
         index, flip, drop, item = key
-        latent, embed = self.item_tensors(index, flip)
+        latent, embeds = self.item_tensors(index, flip)
         out = {"latent_params": latent, "item": torch.tensor(item)}
-        if embed is not None:
-            out["prompt_embeds"] = self.empty_embed if drop else embed
+        if embeds:
+            out.update(self.empty if drop else embeds)
         else:
-            out["input_ids"] = tokenize(self.tokenizer, ["" if drop else self.examples[index].text])[0]
+            text = "" if drop else self.examples[index].text
+            out.update({k: v[0] for k, v in tokenize(self.tokenizers, [text]).items()})
         return out
 
 
@@ -215,12 +226,19 @@ def open_cache(cfg, examples: list[Example], parts: dict, accelerator, with_text
     """Build what is missing of ``cfg``'s cache (every process its share of shards), then open it memory-mapped.
 
     ``cfg`` is a ``TrainConfig``; ``parts`` the loaded model parts with the VAE (and the frozen text
-    encoder) already on the device in the training dtype.
+    encoders) already on the device in the training dtype.
     """
-    images = ImageCaptionDataset(examples, parts["tokenizer"], cfg.resolution, cfg.center_crop)
-    text_encoder = parts["text_encoder"] if with_text else None
+    family = parts["family"]
+    tokenizers = [parts[n] for n in family.tokenizers]
+    images = ImageCaptionDataset(examples, tokenizers, cfg.resolution, cfg.center_crop)
     key = cache_key(
-        examples, cfg.pretrained_model_name_or_path, cfg.resolution, cfg.center_crop, parts["vae"].dtype, with_text
+        examples,
+        cfg.pretrained_model_name_or_path,
+        cfg.resolution,
+        cfg.center_crop,
+        parts["vae"].dtype,
+        with_text,
+        family.name,
     )
     folder = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "latent_cache"
     layout = CacheLayout(folder, key, len(examples), cfg.cache_shard_size, with_text)
@@ -232,7 +250,7 @@ def open_cache(cfg, examples: list[Example], parts: dict, accelerator, with_text
         layout,
         images,
         parts["vae"],
-        text_encoder,
+        prompt_encoder(parts) if with_text else None,
         embed_dtype,
         rank=accelerator.process_index,
         world=accelerator.num_processes,
@@ -240,6 +258,6 @@ def open_cache(cfg, examples: list[Example], parts: dict, accelerator, with_text
         show_progress=accelerator.is_main_process,
     )
     accelerator.wait_for_everyone()
-    dataset = CachedLatentDataset(layout, examples, parts["tokenizer"])
+    dataset = CachedLatentDataset(layout, examples, tokenizers)
     dataset.shards_written = written
     return dataset

@@ -1,4 +1,4 @@
-"""Load Stable Diffusion models (hub id or directory), tell a LoRA dir from a full pipeline, attach/save LoRA.
+"""Load diffusion models of any family (hub id or directory), tell a LoRA dir from a full pipeline, attach/save LoRA.
 
 Training and generation both load models here, so a directory written by ``train.py`` (either mode)
 is read back the same way a user's ``from_pretrained`` call reads it. A LoRA folder records where its
@@ -17,10 +17,15 @@ from typing import Any
 
 from ..devices import resolve_device, torch_dtype
 from ..errors import InputError
+from .families import FAMILIES, Family, detect_family, load_parts
 from .fingerprint import fingerprint, model_folder
 
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
-LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+# The copy A1111 and ComfyUI load, per family's interchange format (the kohya name is diffusers' scripts').
+INTERCHANGE_NAMES = {
+    "kohya": "pytorch_lora_weights_kohya.safetensors",
+    "comfyui": "pytorch_lora_weights_comfyui.safetensors",
+}
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -151,9 +156,7 @@ def check_lora_base(lora_dir: str | Path, base: str) -> None:
 
 
 def from_pretrained_pipeline(model: str | Path, dtype: Any = None, flag: str = "--pretrained_model_name_or_path"):
-    """``StableDiffusionPipeline.from_pretrained`` without the safety checker, with errors as InputError."""
-    from diffusers import StableDiffusionPipeline
-
+    """The family's stock pipeline ``from_pretrained`` (SD without the safety checker), with errors as InputError."""
     source = resolve_model(model, flag)
     if Path(source).is_dir() and not is_pipeline_dir(source):
         raise InputError(
@@ -162,10 +165,9 @@ def from_pretrained_pipeline(model: str | Path, dtype: Any = None, flag: str = "
             "pass a diffusers pipeline folder",
         )
     check_components(source, flag)
+    family = detect_family(source, flag=flag)
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            source, torch_dtype=torch_dtype(dtype), safety_checker=None, requires_safety_checker=False
-        )
+        return family.pipeline_class().from_pretrained(source, torch_dtype=torch_dtype(dtype), **family.pipeline_extras)
     except OSError as e:
         where = "" if Path(source).is_dir() else f"neither a folder in {Path.cwd()} nor a downloadable hub model: "
         raise InputError(
@@ -198,11 +200,10 @@ def load_pipeline(
     return pipe.to(resolve_device(device))
 
 
-def load_training_parts(model: str | Path) -> dict:
-    """Tokenizer, text encoder, VAE, UNet, a DDPM noise scheduler for training and the sampling scheduler."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+def load_training_parts(model: str | Path, family: str | None = None) -> dict:
+    """The family's tokenizers and text encoders, VAE, denoiser (``parts["unet"]``), the noise scheduler of
+    its training objective and the sampling scheduler; ``parts["family"]`` is the ``Family`` (``family``
+    names it, else model_index.json does)."""
     source = resolve_model(model)
     if Path(source).is_dir() and not is_pipeline_dir(source):
         hint = (
@@ -212,11 +213,7 @@ def load_training_parts(model: str | Path) -> dict:
     check_components(source, "--pretrained_model_name_or_path")
     try:
         return {
-            "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", model_max_length=77),
-            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
-            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae"),
-            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
-            "noise_scheduler": DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
+            **load_parts(source, detect_family(source, family)),
             "scheduler": base_scheduler(source),
         }
     except OSError as e:
@@ -243,8 +240,8 @@ def base_scheduler(source: str):
     return cls.from_config(config)
 
 
-def add_lora(unet, rank: int, alpha: float | None = None, seed: int | None = None):
-    """Attach a trainable LoRA adapter to the UNet's attention projections; returns its LoraConfig.
+def add_lora(unet, rank: int, alpha: float | None = None, seed: int | None = None, family: Family = FAMILIES["sd1"]):
+    """Attach a trainable LoRA adapter to the family's attention projections; returns its LoraConfig.
 
     Gaussian init keeps B = 0, so an untrained adapter changes nothing (TOOLCHAIN.md).
     """
@@ -255,7 +252,7 @@ def add_lora(unet, rank: int, alpha: float | None = None, seed: int | None = Non
         r=rank,
         lora_alpha=alpha if alpha is not None else rank,
         init_lora_weights="gaussian",
-        target_modules=LORA_TARGET_MODULES,
+        target_modules=list(family.lora_targets),
     )
     if seed is not None:
         torch.manual_seed(seed)
@@ -263,43 +260,56 @@ def add_lora(unet, rank: int, alpha: float | None = None, seed: int | None = Non
     return config
 
 
-def lora_state_dict(unet) -> dict:
+def lora_state_dict(unet, family: Family = FAMILIES["sd1"]) -> dict:
+    """The adapter weights as the family's diffusers scripts save them (UNets in diffusers' naming,
+    transformers in PEFT's)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = get_peft_model_state_dict(unet)
+    return convert_state_dict_to_diffusers(state) if family.denoiser == "unet" else state
 
 
-def save_lora(unet, lora_config, out_dir: str | Path) -> Path:
-    """Save in the diffusers format ``pipe.load_lora_weights(dir)`` reads.
+def interchange_state_dict(layers: dict, lora_config, family: Family) -> dict:
+    """The LoRA in the format A1111/ComfyUI read: kohya keys for UNet families (diffusers' converter, with
+    the trained alpha), and for SD3/Flux the diffusers keys ComfyUI maps, with alpha / rank folded into
+    lora_B, since neither that format nor diffusers' SD3 loader carries an alpha."""
+    from .families import kohya_state_dict
+
+    if family.interchange == "kohya":
+        return kohya_state_dict({f"unet.{k}": v for k, v in layers.items()}, lora_config.lora_alpha)
+    scale = lora_config.lora_alpha / lora_config.r
+    return {f"{family.denoiser}.{k}": v * scale if ".lora_B." in k else v for k, v in layers.items()}
+
+
+def save_lora(unet, lora_config, out_dir: str | Path, family: Family = FAMILIES["sd1"]) -> Path:
+    """Save in the diffusers format the family pipeline's ``load_lora_weights(dir)`` reads, and the copy
+    A1111 and ComfyUI load (``INTERCHANGE_NAMES``).
 
     The adapter metadata is saved too: without it a LoRA whose alpha differs from its rank reloads at
     the wrong scale, silently (TOOLCHAIN.md).
     """
-    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(
+    layers = lora_state_dict(unet, family)
+    family.pipeline_class().save_lora_weights(
         str(out_dir),
-        unet_lora_layers=lora_state_dict(unet),
-        unet_lora_adapter_metadata=lora_config.to_dict(),
+        **{
+            f"{family.denoiser}_lora_layers": layers,
+            f"{family.denoiser}_lora_adapter_metadata": lora_config.to_dict(),
+        },
         safe_serialization=True,
     )
+    interchange = {k: v.contiguous() for k, v in interchange_state_dict(layers, lora_config, family).items()}
+    save_file(interchange, str(out_dir / INTERCHANGE_NAMES[family.interchange]), metadata={"format": "pt"})
     return out_dir
 
 
 def assemble_pipeline(parts: dict, unet, text_encoder):
-    """A StableDiffusionPipeline around weights in training (validation, full save), no safety checker."""
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        vae=parts["vae"],
-        text_encoder=text_encoder,
-        tokenizer=parts["tokenizer"],
-        unet=unet,
-        scheduler=parts["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    """The family's pipeline around weights in training (validation, full save); SD without its safety checker."""
+    family = parts["family"]
+    components = {name: parts[name] for name in family.components if name != family.denoiser}
+    components |= {family.denoiser: unet, "text_encoder": text_encoder}
+    return family.pipeline_class()(**components, **family.pipeline_extras)

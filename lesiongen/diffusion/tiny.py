@@ -10,6 +10,10 @@ SD-1.x's real shapes (random weights) for GPU speed and memory measurements.
 
     python -m lesiongen.diffusion.tiny --output_dir models/tiny-sd [--resolution 64] [--seed 0] [--size tiny|sd1]
         [--latent_channels 8] [--norm_groups 8] [--zero_snr]
+        [--family sd1|sd2|sdxl|sd3|flux]
+
+``--family`` builds another family's structure on the same shapes (``families/<name>.py`` says how it
+differs), saved with that family's pipeline class.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ..cli import option, parse_config, run
 from ..errors import InputError
 from ..files import atomic_dir
 from ..tokens import CLIP_MAX_TOKENS, write_tokenizer_files
+from .families import FAMILIES
 
 CLIP_VOCAB_SIZE = 49408
 CLIP_BOS, CLIP_EOS = 49406, 49407
@@ -101,6 +106,9 @@ class TinyConfig:
         help="v-prediction, zero terminal SNR and trailing timesteps (Lin et al. 2024): with the default "
         "schedule small latents keep their mean colour at the last timestep, so samples took it from the noise",
     )
+    family: str = option(
+        "sd1", help="model family whose structure and pipeline class to build", choices=tuple(FAMILIES)
+    )
 
     def __post_init__(self) -> None:
         out = Path(self.output_dir)
@@ -178,29 +186,30 @@ def build_components(
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
 
 
-def build_tiny_pipeline(out_dir: str | Path, resolution: int = 64, seed: int = 0, size: str = "tiny", **shape) -> Path:
+def build_tiny_pipeline(
+    out_dir: str | Path, resolution: int = 64, seed: int = 0, size: str = "tiny", family: str = "sd1", **shape
+) -> Path:
     """Save a complete pipeline directory (written under a temporary name, renamed when complete).
 
     ``shape`` takes ``build_components``' keyword options (latent_channels, norm_groups, zero_snr).
     """
-    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     out_dir = Path(out_dir)
+    fam = FAMILIES[family]
     parts = build_components(resolution, seed, size, **shape)
     with atomic_dir(out_dir) as tmp:
         write_tokenizer_files(tmp / "tokenizer_src")
         tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer_src", model_max_length=CLIP_MAX_TOKENS)
-        pipe = StableDiffusionPipeline(
-            **parts, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
-        pipe.save_pretrained(tmp)
+        parts = fam.tiny({**parts, "tokenizer": tokenizer}, seed)
+        fam.pipeline_class()(**parts, **fam.pipeline_extras).save_pretrained(tmp)
         # Keep the original vocab.json/merges.txt beside tokenizer.json so slow and fast loaders both work.
+        clip_folders = [p.tokenizer for p in fam.text_parts if p.tokenizer_class == "CLIPTokenizer"]
         for f in (tmp / "tokenizer_src").iterdir():
-            target = tmp / "tokenizer" / f.name
-            if not target.exists():
-                f.rename(target)
-        for f in (tmp / "tokenizer_src").iterdir():
+            for name in clip_folders:
+                target = tmp / name / f.name
+                if not target.exists():
+                    target.write_bytes(f.read_bytes())
             f.unlink()
         (tmp / "tokenizer_src").rmdir()
     return out_dir
@@ -212,11 +221,12 @@ def build(cfg: TinyConfig) -> Path:
         cfg.resolution,
         cfg.seed,
         cfg.size,
+        cfg.family,
         latent_channels=cfg.latent_channels,
         norm_groups=cfg.norm_groups,
         zero_snr=cfg.zero_snr,
     )
-    print(f"wrote {cfg.size} Stable-Diffusion-architecture pipeline ({cfg.resolution} px) to {out}")
+    print(f"wrote {cfg.size} {cfg.family} pipeline ({cfg.resolution} px) to {out}")
     return out
 
 

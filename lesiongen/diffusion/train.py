@@ -1,11 +1,12 @@
-"""Fine-tune Stable Diffusion on lesion captions: LoRA or full UNet (+EMA), one loop, driven by accelerate.
+"""Fine-tune a diffusion model of any family on lesion captions: LoRA or full UNet (+EMA), one loop, driven by accelerate.
 
     accelerate launch -m lesiongen.diffusion.train --mode lora --pretrained_model_name_or_path MODEL \\
         --train_data_dir CAPTIONS/train --output_dir OUT
 
 ``train_lora.sh`` and ``train_SD.sh`` call this with the original LesionGen defaults. The two modes
-differ only in the three helpers of ``MODES`` (what trains, whether an EMA copy steps, how the result
-is saved); everything else is the same loop.
+differ only in the two helpers of ``MODES`` (what trains, how the result is saved; an EMA copy follows
+whatever trains); model families (``families/``) differ only in what they load, how captions become the UNet's
+conditioning and which pipeline class validates and saves; everything else is the same loop.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from ..cli import parse_config, run
 from ..errors import InputError
 from ..files import write_json, write_text
+from . import families
 from .checkpoints import (
     find_resume_checkpoint,
     keep_trainable_weights,
@@ -35,7 +37,7 @@ from .checkpoints import (
 from .config import DEFAULT_LR, TrainConfig
 from .loss import batch_loss, diffusion_loss
 from .micro_batch import pick_micro_batch
-from .validation import default_prompts, validate
+from .validation import default_prompts, ema_parameters, on_device, validate
 
 __all__ = ["TrainConfig", "TrainResult", "batch_loss", "diffusion_loss", "main", "train"]
 # Step losses are read back from the device (one host sync) this often, and before every checkpoint,
@@ -54,22 +56,34 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The three helpers in which LoRA and full training differ
+# The helpers in which LoRA and full training differ
+
+
+def family_modules(parts: dict) -> list[str]:
+    """Names of the family's modules with weights: the denoiser ("unet"), the VAE and every text encoder."""
+    return ["unet", "vae", *parts["family"].text_encoders]
 
 
 def lora_trainable(parts: dict, cfg: TrainConfig) -> list:
     """LoRA: only the adapters on the UNet attention projections train; everything else is frozen."""
     from .pipeline import add_lora
 
-    for name in ("unet", "text_encoder", "vae"):
+    for name in family_modules(parts):
         parts[name].requires_grad_(False)
-    add_lora(parts["unet"], cfg.rank, cfg.lora_alpha, seed=cfg.seed)
+    add_lora(parts["unet"], cfg.rank, cfg.lora_alpha, seed=cfg.seed, family=parts["family"])
     return [parts["unet"]]
 
 
 def full_trainable(parts: dict, cfg: TrainConfig) -> list:
-    """Full: the whole UNet trains (and the text encoder with --train_text_encoder)."""
-    parts["vae"].requires_grad_(False)
+    """Full: the whole UNet trains (and the first text encoder with --train_text_encoder)."""
+    if cfg.train_text_encoder and len(parts["family"].text_encoders) > 1:
+        raise InputError(
+            "--train_text_encoder",
+            f"trains one text encoder, and {parts['family'].name} has {len(parts['family'].text_encoders)}",
+            "drop it (the UNet alone trains), or train a single-encoder family",
+        )
+    for name in family_modules(parts):
+        parts[name].requires_grad_(False)
     parts["unet"].requires_grad_(True)
     parts["text_encoder"].requires_grad_(cfg.train_text_encoder)
     if cfg.freeze_token_embedding:
@@ -77,25 +91,23 @@ def full_trainable(parts: dict, cfg: TrainConfig) -> list:
     return [parts["unet"], parts["text_encoder"]] if cfg.train_text_encoder else [parts["unet"]]
 
 
-def no_ema(unet, cfg: TrainConfig):
-    return None
-
-
-def unet_ema(unet, cfg: TrainConfig):
-    """An EMA copy of the UNet weights (diffusers' EMAModel), only with --use_ema."""
+def make_ema(unet, cfg: TrainConfig):
+    """An EMA copy of what trains in the UNet (all of it, or the LoRA adapters), only with --use_ema."""
     if not cfg.use_ema:
         return None
-    from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
+    return EMAModel(ema_parameters(unet), decay=cfg.ema_decay)
 
 
 def save_lora_result(out: Path, parts: dict, unet, text_encoder, ema) -> None:
-    """LoRA weights in the diffusers format that ``pipe.load_lora_weights(dir)`` reads."""
+    """LoRA weights (the EMA's with --use_ema) in the diffusers format ``pipe.load_lora_weights(dir)`` reads,
+    and their copy for A1111/ComfyUI."""
     from .pipeline import save_lora
 
-    save_lora(unet, unet.peft_config["default"], out)
+    if ema is not None:
+        ema.copy_to(ema_parameters(unet))
+    save_lora(unet, unet.peft_config["default"], out, parts["family"])
 
 
 def save_full_result(out: Path, parts: dict, unet, text_encoder, ema) -> None:
@@ -105,21 +117,20 @@ def save_full_result(out: Path, parts: dict, unet, text_encoder, ema) -> None:
     from .pipeline import assemble_pipeline
 
     if ema is not None:
-        ema.copy_to(unet.parameters())
+        ema.copy_to(ema_parameters(unet))
     assemble_pipeline(parts, unet.to(torch.float32), text_encoder.to(torch.float32)).save_pretrained(out)
 
 
 @dataclass(frozen=True)
 class Mode:
     trainable: Callable  # (parts, cfg) -> modules whose parameters train
-    make_ema: Callable  # (unet, cfg) -> EMAModel | None
     save_result: Callable  # (folder, parts, unet, text_encoder, ema) -> None
     published_last: str  # the file whose presence marks the saved result complete
 
 
 MODES = {
-    "lora": Mode(lora_trainable, no_ema, save_lora_result, "pytorch_lora_weights.safetensors"),
-    "full": Mode(full_trainable, unet_ema, save_full_result, "model_index.json"),
+    "lora": Mode(lora_trainable, save_lora_result, "pytorch_lora_weights.safetensors"),
+    "full": Mode(full_trainable, save_full_result, "model_index.json"),
 }
 
 
@@ -152,7 +163,7 @@ def place_models(parts: dict, trained: list, accelerator, gradient_checkpointing
     from diffusers.training_utils import cast_training_params
 
     dtype = weight_dtype(accelerator)
-    for name in ("unet", "text_encoder", "vae"):
+    for name in family_modules(parts):
         module = parts[name]
         fully_trained = any(module is m for m in trained) and all(p.requires_grad for p in module.parameters())
         target = torch.float32 if fully_trained else dtype
@@ -173,10 +184,23 @@ def make_dataset(cfg: TrainConfig, examples, parts: dict, accelerator, text_trai
     from .latent_cache import open_cache
 
     if not cfg.cache_latents:
-        return ImageCaptionDataset(examples, parts["tokenizer"], cfg.resolution, cfg.center_crop)
+        tokenizers = [parts[n] for n in parts["family"].tokenizers]
+        return ImageCaptionDataset(examples, tokenizers, cfg.resolution, cfg.center_crop)
     return open_cache(
         cfg, examples, parts, accelerator, with_text=not text_trains, embed_dtype=weight_dtype(accelerator)
     )
+
+
+def release_encoders(parts: dict, cfg: TrainConfig, text_trains: bool) -> list:
+    """Move what the cache made unnecessary off the accelerator before the first step: the frozen text
+    encoders (T5-XXL alone is about 9 GB in bf16) and the VAE. Validation borrows them back (``on_device``).
+    Returns the released modules."""
+    if not cfg.cache_latents:
+        return []
+    released = [parts["vae"]] + ([] if text_trains else [parts[n] for n in parts["family"].text_encoders])
+    for module in released:
+        module.to("cpu")
+    return released
 
 
 def make_optimizer(params: list, learning_rate: float, cfg: TrainConfig, device):
@@ -241,17 +265,27 @@ def train(cfg: TrainConfig) -> TrainResult:
     mode = MODES[cfg.mode]
     use_fast_math(cfg, accelerator.device)
 
-    parts = load_training_parts(cfg.pretrained_model_name_or_path)
-    base = base_identity(cfg.pretrained_model_name_or_path)  # after loading, so a hub model is in the cache
-    examples = read_examples(cfg.train_data_dir, parts["tokenizer"])
+    parts = load_training_parts(cfg.pretrained_model_name_or_path, cfg.model_family)
+    family = parts["family"]
+    # after loading, so a hub model is in the cache
+    base = {**base_identity(cfg.pretrained_model_name_or_path), "model_family": family.name}
+    caption_field = cfg.caption_field or family.caption_field
+    if cfg.snr_gamma is not None and family.objective != "ddpm":
+        raise InputError(
+            "--snr_gamma",
+            f"weights DDPM timesteps by their SNR; {family.name} trains with rectified flow",
+            "drop it (the family's own timestep density and weighting apply)",
+        )
+    examples = read_examples(cfg.train_data_dir, [parts[family.caption_tokenizer]], caption_field)
     torch.manual_seed(cfg.seed)
     trained = mode.trainable(parts, cfg)
     place_models(parts, trained, accelerator, cfg.gradient_checkpointing)
-    ema = mode.make_ema(parts["unet"], cfg)
+    ema = make_ema(parts["unet"], cfg)
     if ema is not None:
         ema.to(accelerator.device)
     text_trains = any(m is parts["text_encoder"] for m in trained)
     dataset = make_dataset(cfg, examples, parts, accelerator, text_trains)
+    released = release_encoders(parts, cfg, text_trains)
     prompts = cfg.validation_prompts or default_prompts(examples)
 
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
@@ -283,12 +317,15 @@ def train(cfg: TrainConfig) -> TrainResult:
         )
     plan = (len(examples), per_step, 1, cfg.seed, cfg.random_flip, cfg.caption_dropout)
 
+    text_encoders = [text_encoder, *(parts[n] for n in family.text_encoders[1:])]
+    predict = families.denoiser(family, text_encoders, parts["vae"])
+
     def run_loss(batch, model=unet):
         return batch_loss(
             batch,
             model,
             parts["vae"],
-            text_encoder,
+            predict,
             parts["noise_scheduler"],
             cfg.seed,
             cfg.snr_gamma,
@@ -352,7 +389,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             continue
         lr_scheduler.step()
         if ema is not None:
-            ema.step(accelerator.unwrap_model(unet).parameters())
+            ema.step(ema_parameters(accelerator.unwrap_model(unet)))
         step += 1
         reader.add(step_loss, lr_scheduler.get_last_lr()[0])
         step_loss = None
@@ -364,7 +401,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         if checkpoint_due:
             save_checkpoint(accelerator, cfg, step, {"final_loss": losses[-1], **base}, states)
         if validation_due and accelerator.is_main_process:
-            validate(accelerator, cfg, parts, unet, text_encoder, ema, prompts, step)
+            with on_device(released, accelerator.device):
+                validate(accelerator, cfg, parts, unet, text_encoder, ema, prompts, step)
         step_seconds.append(time.perf_counter() - tick)
         tick = time.perf_counter()
     read_losses()
@@ -384,6 +422,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "learning_rate": learning_rate,
                 "final_loss": round(losses[-1], 6) if losses else None,
                 "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "caption_field": caption_field,
                 **base,
             },
         )

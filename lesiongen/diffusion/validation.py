@@ -20,18 +20,35 @@ def default_prompts(examples) -> list[str]:
     return list(firsts.values())[:8]
 
 
+def ema_parameters(unet) -> list:
+    """What the EMA copy follows: the parameters that train (the whole UNet in full mode, the LoRA adapters)."""
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
 @contextlib.contextmanager
 def swapped_in(ema, unet) -> Iterator[None]:
     """Use the EMA weights inside the block (validation), then put the training weights back."""
     if ema is None:
         yield
         return
-    ema.store(unet.parameters())
-    ema.copy_to(unet.parameters())
+    ema.store(ema_parameters(unet))
+    ema.copy_to(ema_parameters(unet))
     try:
         yield
     finally:
-        ema.restore(unet.parameters())
+        ema.restore(ema_parameters(unet))
+
+
+@contextlib.contextmanager
+def on_device(modules: list, device) -> Iterator[None]:
+    """Borrow modules released from the accelerator (frozen encoders after caching) for the block, then release them."""
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.to("cpu")
 
 
 def validate(
@@ -44,7 +61,8 @@ def validate(
 
     unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
     pipe = assemble_pipeline(parts, unet, text_encoder)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(parts["scheduler"].config)
+    if parts["family"].objective == "ddpm":  # few-step DPM-Solver++; flow models keep their flow-matching Euler
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(parts["scheduler"].config)
     pipe.set_progress_bar_config(disable=True)
     was_training = unet.training
     unet.eval()
@@ -53,6 +71,8 @@ def validate(
             pipe(
                 p,
                 num_inference_steps=cfg.validation_inference_steps,
+                height=cfg.resolution,
+                width=cfg.resolution,
                 generator=torch.Generator(accelerator.device).manual_seed(cfg.seed + i),
             ).images[0]
             for i, p in enumerate(prompts)

@@ -1,0 +1,79 @@
+"""SDXL: two CLIP text encoders, concatenated penultimate hidden states, the second one's pooled projection,
+and size/crop conditioning (``add_time_ids``), as ``StableDiffusionXLPipeline.encode_prompt`` builds them."""
+
+from __future__ import annotations
+
+from .base import Family, TextPart, rebuilt
+
+TEXT = (
+    TextPart("tokenizer", "text_encoder", "CLIPTokenizer", "CLIPTextModel"),
+    TextPart("tokenizer_2", "text_encoder_2", "CLIPTokenizer", "CLIPTextModelWithProjection"),
+)
+ADD_TIME_EMBED_DIM = 8  # tiny build only; SDXL's own is 256
+
+
+def encode(text_encoders: list, ids: list) -> dict:
+    """The pipeline's encoding: each encoder's penultimate hidden state, concatenated; the last one's pooled output."""
+    import torch
+
+    hidden, pooled = [], None
+    for encoder, token_ids in zip(text_encoders, ids, strict=True):
+        out = encoder(token_ids, output_hidden_states=True)
+        pooled = out[0]
+        hidden.append(out.hidden_states[-2])
+    return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
+
+
+def predict(unet, latents, timesteps, embeds: dict, scale: int):
+    """Size conditioning as the pipeline sets it by default: original = target = the image size, crop at (0, 0).
+
+    Training crops are centred and resized from the whole image, so (0, 0) and the training size are what
+    generation asks for; diffusers' SDXL script records each image's real size, which caching would have to store."""
+    import torch
+
+    size = latents.shape[-1] * scale
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=latents.device, dtype=latents.dtype)
+    added = {"text_embeds": embeds["pooled_prompt_embeds"], "time_ids": time_ids.expand(len(latents), -1)}
+    return unet(latents, timesteps, encoder_hidden_states=embeds["prompt_embeds"], added_cond_kwargs=added).sample
+
+
+def tiny(parts: dict, seed: int) -> dict:
+    """SDXL's structure on the tiny shapes: a second CLIP encoder with a projection, a UNet with text-time embeddings."""
+    import torch
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPTextModelWithProjection
+
+    text = parts["text_encoder"].config
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(text)
+    unet = rebuilt(
+        parts["unet"],
+        cross_attention_dim=text.hidden_size * 2,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=ADD_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * ADD_TIME_EMBED_DIM + text.projection_dim,
+    )
+    tokenizer_2 = type(parts["tokenizer"]).from_pretrained(parts["tokenizer"].name_or_path, pad_token="!")
+    scheduler = EulerDiscreteScheduler.from_config(parts["scheduler"].config)
+    return {
+        **parts,
+        "unet": unet,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "scheduler": scheduler,
+    }
+
+
+SDXL = Family(
+    name="sdxl",
+    pipeline="StableDiffusionXLPipeline",
+    text_parts=TEXT,
+    encode=encode,
+    embed_names=("prompt_embeds", "pooled_prompt_embeds"),
+    predict=predict,
+    native_resolution=1024,
+    matches=lambda index, source: index.get("_class_name") == "StableDiffusionXLPipeline",
+    tiny=tiny,
+    pipeline_extras={"add_watermarker": False},
+)

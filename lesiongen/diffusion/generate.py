@@ -82,6 +82,11 @@ class GenerateConfig:
         list(plans.ORIGINAL_STEPS), help="one value, or several to draw from per image (original: 30 50 70 100)"
     )
     batch_size: int = option(4, help="images per forward pass (images sharing guidance and steps are batched)")
+    torch_compile: bool = option(
+        False,
+        help="torch.compile the UNet: faster batches after a slow first one (minutes on a CPU; README section 3 has "
+        "measured figures), so it pays back only over long runs",
+    )
     negative_prompt: str = option("", help="negative prompt for classifier-free guidance")
     seed: int = option(0, help="plan seed; single mode uses seed, seed+1, ... as the images' seeds")
     caption_style: str = option("concept", help="prompt style, as in build_captions.py", choices=tuple(STYLES))
@@ -349,6 +354,16 @@ def sample(pipe, prompts: list[str], seeds: list[int], guidance: float, steps: i
     ).images
 
 
+def compile_unet(pipe) -> None:
+    """Compile the UNet once per pipeline. Graphs are specialised to the first batch size; a group's short last
+    batch recompiles once with a dynamic batch dimension (torch's automatic dynamic shapes), not once per size."""
+    import torch
+    from diffusers.utils.torch_utils import is_compiled_module
+
+    if not is_compiled_module(pipe.unet):
+        pipe.unet = torch.compile(pipe.unet)
+
+
 def batches(specs: Sequence[plans.ImageSpec], size: int) -> list[list[plans.ImageSpec]]:
     """Chunks of specs sharing guidance and steps (the pipeline takes one of each per call), in plan order."""
     groups: dict[tuple[float, int], list[plans.ImageSpec]] = {}
@@ -408,8 +423,9 @@ def generate(
 ) -> GenerateResult:
     """Make every planned image that is not already on disk, appending its manifest row once it is in place.
 
-    ``pipe`` reuses a loaded pipeline (tests, benchmarks); ``processes`` overrides accelerate's layout;
-    ``on_saved`` is called, in the writer thread, after each image and its row are written.
+    ``pipe`` reuses a loaded pipeline (tests, benchmarks; ``--torch_compile`` replaces its UNet with the compiled
+    one); ``processes`` overrides accelerate's layout; ``on_saved`` is called, in the writer thread, after each
+    image and its row are written.
     """
     from tqdm import tqdm
 
@@ -457,6 +473,8 @@ def generate(
             desc=f"generating ({cfg.scheduler})",
             disable=None if processes.is_main else True,
         )
+        if cfg.torch_compile:
+            compile_unet(pipe)
         # A 512 px PNG takes about 70 ms of CPU to encode (measured here), the order of a GPU's time per image,
         # so one writer thread saves batch k while batch k+1 samples; its errors (and on_saved's) surface here.
         with ThreadPoolExecutor(max_workers=1) as writer:

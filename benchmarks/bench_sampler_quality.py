@@ -10,8 +10,9 @@ bootstrap over the plan's images: a step count matches when the 95% interval of 
 reference's reaches zero or below, and that of its balanced accuracy minus the reference's reaches zero or
 above. Run from the repo root, e.g. on the demo's model:
 
-    .venv/bin/python benchmarks/bench_sampler_quality.py --model_path outputs/demo/model/lora \\
-        --real outputs/demo/captions --classifier outputs/demo/classifiers/real-seed0 --out /tmp/quality
+    .venv/bin/python benchmarks/bench_sampler_quality.py --model_path demo_output/model/lora \\
+        --real demo_output/captions --classifier demo_output/classifiers/real-seed0 --out /tmp/quality \\
+        --images_per_condition 10 --steps 4 6 8 10 15 20
 """
 
 from __future__ import annotations

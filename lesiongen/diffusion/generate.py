@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,6 +84,11 @@ class GenerateConfig:
         list(plans.ORIGINAL_STEPS), help="one value, or several to draw from per image (original: 30 50 70 100)"
     )
     batch_size: int = option(4, help="images per forward pass (images sharing guidance and steps are batched)")
+    torch_compile: bool = option(
+        False,
+        help="torch.compile the denoiser: faster batches after a slow first one (minutes on a CPU; README section 3 has "
+        "measured figures), so it pays back only over long runs",
+    )
     negative_prompt: str = option("", help="negative prompt for classifier-free guidance")
     seed: int = option(0, help="plan seed; single mode uses seed, seed+1, ... as the images' seeds")
     caption_style: str = option("concept", help="prompt style, as in build_captions.py", choices=tuple(STYLES))
@@ -377,6 +383,18 @@ def sample(pipe, prompts: list[str], seeds: list[int], guidance: float, steps: i
     ).images
 
 
+def compile_denoiser(pipe) -> None:
+    """Compile the UNet (or a transformer family's denoiser) once per pipeline. Graphs are specialised to the
+    first batch size; a group's short last batch recompiles once with a dynamic batch dimension (torch's
+    automatic dynamic shapes), not once per size."""
+    import torch
+    from diffusers.utils.torch_utils import is_compiled_module
+
+    name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    if not is_compiled_module(getattr(pipe, name)):
+        setattr(pipe, name, torch.compile(getattr(pipe, name)))
+
+
 def batches(specs: Sequence[plans.ImageSpec], size: int) -> list[list[plans.ImageSpec]]:
     """Chunks of specs sharing guidance and steps (the pipeline takes one of each per call), in plan order."""
     groups: dict[tuple[float, int], list[plans.ImageSpec]] = {}
@@ -393,6 +411,18 @@ def save_image(image, path: Path, row: dict) -> None:
         info.add_text(key, str(row[key]))
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
+
+
+def save_batch(batch, prompts, images, cfg: GenerateConfig, root: Path, manifest: Manifest, on_saved, bar) -> None:
+    """Write a batch's images, each followed by its manifest row, in plan order (then ``on_saved``)."""
+    for spec, prompt, image in zip(batch, prompts, images, strict=True):
+        row = manifest_row(spec, cfg, prompt)
+        path = root / row["file_name"]
+        save_image(image, path, row)
+        manifest.append(row)
+        bar.update(1)
+        if on_saved is not None:
+            on_saved(spec, path)
 
 
 def contact_sheet(root: Path, rows: list[dict], per_condition: int, out: Path) -> Path | None:
@@ -424,8 +454,9 @@ def generate(
 ) -> GenerateResult:
     """Make every planned image that is not already on disk, appending its manifest row once it is in place.
 
-    ``pipe`` reuses a loaded pipeline (tests, benchmarks); ``processes`` overrides accelerate's layout;
-    ``on_saved`` is called after each image and its row are written.
+    ``pipe`` reuses a loaded pipeline (tests, benchmarks; ``--torch_compile`` replaces its UNet with the compiled
+    one); ``processes`` overrides accelerate's layout; ``on_saved`` is called, in the writer thread, after each
+    image and its row are written.
     """
     from tqdm import tqdm
 
@@ -474,19 +505,21 @@ def generate(
             desc=f"generating ({cfg.scheduler})",
             disable=None if processes.is_main else True,
         )
-        for batch in batches(todo, cfg.batch_size):
-            prompts = [build_prompt(s.record(), cfg.caption_style, cfg.seed, field) for s in batch]
-            images = sample(
-                pipe, prompts, [s.seed for s in batch], batch[0].guidance_scale, batch[0].num_inference_steps, cfg, lora
-            )
-            for spec, prompt, image in zip(batch, prompts, images, strict=True):
-                row = manifest_row(spec, cfg, prompt)
-                path = root / row["file_name"]
-                save_image(image, path, row)
-                manifest.append(row)
-                bar.update(1)
-                if on_saved is not None:
-                    on_saved(spec, path)
+        if cfg.torch_compile:
+            compile_denoiser(pipe)
+        # A 512 px PNG takes about 70 ms of CPU to encode (measured here), the order of a GPU's time per image,
+        # so one writer thread saves batch k while batch k+1 samples; its errors (and on_saved's) surface here.
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            saving = None
+            for batch in batches(todo, cfg.batch_size):
+                prompts = [build_prompt(s.record(), cfg.caption_style, cfg.seed, field) for s in batch]
+                seeds = [s.seed for s in batch]
+                images = sample(pipe, prompts, seeds, batch[0].guidance_scale, batch[0].num_inference_steps, cfg, lora)
+                if saving is not None:
+                    saving.result()
+                saving = writer.submit(save_batch, batch, prompts, images, cfg, root, manifest, on_saved, bar)
+            if saving is not None:
+                saving.result()
         bar.close()
     processes.wait()
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTION = "{dx}, dermoscopic image, {shape} lesion {i}"
@@ -135,24 +135,6 @@ def run_read_pass(cache: Path, data: Path, model: Path) -> None:
     print(json.dumps({"items_per_s": len(order) / seconds, "rss_mib": peak, "rss_before_mib": baseline}))
 
 
-def versions() -> str:
-    import accelerate
-    import diffusers
-    import safetensors
-    import torch
-
-    cpu = platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{platform.platform()}, Python {platform.python_version()}, {cpu} ({os.cpu_count()} cores), "
-        f"load average {os.getloadavg()[0]:.1f}\ntorch {torch.__version__}, diffusers {diffusers.__version__}, "
-        f"accelerate {accelerate.__version__}, safetensors {safetensors.__version__}"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="pipeline folder (default: build the tiny one under --work)")
@@ -190,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
             shutil.rmtree(cache, ignore_errors=True)
 
-    print("\n" + versions())
+    print("\n" + describe(("torch", "diffusers", "accelerate", "safetensors")))
     print("tiny model, 64 px PNGs, both flips and the caption of each image encoded, float32")
     print("images  procs  build images/s  build peak RSS/proc  cache on disk  read items/s  read peak RSS")
     for r in rows:

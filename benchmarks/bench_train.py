@@ -32,13 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import describe
 
 from lesiongen.diffusion.families import FAMILIES
 
@@ -173,27 +174,6 @@ def run_lesiongen(args, model: Path, data: Path, out: Path, extra: list[str]) ->
     return timed_run(args, "lesiongen", flags, env)
 
 
-def versions(args) -> str:
-    import accelerate
-    import diffusers
-    import peft
-    import torch
-    import transformers
-
-    cpu = platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{cpu}, {os.cpu_count()} cores"
-    return (
-        f"{platform.platform()}, Python {platform.python_version()}, {device}, cores {args.cores or 'any'}, "
-        f"OMP threads {args.threads or 'default'}, load average {os.getloadavg()[0]:.1f}\n"
-        f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
-        f"accelerate {accelerate.__version__}, peft {peft.__version__}"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference", help="diffusers' train_text_to_image_lora.py (omit to time LesionGen only)")
@@ -256,7 +236,13 @@ def main(argv: list[str] | None = None) -> int:
                 rows.setdefault(label, []).append(row)
                 print(json.dumps({"round": r, "run": label, **row}), flush=True)
 
-    print("\n" + versions(args))
+    print(
+        "\n"
+        + describe(
+            ("torch", "diffusers", "transformers", "accelerate", "peft"),
+            f"cores {args.cores or 'any'}, OMP threads {args.threads or 'default'}",
+        )
+    )
     print(
         f"model {args.model or args.size}, families {' '.join(args.families)}, LoRA rank {args.rank}, {args.resolution} px, batch {args.batch_size}, "
         f"gradient checkpointing {args.gradient_checkpointing}, precision {args.mixed_precision}, "

@@ -24,13 +24,13 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere, like the shell wrapper does
@@ -49,7 +49,24 @@ BF16_PEAK_TFLOPS = {
     "A10": 125.0,
     "RTX 4090": 165.2,
 }
+PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft")
 PROMPT = "melanoma, dermoscopic image, showing irregular dots and globules, on the back of a male"
+
+
+def report(name: str, images_per_s: float, flops_per_image: float, memory, peak: float | None, **rates) -> dict:
+    """One result row, printed as JSON as soon as it is measured: the rate, memory and achieved TFLOP/s."""
+    tflops = flops_per_image * images_per_s / 1e12
+    row = {
+        "run": name,
+        **rates,
+        "images_per_s": images_per_s,
+        "memory_gib": memory.gib,
+        "memory_label": memory.label,
+        "tflops": tflops,
+        "utilisation": tflops / peak if peak else None,
+    }
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def peak_tflops(device, override: float | None) -> float | None:
@@ -182,19 +199,10 @@ def train_runs(model: Path, data: Path, work: Path, args, device, flops_per_imag
             steps_per_s = len(timed) / sum(timed)
             images_per_s = 4 * steps_per_s
             micro_used = json.loads((Path(cfg.output_dir) / "config.json").read_text())["micro_batch"]
-            tflops = flops_per_image * images_per_s / 1e12
-            rows.append(
-                {
-                    "run": f"LoRA {'cached' if cached else 'uncached'}, {'auto ' if micro else ''}{micro_used} x {4 // micro_used}",
-                    "steps_per_s": steps_per_s,
-                    "images_per_s": images_per_s,
-                    "memory_gib": memory.gib,
-                    "memory_label": memory.label,
-                    "tflops": tflops,
-                    "utilisation": tflops / peak if peak else None,
-                }
+            name = (
+                f"LoRA {'cached' if cached else 'uncached'}, {'auto ' if micro else ''}{micro_used} x {4 // micro_used}"
             )
-            print(json.dumps(rows[-1]), flush=True)
+            rows.append(report(name, images_per_s, flops_per_image, memory, peak, steps_per_s=steps_per_s))
             gc.collect()
     return rows
 
@@ -238,35 +246,9 @@ def generation_runs(model: Path, args, device, dtype, peak) -> list[dict]:
                     torch.cuda.synchronize(device)
                 times.append(time.perf_counter() - start)
         images_per_s = batch / statistics.median(times)
-        tflops = flops_per_image * images_per_s / 1e12
-        rows.append(
-            {
-                "run": f"generation, batch {batch}, {args.gen_steps} DPM-Solver++ steps, guidance 7.5",
-                "images_per_s": images_per_s,
-                "memory_gib": memory.gib,
-                "memory_label": memory.label,
-                "tflops": tflops,
-                "utilisation": tflops / peak if peak else None,
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
+        name = f"generation, batch {batch}, {args.gen_steps} DPM-Solver++ steps, guidance 7.5"
+        rows.append(report(name, images_per_s, flops_per_image, memory, peak))
     return rows
-
-
-def versions(device) -> str:
-    import accelerate
-    import diffusers
-    import peft
-    import torch
-    import transformers
-
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
-    cuda = f", CUDA {torch.version.cuda}" if device.type == "cuda" else ""
-    return (
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, {where}, {platform.platform()}, "
-        f"Python {platform.python_version()}\ntorch {torch.__version__}{cuda}, diffusers {diffusers.__version__}, "
-        f"transformers {transformers.__version__}, accelerate {accelerate.__version__}, peft {peft.__version__}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = train_runs(model, data, work, args, device, flops, peak)
         rows += generation_runs(model, args, device, dtype, peak)
 
-    print("\n" + versions(device))
+    print("\n" + describe(PACKAGES))
     print(
         f"{args.size} random weights, {args.resolution} px, {dtype}, LoRA rank {args.rank}, gradient "
         f"checkpointing, 4 images per step, {args.steps} timed steps; dense bf16 peak "
@@ -338,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         auto = next(r for r in rows if r["run"].startswith(f"LoRA {cached}, auto"))
         print(f"  automatic micro-batch, {cached}: {auto['steps_per_s'] / base['steps_per_s']:.2f}x batch 1 x 4")
     if args.json:
-        Path(args.json).write_text(json.dumps({"versions": versions(device), "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"versions": describe(PACKAGES), "rows": rows}, indent=2))
     return 0
 
 

@@ -40,10 +40,10 @@ from lesiongen.cli import option, parse_config, run
 from lesiongen.devices import AUTO
 from lesiongen.diffusion.checkpoints import latest_checkpoint
 from lesiongen.diffusion.generate import GenerateConfig, generate
-from lesiongen.diffusion.tiny import build_tiny_pipeline
+from lesiongen.diffusion.tiny import SMALL_DATA_SHAPE, build_tiny_pipeline
 from lesiongen.diffusion.train import TrainConfig
 from lesiongen.diffusion.train import train as train_diffusion
-from lesiongen.diffusion.train_vae import TrainVAEConfig, train_vae
+from lesiongen.diffusion.train_vae import SMALL_DATA_VAE, TrainVAEConfig, train_vae
 from lesiongen.evaluate.run import EvaluateConfig, evaluate
 from lesiongen.files import write_json
 from lesiongen.tables import read_image_table
@@ -129,17 +129,8 @@ def build_base_model(cfg: PaperConfig, seed: int, out: Path, images: Path, times
     base = out / "base-model"
     if not (base / "model_index.json").is_file():
         with stage(times, "build tiny model + train its VAE"):
-            # The demo's faithfulness levers (README section 6): 8 latent channels, GroupNorm over 4 channels,
-            # zero terminal SNR with v-prediction, and a class-balanced, lesion-weighted, whitened VAE loss.
-            build_tiny_pipeline(
-                base,
-                resolution=cfg.resolution,
-                seed=seed,
-                size=cfg.model_size,
-                latent_channels=8,
-                norm_groups=8,
-                zero_snr=True,
-            )
+            # The demo's small-data recipe (README section 6): its model shape and VAE loss.
+            build_tiny_pipeline(base, resolution=cfg.resolution, seed=seed, size=cfg.model_size, **SMALL_DATA_SHAPE)
             # Random VAE weights reconstruct nothing (TOOLCHAIN.md): train it on the real train images first.
             steps = scaled("vae_steps", cfg.scale)
             train_vae(
@@ -149,11 +140,8 @@ def build_base_model(cfg: PaperConfig, seed: int, out: Path, images: Path, times
                     resolution=cfg.resolution,
                     max_train_steps=steps,
                     crop_size=cfg.resolution // 2,
-                    full_size_steps=round(0.15 * steps),
-                    learning_rate=2e-3,
-                    lesion_weight=4.0,
-                    balance_classes=True,
-                    whiten_strength=0.5,
+                    full_size_steps=round(0.15 * steps),  # the demo's 150 of 1000
+                    **SMALL_DATA_VAE,
                     seed=seed,
                 )
             )

@@ -43,15 +43,7 @@ class Settings:
     classifier_epochs: int
     classifier_batch: int
     pairs_per_condition: int
-    # The faithfulness levers (README section 6 says why each is there): the model's shape, the VAE's loss
-    # and sampling, and the UNet's sampling, schedule and loss weighting.
-    latent_channels: int
-    norm_groups: int
-    vae_full_size_steps: int
-    vae_lr: float
-    vae_lesion_weight: float
-    vae_whiten_strength: float
-    snr_gamma: float | None
+    vae_full_size_steps: int  # the VAE's last steps on whole images instead of crops
 
 
 # Sized on the 2-core CPU the demo targets: quick under 3 minutes (the test suite runs it), full under 15.
@@ -74,13 +66,7 @@ SETTINGS: dict[str, Settings] = {
         classifier_epochs=3,
         classifier_batch=32,
         pairs_per_condition=1,
-        latent_channels=8,
-        norm_groups=8,
         vae_full_size_steps=0,
-        vae_lr=2e-3,
-        vae_lesion_weight=4.0,
-        vae_whiten_strength=0.5,
-        snr_gamma=5.0,
     ),
     "full": Settings(
         images_per_class=40,
@@ -103,13 +89,7 @@ SETTINGS: dict[str, Settings] = {
         classifier_epochs=10,
         classifier_batch=32,
         pairs_per_condition=3,
-        latent_channels=8,
-        norm_groups=8,
         vae_full_size_steps=150,
-        vae_lr=2e-3,
-        vae_lesion_weight=4.0,
-        vae_whiten_strength=0.5,
-        snr_gamma=5.0,
     ),
 }
 SPLIT_FRACTIONS = [0.6, 0.15, 0.25]  # a larger test split than 0.1, so per-subgroup accuracy has some support
@@ -196,20 +176,13 @@ def stage_captions(cfg: DemoConfig, s: Settings, out: Path) -> str:
 
 
 def stage_model(cfg: DemoConfig, s: Settings, out: Path) -> str:
-    from ..diffusion.tiny import build_tiny_pipeline
-    from ..diffusion.train_vae import TrainVAEConfig, train_vae
+    from ..diffusion.tiny import SMALL_DATA_SHAPE, build_tiny_pipeline
+    from ..diffusion.train_vae import SMALL_DATA_VAE, TrainVAEConfig, train_vae
 
     p = _paths(out)
     # Zero terminal SNR: at the default schedule's last step a 16x16 latent still shows its mean colour, so
     # samples drawn from pure noise took their colour from the noise, and every one drifted to average brown.
-    build_tiny_pipeline(
-        p["tiny"],
-        resolution=s.resolution,
-        seed=cfg.seed,
-        latent_channels=s.latent_channels,
-        norm_groups=s.norm_groups,
-        zero_snr=True,
-    )
+    build_tiny_pipeline(p["tiny"], resolution=s.resolution, seed=cfg.seed, **SMALL_DATA_SHAPE)
     summary = train_vae(
         TrainVAEConfig(
             pretrained_model_name_or_path=str(p["tiny"]),
@@ -219,10 +192,7 @@ def stage_model(cfg: DemoConfig, s: Settings, out: Path) -> str:
             train_batch_size=s.vae_batch,
             crop_size=s.vae_crop,
             full_size_steps=s.vae_full_size_steps,
-            learning_rate=s.vae_lr,
-            lesion_weight=s.vae_lesion_weight,
-            balance_classes=True,
-            whiten_strength=s.vae_whiten_strength,
+            **SMALL_DATA_VAE,
             seed=cfg.seed,
         )
     )
@@ -248,7 +218,7 @@ def _train(cfg: DemoConfig, s: Settings, out: Path, mode: str) -> str:
         # Its dense update of 49408 x 64 random token vectors was a quarter of each step, for nothing.
         freeze_token_embedding=full,
         balance_classes=True,  # the rare red and pink conditions get as many updates as the naevi
-        snr_gamma=s.snr_gamma,
+        snr_gamma=5.0,  # min-SNR weighting (Hang et al. 2023)
         train_batch_size=s.base_batch,
         gradient_accumulation_steps=1,
         max_train_steps=s.base_steps if full else s.lora_steps,

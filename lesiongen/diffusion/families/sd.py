@@ -7,6 +7,8 @@ the shared loss reads from the scheduler config; its UNet projects attention inp
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .base import Family, TextPart, rebuilt
 
 CLIP = (TextPart("tokenizer", "text_encoder", "CLIPTokenizer", "CLIPTextModel"),)
@@ -59,15 +61,10 @@ SD1 = Family(
     tiny=tiny_sd1,
     pipeline_extras=NO_SAFETY_CHECKER,
 )
-SD2 = Family(
+SD2 = replace(
+    SD1,
     name="sd2",
-    pipeline="StableDiffusionPipeline",
-    text_parts=CLIP,
-    encode=encode,
-    embed_names=("prompt_embeds",),
-    predict=predict,
     native_resolution=768,  # stable-diffusion-2-1 (v); stable-diffusion-2-1-base is 512 px with epsilon
     matches=lambda index, source: is_sd(index, source, v2=True),
     tiny=tiny_sd2,
-    pipeline_extras=NO_SAFETY_CHECKER,
 )

@@ -208,7 +208,7 @@ def train_model(cfg: PaperConfig, seed: int, base: str, mode: str, train_dir: Pa
             train_text_encoder=mode == "full",  # a random text encoder cannot carry concepts (TOOLCHAIN.md)
             freeze_token_embedding=mode == "full",  # random token vectors are distinct; updating them was slow
             balance_classes=True,
-            snr_gamma=5.0,
+            snr_gamma=None,  # min-SNR weights the zero-SNR steps that draw the layout near 0 (README section 6)
             train_data_dir=str(train_dir),
             caption_dropout=0.1,  # unconditional steps for classifier-free guidance
             resolution=cfg.resolution,

@@ -13,7 +13,7 @@ from PIL import Image
 
 from lesiongen import labels
 from lesiongen.demo.report import COMPARISON_COLUMNS, RERUN_COMMANDS
-from lesiongen.demo.run import CONTRASTS, SETTINGS, STAGES, demo, main
+from lesiongen.demo.run import CONTRASTS, SETTINGS, STAGES, demo, idle_cores, main
 from lesiongen.demo.run import DemoConfig as Config
 from lesiongen.diffusion.train_vae import vae_loss
 
@@ -127,6 +127,14 @@ def test_rerun_reuses_finished_stages(quick_demo, capsys):
     after = {p.name: p.stat().st_mtime_ns for p in (quick_demo / ".stages").iterdir()}
     assert all(after[k] == before[k] for k in before if k != "report.json")
     assert set(done) == {s.key for s in STAGES}
+
+
+@pytest.mark.parametrize(("cores", "load", "expected"), [(2, 0.1, 2), (2, 1.2, 1), (2, 5.0, 1), (8, 2.0, 6)])
+def test_threads_follow_idle_cores(monkeypatch, cores, load, expected):
+    """The default thread count leaves busy cores alone: oversubscribing a busy 2-core machine cost 5-10x."""
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    monkeypatch.setattr("os.getloadavg", lambda: (load, load, load))
+    assert idle_cores() == expected
 
 
 def test_colour_term_separates_blue_from_brown():

@@ -98,7 +98,9 @@ class TrainConfig:
     )
     allow_tf32: bool = option(True, help="TF32 matrix multiplies in float32 on Ampere and newer GPUs")
     snr_gamma: float | None = option(
-        None, help="min-SNR loss weighting gamma (5.0 is the paper's value); none disables"
+        None,
+        help="min-SNR loss weighting gamma (5.0 is the paper's value); none disables. With zero terminal SNR "
+        "(v-prediction) it weights the near-pure-noise timesteps, which set each image's layout, close to 0",
     )
     noise_offset: float = option(0.0, help="noise offset (0.05-0.1 helps very dark/bright images)")
     seed: int = option(0, help="seed for weights init, data order, flips, noise and timesteps")

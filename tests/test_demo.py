@@ -13,7 +13,7 @@ from PIL import Image
 
 from lesiongen import labels
 from lesiongen.demo.report import COMPARISON_COLUMNS, RERUN_COMMANDS
-from lesiongen.demo.run import CONTRASTS, SETTINGS, STAGES, demo, idle_cores, main
+from lesiongen.demo.run import CONTRASTS, SETTINGS, STAGES, demo, idle_cores, main, read_cpu_times
 from lesiongen.demo.run import DemoConfig as Config
 from lesiongen.diffusion.train_vae import vae_loss
 
@@ -129,12 +129,31 @@ def test_rerun_reuses_finished_stages(quick_demo, capsys):
     assert set(done) == {s.key for s in STAGES}
 
 
-@pytest.mark.parametrize(("cores", "load", "expected"), [(2, 0.1, 2), (2, 1.2, 1), (2, 5.0, 1), (8, 2.0, 6)])
-def test_threads_follow_idle_cores(monkeypatch, cores, load, expected):
+@pytest.mark.parametrize(
+    ("cores", "busy", "expected"), [(2, 0.1, 2), (2, 0.5, 2), (2, 1.2, 1), (2, 2.0, 1), (8, 2.0, 6)]
+)
+def test_threads_follow_idle_cores(monkeypatch, cores, busy, expected):
     """The default thread count leaves busy cores alone: oversubscribing a busy 2-core machine cost 5-10x."""
+    ticks = iter([(1000, 2000), (1000 + round(100 * (1 - busy / cores)), 2100)])  # idle, total: before and after
     monkeypatch.setattr("os.cpu_count", lambda: cores)
-    monkeypatch.setattr("os.getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr("lesiongen.demo.run.read_cpu_times", lambda: next(ticks))
+    monkeypatch.setattr("os.getloadavg", lambda: (cores, cores, cores))  # a stale load average is not read
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
     assert idle_cores() == expected
+
+
+def test_without_proc_stat_the_load_average_counts(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    monkeypatch.setattr("lesiongen.demo.run.read_cpu_times", lambda: None)
+    monkeypatch.setattr("os.getloadavg", lambda: (2.6, 1.0, 1.0))
+    assert idle_cores() == 1
+
+
+def test_cpu_times_are_read_from_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 5 50 800 20 1 2 3 0 0\ncpu0 50 2 25 400 10 0 1 1 0 0\n")
+    assert read_cpu_times(str(stat)) == (820, 981)
+    assert read_cpu_times(str(tmp_path / "missing")) is None
 
 
 def test_colour_term_separates_blue_from_brown():

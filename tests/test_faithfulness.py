@@ -72,6 +72,12 @@ def test_pairs_table_links_complete_pairs_only():
     assert effects[CONTRAST]["mean"] == 4.0 and effects["skin_tone=very light:brown"]["mean"] == 50.0
 
 
+def test_a_file_listed_under_two_prompts_is_found():
+    frame = pd.DataFrame({"path": ["x_absent.png", "y.png", "x_absent.png"], "text": ["no veil", "veil", "no streaks"]})
+    assert faithfulness.shared_files(frame) == ["x_absent.png"]
+    assert faithfulness.shared_files(frame.iloc[:2]) == []
+
+
 # ---- the evaluate stage on known answers -------------------------------------------------------------
 
 
@@ -189,3 +195,18 @@ def test_a_painted_blue_gray_area_shows_a_positive_veil_effect(known):
     assert probe["n"] == effect["n"] and np.isfinite(probe["mean"])
     md = (known["root"] / "eval_faithful" / "evaluation.md").read_text()
     assert "## Recognisability" in md and "## Paired steering" in md and f"| {CONTRAST} |" in md
+
+
+def test_pairs_that_share_a_file_across_switches_are_refused(known, tmp_path, capsys):
+    """What --contrast wrote before its file names carried the switch: two 'absent' images, one file."""
+    root = known["root"]
+    rows = pd.read_csv(root / "pairs" / "manifest.csv")
+    rows["text"] = [f"prompt {i}" for i in range(len(rows))]
+    rows.loc[3, "file_name"] = rows.loc[1, "file_name"]
+    rows.to_csv(root / "pairs" / "shared.csv", index=False)
+    argv = ["--real", str(root / "captions"), "--synthetic", str(root / "faithful" / "manifest.csv")]
+    argv += ["--output_dir", str(tmp_path / "eval"), "--pairs", str(root / "pairs" / "shared.csv")]
+    assert evaluate_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "shared.csv" in err and "under two different prompts" in err and "regenerate the pairs" in err
+    assert not (tmp_path / "eval" / "evaluation.json").exists()

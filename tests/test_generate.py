@@ -426,15 +426,17 @@ def test_sigkilled_cli_run_resumes_without_duplicates(tiny_sd_dir, pipe, tmp_pat
 
 
 def test_contrast_pairs_share_seed_and_prompt_but_one_switch(tiny_sd_dir, pipe, tmp_path):
-    cfg = config(tiny_sd_dir, tmp_path / "pairs", condition="mel,bcc", num_images=2, contrast=["blue_whitish_veil"])
+    switches = ["blue_whitish_veil", "streaks"]  # both have an 'absent' side: each needs its own file
+    cfg = config(tiny_sd_dir, tmp_path / "pairs", condition="mel,bcc", num_images=2, contrast=switches)
     result = generate(cfg, pipe=pipe)
     rows = manifest(tmp_path / "pairs")
-    assert result.planned == len(rows) == 2 * 2 * 2
-    by_pair: dict[str, list[dict]] = {}
+    assert result.planned == len(rows) == 2 * 2 * 2 * 2
+    assert len({r["file_name"] for r in rows}) == len(rows) == len(list((tmp_path / "pairs" / "dataset").rglob("*.png")))
+    by_pair: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        by_pair.setdefault(r["pair"], []).append(r)
-    assert len(by_pair) == 4
-    for a, b in by_pair.values():
+        by_pair.setdefault((r["pair"], r["contrast"]), []).append(r)
+    assert len(by_pair) == 8
+    for a, b in [pair for (_, contrast), pair in by_pair.items() if contrast.startswith("blue_whitish_veil")]:
         assert a["contrast"] == b["contrast"] == "blue_whitish_veil=present:absent"
         assert {a["blue_whitish_veil"], b["blue_whitish_veil"]} == {"present", "absent"}
         assert a["seed"] == b["seed"] and a["index"] == b["index"] and a["file_name"] != b["file_name"]

@@ -260,7 +260,9 @@ def test_contrast_pairs_differ_in_exactly_one_field():
                 spec.image_id, spec.seed, spec.sex, spec.guidance_scale,
             )  # fmt: skip
         assert dict(veil_on.concepts)["blue_whitish_veil"] == "present" and veil_on.variant == "present"
-        assert dict(veil_off.concepts)["blue_whitish_veil"] == "absent" and veil_off.stem.endswith("_absent")
+        assert dict(veil_off.concepts)["blue_whitish_veil"] == "absent" and veil_off.stem.endswith(
+            "_blue_whitish_veil-absent"
+        )
         rest = lambda s: {k: v for k, v in s.concepts if k != "blue_whitish_veil"}  # noqa: E731
         assert rest(veil_on) == rest(veil_off) == rest(spec)
         assert (light.skin_tone, dark.skin_tone) == (
@@ -275,3 +277,16 @@ def test_a_distribution_csv_that_is_not_utf8_is_one_line(tmp_path):
     path.write_bytes("sex,site_group,weight\nfemale,trunk,1\nmale,tête,2\n".encode("latin-1"))
     with pytest.raises(InputError, match="cells.csv line 3: is not UTF-8 text"):
         read_distribution(path)
+
+
+def test_every_member_of_several_switches_has_its_own_file():
+    """Two concept switches both have an 'absent' side with different prompts: they must not share a file."""
+    plan = build_plan(["akiec", "mel"], 2, seed=0)
+    switches = ["blue_whitish_veil", "streaks", "dots_and_globules", "vascular_structures", "skin_tone"]
+    pairs = contrast_plan(plan, parse_contrasts(switches))
+    assert len({s.stem for s in pairs}) == len(pairs) == 2 * len(switches) * len(plan)
+    first = [s for s in pairs if s.image_id == plan[0].image_id]
+    assert [s.stem for s in first[:2]] == [
+        f"{plan[0].image_id}_blue_whitish_veil-present",
+        f"{plan[0].image_id}_blue_whitish_veil-absent",
+    ]

@@ -92,6 +92,8 @@ SETTINGS: dict[str, Settings] = {
         # recognisability judge, recalled no real akiec and 0.21 of bkl (balanced accuracy 0.70; 0.93 at 20).
         classifier_epochs=20,
         classifier_batch=32,
+        # 21 pairs per switch. 42 found more concept effects excluding 0 on the same model (veil and blotches,
+        # against blotches alone) but cost a minute more with 2 threads, which took the demo past 15 minutes.
         pairs_per_condition=3,
         vae_full_size_steps=200,
     ),
@@ -120,7 +122,7 @@ class DemoConfig:
     force: bool = option(False, help="redo every stage instead of reusing finished ones")
     threads: int = option(
         0,
-        help="torch CPU threads; 0: one per idle core (cores minus the 1-minute load average, at least 1). On this "
+        help="torch CPU threads; 0: one per idle core (cores minus those busy over half a second, at least 1). On this "
         "2-core machine 2 threads train 1.3-1.7x faster when it is idle, and took 5-10x the CPU time of 1 when busy",
     )
 
@@ -390,14 +392,35 @@ def read_marker(path: Path) -> dict | None:
         return None
 
 
+def read_cpu_times(path: str = "/proc/stat") -> tuple[int, int] | None:
+    """(idle, total) clock ticks of all cores since boot, or None where there is no /proc/stat."""
+    try:
+        fields = Path(path).read_text().split("\n", 1)[0].split()[1:9]  # user nice system idle iowait irq softirq steal
+    except OSError:
+        return None
+    ticks = [int(v) for v in fields]
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+def busy_cores(seconds: float = 0.5) -> float:
+    """Cores other work keeps busy now, sampled from /proc/stat over ``seconds``; elsewhere the 1-minute load
+    average, which lags: a minute after a job ends it still counts it, and the demo then ran on one thread."""
+    first = read_cpu_times()
+    if first is not None:
+        time.sleep(seconds)
+        second = read_cpu_times()
+        if second is not None and second[1] > first[1]:
+            return (os.cpu_count() or 1) * (1 - (second[0] - first[0]) / (second[1] - first[1]))
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        return 0.0
+
+
 def idle_cores() -> int:
     """Cores not busy with other work: oversubscribed threads cost far more than they gain."""
     cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # no load average on this platform
-        load = 0.0
-    return max(1, min(cores, int(cores - load + 0.5)))
+    return max(1, min(cores, int(cores - busy_cores() + 0.5)))
 
 
 def demo(cfg: DemoConfig) -> dict:

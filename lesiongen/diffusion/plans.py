@@ -69,8 +69,13 @@ class ImageSpec:
 
     @property
     def stem(self) -> str:
-        """The image's file stem: a pair's two images share ``image_id`` and differ in their variant."""
-        return f"{self.image_id}_{self.variant.replace(' ', '-')}" if self.variant else self.image_id
+        """The image's file stem: a pair's two images share ``image_id`` and differ in their variant. The
+        switched field is part of it, because two switches of one image have equal variants ('absent') whose
+        prompts differ; without it they shared one file, and each pair was measured against another's image."""
+        if not self.contrast:
+            return self.image_id
+        field = self.contrast.partition("=")[0]
+        return f"{self.image_id}_{field}-{self.variant.replace(' ', '-')}"
 
     @property
     def condition(self) -> str:

@@ -101,6 +101,14 @@ def bootstrap_difference(a: np.ndarray, b: np.ndarray, statistic, seed: int = 0)
     }
 
 
+def shared_files(frame: pd.DataFrame) -> list[str]:
+    """Files a manifest lists under more than one prompt: one image cannot show two prompts."""
+    if "text" not in frame.columns or "path" not in frame.columns:
+        return []
+    prompts = frame.groupby("path", sort=False)["text"].nunique()
+    return [str(path) for path in prompts.index[prompts > 1]]
+
+
 def pairs(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per complete ``--contrast`` pair: ``pair``, ``contrast``, ``field``, ``on`` and ``off`` (row
     positions in ``frame``). Rows of unfinished pairs (one image on disk) are left out."""

@@ -341,6 +341,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             raise InputError(flag, f"needs at least 2 {name} images, found {len(df)}", "check the path and split")
     probe_df = read_image_table(cfg.concept_real) if cfg.concept_real else real_df
     pairs_df = read_image_table(cfg.pairs) if cfg.pairs else fake_df
+    shared = faithfulness.shared_files(pairs_df)
+    if shared:
+        raise InputError(
+            cfg.pairs or cfg.synthetic,
+            f"lists {len(shared)} image(s) under two different prompts (first: {shared[0]}), so a pair would be "
+            "measured against another switch's image (pairs written by generate.py --contrast before 2026-12-03)",
+            "regenerate the pairs into a new folder",
+        )
     table = faithfulness.pairs(pairs_df)
     if cfg.pairs and table.empty:
         raise InputError(cfg.pairs, "holds no complete --contrast pair", "generate pairs with generate.py --contrast")

@@ -431,7 +431,9 @@ def test_contrast_pairs_share_seed_and_prompt_but_one_switch(tiny_sd_dir, pipe, 
     result = generate(cfg, pipe=pipe)
     rows = manifest(tmp_path / "pairs")
     assert result.planned == len(rows) == 2 * 2 * 2 * 2
-    assert len({r["file_name"] for r in rows}) == len(rows) == len(list((tmp_path / "pairs" / "dataset").rglob("*.png")))
+    assert (
+        len({r["file_name"] for r in rows}) == len(rows) == len(list((tmp_path / "pairs" / "dataset").rglob("*.png")))
+    )
     by_pair: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         by_pair.setdefault((r["pair"], r["contrast"]), []).append(r)

@@ -79,6 +79,15 @@ def open_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
         raise UnreadableImage.from_error(path, e) from None
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of a file from its header, before any decode or draft."""
+    try:
+        with _opened(path) as im:
+            return im.size
+    except PIL_ERRORS as e:
+        raise UnreadableImage.from_error(path, e) from None
+
+
 def read_alpha(path: str | Path) -> np.ndarray | None:
     """The alpha channel (uint8, H x W) of a file with transparency, else None: what a measurement must ignore."""
     try:

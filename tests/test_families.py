@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,14 @@ from safetensors.torch import load_file
 
 import lesiongen.diffusion.train as train_module
 from lesiongen.diffusion.dataset import ImageCaptionDataset, collate, read_examples
-from lesiongen.diffusion.families import FAMILIES, NOISE_SCHEDULERS, denoiser, detect_family, model_index
+from lesiongen.diffusion.families import (
+    FAMILIES,
+    NOISE_SCHEDULERS,
+    denoiser,
+    detect_family,
+    model_index,
+    tokenize,
+)
 from lesiongen.diffusion.generate import GenerateConfig, generate
 from lesiongen.diffusion.loss import batch_loss
 from lesiongen.diffusion.pipeline import INTERCHANGE_NAMES, load_training_parts
@@ -290,3 +298,76 @@ def test_train_lora_sh_takes_any_family_and_a_kill_9_resumes_to_the_same_weights
     a = load_file(family_lora_run / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "k" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("family_name", ["sdxl"], indirect=True)
+def test_sdxl_is_conditioned_on_each_frames_file_size_and_crop_as_its_pipeline_encodes_them(
+    family_name, tiny_family_dir
+):
+    family = FAMILIES[family_name]
+    pipe = stock_pipeline(family_name, tiny_family_dir)
+    encoders = [getattr(pipe, n) for n in family.text_encoders]
+    batch = tokenize([getattr(pipe, n) for n in family.tokenizers], ["melanoma", "nevus"])
+    batch |= {"original_size": torch.tensor([[512, 768], [64, 64]]), "crop_top_left": torch.tensor([[0, 16], [0, 0]])}
+    torch.manual_seed(0)
+    noisy, t = torch.randn(2, pipe.unet.config.in_channels, 16, 16), torch.tensor([500, 500])
+    with torch.no_grad():
+        ours = denoiser(family, encoders, pipe.vae)(pipe.unet, batch, noisy, t)
+        unframed = denoiser(family, encoders, pipe.vae)(
+            pipe.unet, {k: batch[k] for k in ("input_ids", "input_ids_2")}, noisy, t
+        )
+        embeds = family.encode(encoders, [batch["input_ids"], batch["input_ids_2"]])
+        dim = pipe.text_encoder_2.config.projection_dim
+        time_ids = torch.cat(
+            [
+                pipe._get_add_time_ids((512, 768), (0, 16), (64, 64), torch.float32, text_encoder_projection_dim=dim),
+                pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), torch.float32, text_encoder_projection_dim=dim),
+            ]
+        )
+        added = {"text_embeds": embeds["pooled_prompt_embeds"], "time_ids": time_ids}
+        stock = pipe.unet(noisy, t, encoder_hidden_states=embeds["prompt_embeds"], added_cond_kwargs=added).sample
+    assert torch.allclose(ours, stock, atol=1e-5)
+    # without a file (validation, a hand-made batch) the pipeline's default: the frame itself, uncropped
+    assert torch.allclose(unframed[1], ours[1], atol=1e-5) and not torch.allclose(unframed[0], ours[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("family_name", ["sdxl", "sd3", "flux"], indirect=True)
+def test_train_text_encoder_trains_every_clip_encoder_keeps_t5_frozen_and_resumes(
+    family_name, tiny_family_dir, d7p_small_train, tmp_path
+):
+    family = FAMILIES[family_name]
+    cfg = replace(
+        lora_config(tiny_family_dir, d7p_small_train, tmp_path / "full"),
+        mode="full",
+        train_text_encoder=True,
+        use_ema=False,
+        max_train_steps=2,
+        checkpointing_steps=1,
+        validation_steps=2,
+        learning_rate=1e-3,
+    )
+    train(cfg)
+    saved, base = stock_pipeline(family_name, tmp_path / "full"), stock_pipeline(family_name, tiny_family_dir)
+    assert (tmp_path / "full" / "validation" / "step-000002.png").is_file()
+    for name in family.text_encoders:
+        changed = any(
+            not torch.equal(a, b)
+            for a, b in zip(getattr(saved, name).parameters(), getattr(base, name).parameters(), strict=True)
+        )
+        assert changed == (name in family.trainable_text_encoders), name
+    assert (
+        family.trainable_text_encoders
+        == {
+            "sdxl": ("text_encoder", "text_encoder_2"),
+            "sd3": ("text_encoder", "text_encoder_2"),  # not text_encoder_3, the T5
+            "flux": ("text_encoder",),  # not text_encoder_2, the T5
+        }[family_name]
+    )
+    # resuming from step 1 reaches the same encoders as the uninterrupted run
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full" / "checkpoint-1", resumed_dir / "checkpoint-1")
+    train(replace(cfg, output_dir=str(resumed_dir), resume_from_checkpoint="latest", validation_steps=0))
+    again = stock_pipeline(family_name, resumed_dir)
+    for name in ("unet" if family.denoiser == "unet" else "transformer", *family.trainable_text_encoders):
+        pairs = zip(getattr(again, name).parameters(), getattr(saved, name).parameters(), strict=True)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in pairs), name

@@ -10,8 +10,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import lesiongen.diffusion.latent_cache as latent_cache
@@ -21,6 +23,7 @@ from lesiongen.diffusion.families import prompt_encoder
 from lesiongen.diffusion.latent_cache import CachedLatentDataset, CacheLayout, build_shards, remove_stale
 from lesiongen.diffusion.pipeline import load_training_parts
 from lesiongen.diffusion.train import TrainConfig
+from lesiongen.tokens import clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,7 +90,17 @@ def test_sigkill_mid_build_then_resume_gives_the_uninterrupted_tensors(tiny_sd_d
     for name in shard_names:
         a = load_file(folder / name)
         b = load_file(tmp_path / "whole" / "latent_cache" / name)
-        assert a.keys() == b.keys() == {"latent_params", "prompt_embeds", "empty_prompt_embeds"}
+        assert (
+            a.keys()
+            == b.keys()
+            == {
+                "latent_params",
+                "original_size",
+                "crop_top_left",
+                "prompt_embeds",
+                "empty_prompt_embeds",
+            }
+        )
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert build_cache(killed).shards_written == 0  # complete: a rerun encodes nothing
 
@@ -119,6 +132,46 @@ def test_items_read_memory_mapped_equal_the_encoded_tensors_with_few_open_shards
             assert item["item"].item() == 99
         assert len(dataset._handles) <= 2
     assert torch.equal(dataset[(2, False, True, 0)]["prompt_embeds"], shards[2]["empty_prompt_embeds"])
+
+
+def test_cached_items_carry_the_framing_of_decoded_ones(small_cache):
+    """SDXL's size conditioning reads each frame's file size and crop corner; cached training must see the
+    values the uncached path computes, flip by flip (Derm7pt's 768x512 files are cropped at the side)."""
+    layout, examples, parts = small_cache
+    cached = CachedLatentDataset(layout, examples, [parts["tokenizer"]])
+    decoded = ImageCaptionDataset(examples, [parts["tokenizer"]], 64, center_crop=True)
+    for index in range(len(examples)):
+        for flip in (False, True):
+            a, b = cached[(index, flip, False, 0)], decoded[(index, flip, False, 0)]
+            assert torch.equal(a["original_size"], b["original_size"])
+            assert torch.equal(a["crop_top_left"], b["crop_top_left"])
+    with Image.open(examples[0].path) as im:
+        assert decoded[(0, False, False, 0)]["original_size"].tolist() == [im.height, im.width]
+
+
+@pytest.mark.parametrize("center_crop", [True, False])
+def test_the_crop_corner_is_where_the_frame_was_cut_in_both_flips(tmp_path, center_crop):
+    """An odd width makes the two flips' corners differ by one: each reported corner cuts exactly the pixels
+    the item holds from the (mirrored) resized image."""
+    from torchvision.transforms import functional as F
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "wide.png"
+    Image.fromarray(rng.integers(0, 255, (64, 99, 3), dtype=np.uint8)).save(path)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "wide.png", "text": "a lesion"}\n')
+    tokenizer = clip_tokenizer()
+    dataset = ImageCaptionDataset(read_examples(tmp_path, [tokenizer]), [tokenizer], 32, center_crop)
+    resized = F.resize(Image.open(path).convert("RGB"), 32, interpolation=F.InterpolationMode.BILINEAR)
+    assert resized.size == (49, 32)
+    torch.manual_seed(3)
+    for flip, source in ((False, resized), (True, F.hflip(resized))):
+        item = dataset[(0, flip, False, 0)]
+        assert item["original_size"].tolist() == [64, 99]
+        top, left = item["crop_top_left"].tolist()
+        expected = F.normalize(F.to_tensor(F.crop(source, top, left, 32, 32)), [0.5], [0.5])
+        assert torch.allclose(item["pixel_values"], expected, atol=1e-6), (flip, top, left)
+    if center_crop:  # (49 - 32) / 2 = 8.5 rounds to 8 from the left, so the mirror's corner is at 9
+        assert [dataset[(0, f, False, 0)]["crop_top_left"].tolist() for f in (False, True)] == [[0, 8], [0, 9]]
 
 
 def test_dataloader_workers_read_the_same_items(small_cache):

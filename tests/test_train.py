@@ -301,7 +301,7 @@ def test_cached_and_uncached_latents_give_the_same_loss(tiny_sd_dir, d7p_small_t
             )
     assert torch.allclose(losses[0], losses[1], rtol=1e-4), losses
     # Flips are cached as two different latents, not one mirrored latent.
-    unflipped, flipped = cached.item_tensors(0, False)[0], cached.item_tensors(0, True)[0]
+    unflipped, flipped = (cached.item_tensors(0, flip)[0]["latent_params"] for flip in (False, True))
     assert not torch.allclose(flipped, torch.flip(unflipped, dims=[-1]), atol=1e-3)
 
 

@@ -38,7 +38,8 @@ class TrainConfig:
     rank: int = option(64, help="LoRA rank (lora mode)")
     lora_alpha: float | None = option(None, help="LoRA alpha; none means alpha = rank (scale 1)")
     train_text_encoder: bool = option(
-        False, help="also train the text encoder (full mode; needed when it starts random)"
+        False,
+        help="also train the text encoders, every CLIP one (T5 stays frozen) (full mode; needed when they start random)",
     )
     freeze_token_embedding: bool = option(
         False,

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 from torchvision import transforms
+from torchvision.transforms import functional as F
 
 from ..errors import InputError
-from ..images import decode_problem, open_rgb
+from ..images import decode_problem, image_size, open_rgb
 from ..tables import read_metadata
 from .families import tokenize
 
@@ -84,17 +85,16 @@ def read_examples(train_data_dir: str | Path, tokenizers=(), caption_field: str 
     return examples
 
 
-def image_transform(resolution: int, center_crop: bool) -> transforms.Compose:
-    """Resize the short side, crop square, scale to [-1, 1]; flips are applied by the batch plan, not here."""
-    crop = transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution)
-    return transforms.Compose(
-        [
-            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-            crop,
-            transforms.ToTensor(),
-            transforms.Normalize([0.5], [0.5]),
-        ]
-    )
+def frame_image(img, resolution: int, center_crop: bool) -> tuple[torch.Tensor, tuple[int, int], int]:
+    """Resize the short side, crop square, scale to [-1, 1]: (pixels, the crop's (top, left) in the resized
+    image, the resized width). Flips are applied by the batch plan, not here."""
+    img = F.resize(img, resolution, interpolation=F.InterpolationMode.BILINEAR)
+    if center_crop:
+        top, left = (int(round((side - resolution) / 2.0)) for side in (img.height, img.width))
+    else:
+        top, left, _, _ = transforms.RandomCrop.get_params(img, (resolution, resolution))
+    x = F.normalize(F.to_tensor(F.crop(img, top, left, resolution, resolution)), [0.5], [0.5])
+    return x, (top, left), img.width
 
 
 @functools.lru_cache(maxsize=2)
@@ -197,22 +197,38 @@ class ImageCaptionDataset(Dataset):
         self.examples = examples
         self.tokenizers = tokenizers
         self.resolution = resolution
-        self.transform = image_transform(resolution, center_crop)
+        self.center_crop = center_crop
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def pixels(self, index: int, flip: bool) -> torch.Tensor:
+    def framed(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pixels, the file's (height, width), the crop's (top, left) unflipped and flipped) of one image.
+
+        SDXL is conditioned on the last two (``add_time_ids``), as diffusers' SDXL script records them: the
+        size before resizing and the corner in the resized image, which a flip moves to the other side."""
+        path = self.examples[index].path
+        width, height = image_size(path)
         # JPEGs decode at a reduced scale keeping 2x the training size a side (about 4x faster on
         # Derm7pt's 768x512 files); the antialiased resize still does the smoothing.
-        x = self.transform(open_rgb(self.examples[index].path, draft=2 * self.resolution))
-        return torch.flip(x, dims=[-1]) if flip else x
+        x, (top, left), resized_width = frame_image(
+            open_rgb(path, draft=2 * self.resolution), self.resolution, self.center_crop
+        )
+        corners = torch.tensor([[top, left], [top, resized_width - self.resolution - left]])
+        return x, torch.tensor([height, width]), corners
 
     def __getitem__(self, key: ItemKey) -> dict:
         index, flip, drop, item = key
+        x, original_size, corners = self.framed(index)
         text = "" if drop else self.examples[index].text
         ids = {k: v[0] for k, v in tokenize(self.tokenizers, [text]).items()}
-        return {"pixel_values": self.pixels(index, flip), **ids, "item": torch.tensor(item)}
+        return {
+            "pixel_values": torch.flip(x, dims=[-1]) if flip else x,
+            **ids,
+            "original_size": original_size,
+            "crop_top_left": corners[int(flip)],
+            "item": torch.tensor(item),
+        }
 
 
 def collate(items: list[dict]) -> dict:

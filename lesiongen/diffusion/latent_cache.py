@@ -2,7 +2,8 @@
 
 With the cache a training step runs only the UNet. The VAE's latent *distribution* (mean and
 log-variance) is cached rather than one sample, so a cached step samples exactly as an uncached one;
-both flips of each image are cached so random flip survives caching. Text embeddings (every one the
+both flips of each image are cached so random flip survives caching, with each frame's file size and crop
+corner (SDXL's size conditioning). Text embeddings (every one the
 family's denoiser takes: ``prompt_embeds``, and ``pooled_prompt_embeds`` for SDXL) are cached only while
 the text encoders are frozen, in the dtype the frozen encoders run in (the training dtype).
 
@@ -37,6 +38,8 @@ SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.safetensors$")
 # (measured 69 vs 171 us), but each maps its file, and a large cache has
 # thousands of shards: more than a default limit of 1024 open files, and mapped pages count as RSS.
 OPEN_SHARDS = 8
+# Part of the cache key: caches of another layout are rebuilt, never misread (2: file sizes and crop corners).
+CACHE_FORMAT = 2
 
 
 def cache_key(
@@ -50,7 +53,7 @@ def cache_key(
 ) -> str:
     """Changes whenever anything the cached tensors depend on changes, so a stale cache is never reused."""
     h = hashlib.sha256()
-    h.update(json.dumps([str(model), resolution, center_crop, str(dtype), with_text, family]).encode())
+    h.update(json.dumps([CACHE_FORMAT, str(model), resolution, center_crop, str(dtype), with_text, family]).encode())
     for ex in examples:
         st = ex.path.stat()
         h.update(f"{ex.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{ex.text}\n".encode())
@@ -105,7 +108,8 @@ def remove_stale(layout: CacheLayout) -> None:
 
 
 class _BothFlips(Dataset):
-    """Decoded pixels of both flips of an image, so DataLoader workers can decode while the VAE encodes."""
+    """Decoded pixels of both flips of an image with its framing, so DataLoader workers can decode while the VAE
+    encodes."""
 
     def __init__(self, images: ImageCaptionDataset):
         self.images = images
@@ -113,16 +117,25 @@ class _BothFlips(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        x = self.images.pixels(index, flip=False)
-        return torch.stack([x, torch.flip(x, dims=[-1])])
+    def __getitem__(self, index: int) -> dict:
+        x, original_size, corners = self.images.framed(index)
+        return {
+            "pixels": torch.stack([x, torch.flip(x, dims=[-1])]),
+            "original_size": original_size,
+            "corners": corners,
+        }
 
 
 @torch.no_grad()
-def encode_batch(images: ImageCaptionDataset, rows: list[int], pixels: torch.Tensor, vae, encode_text, embed_dtype):
-    """Latent distributions of both flips of ``rows`` (and their caption embeddings when ``encode_text`` is given)."""
-    p = vae.encode(pixels.flatten(0, 1).to(vae.device, vae.dtype)).latent_dist.parameters
-    out = {"latent_params": p.reshape(len(rows), 2, *p.shape[1:]).cpu()}
+def encode_batch(images: ImageCaptionDataset, rows: list[int], framed: dict, vae, encode_text, embed_dtype):
+    """Latent distributions of both flips of ``rows`` with their framing (and their caption embeddings when
+    ``encode_text`` is given)."""
+    p = vae.encode(framed["pixels"].flatten(0, 1).to(vae.device, vae.dtype)).latent_dist.parameters
+    out = {
+        "latent_params": p.reshape(len(rows), 2, *p.shape[1:]).cpu(),
+        "original_size": framed["original_size"],
+        "crop_top_left": framed["corners"],
+    }
     if encode_text is not None:
         embeds = encode_text([images.examples[i].text for i in rows])
         out.update({k: v.to(embed_dtype).cpu() for k, v in embeds.items()})
@@ -162,8 +175,8 @@ def build_shards(
     loader = DataLoader(_BothFlips(images), batch_sampler=[rows for _, rows in plan], num_workers=num_workers)
     bar = tqdm(total=len(todo), desc="caching latents", unit="shard", disable=not show_progress)
     parts: list[dict] = []
-    for (shard, rows), pixels in zip(plan, loader, strict=True):
-        parts.append(encode_batch(images, rows, pixels, vae, encode_text, embed_dtype))
+    for (shard, rows), framed in zip(plan, loader, strict=True):
+        parts.append(encode_batch(images, rows, framed, vae, encode_text, embed_dtype))
         if rows[-1] != layout.rows(shard)[-1]:
             continue
         tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} | empty
@@ -203,17 +216,22 @@ class CachedLatentDataset(Dataset):
             self._handles.popitem(last=False)
         return handle
 
-    def item_tensors(self, index: int, flip: bool) -> tuple[torch.Tensor, dict]:
-        """(latent distribution [2C, h, w], named caption embeddings, empty when text is not cached) of one image."""
+    def item_tensors(self, index: int, flip: bool) -> tuple[dict, dict]:
+        """({latent distribution [2C, h, w], file size, crop corner}, named caption embeddings, empty when text
+        is not cached) of one image."""
         shard, row = divmod(index, self.layout.shard_size)
         f = self._open(shard)
-        latent = f.get_slice("latent_params")[row, int(flip)]
-        return latent, {k: f.get_slice(k)[row] for k in self.empty}
+        frame = {
+            "latent_params": f.get_slice("latent_params")[row, int(flip)],
+            "original_size": f.get_slice("original_size")[row],
+            "crop_top_left": f.get_slice("crop_top_left")[row, int(flip)],
+        }
+        return frame, {k: f.get_slice(k)[row] for k in self.empty}
 
     def __getitem__(self, key: tuple[int, bool, bool, int]) -> dict:
         index, flip, drop, item = key
-        latent, embeds = self.item_tensors(index, flip)
-        out = {"latent_params": latent, "item": torch.tensor(item)}
+        frame, embeds = self.item_tensors(index, flip)
+        out = {**frame, "item": torch.tensor(item)}
         if embeds:
             out.update(self.empty if drop else embeds)
         else:

@@ -307,9 +307,10 @@ def save_lora(unet, lora_config, out_dir: str | Path, family: Family = FAMILIES[
     return out_dir
 
 
-def assemble_pipeline(parts: dict, unet, text_encoder):
-    """The family's pipeline around weights in training (validation, full save); SD without its safety checker."""
+def assemble_pipeline(parts: dict, unet, text_encoders: dict):
+    """The family's pipeline around weights in training (validation, full save); SD without its safety checker.
+    ``text_encoders`` replaces the parts' text encoders by name (the ones in training)."""
     family = parts["family"]
     components = {name: parts[name] for name in family.components if name != family.denoiser}
-    components |= {family.denoiser: unet, "text_encoder": text_encoder}
+    components |= {family.denoiser: unet, **text_encoders}
     return family.pipeline_class()(**components, **family.pipeline_extras)

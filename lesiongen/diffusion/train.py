@@ -75,20 +75,16 @@ def lora_trainable(parts: dict, cfg: TrainConfig) -> list:
 
 
 def full_trainable(parts: dict, cfg: TrainConfig) -> list:
-    """Full: the whole UNet trains (and the first text encoder with --train_text_encoder)."""
-    if cfg.train_text_encoder and len(parts["family"].text_encoders) > 1:
-        raise InputError(
-            "--train_text_encoder",
-            f"trains one text encoder, and {parts['family'].name} has {len(parts['family'].text_encoders)}",
-            "drop it (the UNet alone trains), or train a single-encoder family",
-        )
+    """Full: the whole UNet trains, and with --train_text_encoder every CLIP text encoder (T5 stays frozen)."""
     for name in family_modules(parts):
         parts[name].requires_grad_(False)
     parts["unet"].requires_grad_(True)
-    parts["text_encoder"].requires_grad_(cfg.train_text_encoder)
-    if cfg.freeze_token_embedding:
-        parts["text_encoder"].get_input_embeddings().requires_grad_(False)
-    return [parts["unet"], parts["text_encoder"]] if cfg.train_text_encoder else [parts["unet"]]
+    texts = parts["family"].trainable_text_encoders if cfg.train_text_encoder else ()
+    for name in texts:
+        parts[name].requires_grad_(True)
+        if cfg.freeze_token_embedding:
+            parts[name].get_input_embeddings().requires_grad_(False)
+    return [parts["unet"], *(parts[n] for n in texts)]
 
 
 def make_ema(unet, cfg: TrainConfig):
@@ -100,7 +96,7 @@ def make_ema(unet, cfg: TrainConfig):
     return EMAModel(ema_parameters(unet), decay=cfg.ema_decay)
 
 
-def save_lora_result(out: Path, parts: dict, unet, text_encoder, ema) -> None:
+def save_lora_result(out: Path, parts: dict, unet, text_encoders: dict, ema) -> None:
     """LoRA weights (the EMA's with --use_ema) in the diffusers format ``pipe.load_lora_weights(dir)`` reads,
     and their copy for A1111/ComfyUI."""
     from .pipeline import save_lora
@@ -110,7 +106,7 @@ def save_lora_result(out: Path, parts: dict, unet, text_encoder, ema) -> None:
     save_lora(unet, unet.peft_config["default"], out, parts["family"])
 
 
-def save_full_result(out: Path, parts: dict, unet, text_encoder, ema) -> None:
+def save_full_result(out: Path, parts: dict, unet, text_encoders: dict, ema) -> None:
     """A complete pipeline folder with the EMA weights swapped in, for ``from_pretrained``."""
     import torch
 
@@ -118,13 +114,14 @@ def save_full_result(out: Path, parts: dict, unet, text_encoder, ema) -> None:
 
     if ema is not None:
         ema.copy_to(ema_parameters(unet))
-    assemble_pipeline(parts, unet.to(torch.float32), text_encoder.to(torch.float32)).save_pretrained(out)
+    text_encoders = {name: module.to(torch.float32) for name, module in text_encoders.items()}
+    assemble_pipeline(parts, unet.to(torch.float32), text_encoders).save_pretrained(out)
 
 
 @dataclass(frozen=True)
 class Mode:
     trainable: Callable  # (parts, cfg) -> modules whose parameters train
-    save_result: Callable  # (folder, parts, unet, text_encoder, ema) -> None
+    save_result: Callable  # (folder, parts, unet, {name: text encoder}, ema) -> None
     published_last: str  # the file whose presence marks the saved result complete
 
 
@@ -174,8 +171,8 @@ def place_models(parts: dict, trained: list, accelerator, gradient_checkpointing
         cast_training_params(module, dtype=torch.float32)
     if gradient_checkpointing:
         parts["unet"].enable_gradient_checkpointing()
-        if any(parts["text_encoder"] is m for m in trained):
-            parts["text_encoder"].gradient_checkpointing_enable()
+        for text_encoder in trained[1:]:
+            text_encoder.gradient_checkpointing_enable()
 
 
 def make_dataset(cfg: TrainConfig, examples, parts: dict, accelerator, text_trains: bool):
@@ -288,7 +285,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     ema = make_ema(parts["unet"], cfg)
     if ema is not None:
         ema.to(accelerator.device)
-    text_trains = any(m is parts["text_encoder"] for m in trained)
+    text_trains = len(trained) > 1  # the UNet first, then any text encoders
     dataset = make_dataset(cfg, examples, parts, accelerator, text_trains)
     released = release_encoders(parts, cfg, text_trains)
     prompts = cfg.validation_prompts or default_prompts(examples)
@@ -301,7 +298,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     *models, optimizer = accelerator.prepare(*trained, optimizer)
     unet = models[0]
-    text_encoder = models[1] if text_trains else parts["text_encoder"]
+    trained_text = [n for n in family.text_encoders if any(parts[n] is m for m in trained)]
+    # every text encoder by name, the trained ones as accelerate wrapped them (family order is kept)
+    text_encoders = {n: parts[n] for n in family.text_encoders} | dict(zip(trained_text, models[1:], strict=True))
     states = {"lr_scheduler": lr_scheduler, **({"ema": ema} if ema is not None else {})}
     accelerator.register_save_state_pre_hook(keep_trainable_weights)
 
@@ -322,8 +321,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         )
     plan = (len(examples), per_step, 1, cfg.seed, cfg.random_flip, cfg.caption_dropout)
 
-    text_encoders = [text_encoder, *(parts[n] for n in family.text_encoders[1:])]
-    predict = families.denoiser(family, text_encoders, parts["vae"])
+    predict = families.denoiser(family, list(text_encoders.values()), parts["vae"])
 
     def run_loss(batch, model=unet):
         return batch_loss(
@@ -407,7 +405,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             save_checkpoint(accelerator, cfg, step, {"final_loss": losses[-1], **base}, states)
         if validation_due and accelerator.is_main_process:
             with on_device(released, accelerator.device):
-                validate(accelerator, cfg, parts, unet, text_encoder, ema, prompts, step)
+                validate(accelerator, cfg, parts, unet, text_encoders, ema, prompts, step)
         step_seconds.append(time.perf_counter() - tick)
         tick = time.perf_counter()
     read_losses()
@@ -415,7 +413,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final_unet, final_text = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+        final_unet = accelerator.unwrap_model(unet)
+        final_text = {n: accelerator.unwrap_model(m) for n, m in text_encoders.items()}
         publish(out, lambda tmp: mode.save_result(tmp, parts, final_unet, final_text, ema), mode.published_last)
         record = run_record(
             cfg,

@@ -52,15 +52,15 @@ def on_device(modules: list, device) -> Iterator[None]:
 
 
 def validate(
-    accelerator, cfg: TrainConfig, parts: dict, unet, text_encoder, ema, prompts: list[str], step: int
+    accelerator, cfg: TrainConfig, parts: dict, unet, text_encoders: dict, ema, prompts: list[str], step: int
 ) -> Path:
     """A grid of one image per prompt, saved as PNG and logged to TensorBoard; same seed every time."""
     import numpy as np
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
-    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
-    pipe = assemble_pipeline(parts, unet, text_encoder)
+    unet = accelerator.unwrap_model(unet)
+    pipe = assemble_pipeline(parts, unet, {n: accelerator.unwrap_model(m) for n, m in text_encoders.items()})
     if parts["family"].objective == "ddpm":  # few-step DPM-Solver++; flow models keep their flow-matching Euler
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(parts["scheduler"].config)
     pipe.set_progress_bar_config(disable=True)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+# Batch keys of where each training frame came from: the file's (height, width) and the crop's (top, left).
+FRAMING = ("original_size", "crop_top_left")
+
 
 @dataclass(frozen=True)
 class TextPart:
@@ -25,7 +28,7 @@ class Family:
     # (text encoders, token ids per tokenizer) -> named embeddings; the latent cache stores each name
     encode: Callable[[list, list], dict]
     embed_names: tuple[str, ...]
-    # (denoiser, noisy latents, timesteps, embeddings, VAE downscale factor) -> the denoiser's prediction
+    # (denoiser, noisy latents, timesteps, embeddings and FRAMING, VAE downscale factor) -> the denoiser's prediction
     predict: Callable
     native_resolution: int
     # (index, source) -> True when a model_index.json (and the model's configs) are this family's
@@ -48,6 +51,12 @@ class Family:
     @property
     def text_encoders(self) -> tuple[str, ...]:
         return tuple(p.encoder for p in self.text_parts)
+
+    @property
+    def trainable_text_encoders(self) -> tuple[str, ...]:
+        """What ``--train_text_encoder`` trains: every CLIP encoder. T5 stays frozen, as diffusers' SD3 and Flux
+        scripts keep it: T5-XXL has 4.7 B parameters, more than either denoiser's optimiser state could share."""
+        return tuple(p.encoder for p in self.text_parts if p.encoder_class.startswith("CLIPTextModel"))
 
     @property
     def tokenizers(self) -> tuple[str, ...]:
@@ -133,7 +142,8 @@ class Denoiser:
             with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
                 embeds = self.family.encode(self.text_encoders, ids)
         embeds = {k: v.to(noisy.dtype) for k, v in embeds.items()}
-        return self.family.predict(model, noisy, timesteps, embeds, self.scale)
+        framing = {k: batch[k].to(noisy.device) for k in FRAMING if k in batch}
+        return self.family.predict(model, noisy, timesteps, embeds | framing, self.scale)
 
 
 def denoiser(family: Family, text_encoders: list, vae) -> Denoiser:

@@ -24,17 +24,21 @@ def encode(text_encoders: list, ids: list) -> dict:
     return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
 
 
-def predict(unet, latents, timesteps, embeds: dict, scale: int):
-    """Size conditioning as the pipeline sets it by default: original = target = the image size, crop at (0, 0).
+def predict(unet, latents, timesteps, conditioning: dict, scale: int):
+    """The UNet with SDXL's size conditioning: (original height, width, crop top, left, target height, width).
 
-    Training crops are centred and resized from the whole image, so (0, 0) and the training size are what
-    generation asks for; diffusers' SDXL script records each image's real size, which caching would have to store."""
+    Training frames bring their file's size and crop corner (``FRAMING``), as diffusers' SDXL script records
+    them, so the model learns what a crop and a small source look like; without them (a caller with no
+    files) the pipeline's default applies: original = target = the frame, crop at (0, 0)."""
     import torch
 
-    size = latents.shape[-1] * scale
-    time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=latents.device, dtype=latents.dtype)
-    added = {"text_embeds": embeds["pooled_prompt_embeds"], "time_ids": time_ids.expand(len(latents), -1)}
-    return unet(latents, timesteps, encoder_hidden_states=embeds["prompt_embeds"], added_cond_kwargs=added).sample
+    n = len(latents)
+    target = torch.tensor([latents.shape[-2] * scale, latents.shape[-1] * scale], device=latents.device).expand(n, 2)
+    original = conditioning.get("original_size", target)
+    corner = conditioning.get("crop_top_left", torch.zeros_like(target))
+    time_ids = torch.cat([original, corner, target], dim=1).to(latents.dtype)
+    added = {"text_embeds": conditioning["pooled_prompt_embeds"], "time_ids": time_ids}
+    return unet(latents, timesteps, encoder_hidden_states=conditioning["prompt_embeds"], added_cond_kwargs=added).sample
 
 
 def tiny(parts: dict, seed: int) -> dict:

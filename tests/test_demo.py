@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,28 @@ def test_rerun_reuses_finished_stages(quick_demo, capsys):
     after = {p.name: p.stat().st_mtime_ns for p in (quick_demo / ".stages").iterdir()}
     assert all(after[k] == before[k] for k in before if k != "report.json")
     assert set(done) == {s.key for s in STAGES}
+
+
+def test_a_generated_folder_of_other_settings_is_replaced_and_a_killed_one_resumed(quick_demo, tmp_path):
+    """The demo owns its folders: after an upgrade changes its settings, the redone stages replace what an
+    earlier version generated (generate.py alone refuses to mix settings); a killed run's images are kept."""
+    from lesiongen.demo.run import generate_here, generation
+
+    out = tmp_path / "demo"
+    shutil.copytree(quick_demo, out)
+    s = SETTINGS["quick"]
+    bigger = generation(
+        Config(output_dir=str(out)), s, out, num_images=s.images_per_condition + 1, output_dir=str(out / "generated")
+    )
+    result = generate_here(bigger)
+    assert result.planned == result.generated == 7 * (s.images_per_condition + 1) and result.already_done == 0
+    rows = (out / "generated" / "manifest.csv").read_text().splitlines()
+    kept = out / "generated" / rows[1].split(",")[rows[0].split(",").index("file_name")]
+    kept_mtime = kept.stat().st_mtime_ns
+    (out / "generated" / "manifest.csv").write_text("\n".join(rows[:-3]) + "\n")  # killed before the last three
+    again = generate_here(bigger)
+    assert again.already_done == result.planned - 3 and again.generated == 3
+    assert kept.stat().st_mtime_ns == kept_mtime
 
 
 @pytest.mark.parametrize(

@@ -454,3 +454,36 @@ def test_contrast_pairs_share_seed_and_prompt_but_one_switch(tiny_sd_dir, pipe, 
         config(tiny_sd_dir, tmp_path / "x", contrast=["streaks"], caption_style="label")
     with pytest.raises(InputError, match="blue_whitish_veil is also fixed or balanced"):
         config(tiny_sd_dir, tmp_path / "x", contrast=["blue_whitish_veil"], concepts=["blue_whitish_veil=present"])
+
+
+def test_contrast_guidance_samples_each_side_against_the_other(tiny_sd_dir, pipe, tmp_path):
+    """Each image of a pair is sampled with its partner's prompt as the negative prompt: the manifest says so,
+    and the pixels are what the pipeline gives for that prompt, negative prompt and seed."""
+    import torch
+
+    cfg = config(tiny_sd_dir, tmp_path / "pairs", num_images=2, contrast=["blue_whitish_veil"], contrast_guidance=True)
+    generate(cfg, pipe=pipe)
+    rows = manifest(tmp_path / "pairs")
+    assert len(rows) == 4
+    for r in rows:
+        partner = next(o for o in rows if o["pair"] == r["pair"] and o is not r)
+        assert r["negative_prompt"] == partner["text"] != r["text"]
+    first = rows[0]
+    direct = pipe(
+        prompt=first["text"],
+        negative_prompt=first["negative_prompt"],
+        guidance_scale=5.0,
+        num_inference_steps=2,
+        generator=torch.Generator("cpu").manual_seed(int(first["seed"])),
+        height=32,
+        width=32,
+    ).images[0]
+    saved = pixels(tmp_path / "pairs" / first["file_name"]).astype(int)
+    assert np.abs(saved - np.asarray(direct, dtype=int)).max() <= 2
+    plain = config(tiny_sd_dir, tmp_path / "plain", num_images=2, contrast=["blue_whitish_veil"])
+    generate(plain, pipe=pipe)
+    assert not np.array_equal(saved, pixels(tmp_path / "plain" / first["file_name"]))
+    with pytest.raises(InputError, match="--contrast_guidance: needs --contrast"):
+        config(tiny_sd_dir, tmp_path / "x", contrast_guidance=True)
+    with pytest.raises(InputError, match="--contrast_guidance: sets each image's negative prompt"):
+        config(tiny_sd_dir, tmp_path / "x", contrast=["streaks"], contrast_guidance=True, negative_prompt="blurry")

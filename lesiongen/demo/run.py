@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..cli import option, parse_config, run
+from ..errors import InputError
 from ..files import write_json
 
 
@@ -278,11 +280,21 @@ def generation(cfg: DemoConfig, s: Settings, out: Path, **kw):
     )
 
 
-def stage_generate(cfg: DemoConfig, s: Settings, out: Path) -> str:
-    from ..diffusion.generate import generate
+def generate_here(gc) -> object:
+    """``generate``, resuming a killed run, but replacing a folder made under other settings (an earlier
+    version's, or the stage before was redone): the demo owns its folders, where generate.py would refuse."""
+    from ..diffusion.generate import check_resume, generate
 
+    try:
+        check_resume(Path(gc.output_dir), gc)
+    except InputError:
+        shutil.rmtree(gc.output_dir)
+    return generate(gc)
+
+
+def stage_generate(cfg: DemoConfig, s: Settings, out: Path) -> str:
     gc = generation(cfg, s, out, num_images=s.images_per_condition, output_dir=str(_paths(out)["generated"]))
-    result = generate(gc)
+    result = generate_here(gc)
     return f"{result.planned} images ({s.images_per_condition} per condition, DDIM {s.inference_steps} steps, guidance {s.guidance_scale}) in {result.seconds:.0f} s"
 
 
@@ -317,7 +329,6 @@ def stage_classify(cfg: DemoConfig, s: Settings, out: Path) -> str:
 
 def stage_faithfulness(cfg: DemoConfig, s: Settings, out: Path) -> str:
     """Steering pairs, then the evaluation: recognisability by the real-only classifier and paired effects."""
-    from ..diffusion.generate import generate
     from ..evaluate.run import EvaluateConfig, evaluate
 
     p = _paths(out)
@@ -328,9 +339,12 @@ def stage_faithfulness(cfg: DemoConfig, s: Settings, out: Path) -> str:
         num_images=s.pairs_per_condition,
         output_dir=str(p["pairs"]),
         contrast=list(CONTRASTS),
+        # each side's negative prompt is the other side's prompt: on the same models this doubled the skin-tone
+        # and veil effects and brought out vessels and dots (README section 6)
+        contrast_guidance=True,
         contact_sheet=0,
     )
-    generate(pairs)
+    generate_here(pairs)
     result = evaluate(
         EvaluateConfig(
             real=str(p["captions"]),

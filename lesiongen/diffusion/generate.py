@@ -54,7 +54,7 @@ DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 PLAN_FIELDS = (
     "condition", "num_images", "seed", "balance", "distribution", "sex", "age", "site", "skin_tone", "concepts",
     "impute_concepts", "contrast", "caption_style", "guidance_scale", "num_inference_steps", "scheduler", "model_path",
-    "base_model", "negative_prompt", "resolution", "lora_scale",
+    "base_model", "negative_prompt", "resolution", "lora_scale", "contrast_guidance",
 )  # fmt: skip
 
 
@@ -102,6 +102,11 @@ class GenerateConfig:
         help="paired generation: for every planned image, two that share seed and prompt but for this switch, e.g. "
         "blue_whitish_veil (present:absent), streaks=irregular:regular, skin_tone (very light:brown)",
     )
+    contrast_guidance: bool = option(
+        False,
+        help="with --contrast, each image of a pair takes the other's prompt as its negative prompt, so guidance "
+        "pushes along the switched concept alone (the two still differ in that one switch only)",
+    )
     impute_concepts: bool = option(True, help="draw the other concepts from Derm7pt's per-diagnosis frequencies")
     balance: list[str] = option(
         [],
@@ -130,6 +135,12 @@ class GenerateConfig:
             raise InputError("--num_images", f"{self.num_images} is not positive", "ask for at least one image")
         if self.batch_size < 1:
             raise InputError("--batch_size", f"{self.batch_size} is not positive", "use e.g. 4")
+        if self.contrast_guidance and not self.contrast:
+            raise InputError("--contrast_guidance", "needs --contrast", "add e.g. --contrast blue_whitish_veil")
+        if self.contrast_guidance and self.negative_prompt:
+            raise InputError(
+                "--contrast_guidance", "sets each image's negative prompt itself", "drop --negative_prompt or it"
+            )
         if min(self.num_inference_steps) < 1:
             raise InputError("--num_inference_steps", "must be positive", "e.g. --num_inference_steps 50")
         if not all(0 <= g < float("inf") for g in self.guidance_scale):  # also false for nan
@@ -214,6 +225,14 @@ def make_plan(cfg: GenerateConfig) -> list[plans.ImageSpec]:
     return plans.contrast_plan(plan, plans.parse_contrasts(cfg.contrast)) if cfg.contrast else plan
 
 
+def negative_prompt(spec: plans.ImageSpec, cfg: GenerateConfig, partners: dict, field: str) -> str:
+    """``--negative_prompt``, or with ``--contrast_guidance`` the pair partner's prompt: guidance then moves
+    away from the other side of the switch, not from an empty prompt."""
+    if spec.stem in partners:
+        return build_prompt(partners[spec.stem].record(), cfg.caption_style, cfg.seed, field)
+    return cfg.negative_prompt
+
+
 def build_prompt(record: LesionRecord, style: str, seed: int, field: str = "text") -> str:
     """The caption build_captions.py would write for this record in the field the model trained on: one
     source of truth for prompt text. ``long_text`` (T5 families) is the report prose from the record's metadata."""
@@ -243,7 +262,7 @@ def file_name(spec: plans.ImageSpec, mode: str) -> str:
     return f"{prefix}{spec.condition}/{spec.stem}.png"
 
 
-def manifest_row(spec: plans.ImageSpec, cfg: GenerateConfig, prompt: str) -> dict:
+def manifest_row(spec: plans.ImageSpec, cfg: GenerateConfig, prompt: str, negative: str) -> dict:
     """The manifest row: the same column names as build_captions' metadata.jsonl, plus sampling settings."""
     row = spec.record().to_row()
     row.update(
@@ -256,7 +275,7 @@ def manifest_row(spec: plans.ImageSpec, cfg: GenerateConfig, prompt: str) -> dic
         num_inference_steps=spec.num_inference_steps,
         scheduler=cfg.scheduler,
         model=cfg.model_path,
-        negative_prompt=cfg.negative_prompt,
+        negative_prompt=negative,
         index=spec.index,
         pair=spec.image_id if spec.contrast else "",
         contrast=spec.contrast,
@@ -360,7 +379,16 @@ def set_scheduler(pipe, name: str, base_config: dict) -> None:
     pipe.scheduler = getattr(diffusers, cls_name).from_config(base_config, **extra)
 
 
-def sample(pipe, prompts: list[str], seeds: list[int], guidance: float, steps: int, cfg: GenerateConfig, lora: bool):
+def sample(
+    pipe,
+    prompts: list[str],
+    negatives: list[str],
+    seeds: list[int],
+    guidance: float,
+    steps: int,
+    cfg: GenerateConfig,
+    lora: bool,
+):
     """One batch; each image's starting noise comes from its own CPU generator, so its pixels do not
     depend on which batch or process it lands in (up to float rounding)."""
     import torch
@@ -373,7 +401,7 @@ def sample(pipe, prompts: list[str], seeds: list[int], guidance: float, steps: i
     scale_kwarg = next(f.lora_scale_kwarg for f in FAMILIES.values() if f.pipeline == type(pipe).__name__)
     return pipe(
         prompt=prompts,
-        negative_prompt=[cfg.negative_prompt] * len(prompts) if cfg.negative_prompt else None,
+        negative_prompt=negatives if any(negatives) else None,
         guidance_scale=guidance,
         num_inference_steps=steps,
         generator=generators,
@@ -413,10 +441,12 @@ def save_image(image, path: Path, row: dict) -> None:
         image.save(tmp, format="PNG", pnginfo=info)
 
 
-def save_batch(batch, prompts, images, cfg: GenerateConfig, root: Path, manifest: Manifest, on_saved, bar) -> None:
+def save_batch(
+    batch, prompts, negatives, images, cfg: GenerateConfig, root: Path, manifest: Manifest, on_saved, bar
+) -> None:
     """Write a batch's images, each followed by its manifest row, in plan order (then ``on_saved``)."""
-    for spec, prompt, image in zip(batch, prompts, images, strict=True):
-        row = manifest_row(spec, cfg, prompt)
+    for spec, prompt, negative, image in zip(batch, prompts, negatives, images, strict=True):
+        row = manifest_row(spec, cfg, prompt, negative)
         path = root / row["file_name"]
         save_image(image, path, row)
         manifest.append(row)
@@ -499,6 +529,7 @@ def generate(
     if todo:
         lora = bool(getattr(pipe, "get_active_adapters", lambda: [])())
         field = prompt_field(cfg)
+        partners = plans.pair_partners(plan) if cfg.contrast_guidance else {}
         bar = tqdm(
             total=len(todo),
             unit="img",
@@ -513,11 +544,15 @@ def generate(
             saving = None
             for batch in batches(todo, cfg.batch_size):
                 prompts = [build_prompt(s.record(), cfg.caption_style, cfg.seed, field) for s in batch]
+                negatives = [negative_prompt(s, cfg, partners, field) for s in batch]
                 seeds = [s.seed for s in batch]
-                images = sample(pipe, prompts, seeds, batch[0].guidance_scale, batch[0].num_inference_steps, cfg, lora)
+                guidance, steps = batch[0].guidance_scale, batch[0].num_inference_steps
+                images = sample(pipe, prompts, negatives, seeds, guidance, steps, cfg, lora)
                 if saving is not None:
                     saving.result()
-                saving = writer.submit(save_batch, batch, prompts, images, cfg, root, manifest, on_saved, bar)
+                saving = writer.submit(
+                    save_batch, batch, prompts, negatives, images, cfg, root, manifest, on_saved, bar
+                )
             if saving is not None:
                 saving.result()
         bar.close()

@@ -300,6 +300,15 @@ def contrast_plan(plan: Sequence[ImageSpec], contrasts: Sequence[Contrast]) -> l
     return out
 
 
+def pair_partners(plan: Sequence[ImageSpec]) -> dict[str, ImageSpec]:
+    """Each --contrast image's partner (same image id and switch, the other value), by file stem."""
+    pairs: dict[tuple[str, str], list[ImageSpec]] = {}
+    for spec in plan:
+        if spec.contrast:
+            pairs.setdefault((spec.image_id, spec.contrast), []).append(spec)
+    return {a.stem: b for pair in pairs.values() if len(pair) == 2 for a, b in (pair, pair[::-1])}
+
+
 def _csv_value(column: str, text: str, where: str) -> tuple[str, str]:
     """Normalise one distribution cell value to (field, value); raises ValueError naming the problem."""
     value = text.strip().lower() or "unknown"

@@ -18,10 +18,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..cli import option, parse_config, run
 from ..errors import InputError
 from ..files import write_json
+
+if TYPE_CHECKING:
+    from ..diffusion.generate import GenerateConfig, GenerateResult
 
 
 @dataclass(frozen=True)
@@ -280,7 +284,7 @@ def generation(cfg: DemoConfig, s: Settings, out: Path, **kw):
     )
 
 
-def generate_here(gc) -> object:
+def generate_here(gc: GenerateConfig) -> GenerateResult:
     """``generate``, resuming a killed run, but replacing a folder made under other settings (an earlier
     version's, or the stage before was redone): the demo owns its folders, where generate.py would refuse."""
     from ..diffusion.generate import check_resume, generate

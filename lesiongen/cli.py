@@ -86,6 +86,7 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
                 kw["nargs"] = "+"
         if "choices" in meta:
             kw["choices"] = list(meta["choices"])
+        kw["help"] = kw["help"].replace("%", "%%")  # argparse %-formats help: "10%" would crash --help
         parser.add_argument(*names, **kw)
     return parser
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import errno
+import importlib
+import importlib.util
+import pkgutil
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +72,19 @@ def test_an_output_folder_that_is_a_file_is_one_line(tmp_path, ham_csv, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {blocker}") and err.count("\n") == 1 and "is a file, not a folder" in err
     assert blocker.read_text() == "someone's notes"
+
+
+def commands() -> list[str]:
+    """Every package module with a ``main(argv)`` entry point (each is a ``python -m`` command)."""
+    import lesiongen
+
+    names = [m.name for m in pkgutil.walk_packages(lesiongen.__path__, "lesiongen.") if not m.ispkg]
+    return [n for n in names if "def main(argv" in Path(importlib.util.find_spec(n).origin).read_text()]
+
+
+@pytest.mark.parametrize("module", commands())
+def test_every_command_prints_its_help(module, capsys):
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(module).main(["--help"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith("usage:")

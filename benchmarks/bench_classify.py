@@ -24,6 +24,7 @@ from lesiongen import labels
 from lesiongen.classify.config import ClassifyConfig
 from lesiongen.classify.data import ImageDataset, make_transform
 from lesiongen.classify.models import MODELS, autocast
+from lesiongen.devices import adamw
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ def train_rate(
     """Images/s of forward+backward+AdamW on random tensors (model compute only, no data loading)."""
     cfg = ClassifyConfig(data_dir="-", model=model_name, vit_name=vit_name, image_size=size)
     model = MODELS[model_name](len(labels.CODES), cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw(model.parameters(), device, lr=1e-4)  # the optimiser classifier.py trains with
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, len(labels.CODES), (batch,), device=device)
 

@@ -138,6 +138,7 @@ def real_step(name: str, rank: int, steps: int, warmup: int, device: str = "cuda
     import torch
     from diffusers import AutoencoderKL
 
+    from lesiongen.devices import adamw
     from lesiongen.diffusion.families import FAMILIES, NOISE_SCHEDULERS, denoiser
     from lesiongen.diffusion.loss import batch_loss
     from lesiongen.diffusion.pipeline import add_lora
@@ -168,7 +169,7 @@ def real_step(name: str, rank: int, steps: int, warmup: int, device: str = "cuda
     }
     scheduler = getattr(diffusers, NOISE_SCHEDULERS[family.objective])()
     predict = denoiser(family, [], vae)
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = adamw(params, device, lr=1e-4)  # train.py's optimiser
     for i in range(warmup + steps):
         if i == warmup:
             torch.cuda.synchronize() if cuda else None

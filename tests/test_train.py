@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 import lesiongen.diffusion.loss as loss_module
 import lesiongen.diffusion.train as train_module
 from lesiongen.cli import parse_config
+from lesiongen.devices import adamw
 from lesiongen.diffusion.checkpoints import TRAINING_STATE
 from lesiongen.diffusion.dataset import ImageCaptionDataset, PlannedBatches, collate, read_examples
 from lesiongen.diffusion.families import denoiser, prompt_encoder
@@ -303,6 +304,25 @@ def test_cached_and_uncached_latents_give_the_same_loss(tiny_sd_dir, d7p_small_t
     # Flips are cached as two different latents, not one mirrored latent.
     unflipped, flipped = (cached.item_tensors(0, flip)[0]["latent_params"] for flip in (False, True))
     assert not torch.allclose(flipped, torch.flip(unflipped, dims=[-1]), atol=1e-3)
+
+
+def test_the_training_optimiser_is_fused_on_a_cpu_and_steps_as_per_tensor_adamw():
+    torch.manual_seed(0)
+    start = [torch.randn(16, 8), torch.randn(8)]
+    fused_params = [torch.nn.Parameter(t.clone()) for t in start]
+    plain_params = [torch.nn.Parameter(t.clone()) for t in start]
+    fused = adamw(fused_params, "cpu", lr=1e-2, weight_decay=1e-2)
+    plain = torch.optim.AdamW(plain_params, lr=1e-2, weight_decay=1e-2, foreach=False)
+    assert fused.defaults["fused"] is True
+    for _ in range(5):
+        grads = [torch.randn_like(t) for t in start]
+        for params, optimizer in ((fused_params, fused), (plain_params, plain)):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b, s in zip(fused_params, plain_params, start, strict=True):
+        torch.testing.assert_close(a, b)
+        assert not torch.equal(a, s)
 
 
 def test_class_balanced_plans_draw_a_rare_class_as_often_as_a_common_one():

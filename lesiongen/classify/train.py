@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .. import labels
 from ..cli import parse_config, run
-from ..devices import resolve_device
+from ..devices import adamw, resolve_device
 from ..errors import InputError
 from ..files import write_json, write_jsonl
 from .config import ClassifyConfig
@@ -128,7 +128,7 @@ def fit(cfg: ClassifyConfig, train_frame: pd.DataFrame, val_frame: pd.DataFrame,
     seed_everything(cfg.seed)
     device = torch.device(resolve_device(cfg.device))
     model = MODELS[cfg.model](len(labels.CODES), cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(model.parameters(), device, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Cosine decay as a function of cfg.epochs, so resuming with more --epochs stretches the schedule.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / cfg.epochs)))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")

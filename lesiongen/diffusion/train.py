@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..cli import parse_config, run
+from ..devices import adamw
 from ..errors import InputError
 from ..files import write_json, write_text
 from . import families
@@ -200,14 +201,6 @@ def release_encoders(parts: dict, cfg: TrainConfig, text_trains: bool) -> list:
     return released
 
 
-def make_optimizer(params: list, learning_rate: float, cfg: TrainConfig, device):
-    """AdamW, fused into one kernel per step on a GPU (on a CPU the fused kernel measured no faster for LoRA)."""
-    import torch
-
-    fused = True if device.type == "cuda" else None
-    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=cfg.adam_weight_decay, fused=fused)
-
-
 def use_fast_math(cfg: TrainConfig, device) -> None:
     """TF32 matmuls on Ampere+ GPUs: float32 training at tensor-core speed, within float32 training noise."""
     import torch
@@ -292,7 +285,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     learning_rate = cfg.learning_rate or DEFAULT_LR[cfg.mode]
-    optimizer = make_optimizer(params, learning_rate, cfg, accelerator.device)
+    optimizer = adamw(params, accelerator.device, lr=learning_rate, weight_decay=cfg.adam_weight_decay)
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
     )

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..cli import option, parse_config, run
+from ..devices import adamw
 from ..errors import InputError
 from ..files import atomic_dir
 from ..images import IMAGE_SUFFIXES, list_images, read_rgb
@@ -285,7 +286,7 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
     shrunk = shrink_random_posterior(vae, probe)
 
     vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    opt = adamw(vae.parameters(), "cpu", lr=cfg.learning_rate, weight_decay=0.0)
     warmup = max(1, cfg.max_train_steps // 20)
 
     def lr_at(step: int) -> float:

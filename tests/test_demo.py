@@ -200,3 +200,23 @@ def test_report_cli_rejects_bad_flags(tmp_path, capsys):
     assert report_main(["--out", str(tmp_path), "--real_data", str(tmp_path / "missing")]) == 2
     assert "missing: not found" in capsys.readouterr().err
     assert not (tmp_path / "report.html").exists()
+
+
+def test_changed_switches_redo_only_the_pairs_stage(monkeypatch, tmp_path, capsys):
+    """An upgrade that changes the steering switches must not reuse pairs sampled for the old ones, nor retrain."""
+    import lesiongen.demo.run as demo_run
+
+    ran: list[str] = []
+
+    def stage(key: str) -> demo_run.Stage:
+        return demo_run.Stage(key, key, key, lambda cfg, s, out: ran.append(key) or f"{key} done")
+
+    monkeypatch.setattr(demo_run, "STAGES", (stage("generate"), stage("faithfulness")))
+    cfg = Config(output_dir=str(tmp_path), quick=True)
+    demo_run.run_stages(cfg)
+    demo_run.run_stages(cfg)
+    assert ran == ["generate", "faithfulness"]
+    monkeypatch.setattr(demo_run, "CONTRASTS", ("streaks=regular",))
+    demo_run.run_stages(cfg)
+    assert ran == ["generate", "faithfulness", "faithfulness"]
+    assert "[generate] generate: reused (generate done)" in capsys.readouterr().out

@@ -70,7 +70,8 @@ RERUN_COMMANDS: tuple[tuple[str, str], ...] = (
     (
         "Steering pairs: one switch, same seed and prompt",
         "python generate.py --mode dataset --condition all --num_images 20 --model_path outputs/lesiongen-lora "
-        "--contrast blue_whitish_veil streaks dots_and_globules skin_tone --output_dir outputs/pairs",
+        "--contrast blue_whitish_veil streaks=irregular dots_and_globules skin_tone --contrast_guidance "
+        "--output_dir outputs/pairs",
     ),
     (
         "Classifiers: real, synthetic, mixed",

@@ -44,6 +44,7 @@ from lesiongen.diffusion.tiny import SMALL_DATA_SHAPE, build_tiny_pipeline
 from lesiongen.diffusion.train import TrainConfig
 from lesiongen.diffusion.train import train as train_diffusion
 from lesiongen.diffusion.train_vae import SMALL_DATA_VAE, TrainVAEConfig, train_vae
+from lesiongen.errors import InputError
 from lesiongen.evaluate.run import EvaluateConfig, evaluate
 from lesiongen.files import write_json
 from lesiongen.tables import read_image_table
@@ -92,7 +93,10 @@ class PaperConfig:
         None, help="a Stable Diffusion model (hub id or dir) to fine-tune with LoRA; default: build the tiny model"
     )
     model_size: str = option("tiny", help="shape of the built model when none is given", choices=("tiny", "sd1"))
-    synthetic_per_class: int | None = option(None, help="images per condition (default: real train size / classes)")
+    synthetic_per_class: int | None = option(
+        None, help="images per condition (default: --synthetic_ratio x real train size / classes)"
+    )
+    synthetic_ratio: float = option(1.0, help="synthetic images per real training image, when no --synthetic_per_class")
     num_inference_steps: int = option(25, help="sampling steps")
     guidance_scale: float = option(
         3.0, help="classifier-free guidance (with zero-SNR v-prediction 3 beat 5 on recognisability in the demo)"
@@ -107,6 +111,10 @@ class PaperConfig:
         help="switches of the concept style's steering pairs (generate.py --contrast)",
     )
     pairs_per_class: int = option(10, help="steering pairs per condition and switch")
+
+    def __post_init__(self) -> None:
+        if not self.synthetic_ratio > 0:
+            raise InputError("--synthetic_ratio", f"{self.synthetic_ratio} is not positive", "use e.g. 1 or 2")
 
 
 @contextmanager
@@ -264,7 +272,7 @@ def replicate(cfg: PaperConfig, seed: int, out: Path) -> dict:
     ]
 
     counts = condition_counts(first)
-    per_class = cfg.synthetic_per_class or max(1, round(sum(counts.values()) / len(counts)))
+    per_class = cfg.synthetic_per_class or max(1, round(cfg.synthetic_ratio * sum(counts.values()) / len(counts)))
     evaluations = {}
     for style in cfg.styles:
         model_dir = out / "models" / style
@@ -335,6 +343,7 @@ def sampling(cfg, seed, base, mode, model_dir, style, counts, out, per_class, co
         caption_style=style,
         resolution=cfg.resolution,
         contrast=list(contrast),
+        contrast_guidance=bool(contrast),  # each side sampled against the other's prompt, as the demo's pairs
         contact_sheet=0 if contrast else 8,
         seed=seed,
     )

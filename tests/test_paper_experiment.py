@@ -82,6 +82,10 @@ def test_writes_one_row_per_training_set_and_caption_style(experiment):
     pairs = pd.read_csv(out / "seed-0" / "pairs" / "concept" / "manifest.csv")
     assert set(pairs["contrast"]) == {"blue_whitish_veil=present:absent", "pigment_network=typical:absent"}
     assert len(pairs) == 2 * 2 * len(real)
+    # each side of a pair is sampled against its partner's prompt (generate.py --contrast_guidance)
+    for _, both in pairs.groupby(["pair", "contrast"]):
+        a, b = both.to_dict("records")
+        assert a["negative_prompt"] == b["text"] != a["text"] == b["negative_prompt"]
     diff = seed["recognisability_difference"]
     assert diff["low"] <= diff["difference"] <= diff["high"]
 
@@ -115,6 +119,13 @@ def test_a_wrong_data_folder_is_a_one_line_error(tmp_path):
     done = run_script("--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"))
     assert done.returncode == 2
     assert "nowhere" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_synthetic_ratio_that_is_not_positive_is_a_one_line_error(tmp_path):
+    done = run_script("--out", str(tmp_path / "out"), "--synthetic_ratio", "0")
+    assert done.returncode == 2
+    assert "--synthetic_ratio" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_seeds_are_summarised_as_mean_and_spread():

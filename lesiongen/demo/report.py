@@ -70,7 +70,7 @@ RERUN_COMMANDS: tuple[tuple[str, str], ...] = (
     (
         "Steering pairs: one switch, same seed and prompt",
         "python generate.py --mode dataset --condition all --num_images 20 --model_path outputs/lesiongen-lora "
-        "--contrast blue_whitish_veil streaks=irregular dots_and_globules skin_tone --contrast_guidance "
+        "--contrast blue_whitish_veil streaks=irregular dots_and_globules=irregular skin_tone --contrast_guidance "
         "--output_dir outputs/pairs",
     ),
     (

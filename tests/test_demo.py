@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -120,6 +121,15 @@ def test_faithfulness_is_measured_and_shown(quick_demo):
             assert grid.size == (min(8, s.pairs_per_condition * len(labels.CODES)) * 64, 2 * 64)
 
 
+def test_the_training_set_is_sampled_at_its_guidance_and_the_pairs_at_theirs(quick_demo):
+    """Low guidance covers more of each condition for training; the pairs need the stronger one to show a switch."""
+    s = SETTINGS["quick"]
+    assert s.guidance_scale < s.steering_guidance_scale
+    for folder, guidance in (("generated", s.guidance_scale), ("pairs", s.steering_guidance_scale)):
+        manifest = pd.read_csv(quick_demo / folder / "manifest.csv")
+        assert len(manifest) and set(manifest["guidance_scale"]) == {guidance}
+
+
 def test_rerun_reuses_finished_stages(quick_demo, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in (quick_demo / ".stages").iterdir()}
     done = demo(Config(output_dir=str(quick_demo), quick=True))
@@ -139,7 +149,12 @@ def test_a_generated_folder_of_other_settings_is_replaced_and_a_killed_one_resum
     shutil.copytree(quick_demo, out)
     s = SETTINGS["quick"]
     bigger = generation(
-        Config(output_dir=str(out)), s, out, num_images=s.images_per_condition + 1, output_dir=str(out / "generated")
+        Config(output_dir=str(out)),
+        s,
+        out,
+        s.guidance_scale,
+        num_images=s.images_per_condition + 1,
+        output_dir=str(out / "generated"),
     )
     result = generate_here(bigger)
     assert result.planned == result.generated == 7 * (s.images_per_condition + 1) and result.already_done == 0

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "paper_experiment.py"
 # Far too short to learn anything: the test checks plumbing, resumption and the table, not accuracy.
 SMOKE = ["--scale", "0.01", "--resolution", "32", "--synthetic_per_class", "2", "--num_inference_steps", "2"]
-SMOKE += ["--pairs_per_class", "1"]
+SMOKE += ["--pairs_per_class", "1", "--guidance_scale", "1.5"]  # the pairs keep --steering_guidance_scale 3
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -70,6 +70,7 @@ def test_writes_one_row_per_training_set_and_caption_style(experiment):
         real = {json.loads(line)["label"] for line in rows} - {"other"}  # Derm7pt's 'miscellaneous' has no prompt
         # class-balanced: every real training condition, the asked number of images each
         assert manifest["label"].value_counts().to_dict() == {c: 2 for c in real}
+        assert set(manifest["guidance_scale"]) == {1.5}
     assert seed["seconds"]["diffusion training (concept)"] > 0
     concept = seed["fidelity"]["concept"]["domain"]
     assert 0 <= concept["recognisability"] <= 1 and concept["recognisability_ratio"] >= 0
@@ -82,6 +83,7 @@ def test_writes_one_row_per_training_set_and_caption_style(experiment):
     pairs = pd.read_csv(out / "seed-0" / "pairs" / "concept" / "manifest.csv")
     assert set(pairs["contrast"]) == {"blue_whitish_veil=present:absent", "pigment_network=typical:absent"}
     assert len(pairs) == 2 * 2 * len(real)
+    assert set(pairs["guidance_scale"]) == {3.0}
     # each side of a pair is sampled against its partner's prompt (generate.py --contrast_guidance)
     for _, both in pairs.groupby(["pair", "contrast"]):
         a, b = both.to_dict("records")
@@ -113,6 +115,17 @@ def test_a_rerun_reuses_finished_stages(experiment, d7p_subset_root):
     # nothing was redone, so the stage times are still those of the run that did the work
     assert second["replicates"][0]["seconds"] == first["replicates"][0]["seconds"]
     assert "--- generation" not in again.stdout and "--- diffusion training" not in again.stdout
+
+
+def test_a_rerun_at_other_guidance_refuses_the_sets_it_would_reuse(experiment, d7p_subset_root):
+    """Reusing a set sampled at guidance 1.5 under --guidance_scale 2 would put it in the table as if sampled at 2."""
+    out, _ = experiment
+    before = (out / "results.json").read_bytes()
+    done = run_script("--data", str(d7p_subset_root), "--out", str(out), *SMOKE, "--guidance_scale", "2")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert str(out / "seed-0" / "synthetic" / "label") in line and "[1.5]" in line and "[2.0]" in line
+    assert (out / "results.json").read_bytes() == before
 
 
 def test_a_wrong_data_folder_is_a_one_line_error(tmp_path):

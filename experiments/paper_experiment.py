@@ -30,7 +30,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from lesiongen.captions.build import BuildCaptionsConfig, build
@@ -40,7 +39,7 @@ from lesiongen.classify.models import LAST
 from lesiongen.cli import option, parse_config, run
 from lesiongen.devices import AUTO
 from lesiongen.diffusion.checkpoints import latest_checkpoint
-from lesiongen.diffusion.generate import GenerateConfig, generate
+from lesiongen.diffusion.generate import GenerateConfig, generate, settings
 from lesiongen.diffusion.tiny import SMALL_DATA_SHAPE, build_tiny_pipeline
 from lesiongen.diffusion.train import TrainConfig
 from lesiongen.diffusion.train import train as train_diffusion
@@ -74,6 +73,7 @@ MIN_GROUP = 10  # validation subgroups smaller than this are listed but not rank
 # Training lengths at --scale 1, sized for a 2-core CPU at 64 px (TOOLCHAIN.md: ~0.1 s per batch-4 step).
 # The VAE trains on half-size random crops: a quarter of the cost per step, and it measured a lower colour
 # error (6.3 vs 8.2 on 0-255) than full images for the same time on Derm7pt.
+MODEL_PATHS = ("model_path", "base_model")  # where the models lie, not which: a moved output folder moves them
 BASE = {"vae_steps": 3000, "unet_steps": 1500, "classifier_epochs": 15}
 
 
@@ -163,19 +163,20 @@ def build_base_model(cfg: PaperConfig, seed: int, out: Path, images: Path, times
 
 
 def finished_generation(folder: Path, expected: int, gc: GenerateConfig) -> bool:
-    """A complete set sampled with ``gc``'s guidance and steps is reused as is, even if its folder moved
-    (generate's resume checks paths). One sampled with others is refused: the classifiers and the evaluation
-    computed from it would be reused too, and the table would mix settings."""
+    """A complete set made under ``gc``'s plan settings is reused as is, even if its folder moved: unlike
+    generate's own resume check, the model's path may differ. One made under other settings (say, another
+    guidance) is refused: the classifiers and the evaluation computed from it would be reused too, and the
+    table would mix settings."""
     manifest = folder / "manifest.csv"
     if not manifest.is_file():
         return False
-    made = pd.read_csv(manifest, usecols=["guidance_scale", "num_inference_steps"])
-    found = sorted(set(made["guidance_scale"])), sorted(set(made["num_inference_steps"]))
-    if len(made) and found != (sorted(gc.guidance_scale), sorted(gc.num_inference_steps)):
+    made = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))["settings"]
+    asked = json.loads(json.dumps(settings(gc)))
+    diffs = [f"{k}: {made.get(k)!r} -> {v!r}" for k, v in asked.items() if k not in MODEL_PATHS and made.get(k) != v]
+    if diffs:
         raise InputError(
             folder,
-            f"was sampled at guidance {found[0]} with {found[1]} steps; this run asks for "
-            f"{sorted(gc.guidance_scale)} with {sorted(gc.num_inference_steps)}",
+            f"was generated with other settings ({'; '.join(diffs)})",
             "pass a new --output_dir, or delete this folder and the classifiers/ and evaluation/ folders of its style",
         )
     return len(read_image_table(manifest)) == expected

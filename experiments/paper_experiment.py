@@ -236,6 +236,12 @@ def train_model(cfg: PaperConfig, seed: int, base: str, mode: str, train_dir: Pa
             train_text_encoder=mode == "full",  # a random text encoder cannot carry concepts (TOOLCHAIN.md)
             freeze_token_embedding=mode == "full",  # random token vectors are distinct; updating them was slow
             balance_classes=True,
+            # The demo's recipe (README section 6): the saved weights an average over the last steps, and each
+            # concept-caption part after the diagnosis left out of a step with probability 0.3, so the diagnosis
+            # draws its condition alone (label captions have one part; the frozen text encoder of a LoRA run has
+            # its captions cached, so there it stays off).
+            use_ema=True,
+            tag_dropout=0.3 if mode == "full" else 0.0,
             snr_gamma=None,  # min-SNR weights the zero-SNR steps that draw the layout near 0 (README section 6)
             train_data_dir=str(train_dir),
             caption_dropout=0.1,  # unconditional steps for classifier-free guidance

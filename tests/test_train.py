@@ -26,8 +26,8 @@ import lesiongen.diffusion.train as train_module
 from lesiongen.cli import parse_config
 from lesiongen.devices import adamw
 from lesiongen.diffusion.checkpoints import TRAINING_STATE
-from lesiongen.diffusion.dataset import ImageCaptionDataset, PlannedBatches, collate, read_examples
-from lesiongen.diffusion.families import denoiser, prompt_encoder
+from lesiongen.diffusion.dataset import ImageCaptionDataset, PlannedBatches, collate, item_caption, read_examples
+from lesiongen.diffusion.families import denoiser, prompt_encoder, tokenize
 from lesiongen.diffusion.latent_cache import CachedLatentDataset, CacheLayout, build_shards
 from lesiongen.diffusion.loss import batch_loss, diffusion_loss
 from lesiongen.diffusion.pipeline import is_lora_dir, load_training_parts, lora_base_model
@@ -306,6 +306,36 @@ def test_cached_and_uncached_latents_give_the_same_loss(tiny_sd_dir, d7p_small_t
     assert not torch.allclose(flipped, torch.flip(unflipped, dims=[-1]), atol=1e-3)
 
 
+def test_tag_dropout_keeps_the_diagnosis_and_leaves_out_the_other_parts_item_by_item():
+    text = "a dermoscopic image of melanoma, with a blue-whitish veil and irregular streaks, on the back, light skin"
+    parts = text.split(", ")
+    captions = [item_caption(text, (0, False, False, item), 7, 0.3) for item in range(400)]
+    assert all(c.startswith(parts[0]) for c in captions)
+    assert all(set(c.split(", ")) <= set(parts) for c in captions)
+    kept = sum(len(c.split(", ")) - 1 for c in captions) / (400 * (len(parts) - 1))
+    assert 0.63 < kept < 0.77  # each later part kept with probability 0.7
+    assert captions[5] == item_caption(text, (3, True, False, 5), 7, 0.3)  # a pure function of seed and item
+    assert captions != [item_caption(text, (0, False, False, item), 8, 0.3) for item in range(400)]
+    assert item_caption(text, (0, False, True, 1), 7, 0.3) == ""  # a dropped caption stays empty
+    assert item_caption(text, (0, False, False, 1), 7, 0.0) == text
+
+
+def test_cached_and_uncached_items_tokenize_the_same_tag_dropped_captions(tiny_sd_dir, d7p_small_train, tmp_path):
+    parts = load_training_parts(tiny_sd_dir)
+    tokenizers = [parts["tokenizer"]]
+    examples = read_examples(d7p_small_train, tokenizers)[:4]
+    images = ImageCaptionDataset(examples, tokenizers, 64, center_crop=True, tag_dropout=0.5, seed=3)
+    layout = CacheLayout(tmp_path, "key", len(examples), shard_size=4, with_text=False)
+    build_shards(layout, images, parts["vae"], None, torch.float32, batch_size=4)
+    cached = CachedLatentDataset(layout, examples, tokenizers, tag_dropout=0.5, seed=3)
+    keys = [k for s in range(20) for k in PlannedBatches(4, 4, 4, 3, True, 0.1).step_items(s)]
+    ids = [(images[k]["input_ids"], cached[k]["input_ids"]) for k in keys]
+    assert all(torch.equal(a, b) for a, b in ids)
+    whole = [tokenize(tokenizers, [e.text])["input_ids"][0] for e in examples]
+    shortened = [not torch.equal(a, whole[k[0]]) for k, (a, _) in zip(keys, ids, strict=True) if not k[2]]
+    assert sum(shortened) > len(shortened) // 2  # most kept captions lost a part
+
+
 def test_the_training_optimiser_is_fused_on_a_cpu_and_steps_as_per_tensor_adamw():
     torch.manual_seed(0)
     start = [torch.randn(16, 8), torch.randn(8)]
@@ -430,11 +460,15 @@ def test_flags_parse_in_diffusers_spelling_and_combinations_are_checked():
     )
     assert cfg.pretrained_model_name_or_path == "m" and cfg.use_ema and cfg.validation_prompts == ["a", "b"]
     assert cfg.snr_gamma is None
+    for ok in (["--mode", "full", "--train_text_encoder"], ["--cache_latents", "false", "--center_crop", "false"]):
+        assert parse_config(TrainConfig, [*ok, "--tag_dropout", "0.3"]).tag_dropout == 0.3
     for argv, flag in [
         (["--train_text_encoder"], "--train_text_encoder"),
         (["--center_crop", "false"], "--center_crop"),
         (["--resolution", "100"], "--resolution"),
         (["--caption_dropout", "1.5"], "--caption_dropout"),
+        (["--tag_dropout", "1"], "--tag_dropout"),
+        (["--tag_dropout", "0.3"], "--tag_dropout: varies each caption per step"),  # LoRA, cached text embeddings
         (["--train_batch_size", "2", "--gradient_accumulation_steps", "3", "--micro_batch_size", "4"], "--micro_batch"),
         (["--micro_batch_size", "big"], "--micro_batch_size"),
         (["--cache_shard_size", "0"], "--cache_shard_size"),

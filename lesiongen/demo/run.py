@@ -40,6 +40,7 @@ class Settings:
     base_steps: int
     base_batch: int
     base_lr: float
+    tag_dropout: float  # the base run's: each caption part after the diagnosis left out with this probability
     lora_steps: int
     lora_rank: int
     lora_lr: float
@@ -64,6 +65,7 @@ SETTINGS: dict[str, Settings] = {
         base_steps=80,
         base_batch=8,
         base_lr=1e-3,
+        tag_dropout=0.3,
         lora_steps=30,
         lora_rank=4,
         lora_lr=1e-3,
@@ -93,6 +95,10 @@ SETTINGS: dict[str, Settings] = {
         base_steps=1300,
         base_batch=8,
         base_lr=5e-4,
+        # The diagnosis must draw the condition's look alone, not only together with the concepts that come with
+        # it: on seed 1's data and VAE, leaving out each later caption part with probability 0.3 raised the
+        # synthetic-only classifier from 0.607 to 0.730 and recognisability from 0.626 to 0.720 (README section 6).
+        tag_dropout=0.3,
         lora_steps=100,  # 100 and 200 steps scored the same; the base run does the learning
         lora_rank=8,
         lora_lr=5e-4,
@@ -242,6 +248,7 @@ def _train(cfg: DemoConfig, s: Settings, out: Path, mode: str) -> str:
         train_data_dir=str(p["captions"] / "train"),
         resolution=s.resolution,
         caption_dropout=0.1 if full else 0.0,  # the empty caption is learned for classifier-free guidance
+        tag_dropout=s.tag_dropout if full else 0.0,  # the LoRA stage's frozen text encoder has its captions cached
         # Its dense update of 49408 x 64 random token vectors was a quarter of each step, for nothing.
         freeze_token_embedding=full,
         balance_classes=True,  # the rare red and pink conditions get as many updates as the naevi

@@ -63,6 +63,11 @@ class TrainConfig:
     caption_dropout: float = option(
         0.0, help="probability of training on the empty caption (for classifier-free guidance)"
     )
+    tag_dropout: float = option(
+        0.0,
+        help="probability of leaving out each comma-separated part of a caption after the first (the diagnosis) "
+        "at each step, so the diagnosis alone learns the condition's look; needs the captions encoded every step",
+    )
     balance_classes: bool = option(
         False,
         help="draw images class-balanced (weight 1 / class size, the metadata's label column), so rare "
@@ -163,6 +168,14 @@ class TrainConfig:
             raise InputError("--center_crop false", "random crops cannot be cached", "add --cache_latents false")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise InputError("--caption_dropout", f"{self.caption_dropout} is not in [0, 1)", "e.g. 0.1")
+        if not 0.0 <= self.tag_dropout < 1.0:
+            raise InputError("--tag_dropout", f"{self.tag_dropout} is not in [0, 1)", "e.g. 0.3")
+        if self.tag_dropout and self.cache_latents and not self.train_text_encoder:
+            raise InputError(
+                "--tag_dropout",
+                "varies each caption per step, but --cache_latents encodes the captions of frozen text encoders once",
+                "add --cache_latents false, or train the text encoder too (--mode full --train_text_encoder)",
+            )
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise InputError("--learning_rate", "must be positive", "e.g. 1e-4 for LoRA")
         if self.snr_gamma is not None and self.snr_gamma <= 0:

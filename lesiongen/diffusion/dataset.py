@@ -1,7 +1,7 @@
 """Torch datasets for diffusion training from a folder holding ``metadata.jsonl`` (file_name and a caption field).
 
 Each item of the endless training stream is planned from (seed, item number) alone: which image,
-whether it is flipped, whether its caption is dropped. So an interrupted run resumes on exactly the
+whether it is flipped, whether its caption is dropped, which parts of the caption it keeps. So an interrupted run resumes on exactly the
 items it would have seen, any micro-batch size trains on the same items, and the cached-latent path
 picks the same flip the image path would have applied.
 """
@@ -9,6 +9,7 @@ picks the same flip the image path would have applied.
 from __future__ import annotations
 
 import functools
+import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,15 +190,43 @@ class PlannedBatches(torch.utils.data.Sampler):
             step += 1
 
 
+def item_caption(text: str, key: ItemKey, seed: int, tag_dropout: float) -> str:
+    """The caption one item of the stream trains on: empty when its caption is dropped, else ``text`` with each
+    comma-separated part after the first left out with probability ``tag_dropout`` (drawn from seed and item).
+
+    A build_captions.py caption opens with the diagnosis. Kept on every step while the concepts, demographics
+    and skin tone come and go, the diagnosis has to carry the condition's look on its own, as a label caption
+    does, and the other parts still teach their concepts (kohya-ss sd-scripts calls this
+    caption_tag_dropout_rate with keep_tokens=1).
+    """
+    _, _, drop, item = key
+    if drop:
+        return ""
+    if tag_dropout <= 0:
+        return text
+    first, *rest = text.split(", ")
+    draw = random.Random(f"{seed}:{item}:tags").random
+    return ", ".join([first, *(part for part in rest if draw() >= tag_dropout)])
+
+
 class ImageCaptionDataset(Dataset):
     """Decodes, crops and flips images and tokenizes captions (with each of the family's tokenizers) on every
     step (the uncached path)."""
 
-    def __init__(self, examples: list[Example], tokenizers: list, resolution: int, center_crop: bool):
+    def __init__(
+        self,
+        examples: list[Example],
+        tokenizers: list,
+        resolution: int,
+        center_crop: bool,
+        tag_dropout: float = 0.0,
+        seed: int = 0,
+    ):
         self.examples = examples
         self.tokenizers = tokenizers
         self.resolution = resolution
         self.center_crop = center_crop
+        self.tag_dropout, self.seed = tag_dropout, seed
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -218,9 +247,9 @@ class ImageCaptionDataset(Dataset):
         return x, torch.tensor([height, width]), corners
 
     def __getitem__(self, key: ItemKey) -> dict:
-        index, flip, drop, item = key
+        index, flip, _, item = key
         x, original_size, corners = self.framed(index)
-        text = "" if drop else self.examples[index].text
+        text = item_caption(self.examples[index].text, key, self.seed, self.tag_dropout)
         ids = {k: v[0] for k, v in tokenize(self.tokenizers, [text]).items()}
         return {
             "pixel_values": torch.flip(x, dims=[-1]) if flip else x,

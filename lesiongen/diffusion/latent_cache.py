@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..files import atomic_path
-from .dataset import Example, ImageCaptionDataset
+from .dataset import Example, ImageCaptionDataset, item_caption
 from .families import prompt_encoder, tokenize
 
 SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.safetensors$")
@@ -193,11 +193,14 @@ class CachedLatentDataset(Dataset):
 
     The embedding names are read from the shards, so one reader serves every family."""
 
-    def __init__(self, layout: CacheLayout, examples: list[Example], tokenizers: list):
+    def __init__(
+        self, layout: CacheLayout, examples: list[Example], tokenizers: list, tag_dropout: float = 0.0, seed: int = 0
+    ):
         missing = layout.missing()
         if missing:
             raise RuntimeError(f"latent cache {layout.folder} is missing shards {missing[:5]}; build it first")
         self.layout, self.examples, self.tokenizers = layout, examples, tokenizers
+        self.tag_dropout, self.seed = tag_dropout, seed  # for captions tokenized per step (text encoders train)
         self._handles: OrderedDict[int, object] = OrderedDict()
         self.shards_written = 0  # by this process when it built the cache (reports)
         first = self._open(0)
@@ -235,7 +238,7 @@ class CachedLatentDataset(Dataset):
         if embeds:
             out.update(self.empty if drop else embeds)
         else:
-            text = "" if drop else self.examples[index].text
+            text = item_caption(self.examples[index].text, key, self.seed, self.tag_dropout)
             out.update({k: v[0] for k, v in tokenize(self.tokenizers, [text]).items()})
         return out
 
@@ -276,6 +279,6 @@ def open_cache(cfg, examples: list[Example], parts: dict, accelerator, with_text
         show_progress=accelerator.is_main_process,
     )
     accelerator.wait_for_everyone()
-    dataset = CachedLatentDataset(layout, examples, tokenizers)
+    dataset = CachedLatentDataset(layout, examples, tokenizers, cfg.tag_dropout, cfg.seed)
     dataset.shards_written = written
     return dataset

@@ -183,7 +183,7 @@ def make_dataset(cfg: TrainConfig, examples, parts: dict, accelerator, text_trai
 
     if not cfg.cache_latents:
         tokenizers = [parts[n] for n in parts["family"].tokenizers]
-        return ImageCaptionDataset(examples, tokenizers, cfg.resolution, cfg.center_crop)
+        return ImageCaptionDataset(examples, tokenizers, cfg.resolution, cfg.center_crop, cfg.tag_dropout, cfg.seed)
     return open_cache(
         cfg, examples, parts, accelerator, with_text=not text_trains, embed_dtype=weight_dtype(accelerator)
     )

@@ -95,15 +95,16 @@ SETTINGS: dict[str, Settings] = {
         base_steps=1300,
         base_batch=8,
         base_lr=5e-4,
-        # The diagnosis must draw the condition's look alone, not only together with the concepts that come with
-        # it: on seed 1's data and VAE, leaving out each later caption part with probability 0.3 raised the
-        # synthetic-only classifier from 0.607 to 0.730 and recognisability from 0.626 to 0.720 (README section 6).
+        # The diagnosis must draw the condition's look alone, not only beside the concepts that come with it:
+        # leaving out each later caption part with probability 0.3 raised recognisability from 0.777 and 0.626 to
+        # 0.823 and 0.720 on seeds 0 and 1 (same data and VAE); synthetic-only moved -0.09 and +0.12 (README section 6).
         tag_dropout=0.3,
         lora_steps=100,  # 100 and 200 steps scored the same; the base run does the learning
         lora_rank=8,
         lora_lr=5e-4,
         # With the 3000-step VAE, 50 images per condition gave the synthetic-only classifier 0.77-0.84 over three
-        # classifier seeds (0.82-0.89 of real-only) where 30 gave 0.57-0.76 (README section 6).
+        # classifier seeds (0.82-0.89 of real-only) where 30 gave 0.57-0.76 (README section 6). 100 gained 0.08 and
+        # 0.11 more on two runs' models, but its generation and classifiers took the demo past 15 minutes.
         images_per_condition=50,
         inference_steps=15,
         # A training set wants coverage, steering wants the asked concept shown: guidance trades the one for the

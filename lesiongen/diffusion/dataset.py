@@ -1,9 +1,9 @@
 """Torch datasets for diffusion training from a folder holding ``metadata.jsonl`` (file_name and a caption field).
 
 Each item of the endless training stream is planned from (seed, item number) alone: which image,
-whether it is flipped, whether its caption is dropped, which parts of the caption it keeps. So an interrupted run resumes on exactly the
-items it would have seen, any micro-batch size trains on the same items, and the cached-latent path
-picks the same flip the image path would have applied.
+whether it is flipped, whether its caption is dropped, which parts of the caption it keeps. So an
+interrupted run resumes on exactly the items it would have seen, any micro-batch size trains on the
+same items, and the cached-latent path picks the same flip the image path would have applied.
 """
 
 from __future__ import annotations

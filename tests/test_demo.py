@@ -54,7 +54,9 @@ def test_data_captions_and_model_artefacts(quick_demo):
     assert config["scaling_factor"] == pytest.approx(vae["scaling_factor"]) and config["scaling_factor"] > 0
     assert (quick_demo / "model" / "base" / "model_index.json").is_file()
     assert (quick_demo / "model" / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    base, lora = (json.loads((quick_demo / "model" / m / "config.json").read_text())["config"] for m in ("base", "lora"))
+    base, lora = (
+        json.loads((quick_demo / "model" / m / "config.json").read_text())["config"] for m in ("base", "lora")
+    )
     assert base["tag_dropout"] == s.tag_dropout > 0 and base["use_ema"] and base["train_text_encoder"]
     assert lora["tag_dropout"] == 0  # its frozen text encoder's captions are cached
 

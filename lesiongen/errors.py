@@ -17,6 +17,18 @@ class InputError(Exception):
             message += f"; {fix}"
         super().__init__(message)
 
+    def __reduce__(self):
+        # Subclasses take other arguments than the message in ``args``, so rebuild from the state: an error
+        # raised in a worker process (lesiongen.captions.analyze.measure_files) then reaches the parent whole.
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type[InputError], args: tuple, state: dict) -> InputError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 def not_utf8(path: str | Path) -> InputError:
     """The error for a text file that is not UTF-8, with the line of its first bad byte and how to convert

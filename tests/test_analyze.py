@@ -260,3 +260,22 @@ def test_pink_lesion_on_darker_skin_uses_the_colour_distance_fallback():
     true_pct = 100 * math.pi * 70**2 / 300**2
     assert abs(r["area_pct"] - true_pct) <= 0.1 * true_pct
     assert r["skin_tone"] == "tan"
+
+
+def test_measure_files_in_two_processes_gives_the_serial_measurements_and_errors(data_root, tmp_path):
+    """The analyzer's process pool (build_captions and evaluate use it) keeps the order and every value, and a
+    worker's unreadable image reaches the caller as the same one-line error naming the file."""
+    from lesiongen.images import UnreadableImage
+
+    paths = sorted((data_root / "ph2" / "images").glob("*.jpg"))[:9]
+    serial = analyze.measure_files(paths, workers=1)
+    assert analyze.measure_files(paths, workers=2) == serial
+    assert [r["mask_ok"] for r in serial].count(True) >= 7 and len({r["area_pct"] for r in serial}) == 9
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(UnreadableImage, match="broken.jpg: cannot read image") as raised:
+        analyze.measure_files([*paths, broken], workers=2)
+    assert raised.value.where == str(broken) and raised.value.reason
+    with pytest.raises(Exception, match="--analysis_workers: must be >= 0"):
+        analyze.analysis_workers(-1)
+    assert analyze.analysis_workers(0) >= 1 and analyze.analysis_workers(3) == 3

@@ -12,7 +12,11 @@ Run on a folder: ``python -m lesiongen.captions.analyze --images DIR --output_di
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import sys
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,6 +320,36 @@ def read_for_analysis(path: str | Path) -> np.ndarray:
     """RGB pixels, or RGBA where the file has transparency, so ``analyze_image`` skips what cannot be seen."""
     rgb, visible = read_rgb(path), read_alpha(path)
     return rgb if visible is None else np.dstack([rgb, visible])
+
+
+def measure_file(path: str | Path) -> dict:
+    """The measured part of one image file's analysis (``measured_only``)."""
+    return measured_only(analyze_image(read_for_analysis(path)))
+
+
+def analysis_workers(requested: int) -> int:
+    """Processes for ``measure_files``: ``requested``, or with 0 one per core this process may run on."""
+    if requested < 0:
+        raise InputError("--analysis_workers", f"must be >= 0, got {requested}", "use 0 (one per core) or a count")
+    return requested if requested > 0 else len(os.sched_getaffinity(0))
+
+
+def measure_files(paths: Sequence[str | Path], workers: int = 1, desc: str = "analyze") -> list[dict]:
+    """``measure_file`` of each path, in order. The analyzer is single-threaded numpy and scipy, so ``workers``
+    above 1 spreads the images over that many processes, with the same results. Where the platform can, they are
+    forked: a spawned worker would first re-run the caller's main script, which a script without a main guard does
+    not survive; the workers use no torch, so the thread pools a fork copies stay unused."""
+    from tqdm import tqdm
+
+    paths = [str(p) for p in paths]
+    bar = dict(total=len(paths), desc=desc, unit="img", disable=None)
+    if workers <= 1 or len(paths) < 4 * workers:  # spawning costs more than a few images
+        return [measure_file(p) for p in tqdm(paths, **bar)]
+    chunk = max(1, min(32, len(paths) // (8 * workers)))
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return list(tqdm(pool.map(measure_file, paths, chunksize=chunk), **bar))
 
 
 def analyze_image(rgb: np.ndarray) -> dict:

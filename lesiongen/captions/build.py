@@ -26,6 +26,7 @@ from ..files import write_json, write_jsonl
 from ..images import decode_problem, list_images
 from ..tables import SPLITS
 from ..tokens import CLIP_MAX_TOKENS, count_tokens
+from .analyze import analysis_workers
 from .concepts import impute_concepts
 from .metadata import LOADERS, LesionRecord, LoadResult, load_metadata
 from .reports import Reporter, ReportOptions
@@ -60,6 +61,7 @@ class BuildCaptionsConfig(ReportOptions):
         if self.images is not None and not Path(self.images).is_dir():
             problem = "is a file, not an image folder" if Path(self.images).exists() else "image folder not found"
             raise InputError(self.images, problem, "check --images, or omit it to caption metadata alone")
+        analysis_workers(self.analysis_workers)
 
 
 def index_images(folder: Path) -> dict[str, Path]:

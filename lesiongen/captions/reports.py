@@ -22,7 +22,7 @@ from .. import labels
 from ..cli import option
 from ..errors import InputError
 from ..tokens import count_tokens
-from .analyze import MEASURED_KEYS, analyze_image, measured_only, read_for_analysis
+from .analyze import MEASURED_KEYS, analysis_workers, measure_files
 from .metadata import LesionRecord
 from .text import Caption, report_caption, report_long_text, reported_record
 from .vlm import VLM_FIELDS, VLMClient
@@ -312,6 +312,7 @@ class ReportOptions:
     vlm_cache: str | None = option(
         None, help="JSONL cache of vlm replies (default: OUT/vlm_cache.jsonl); reruns never pay twice"
     )
+    analysis_workers: int = option(0, help="processes measuring images with the analyzer (0: one per usable core)")
 
 
 def resolve_reporters(cfg, style: str, has_images: bool) -> tuple[str, ...]:
@@ -348,7 +349,7 @@ class Reporter:
     """Adds ``report`` (a JSON string), ``long_text`` and the report caption to caption-builder rows."""
 
     def __init__(self, sources: tuple[str, ...], cfg: ReportOptions, out: Path, api_key: str | None = None) -> None:
-        self.sources, self.client = sources, None
+        self.sources, self.client, self.workers = sources, None, analysis_workers(cfg.analysis_workers)
         if "vlm" in sources:
             cache = Path(cfg.vlm_cache) if cfg.vlm_cache else out / "vlm_cache.jsonl"
             self.client = VLMClient(
@@ -375,12 +376,9 @@ class Reporter:
         self, items: list[tuple[LesionRecord, Path]], rows: list[dict], seed: int, fits: Callable[[str], bool]
     ) -> dict:
         """Measure (and ask the vlm about) every image, then rewrite each row's caption from its report."""
-        from tqdm import tqdm
-
         measured: list[dict | None] = [None] * len(items)
         if "image" in self.sources:
-            for i, (_, path) in enumerate(tqdm(items, desc="analyze", unit="img", disable=None)):
-                measured[i] = measured_only(analyze_image(read_for_analysis(path)))
+            measured = measure_files([p for _, p in items], self.workers)
         replies = [None] * len(items)
         if self.client is not None:
             replies = self.client.describe_many([p for _, p in items], [patient_facts(r) for r, _ in items])

@@ -201,6 +201,13 @@ def stage_data(cfg: DemoConfig, s: Settings, out: Path) -> str:
     return f"{summary['images']} images of {summary['lesions']} lesions at {s.resolution} px ({counts})"
 
 
+def analysis_workers() -> int:
+    """One analyzer process per torch thread the demo runs with (``--threads``)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def stage_captions(cfg: DemoConfig, s: Settings, out: Path) -> str:
     from ..captions.build import BuildCaptionsConfig, build
 
@@ -213,6 +220,7 @@ def stage_captions(cfg: DemoConfig, s: Settings, out: Path) -> str:
             output_dir=str(p["captions"]),
             seed=cfg.seed,
             split_fractions=SPLIT_FRACTIONS,
+            analysis_workers=analysis_workers(),
         )
     )
     per_split = ", ".join(f"{k} {sum(v.values())}" for k, v in summary["per_split"].items())
@@ -392,6 +400,7 @@ def stage_faithfulness(cfg: DemoConfig, s: Settings, out: Path) -> str:
             concepts=[c.partition("=")[0] for c in CONTRASTS if c != "skin_tone"],
             device="cpu",
             seed=cfg.seed,
+            analysis_workers=analysis_workers(),
         )
     )
     rec = result["recognisability"]

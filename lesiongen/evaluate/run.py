@@ -88,6 +88,7 @@ class EvaluateConfig:
     attributes: bool = option(
         True, help="measure asked-for attributes (skin tone, blue-gray, area) from pixels with lesiongen.analyze"
     )
+    analysis_workers: int = option(0, help="processes measuring images with the analyzer (0: one per usable core)")
     batch_size: int = option(16, help="images per feature batch")
     device: str = option(AUTO, help="where the classifier runs: auto (cuda when available), cpu, cuda ...")
     seed: int = option(0, help="seed for KID subsets, probe cross-validation and bootstrap intervals")
@@ -111,6 +112,9 @@ class EvaluateConfig:
             raise InputError("--size", f"must be >= 0, got {self.size}", "use e.g. --size 64, or 0 to keep sizes")
         if not 0 < self.copy_ratio <= 1:
             raise InputError("--copy_ratio", f"must be in (0, 1], got {self.copy_ratio}", "use e.g. --copy_ratio 0.5")
+        from ..captions.analyze import analysis_workers
+
+        analysis_workers(self.analysis_workers)
 
 
 def load_space(name: str, cfg: EvaluateConfig) -> FeatureSpace:
@@ -225,11 +229,11 @@ def probe_effects(
     return out
 
 
-def measure(paths: pd.Series) -> pd.DataFrame:
+def measure(paths: pd.Series, workers: int) -> pd.DataFrame:
     """The analyzer's measurements of each image (lesiongen.captions.analyze), one row per path."""
-    from ..captions.analyze import analyze_image, measured_only
+    from ..captions.analyze import analysis_workers, measure_files
 
-    return pd.DataFrame([measured_only(analyze_image(read_rgb(p))) for p in paths])
+    return pd.DataFrame(measure_files(paths.tolist(), analysis_workers(workers)))
 
 
 def attribute_faithfulness(fake_df: pd.DataFrame, measured: pd.DataFrame) -> dict:
@@ -387,11 +391,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         times["recognisability"] = time.time() - start
     if cfg.attributes or not table.empty:
         start = time.time()
-        measured = measure(fake_df["path"])
+        measured = measure(fake_df["path"], cfg.analysis_workers)
         if cfg.attributes:
             result["attributes"] = attribute_faithfulness(fake_df, measured)
         if not table.empty:
-            pair_measured = measured if pairs_df is fake_df else measure(pairs_df["path"])
+            pair_measured = measured if pairs_df is fake_df else measure(pairs_df["path"], cfg.analysis_workers)
             result["paired_descriptors"] = faithfulness.descriptor_effects(table, pair_measured, cfg.seed)
             result["pairs"] = {"n": len(table), "per_contrast": table["contrast"].value_counts().to_dict()}
         times["attributes"] = time.time() - start

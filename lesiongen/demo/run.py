@@ -127,8 +127,9 @@ SETTINGS: dict[str, Settings] = {
         # recognisability judge, recalled no real akiec and 0.21 of bkl (balanced accuracy 0.70; 0.93 at 20).
         classifier_epochs=20,
         classifier_batch=32,
-        # 42 pairs per switch: with 21, the vessels' interval on seed 0's models reached 0 (+0.008 [-0.057, 0.065]);
-        # with 42 in 6 steps it was +0.083 [0.017, 0.147], every concept's interval narrower (README section 6).
+        # 42 pairs per switch narrowed every interval on two runs' models: on seed 0's the vessels' probe effect went
+        # from +0.008 [-0.057, 0.065] to +0.083 [0.017, 0.147] (1-thread lab runs) and the blotches' colour variability
+        # from +1.1 [-0.1, 2.4] to +1.2 [0.4, 2.2] (README section 6).
         pairs_per_condition=6,
         vae_full_size_steps=200,
     ),

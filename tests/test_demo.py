@@ -157,7 +157,7 @@ def test_a_generated_folder_of_other_settings_is_replaced_and_a_killed_one_resum
         Config(output_dir=str(out)),
         s,
         out,
-        False,
+        steering=False,
         num_images=s.images_per_condition + 1,
         output_dir=str(out / "generated"),
     )

@@ -343,7 +343,7 @@ def measure_files(paths: Sequence[str | Path], workers: int = 1, desc: str = "an
 
     paths = [str(p) for p in paths]
     bar = dict(total=len(paths), desc=desc, unit="img", disable=None)
-    if workers <= 1 or len(paths) < 4 * workers:  # spawning costs more than a few images
+    if workers <= 1 or len(paths) < 4 * workers:  # starting processes costs more than a few images
         return [measure_file(p) for p in tqdm(paths, **bar)]
     chunk = max(1, min(32, len(paths) // (8 * workers)))
     methods = multiprocessing.get_all_start_methods()

@@ -202,7 +202,7 @@ def stage_data(cfg: DemoConfig, s: Settings, out: Path) -> str:
     return f"{summary['images']} images of {summary['lesions']} lesions at {s.resolution} px ({counts})"
 
 
-def analysis_workers() -> int:
+def analyzer_processes() -> int:
     """One analyzer process per torch thread the demo runs with (``--threads``)."""
     import torch
 
@@ -221,7 +221,7 @@ def stage_captions(cfg: DemoConfig, s: Settings, out: Path) -> str:
             output_dir=str(p["captions"]),
             seed=cfg.seed,
             split_fractions=SPLIT_FRACTIONS,
-            analysis_workers=analysis_workers(),
+            analysis_workers=analyzer_processes(),
         )
     )
     per_split = ", ".join(f"{k} {sum(v.values())}" for k, v in summary["per_split"].items())
@@ -336,7 +336,9 @@ def generate_here(gc: GenerateConfig) -> GenerateResult:
 
 
 def stage_generate(cfg: DemoConfig, s: Settings, out: Path) -> str:
-    gc = generation(cfg, s, out, False, num_images=s.images_per_condition, output_dir=str(_paths(out)["generated"]))
+    gc = generation(
+        cfg, s, out, steering=False, num_images=s.images_per_condition, output_dir=str(_paths(out)["generated"])
+    )
     result = generate_here(gc)
     return f"{result.planned} images ({s.images_per_condition} per condition, DDIM {s.inference_steps} steps, guidance {s.guidance_scale}) in {result.seconds:.0f} s"
 
@@ -379,7 +381,7 @@ def stage_faithfulness(cfg: DemoConfig, s: Settings, out: Path) -> str:
         cfg,
         s,
         out,
-        True,
+        steering=True,
         num_images=s.pairs_per_condition,
         output_dir=str(p["pairs"]),
         contrast=list(CONTRASTS),
@@ -401,7 +403,7 @@ def stage_faithfulness(cfg: DemoConfig, s: Settings, out: Path) -> str:
             concepts=[c.partition("=")[0] for c in CONTRASTS if c != "skin_tone"],
             device="cpu",
             seed=cfg.seed,
-            analysis_workers=analysis_workers(),
+            analysis_workers=analyzer_processes(),
         )
     )
     rec = result["recognisability"]

@@ -334,7 +334,7 @@ def analysis_workers(requested: int) -> int:
     return requested if requested > 0 else len(os.sched_getaffinity(0))
 
 
-def measure_files(paths: Sequence[str | Path], workers: int = 1, desc: str = "analyze") -> list[dict]:
+def measure_files(paths: Sequence[str | Path], workers: int = 1) -> list[dict]:
     """``measure_file`` of each path, in order. The analyzer is single-threaded numpy and scipy, so ``workers``
     above 1 spreads the images over that many processes, with the same results. Where the platform can, they are
     forked: a spawned worker would first re-run the caller's main script, which a script without a main guard does
@@ -342,7 +342,7 @@ def measure_files(paths: Sequence[str | Path], workers: int = 1, desc: str = "an
     from tqdm import tqdm
 
     paths = [str(p) for p in paths]
-    bar = dict(total=len(paths), desc=desc, unit="img", disable=None)
+    bar = dict(total=len(paths), desc="analyze", unit="img", disable=None)
     if workers <= 1 or len(paths) < 4 * workers:  # starting processes costs more than a few images
         return [measure_file(p) for p in tqdm(paths, **bar)]
     chunk = max(1, min(32, len(paths) // (8 * workers)))

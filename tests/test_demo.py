@@ -15,7 +15,7 @@ from PIL import Image
 
 from lesiongen import labels
 from lesiongen.demo.report import COMPARISON_COLUMNS, RERUN_COMMANDS
-from lesiongen.demo.run import CONTRASTS, SETTINGS, STAGES, demo, idle_cores, main, read_cpu_times
+from lesiongen.demo.run import CONTRASTS, DEMO_ATTENTION_HEADS, SETTINGS, STAGES, demo, idle_cores, main, read_cpu_times
 from lesiongen.demo.run import DemoConfig as Config
 from lesiongen.diffusion.train_vae import vae_loss
 
@@ -59,6 +59,8 @@ def test_data_captions_and_model_artefacts(quick_demo):
     )
     assert base["tag_dropout"] == s.tag_dropout > 0 and base["use_ema"] and base["train_text_encoder"]
     assert lora["tag_dropout"] == 0  # its frozen text encoder's captions are cached
+    unet = json.loads((quick_demo / "model" / "base" / "unet" / "config.json").read_text())
+    assert unet["attention_head_dim"] == list(DEMO_ATTENTION_HEADS)
 
 
 def test_generated_images_are_balanced_and_decode(quick_demo):
@@ -118,6 +120,11 @@ def test_faithfulness_is_measured_and_shown(quick_demo):
     } and len(result["pairs"]["per_contrast"]) == len(CONTRASTS)
     for effect in result["spaces"]["domain"]["paired_probe"].values():
         assert effect["n"] == s.pairs_per_condition * len(labels.CODES) and math.isfinite(effect["mean"])
+    skin = [e for key, e in result["paired_descriptors"].items() if key.startswith("skin_tone=")]
+    effects = [*result["spaces"]["domain"]["paired_probe"].values(), *skin]
+    assert len(effects) == len(CONTRASTS)
+    marker = json.loads((quick_demo / ".stages" / "faithfulness.json").read_text())
+    assert f"; {sum(e['low'] > 0 for e in effects)} of {len(CONTRASTS)} switches move" in marker["summary"]
     md = (quick_demo / "report.md").read_text()
     assert "of its generated images" in md and "## Skin tone: asked vs measured" in md and "The ceiling" in md
     for i, contrast in enumerate(result["pairs"]["per_contrast"]):

@@ -71,6 +71,18 @@ def test_sample_size_follows_resolution_and_bad_resolution_is_rejected():
         TinyConfig(output_dir="x", resolution=70)
 
 
+def test_attention_heads_set_the_unet_heads_and_a_non_divisor_is_rejected():
+    unet = build_components(resolution=32, attention_heads=[2, 4])["unet"]
+    heads = [block.attentions[0].transformer_blocks[0].attn1.heads for block in unet.down_blocks]
+    assert heads == [2, 4]
+    assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.inner_dim == 32
+    assert build_components(resolution=32, attention_heads=[4])["unet"].config.attention_head_dim == (4, 4)
+    with pytest.raises(InputError, match="--attention_heads 3"):
+        TinyConfig(output_dir="x", attention_heads=[3])
+    with pytest.raises(InputError, match="--attention_heads 2 4 8"):
+        TinyConfig(output_dir="x", attention_heads=[2, 4, 8])
+
+
 def test_cli_writes_a_loadable_pipeline(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "m"), "--resolution", "32", "--seed", "1"]) == 0
     assert "wrote" in capsys.readouterr().out

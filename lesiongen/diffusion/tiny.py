@@ -9,7 +9,7 @@ the real CLIP BPE tokenizer, a PNDM scheduler) saved with ``save_pretrained`` an
 SD-1.x's real shapes (random weights) for GPU speed and memory measurements.
 
     python -m lesiongen.diffusion.tiny --output_dir models/tiny-sd [--resolution 64] [--seed 0] [--size tiny|sd1]
-        [--latent_channels 8] [--norm_groups 8] [--zero_snr]
+        [--latent_channels 8] [--norm_groups 8] [--attention_heads 2 4] [--zero_snr]
         [--family sd1|sd2|sdxl|sd3|flux]
 
 ``--family`` builds another family's structure on the same shapes (``families/<name>.py`` says how it
@@ -101,6 +101,12 @@ class TinyConfig:
         help="GroupNorm groups in the VAE and UNet; none: the size's 32 (on the tiny model's 32-channel blocks "
         "that is per-channel normalisation, which discards each image's colour balance)",
     )
+    attention_heads: list[int] | None = option(
+        None,
+        help="attention heads per UNet block (one number, or one per block); none: the size's 8. The tiny UNet's "
+        "32- and 64-channel blocks split into 8 heads of 4 and 8 channels; 2 and 4 heads of 16 took 0.139 s "
+        "per training step against 0.191 (batch 8, one core), the same parameters",
+    )
     zero_snr: bool = option(
         False,
         help="v-prediction, zero terminal SNR and trailing timesteps (Lin et al. 2024): with the default "
@@ -130,6 +136,20 @@ class TinyConfig:
             )
         if self.latent_channels is not None and self.latent_channels < 1:
             raise InputError("--latent_channels", f"{self.latent_channels} is not positive", "e.g. 4 or 8")
+        if self.attention_heads is not None:
+            blocks = SIZES[self.size]["unet"]["block_out_channels"]
+            heads = per_block(self.attention_heads, len(blocks))
+            if len(heads) != len(blocks) or any(h < 1 or w % h for h, w in zip(heads, blocks, strict=True)):
+                raise InputError(
+                    f"--attention_heads {' '.join(map(str, self.attention_heads))}",
+                    f"is not one positive divisor of each of the UNet's block widths {list(blocks)}",
+                    "e.g. 2 4, or 8",
+                )
+
+
+def per_block(values: list[int] | tuple[int, ...], blocks: int) -> tuple[int, ...]:
+    """One value for every block, or the values given per block (left as they are, for the caller to check)."""
+    return tuple(values) * blocks if len(values) == 1 else tuple(values)
 
 
 # The shape the demo and the Derm7pt experiment build (README section 6 says why): 8 latent channels,
@@ -146,6 +166,7 @@ def build_components(
     latent_channels: int | None = None,
     norm_groups: int | None = None,
     zero_snr: bool = False,
+    attention_heads: list[int] | tuple[int, ...] | None = None,
 ) -> dict:
     """The five pipeline components with seeded random weights, as ``StableDiffusionPipeline(**parts)`` takes them."""
     import torch
@@ -154,6 +175,9 @@ def build_components(
 
     shapes = SIZES[size]
     groups = {"norm_num_groups": norm_groups} if norm_groups else {}
+    # diffusers' UNet2DConditionModel reads its head count from ``attention_head_dim`` (a historical name)
+    blocks = len(shapes["unet"]["block_out_channels"])
+    heads = {"attention_head_dim": per_block(attention_heads, blocks)} if attention_heads else {}
     vae_shapes = {**shapes["vae"], **groups, **({"latent_channels": latent_channels} if latent_channels else {})}
     latent = vae_shapes["latent_channels"]
     torch.manual_seed(seed)
@@ -161,7 +185,7 @@ def build_components(
         sample_size=resolution // shapes["downsample"],
         in_channels=latent,
         out_channels=latent,
-        **{**shapes["unet"], **groups},
+        **{**shapes["unet"], **groups, **heads},
     )
     vae = AutoencoderKL(in_channels=3, out_channels=3, sample_size=resolution, **vae_shapes)
     text_config = CLIPTextConfig(
@@ -194,7 +218,7 @@ def build_tiny_pipeline(
 ) -> Path:
     """Save a complete pipeline directory (written under a temporary name, renamed when complete).
 
-    ``shape`` takes ``build_components``' keyword options (latent_channels, norm_groups, zero_snr).
+    ``shape`` takes ``build_components``' keyword options (latent_channels, norm_groups, zero_snr, attention_heads).
     """
     from transformers import CLIPTokenizer
 
@@ -228,6 +252,7 @@ def build(cfg: TinyConfig) -> Path:
         latent_channels=cfg.latent_channels,
         norm_groups=cfg.norm_groups,
         zero_snr=cfg.zero_snr,
+        attention_heads=cfg.attention_heads,
     )
     print(f"wrote {cfg.size} {cfg.family} pipeline ({cfg.resolution} px) to {out}")
     return out

@@ -247,3 +247,22 @@ def test_changed_switches_redo_only_the_pairs_stage(monkeypatch, tmp_path, capsy
     demo_run.run_stages(cfg)
     assert ran == ["generate", "faithfulness", "faithfulness"]
     assert "[generate] generate: reused (generate done)" in capsys.readouterr().out
+
+
+def test_a_changed_model_shape_redoes_the_model_and_every_later_stage(monkeypatch, tmp_path):
+    """A demo folder from a version with other attention heads must not keep its models, nor what they made."""
+    import lesiongen.demo.run as demo_run
+
+    ran: list[str] = []
+
+    def stage(key: str) -> demo_run.Stage:
+        return demo_run.Stage(key, key, key, lambda cfg, s, out: ran.append(key) or f"{key} done")
+
+    monkeypatch.setattr(demo_run, "STAGES", tuple(stage(k) for k in ("captions", "model", "base")))
+    cfg = Config(output_dir=str(tmp_path), quick=True)
+    demo_run.run_stages(cfg)
+    demo_run.run_stages(cfg)
+    assert ran == ["captions", "model", "base"]
+    monkeypatch.setattr(demo_run, "DEMO_ATTENTION_HEADS", (8, 8))
+    demo_run.run_stages(cfg)
+    assert ran == ["captions", "model", "base", "model", "base"]

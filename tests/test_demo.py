@@ -124,7 +124,8 @@ def test_faithfulness_is_measured_and_shown(quick_demo):
     effects = [*result["spaces"]["domain"]["paired_probe"].values(), *skin]
     assert len(effects) == len(CONTRASTS)
     marker = json.loads((quick_demo / ".stages" / "faithfulness.json").read_text())
-    assert f"; {sum(e['low'] > 0 for e in effects)} of {len(CONTRASTS)} switches move" in marker["summary"]
+    moved = sum(e["low"] is not None and e["low"] > 0 for e in effects)
+    assert f"; {moved} of {len(CONTRASTS)} switches move" in marker["summary"]
     md = (quick_demo / "report.md").read_text()
     assert "of its generated images" in md and "## Skin tone: asked vs measured" in md and "The ceiling" in md
     for i, contrast in enumerate(result["pairs"]["per_contrast"]):

@@ -417,12 +417,12 @@ def stage_faithfulness(cfg: DemoConfig, s: Settings, out: Path) -> str:
         )
     )
     rec = result["recognisability"]
-    # a switch moved when its effect's 95% interval lies above 0 (an interval below 0 moved the wrong way): the
-    # concepts by their probe, the skin tone by the ITA angle the analyzer measures
+    # a switch moved when its effect's 95% interval lies above 0 (an interval below 0 moved the wrong way; fewer
+    # than two measurable pairs give none): the concepts by their probe, the skin tone by the ITA angle measured
     effects = list(result["spaces"]["domain"]["paired_probe"].values()) + [
         e for key, e in result["paired_descriptors"].items() if key.startswith("skin_tone=")
     ]
-    moved = sum(e["low"] > 0 for e in effects)
+    moved = sum(e["low"] is not None and e["low"] > 0 for e in effects)
     return (
         f"recognisability {rec['balanced_accuracy']:.3f} vs {rec['real_balanced_accuracy']:.3f} on held-out reals "
         f"(ratio {rec['ratio']:.2f}, lowest recall {rec['min_recall']:.2f}; the VAE's reconstructions "

@@ -230,16 +230,19 @@ def test_report_cli_rejects_bad_flags(tmp_path, capsys):
     assert not (tmp_path / "report.html").exists()
 
 
+def recording_stages(keys: tuple[str, ...], ran: list[str]) -> tuple:
+    """Stand-in stages that only append their key to ``ran`` when they run."""
+    import lesiongen.demo.run as demo_run
+
+    return tuple(demo_run.Stage(k, k, k, lambda cfg, s, out, k=k: ran.append(k) or f"{k} done") for k in keys)
+
+
 def test_changed_switches_redo_only_the_pairs_stage(monkeypatch, tmp_path, capsys):
     """An upgrade that changes the steering switches must not reuse pairs sampled for the old ones, nor retrain."""
     import lesiongen.demo.run as demo_run
 
     ran: list[str] = []
-
-    def stage(key: str) -> demo_run.Stage:
-        return demo_run.Stage(key, key, key, lambda cfg, s, out: ran.append(key) or f"{key} done")
-
-    monkeypatch.setattr(demo_run, "STAGES", (stage("generate"), stage("faithfulness")))
+    monkeypatch.setattr(demo_run, "STAGES", recording_stages(("generate", "faithfulness"), ran))
     cfg = Config(output_dir=str(tmp_path), quick=True)
     demo_run.run_stages(cfg)
     demo_run.run_stages(cfg)
@@ -255,11 +258,7 @@ def test_a_changed_model_shape_redoes_the_model_and_every_later_stage(monkeypatc
     import lesiongen.demo.run as demo_run
 
     ran: list[str] = []
-
-    def stage(key: str) -> demo_run.Stage:
-        return demo_run.Stage(key, key, key, lambda cfg, s, out: ran.append(key) or f"{key} done")
-
-    monkeypatch.setattr(demo_run, "STAGES", tuple(stage(k) for k in ("captions", "model", "base")))
+    monkeypatch.setattr(demo_run, "STAGES", recording_stages(("captions", "model", "base"), ran))
     cfg = Config(output_dir=str(tmp_path), quick=True)
     demo_run.run_stages(cfg)
     demo_run.run_stages(cfg)

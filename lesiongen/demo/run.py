@@ -519,9 +519,8 @@ def demo(cfg: DemoConfig) -> dict:
 def stage_signature(signature: dict, key: str) -> dict:
     """What a stage's marker must match to be reused: the settings and seed, for the model stage the UNet's
     attention heads, and for the pairs stage its switches."""
-    if key == "model":
-        return signature | {"attention_heads": list(DEMO_ATTENTION_HEADS)}
-    return signature | {"contrasts": list(CONTRASTS)} if key == "faithfulness" else signature
+    own = {"model": {"attention_heads": list(DEMO_ATTENTION_HEADS)}, "faithfulness": {"contrasts": list(CONTRASTS)}}
+    return signature | own.get(key, {})
 
 
 def run_stages(cfg: DemoConfig) -> dict:

@@ -46,8 +46,8 @@ from lesiongen.diffusion.families import FAMILIES
 REPO = Path(__file__).resolve().parents[1]
 # name -> LesionGen flags on top of the shared settings; "reference" is the diffusers script
 VARIANTS = {
-    "uncached": ["--cache_latents", "false"],
-    "cached": ["--cache_latents", "true"],
+    "uncached": ["--cache_latents", "false", "--torch_compile", "false"],
+    "cached": ["--cache_latents", "true", "--torch_compile", "false"],
     "cached, compiled": ["--cache_latents", "true", "--torch_compile", "true"],
     "uncached, compiled": ["--cache_latents", "false", "--torch_compile", "true"],
 }
@@ -253,7 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         ref = statistics.median(r[key] for r in rows["reference"]) if "reference" in rows else None
         for name, runs in rows.items():
             speed = statistics.median(r[key] for r in runs)
-            ratio = f", {speed / ref:.2f}x the reference" if ref and name != "reference" else ""
+            ratio = ""
+            if ref and name != "reference":
+                # each round's runs are minutes apart, so their ratio is steadier than the ratio of medians
+                # where the host's speed drifts (it has varied by up to 1.8x within an hour)
+                paired = statistics.median(
+                    r[key] / ref_run[key] for r, ref_run in zip(runs, rows["reference"], strict=True)
+                )
+                ratio = f", {speed / ref:.2f}x the reference (median of the rounds' ratios {paired:.2f}x)"
             label = "diffusers reference" if name == "reference" else f"LesionGen {name}"
             spread = ", ".join(f"{r[key]:.2f}" for r in runs)
             print(f"  {label:30s} {speed:5.2f} {unit} (runs: {spread}){ratio}")

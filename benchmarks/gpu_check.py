@@ -189,7 +189,7 @@ def train_runs(model: Path, data: Path, work: Path, args, device, flops_per_imag
                 learning_rate=1e-4,
                 mixed_precision=args.mixed_precision,
                 cache_latents=cached,
-                torch_compile=args.torch_compile,
+                torch_compile="true" if args.torch_compile else "false",
                 report_to="none",
                 dataloader_num_workers=args.workers,
             )

@@ -86,6 +86,8 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
                 kw["nargs"] = "+"
         if "choices" in meta:
             kw["choices"] = list(meta["choices"])
+        if "bare" in meta:  # the value a flag given without one means (``--torch_compile`` alone: true)
+            kw["nargs"], kw["const"] = "?", meta["bare"]
         kw["help"] = kw["help"].replace("%", "%%")  # argparse %-formats help: "10%" would crash --help
         parser.add_argument(*names, **kw)
     return parser

@@ -47,3 +47,27 @@ def adamw(params, device: Any, **kwargs):
 
     fused = True if torch.device(device).type in ("cuda", "cpu") else None
     return torch.optim.AdamW(params, fused=fused, **kwargs)
+
+
+def compiler_missing(device: Any) -> str | None:
+    """What torch.compile's inductor backend lacks on this device, or None when it can compile: triton on a GPU,
+    a C++ compiler on a CPU. Checked before compiling by choice (``--torch_compile auto``), so a machine without
+    them trains eagerly instead of failing at the first step."""
+
+    import torch
+
+    kind = torch.device(device).type
+    if kind == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "triton is not installed"
+    if kind == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+
+        try:
+            get_cpp_compiler()  # runs the compiler inductor would use, as inductor does
+        except InvalidCxxCompiler:
+            return "no C++ compiler was found (inductor runs $CXX, else g++)"
+        return None
+    return f"{kind} devices are not compiled by choice"

@@ -3,7 +3,9 @@ caching changes nothing, and bad input stops with a one-line error."""
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -24,7 +26,7 @@ from safetensors.torch import load_file
 import lesiongen.diffusion.loss as loss_module
 import lesiongen.diffusion.train as train_module
 from lesiongen.cli import parse_config
-from lesiongen.devices import adamw
+from lesiongen.devices import adamw, compiler_missing
 from lesiongen.diffusion.checkpoints import TRAINING_STATE
 from lesiongen.diffusion.dataset import ImageCaptionDataset, PlannedBatches, collate, item_caption, read_examples
 from lesiongen.diffusion.families import denoiser, prompt_encoder, tokenize
@@ -353,6 +355,79 @@ def test_the_training_optimiser_is_fused_on_a_cpu_and_steps_as_per_tensor_adamw(
     for a, b, s in zip(fused_params, plain_params, start, strict=True):
         torch.testing.assert_close(a, b)
         assert not torch.equal(a, s)
+
+
+def test_torch_compile_auto_compiles_only_runs_long_enough_to_repay_it(monkeypatch):
+    cfg = TrainConfig(report_to="none")
+    assert cfg.torch_compile == "auto" and cfg.max_train_steps >= train_module.COMPILE_AFTER_STEPS  # the recipe
+    monkeypatch.setattr(train_module, "compiler_missing", lambda device: None)
+    assert train_module.compile_choice(cfg, "cpu")[0]
+    short = replace(cfg, max_train_steps=train_module.COMPILE_AFTER_STEPS - 1)
+    on, why = train_module.compile_choice(short, "cpu")
+    assert not on and f"fewer than the {train_module.COMPILE_AFTER_STEPS}" in why
+    assert train_module.compile_choice(replace(short, torch_compile="true"), "cpu")[0]
+    assert not train_module.compile_choice(replace(cfg, torch_compile="false"), "cpu")[0]
+    monkeypatch.setattr(train_module, "compiler_missing", lambda device: "triton is not installed")
+    assert train_module.compile_choice(cfg, "cuda") == (False, "auto: triton is not installed")
+    assert parse_config(TrainConfig, ["--torch_compile"]).torch_compile == "true"  # the bare flag, as diffusers'
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--torch_compile", "maybe"])
+
+
+def test_checkpointing_that_keeps_attention_runs_each_attention_once_and_gives_the_same_gradients(tiny_sd_dir):
+    from diffusers import UNet2DConditionModel
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class AttentionCalls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket.__name__ in train_module.ATTENTION_OPS
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    x, t, text = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 7, 64)
+    grads, calls = [], []
+    for checkpointing in (None, train_module.checkpoint_keeping_attention):
+        unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet")
+        unet.enable_gradient_checkpointing(checkpointing)
+        unet.train()
+        with AttentionCalls() as counter:
+            unet(x, t, text).sample.square().mean().backward()
+        calls.append(counter.count)
+        grads.append([p.grad for p in unet.parameters()])
+    layers = sum(1 for name, _ in unet.named_modules() if name.endswith((".attn1", ".attn2")))
+    assert calls == [2 * layers, layers]  # recomputed in backward, or kept
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_cpu_without_a_cxx_compiler_is_reported_as_missing_one():
+    import torch._inductor.config as inductor
+
+    assert compiler_missing("cpu") is None  # this machine has g++
+    with inductor.patch({"cpp.cxx": ("no-such-c++",)}):
+        assert compiler_missing("cpu").startswith("no C++ compiler was found")
+
+
+def test_a_compiler_that_fails_under_auto_leaves_the_run_training_eagerly(
+    tiny_sd_dir, d7p_small_train, tmp_path, monkeypatch
+):
+    tried = []
+
+    def failing_backend(graph, example_inputs):
+        tried.append(graph)
+        raise RuntimeError("this backend cannot compile")
+
+    monkeypatch.setattr(train_module, "COMPILE_AFTER_STEPS", 2)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=failing_backend))
+    cfg = small_config(tiny_sd_dir, d7p_small_train, tmp_path / "out", max_train_steps=2, checkpointing_steps=10)
+    with torch._dynamo.config.patch(suppress_errors=False):
+        result = train(cfg)
+    assert tried and result.global_step == 2 and all(math.isfinite(x) for x in result.losses)
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_class_balanced_plans_draw_a_rare_class_as_often_as_a_common_one():

@@ -11,6 +11,7 @@ conditioning and which pipeline class validates and saves; everything else is th
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -20,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..cli import parse_config, run
-from ..devices import adamw
+from ..devices import adamw, compiler_missing
 from ..errors import InputError
 from ..files import write_json, write_text
 from . import families
@@ -35,7 +36,7 @@ from .checkpoints import (
     run_record,
     save_checkpoint,
 )
-from .config import DEFAULT_LR, TrainConfig
+from .config import COMPILE_AFTER_STEPS, DEFAULT_LR, TrainConfig
 from .loss import batch_loss, diffusion_loss
 from .micro_batch import pick_micro_batch
 from .validation import default_prompts, ema_parameters, on_device, validate
@@ -155,7 +156,42 @@ def weight_dtype(accelerator):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def place_models(parts: dict, trained: list, accelerator, gradient_checkpointing: bool) -> None:
+# torch's attention kernels, one per device and backend, as dispatched by F.scaled_dot_product_attention
+ATTENTION_OPS = (
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+)
+
+
+def checkpoint_keeping_attention(module, *args):
+    """Gradient checkpointing that keeps each attention's output and recomputes the rest of the block.
+
+    An attention kernel's output is the size of its input (it never stores the tokens x tokens scores), so
+    keeping it costs little memory, while recomputing it was the costliest part of the recomputation: with a
+    compiled UNet the tiny model's LoRA step took 0.080 s against 0.093 s recomputing everything (no
+    checkpointing: 0.076 s) on one CPU core. Used with ``torch.compile`` only: in eager mode, where the policy
+    runs at every op, it saved nothing measurable.
+    """
+    import torch
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    keep = {getattr(aten, name).default for name in ATTENTION_OPS if hasattr(aten, name)}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return checkpoint(
+        module.__call__,
+        *args,
+        use_reentrant=False,
+        context_fn=functools.partial(create_selective_checkpoint_contexts, policy),
+    )
+
+
+def place_models(parts: dict, trained: list, accelerator, gradient_checkpointing: bool, compiled: bool) -> None:
     """Frozen weights go to the device in the compute dtype; trainable ones (and LoRA adapters) stay float32."""
     import torch
     from diffusers.training_utils import cast_training_params
@@ -171,7 +207,7 @@ def place_models(parts: dict, trained: list, accelerator, gradient_checkpointing
     for module in trained:  # what trains inside a cast module (LoRA adapters, all but a frozen embedding)
         cast_training_params(module, dtype=torch.float32)
     if gradient_checkpointing:
-        parts["unet"].enable_gradient_checkpointing()
+        parts["unet"].enable_gradient_checkpointing(checkpoint_keeping_attention if compiled else None)
         for text_encoder in trained[1:]:
             text_encoder.gradient_checkpointing_enable()
 
@@ -207,6 +243,23 @@ def use_fast_math(cfg: TrainConfig, device) -> None:
 
     if device.type == "cuda" and cfg.allow_tf32:
         torch.set_float32_matmul_precision("high")
+
+
+def compile_choice(cfg: TrainConfig, device) -> tuple[bool, str]:
+    """Whether this run compiles its denoiser, and why (printed with the run's header).
+
+    ``auto`` goes by the whole run's length, not the steps left, so a resumed run takes the same numerics as
+    the uninterrupted one; a compile error under ``auto`` falls back to eager steps (dynamo's
+    ``suppress_errors``), while an explicit ``true`` lets it stop the run.
+    """
+    if cfg.torch_compile != "auto":
+        return cfg.torch_compile == "true", f"--torch_compile {cfg.torch_compile}"
+    if cfg.max_train_steps < COMPILE_AFTER_STEPS:
+        return False, f"auto: {cfg.max_train_steps} steps, fewer than the {COMPILE_AFTER_STEPS} that repay compiling"
+    missing = compiler_missing(device)
+    if missing:
+        return False, f"auto: {missing}"
+    return True, f"auto: {cfg.max_train_steps} steps; the first steps compile (minutes on a CPU)"
 
 
 class LossReader:
@@ -254,6 +307,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     resume_from = find_resume_checkpoint(cfg)
     mode = MODES[cfg.mode]
     use_fast_math(cfg, accelerator.device)
+    compiled, why_compiled = compile_choice(cfg, accelerator.device)
 
     parts = load_training_parts(cfg.pretrained_model_name_or_path, cfg.model_family)
     family = parts["family"]
@@ -274,7 +328,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     examples = read_examples(cfg.train_data_dir, [parts[family.caption_tokenizer]], caption_field)
     torch.manual_seed(cfg.seed)
     trained = mode.trainable(parts, cfg)
-    place_models(parts, trained, accelerator, cfg.gradient_checkpointing)
+    place_models(parts, trained, accelerator, cfg.gradient_checkpointing, compiled)
     ema = make_ema(parts["unet"], cfg)
     if ema is not None:
         ema.to(accelerator.device)
@@ -337,13 +391,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         *plan[:2], micro, *plan[3:], start_step=first_step, rank=rank, world=world, weights=weights
     )
     batches = iter(make_loader(dataset, sampler, cfg.dataloader_num_workers))
-    step_unet = torch.compile(unet) if cfg.torch_compile else unet  # validation and saving keep the eager module
+    if compiled and cfg.torch_compile == "auto":
+        torch._dynamo.config.suppress_errors = True
+    step_unet = torch.compile(unet) if compiled else unet  # validation and saving keep the eager module
     effective_batch = per_step * world
     if accelerator.is_main_process:
         print(
             f"training {cfg.mode} on {len(examples)} images: {world} process(es), effective batch {effective_batch} "
             f"({micro} x {accum} accumulation per process), steps {first_step}->{cfg.max_train_steps}, "
-            f"lr {learning_rate:g}, {'cached latents' if cfg.cache_latents else 'VAE every step'}"
+            f"lr {learning_rate:g}, {'cached latents' if cfg.cache_latents else 'VAE every step'}, "
+            f"torch.compile {'on' if compiled else 'off'} ({why_compiled})"
         )
 
     bar = tqdm(total=cfg.max_train_steps, initial=first_step, desc="train", disable=not accelerator.is_main_process)

@@ -122,12 +122,14 @@ def main() -> None:
         seeds = [s.seed for s in plan]
         original = load_pipeline(model, device=device, dtype=resolve_dtype(base, device))  # its own sampler
         pipe = load_model(base, device)
-        settings = {f"generate() batch {b}": (pipe, dict(batch_size=b)) for b in args.batch_sizes}
+        settings = {
+            f"generate() batch {b}": (pipe, dict(batch_size=b, torch_compile="false")) for b in args.batch_sizes
+        }
         if args.torch_compile:
             b = max(args.batch_sizes)
             settings[f"generate() batch {b}, --torch_compile"] = (
                 load_model(base, device),
-                dict(batch_size=b, torch_compile=True),
+                dict(batch_size=b, torch_compile="true"),
             )
 
         def run_generate(name: str, pipe, **kw) -> None:

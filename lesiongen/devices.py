@@ -71,3 +71,24 @@ def compiler_missing(device: Any) -> str | None:
             return "no C++ compiler was found (inductor runs $CXX, else g++)"
         return None
     return f"{kind} devices are not compiled by choice"
+
+
+def compile_choice(setting: str, work: int, pays_after: int, unit: str, device: Any) -> tuple[bool, str]:
+    """Whether to torch.compile the denoiser, and why (for the run's header line).
+
+    ``true`` and ``false`` are the user's; ``auto`` compiles when the work ahead (``work`` ``unit``) reaches
+    ``pays_after``, where compiling was measured to repay its start-up time, on a device with the compiler it
+    needs. Under ``auto`` a compile error then falls back to eager (dynamo's ``suppress_errors``) instead of
+    ending the run; an explicit ``true`` lets it stop the run.
+    """
+    if setting != "auto":
+        return setting == "true", f"--torch_compile {setting}"
+    if work < pays_after:
+        return False, f"auto: {work} {unit}, fewer than the {pays_after} that repay compiling"
+    missing = compiler_missing(device)
+    if missing:
+        return False, f"auto: {missing}"
+    import torch
+
+    torch._dynamo.config.suppress_errors = True
+    return True, f"auto: {work} {unit}; the first ones compile (minutes on a CPU)"

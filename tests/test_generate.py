@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -13,11 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import lesiongen.diffusion.generate as generate_module
 from lesiongen import labels
 from lesiongen.captions.build import caption_record
 from lesiongen.captions.metadata import load_d7p, load_ham10000
+from lesiongen.cli import parse_config
 from lesiongen.diffusion.generate import (
     FLOW_SCHEDULERS,
     MANIFEST_COLUMNS,
@@ -129,6 +133,29 @@ def test_same_seed_same_pixels_and_batching_does_not_change_them(tiny_sd_dir, pi
         assert np.abs(pixels(a / name) - pixels(d / name)).mean() > 5
         assert np.abs(pixels(a / name) - pixels(e / name)).mean() > 1
     assert {r["negative_prompt"] for r in manifest(e)} == {"ruler, hair"}
+
+
+def test_auto_compiles_only_a_large_set_and_a_failing_compiler_leaves_it_sampling_eagerly(
+    tiny_sd_dir, pipe, tmp_path, monkeypatch
+):
+    tried = []
+
+    def failing_backend(graph, example_inputs):
+        tried.append(graph)
+        raise RuntimeError("this backend cannot compile")
+
+    monkeypatch.setattr(generate_module, "COMPILE_AFTER_DENOISING_STEPS", 5)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=failing_backend))
+    small = generate(config(tiny_sd_dir, tmp_path / "small", num_images=2), pipe=pipe).root  # 2 x 2 steps
+    assert not tried
+    fresh = load_model(GenerateConfig(model_path=str(tiny_sd_dir), device="cpu"), "cpu")  # compiling replaces its UNet
+    with torch._dynamo.config.patch(suppress_errors=False):
+        large = generate(config(tiny_sd_dir, tmp_path / "large", num_images=3), pipe=fresh).root  # 3 x 2 steps
+    assert tried and len(manifest(large)) == 3
+    for i in range(2):
+        name = f"dataset/Melanoma/mel_00000{i}.png"
+        assert np.abs(pixels(small / name) - pixels(large / name)).max() <= 2  # eager sampling, batched otherwise
+    assert parse_config(GenerateConfig, ["--model_path", str(tiny_sd_dir), "--torch_compile"]).torch_compile == "true"
 
 
 def test_killed_run_resumes_to_exactly_num_images(tiny_sd_dir, pipe, tmp_path):

@@ -357,18 +357,23 @@ def test_the_training_optimiser_is_fused_on_a_cpu_and_steps_as_per_tensor_adamw(
         assert not torch.equal(a, s)
 
 
-def test_torch_compile_auto_compiles_only_runs_long_enough_to_repay_it(monkeypatch):
+def test_torch_compile_auto_compiles_only_work_long_enough_to_repay_it(monkeypatch):
+    import lesiongen.devices as devices
+
     cfg = TrainConfig(report_to="none")
     assert cfg.torch_compile == "auto" and cfg.max_train_steps >= train_module.COMPILE_AFTER_STEPS  # the recipe
-    monkeypatch.setattr(train_module, "compiler_missing", lambda device: None)
-    assert train_module.compile_choice(cfg, "cpu")[0]
-    short = replace(cfg, max_train_steps=train_module.COMPILE_AFTER_STEPS - 1)
-    on, why = train_module.compile_choice(short, "cpu")
-    assert not on and f"fewer than the {train_module.COMPILE_AFTER_STEPS}" in why
-    assert train_module.compile_choice(replace(short, torch_compile="true"), "cpu")[0]
-    assert not train_module.compile_choice(replace(cfg, torch_compile="false"), "cpu")[0]
-    monkeypatch.setattr(train_module, "compiler_missing", lambda device: "triton is not installed")
-    assert train_module.compile_choice(cfg, "cuda") == (False, "auto: triton is not installed")
+    monkeypatch.setattr(devices, "compiler_missing", lambda device: None)
+    with torch._dynamo.config.patch(suppress_errors=False):
+        assert devices.compile_choice("auto", 2000, 2000, "steps", "cpu")[0]
+        assert torch._dynamo.config.suppress_errors  # auto falls back to eager on a compile error
+    with torch._dynamo.config.patch(suppress_errors=False):
+        assert devices.compile_choice("true", 10, 2000, "steps", "cpu")[0]
+        assert not torch._dynamo.config.suppress_errors  # an explicit true lets the error stop the run
+    on, why = devices.compile_choice("auto", 1999, 2000, "steps", "cpu")
+    assert not on and why == "auto: 1999 steps, fewer than the 2000 that repay compiling"
+    assert not devices.compile_choice("false", 10**6, 2000, "steps", "cpu")[0]
+    monkeypatch.setattr(devices, "compiler_missing", lambda device: "triton is not installed")
+    assert devices.compile_choice("auto", 10**6, 2000, "steps", "cuda") == (False, "auto: triton is not installed")
     assert parse_config(TrainConfig, ["--torch_compile"]).torch_compile == "true"  # the bare flag, as diffusers'
     with pytest.raises(SystemExit):
         parse_config(TrainConfig, ["--torch_compile", "maybe"])

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..cli import parse_config, run
-from ..devices import adamw, compiler_missing
+from ..devices import adamw, compile_choice
 from ..errors import InputError
 from ..files import write_json, write_text
 from . import families
@@ -245,23 +245,6 @@ def use_fast_math(cfg: TrainConfig, device) -> None:
         torch.set_float32_matmul_precision("high")
 
 
-def compile_choice(cfg: TrainConfig, device) -> tuple[bool, str]:
-    """Whether this run compiles its denoiser, and why (printed with the run's header).
-
-    ``auto`` goes by the whole run's length, not the steps left, so a resumed run takes the same numerics as
-    the uninterrupted one; a compile error under ``auto`` falls back to eager steps (dynamo's
-    ``suppress_errors``), while an explicit ``true`` lets it stop the run.
-    """
-    if cfg.torch_compile != "auto":
-        return cfg.torch_compile == "true", f"--torch_compile {cfg.torch_compile}"
-    if cfg.max_train_steps < COMPILE_AFTER_STEPS:
-        return False, f"auto: {cfg.max_train_steps} steps, fewer than the {COMPILE_AFTER_STEPS} that repay compiling"
-    missing = compiler_missing(device)
-    if missing:
-        return False, f"auto: {missing}"
-    return True, f"auto: {cfg.max_train_steps} steps; the first steps compile (minutes on a CPU)"
-
-
 class LossReader:
     """Step losses kept on the device and read in one host sync every ``LOSS_READ_EVERY`` steps (or on demand)."""
 
@@ -307,7 +290,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     resume_from = find_resume_checkpoint(cfg)
     mode = MODES[cfg.mode]
     use_fast_math(cfg, accelerator.device)
-    compiled, why_compiled = compile_choice(cfg, accelerator.device)
+    compiled, why_compiled = compile_choice(
+        cfg.torch_compile, cfg.max_train_steps, COMPILE_AFTER_STEPS, "steps", accelerator.device
+    )
 
     parts = load_training_parts(cfg.pretrained_model_name_or_path, cfg.model_family)
     family = parts["family"]
@@ -391,8 +376,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         *plan[:2], micro, *plan[3:], start_step=first_step, rank=rank, world=world, weights=weights
     )
     batches = iter(make_loader(dataset, sampler, cfg.dataloader_num_workers))
-    if compiled and cfg.torch_compile == "auto":
-        torch._dynamo.config.suppress_errors = True
     step_unet = torch.compile(unet) if compiled else unet  # validation and saving keep the eager module
     effective_batch = per_step * world
     if accelerator.is_main_process:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -95,6 +96,21 @@ def truncated_jpeg(src: Path, dst: Path, keep: float = 0.6) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_bytes(data[: int(len(data) * keep)])
     return dst
+
+
+def failing_compiler(monkeypatch) -> list:
+    """Make ``torch.compile`` use a backend that fails on every graph, as a machine without a working compiler
+    does; returns the list of graphs it was handed (empty when nothing was compiled)."""
+    import torch
+
+    tried = []
+
+    def failing_backend(graph, example_inputs):
+        tried.append(graph)
+        raise RuntimeError("this backend cannot compile")
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=failing_backend))
+    return tried
 
 
 class RunsCode:

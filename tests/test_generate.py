@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import failing_compiler
 from PIL import Image
 
 import lesiongen.diffusion.generate as generate_module
@@ -138,14 +138,8 @@ def test_same_seed_same_pixels_and_batching_does_not_change_them(tiny_sd_dir, pi
 def test_auto_compiles_only_a_large_set_and_a_failing_compiler_leaves_it_sampling_eagerly(
     tiny_sd_dir, pipe, tmp_path, monkeypatch
 ):
-    tried = []
-
-    def failing_backend(graph, example_inputs):
-        tried.append(graph)
-        raise RuntimeError("this backend cannot compile")
-
+    tried = failing_compiler(monkeypatch)
     monkeypatch.setattr(generate_module, "COMPILE_AFTER_DENOISING_STEPS", 5)
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=failing_backend))
     small = generate(config(tiny_sd_dir, tmp_path / "small", num_images=2), pipe=pipe).root  # 2 x 2 steps
     assert not tried
     fresh = load_model(GenerateConfig(model_path=str(tiny_sd_dir), device="cpu"), "cpu")  # compiling replaces its UNet

@@ -3,7 +3,6 @@ caching changes nothing, and bad input stops with a one-line error."""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import RunsCode, oversized_png, perturbed_copy, truncated_jpeg
+from builders import RunsCode, failing_compiler, oversized_png, perturbed_copy, truncated_jpeg
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
@@ -420,14 +419,8 @@ def test_a_cpu_without_a_cxx_compiler_is_reported_as_missing_one():
 def test_a_compiler_that_fails_under_auto_leaves_the_run_training_eagerly(
     tiny_sd_dir, d7p_small_train, tmp_path, monkeypatch
 ):
-    tried = []
-
-    def failing_backend(graph, example_inputs):
-        tried.append(graph)
-        raise RuntimeError("this backend cannot compile")
-
+    tried = failing_compiler(monkeypatch)
     monkeypatch.setattr(train_module, "COMPILE_AFTER_STEPS", 2)
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=failing_backend))
     cfg = small_config(tiny_sd_dir, d7p_small_train, tmp_path / "out", max_train_steps=2, checkpointing_steps=10)
     with torch._dynamo.config.patch(suppress_errors=False):
         result = train(cfg)

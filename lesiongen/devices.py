@@ -53,7 +53,6 @@ def compiler_missing(device: Any) -> str | None:
     """What torch.compile's inductor backend lacks on this device, or None when it can compile: triton on a GPU,
     a C++ compiler on a CPU. Checked before compiling by choice (``--torch_compile auto``), so a machine without
     them trains eagerly instead of failing at the first step."""
-
     import torch
 
     kind = torch.device(device).type

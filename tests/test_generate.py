@@ -152,6 +152,30 @@ def test_auto_compiles_only_a_large_set_and_a_failing_compiler_leaves_it_samplin
     assert parse_config(GenerateConfig, ["--model_path", str(tiny_sd_dir), "--torch_compile"]).torch_compile == "true"
 
 
+def test_a_batch_that_runs_out_of_gpu_memory_is_sampled_in_halves_to_the_same_images(
+    tiny_sd_dir, pipe, tmp_path, monkeypatch, capsys
+):
+    real, sizes = generate_module.sample, []
+
+    def small_gpu(pipe, prompts, *args):
+        sizes.append(len(prompts))
+        if len(prompts) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(pipe, prompts, *args)
+
+    fits = generate(config(tiny_sd_dir, tmp_path / "fits", num_images=5, batch_size=2), pipe=pipe).root
+    monkeypatch.setattr(generate_module, "sample", small_gpu)
+    halved = generate(config(tiny_sd_dir, tmp_path / "halved", num_images=5, batch_size=8), pipe=pipe).root
+    assert sizes == [5, 4, 2, 2, 1]
+    assert "sampling 2 images at a time from here" in capsys.readouterr().out
+    for i in range(5):
+        name = f"dataset/Melanoma/mel_00000{i}.png"
+        assert np.array_equal(pixels(fits / name), pixels(halved / name))
+    monkeypatch.setattr(generate_module, "sample", lambda *a: small_gpu(None, [1, 2, 3]))
+    with pytest.raises(InputError, match="--batch_size 1: one image does not fit in GPU memory"):
+        generate(config(tiny_sd_dir, tmp_path / "none", num_images=1, batch_size=1), pipe=pipe)
+
+
 def test_killed_run_resumes_to_exactly_num_images(tiny_sd_dir, pipe, tmp_path):
     cfg = config(tiny_sd_dir, tmp_path / "out", num_images=6, batch_size=2)
     out = Path(cfg.output_dir)

@@ -50,12 +50,12 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
 FLOW_SCHEDULERS = ("flow_euler",)
 MODES = ("single", "dataset")
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
-# Settings that change which images a dataset run makes or how they look; a resume must match them.
 # --torch_compile auto compiles sets of at least this many denoising steps (images x steps). On this project's
 # 2-core CPU the tiny UNet's compile cost about 45 s (both cores; about 200 s on one busy core) and saved about
 # 1 ms per image-step at batch 16 (README section 3): a set of 1,500 images at 30 steps. The default 100 images
 # per condition (about 44,000 steps) and the demo's sets stay eager.
 COMPILE_AFTER_DENOISING_STEPS = 50_000
+# Settings that change which images a dataset run makes or how they look; a resume must match them.
 PLAN_FIELDS = (
     "condition", "num_images", "seed", "balance", "distribution", "sex", "age", "site", "skin_tone", "concepts",
     "impute_concepts", "contrast", "caption_style", "guidance_scale", "num_inference_steps", "scheduler", "model_path",
@@ -88,7 +88,11 @@ class GenerateConfig:
     num_inference_steps: list[int] = option(
         list(plans.ORIGINAL_STEPS), help="one value, or several to draw from per image (original: 30 50 70 100)"
     )
-    batch_size: int = option(4, help="images per forward pass (images sharing guidance and steps are batched)")
+    batch_size: int = option(
+        16,
+        help="images per forward pass (images sharing guidance and steps are batched); where a batch runs out of "
+        "GPU memory it halves, and sampling goes on at the size that fits",
+    )
     torch_compile: str = option(
         "auto",
         help="torch.compile the denoiser: faster batches after a slow first one. auto compiles sets of at least "
@@ -419,6 +423,35 @@ def sample(
     ).images
 
 
+class FittingBatches:
+    """Samples a batch in chunks of the largest size that has fit in GPU memory so far: ``--batch_size`` at
+    first, halved at each out-of-memory error, so a default that suits a large GPU also runs on a small one. An
+    image's pixels do not depend on its batch (``sample``), so halving changes only the speed."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def sample(self, pipe, prompts: list[str], negatives: list[str], seeds: list[int], *args) -> list:
+        import torch
+
+        images: list = []
+        while len(images) < len(prompts):
+            chunk = slice(len(images), len(images) + self.size)
+            try:
+                images += sample(pipe, prompts[chunk], negatives[chunk], seeds[chunk], *args)
+            except torch.OutOfMemoryError:
+                if self.size == 1:
+                    raise InputError(
+                        "--batch_size 1",
+                        "one image does not fit in GPU memory",
+                        "use --dtype float16 (or bfloat16) or a lower --resolution",
+                    ) from None
+                self.size //= 2
+                torch.cuda.empty_cache()
+                print(f"note: a batch ran out of GPU memory; sampling {self.size} images at a time from here")
+        return images
+
+
 def compile_denoiser(pipe) -> None:
     """Compile the UNet (or a transformer family's denoiser) once per pipeline. Graphs are specialised to the
     first batch size; a group's short last batch recompiles once with a dynamic batch dimension (torch's
@@ -554,6 +587,7 @@ def generate(
                 print(f"compiling the denoiser ({why})")
         # A 512 px PNG takes about 70 ms of CPU to encode (measured here), the order of a GPU's time per image,
         # so one writer thread saves batch k while batch k+1 samples; its errors (and on_saved's) surface here.
+        fitting = FittingBatches(cfg.batch_size)
         with ThreadPoolExecutor(max_workers=1) as writer:
             saving = None
             for batch in batches(todo, cfg.batch_size):
@@ -561,7 +595,7 @@ def generate(
                 negatives = [negative_prompt(s, cfg, partners, field) for s in batch]
                 seeds = [s.seed for s in batch]
                 guidance, steps = batch[0].guidance_scale, batch[0].num_inference_steps
-                images = sample(pipe, prompts, negatives, seeds, guidance, steps, cfg, lora)
+                images = fitting.sample(pipe, prompts, negatives, seeds, guidance, steps, cfg, lora)
                 if saving is not None:
                     saving.result()
                 saving = writer.submit(

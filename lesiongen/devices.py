@@ -90,4 +90,4 @@ def compile_choice(setting: str, work: int, pays_after: int, unit: str, device: 
     import torch
 
     torch._dynamo.config.suppress_errors = True
-    return True, f"auto: {work} {unit}; the first ones compile (minutes on a CPU)"
+    return True, f"auto: {work} {unit}; the first ones compile, minutes on a CPU"

@@ -109,6 +109,8 @@ def failing_compiler(monkeypatch) -> list:
         tried.append(graph)
         raise RuntimeError("this backend cannot compile")
 
+    # dynamo remembers code it failed to compile and skips it from then on: forget an earlier test's failures
+    torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=failing_backend))
     return tried
 

@@ -174,21 +174,30 @@ def checkpoint_keeping_attention(module, *args):
     checkpointing: 0.076 s) on one CPU core. Used with ``torch.compile`` only: in eager mode, where the policy
     runs at every op, it saved nothing measurable.
     """
-    import torch
-    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
-
-    aten = torch.ops.aten
-    keep = {getattr(aten, name).default for name in ATTENTION_OPS if hasattr(aten, name)}
-
-    def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
     return checkpoint(
         module.__call__,
         *args,
         use_reentrant=False,
-        context_fn=functools.partial(create_selective_checkpoint_contexts, policy),
+        context_fn=functools.partial(create_selective_checkpoint_contexts, keep_attention),
     )
+
+
+@functools.cache
+def attention_ops() -> frozenset:
+    """The aten overloads of ``ATTENTION_OPS`` this torch build has, looked up once per process."""
+    import torch
+
+    aten = torch.ops.aten
+    return frozenset(getattr(aten, name).default for name in ATTENTION_OPS if hasattr(aten, name))
+
+
+def keep_attention(ctx, op, *args, **kwargs):
+    """The selective-checkpointing policy of ``checkpoint_keeping_attention``: save attention, recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in attention_ops() else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def place_models(parts: dict, trained: list, accelerator, gradient_checkpointing: bool, compiled: bool) -> None:

@@ -82,7 +82,8 @@ def original_loop(pipe, prompts: list[str], seeds: list[int], out_dir: Path) -> 
         image.save(out_dir / f"{i:06d}.png")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Time every setting, print the table and return the figures (also written to ``--json``)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model_path", default=None, help="a trained model (default: build a random-weight one)")
     p.add_argument("--size", default="tiny", choices=("tiny", "sd1"))
@@ -94,7 +95,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the figures here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -177,13 +178,16 @@ def main() -> None:
         saved = 1 / best[eager][0] - 1 / best[name][0]  # wall seconds saved per image once compiled
         pays = f"pays back after about {extra / saved:.0f} images" if saved > 0 else "never pays back here"
         print(f"\n--torch_compile: the first batch took {extra:.0f} s longer than eager (compilation); {pays}")
+    figures = {
+        "machine": info,
+        "args": vars(args),
+        "baseline": baseline,
+        "images_per_s_and_per_cpu_s": best,
+        "first_batch_s": first_batch,
+    }
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {"machine": info, "args": vars(args), "images_per_s_and_per_cpu_s": best, "first_batch_s": first_batch},
-                indent=2,
-            )
-        )
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return figures
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def shared_flags(args, model: Path, data: Path, out: Path, steps: int) -> list[s
 
 
 def child_env(args) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    # the repository first, then what the caller had (a GPU machine's carried wheels, say)
+    path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     return env
@@ -174,6 +176,26 @@ def run_lesiongen(args, model: Path, data: Path, out: Path, extra: list[str]) ->
     return timed_run(args, "lesiongen", flags, env)
 
 
+def summarise(rows: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per run and per clock (wall, CPU): the median rate and, beside a reference, its ratio to the reference's
+    median and the median of the rounds' paired ratios."""
+    summary: dict[str, dict] = {}
+    for name, runs in rows.items():
+        summary[name] = {}
+        for key in ("steps_per_s", "steps_per_cpu_s"):
+            figures = {"median": statistics.median(r[key] for r in runs)}
+            if "reference" in rows and name != "reference":
+                references = rows["reference"]
+                figures["ratio"] = figures["median"] / statistics.median(r[key] for r in references)
+                # each round's runs are minutes apart, so their ratio is steadier than the ratio of medians
+                # where the host's speed drifts (it has varied by up to 1.8x within an hour)
+                figures["paired_ratio"] = statistics.median(
+                    r[key] / ref[key] for r, ref in zip(runs, references, strict=True)
+                )
+            summary[name][key] = figures
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference", help="diffusers' train_text_to_image_lora.py (omit to time LesionGen only)")
@@ -196,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--cores", default=None, help="taskset core list for every run, e.g. 1 (default: any)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run (0: torch's default)")
+    p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--run_child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run_child:
@@ -248,22 +271,17 @@ def main(argv: list[str] | None = None) -> int:
         f"gradient checkpointing {args.gradient_checkpointing}, precision {args.mixed_precision}, "
         f"{args.steps} timed steps after {args.warmup}, {args.rounds} rounds, data {args.data}"
     )
+    summary = summarise(rows)
     for key, unit in (("steps_per_s", "steps/s"), ("steps_per_cpu_s", "steps per CPU-second")):
         print(f"by {'wall' if key == 'steps_per_s' else 'CPU'} time:")
-        ref = statistics.median(r[key] for r in rows["reference"]) if "reference" in rows else None
         for name, runs in rows.items():
-            speed = statistics.median(r[key] for r in runs)
+            figures = summary[name][key]
             ratio = ""
-            if ref and name != "reference":
-                # each round's runs are minutes apart, so their ratio is steadier than the ratio of medians
-                # where the host's speed drifts (it has varied by up to 1.8x within an hour)
-                paired = statistics.median(
-                    r[key] / ref_run[key] for r, ref_run in zip(runs, rows["reference"], strict=True)
-                )
-                ratio = f", {speed / ref:.2f}x the reference (median of the rounds' ratios {paired:.2f}x)"
+            if "ratio" in figures:
+                ratio = f", {figures['ratio']:.2f}x the reference (median of the rounds' ratios {figures['paired_ratio']:.2f}x)"
             label = "diffusers reference" if name == "reference" else f"LesionGen {name}"
             spread = ", ".join(f"{r[key]:.2f}" for r in runs)
-            print(f"  {label:30s} {speed:5.2f} {unit} (runs: {spread}){ratio}")
+            print(f"  {label:30s} {figures['median']:5.2f} {unit} (runs: {spread}){ratio}")
     for name, runs in rows.items():
         firsts = ", ".join(f"{r['warmup_s']:.0f}" for r in runs)
         print(f"  time from start to the end of step {args.warmup}, {name}: {firsts} s")
@@ -273,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         cuda = [r["peak_cuda_mib"] for r in runs if "peak_cuda_mib" in r]
         on_gpu = f", CUDA {statistics.median(cuda):.0f} MiB" if cuda else ""
         print(f"  {name:30s} resident {rss:.0f} MiB{on_gpu}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "summary": summary, "runs": rows}, indent=2))
     return 0
 
 

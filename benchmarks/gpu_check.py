@@ -7,7 +7,11 @@ speed does not depend on the weights), then:
 - LoRA training through ``lesiongen.diffusion.train`` with the original settings (rank 64, gradient
   checkpointing, 4 images per optimiser step) in ``--mixed_precision``: cached and uncached latents,
   each as batch 1 x accumulation 4 and with ``--micro_batch_size auto``;
-- generation with the diffusers pipeline (DPM-Solver++, 25 steps, guidance 7.5) at batch 1 and 16.
+- generation with the diffusers pipeline (DPM-Solver++, 25 steps, guidance 7.5) at batch 1 and 16;
+- the two ratios the speed goals are set in, on this model and device: LoRA training against diffusers'
+  ``train_text_to_image_lora.py`` at identical flags (``bench_train.py``; with ``--reference PATH``, since
+  that script is not part of LesionGen) and ``generate()`` against the original one-image-per-call loop at
+  30 steps and guidance 7.5 (``bench_generate.py``). ``--torch_compile`` adds a compiled run to each.
 
 Each prints steps/s or images/s, peak memory and the UNet's achieved TFLOP/s: FLOPs counted by
 ``torch.utils.flop_counter`` on one real pass (training: forward, backward and the checkpointing
@@ -15,6 +19,7 @@ recompute, i.e. the FLOPs the GPU executes) times the measured rate, against the
 peak from NVIDIA's datasheets (``--peak_tflops`` for a GPU not in the table).
 
     python benchmarks/gpu_check.py                                     # sd1, 512 px, bf16, on the GPU
+    python benchmarks/gpu_check.py --reference train_text_to_image_lora.py --torch_compile   # and both ratios
     python benchmarks/gpu_check.py --size tiny --device cpu           # the CPU dry run the tests execute
 """
 
@@ -50,6 +55,7 @@ BF16_PEAK_TFLOPS = {
     "RTX 4090": 165.2,
 }
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft")
+PARTS = ("check", "training-ratio", "generation-ratio")
 PROMPT = "melanoma, dermoscopic image, showing irregular dots and globules, on the back of a male"
 
 
@@ -189,7 +195,7 @@ def train_runs(model: Path, data: Path, work: Path, args, device, flops_per_imag
                 learning_rate=1e-4,
                 mixed_precision=args.mixed_precision,
                 cache_latents=cached,
-                torch_compile="true" if args.torch_compile else "false",
+                torch_compile="false",  # the original settings' speed; the training ratio times compiled runs
                 report_to="none",
                 dataloader_num_workers=args.workers,
             )
@@ -251,6 +257,50 @@ def generation_runs(model: Path, args, device, dtype, peak) -> list[dict]:
     return rows
 
 
+def training_ratio(model: Path, data: Path, work: Path, args) -> dict:
+    """``bench_train.py`` on this check's model, data, resolution and precision: diffusers' script and LesionGen
+    (uncached, cached, and cached compiled with ``--torch_compile``) in fresh processes, the per-run summary."""
+    import bench_train
+
+    variants = ["uncached", "cached"] + (["cached, compiled"] if args.torch_compile else [])
+    figures = work / "training-ratio.json"
+    bench_train.main(
+        ["--reference", args.reference, "--data", str(data), "--model", str(model)]
+        + ["--resolution", str(args.resolution), "--mixed_precision", args.mixed_precision, "--threads", "0"]
+        + ["--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", str(args.ratio_rounds)]
+        + ["--variants", *variants, "--json", str(figures)]
+    )
+    return json.loads(figures.read_text())["summary"]
+
+
+def generation_ratio(model: Path, args) -> dict:
+    """``bench_generate.py`` on this check's model and device: the original loop against ``generate()`` at the
+    largest ``--gen_batches`` (and compiled, with ``--torch_compile``)."""
+    import bench_generate
+
+    argv = ["--model_path", str(model), "--resolution", str(args.resolution), "--device", args.device]
+    argv += ["--images", str(args.gen_images), "--batch_sizes", str(max(args.gen_batches))]
+    argv += ["--repeats", str(args.ratio_rounds)] + (["--torch_compile"] if args.torch_compile else [])
+    return bench_generate.main(argv)
+
+
+def print_ratios(training: dict | None, generation: dict | None) -> None:
+    """The speed goals' ratios, last, so they are in the tail of a long log."""
+    for name, figures in (training or {}).items():
+        if name != "reference":
+            wall = figures["steps_per_s"]
+            print(
+                f"  training, LesionGen {name}: {wall['ratio']:.2f}x diffusers' script "
+                f"(median of the rounds' ratios {wall['paired_ratio']:.2f}x)"
+            )
+    if generation:
+        rates = generation["images_per_s_and_per_cpu_s"]
+        base = rates[generation["baseline"]][0]
+        for name, (wall, _) in rates.items():
+            if name != generation["baseline"]:
+                print(f"  generation, {name}: {wall / base:.2f}x the original loop")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="sd1", choices=("sd1", "tiny"))
@@ -262,7 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed first steps per training run")
     p.add_argument("--images", type=int, default=64, help="synthetic training images")
     p.add_argument("--workers", type=int, default=4, help="image decoding workers (uncached runs, cache build)")
-    p.add_argument("--torch_compile", action="store_true", help="also compile the UNet in training (slow start)")
+    p.add_argument(
+        "--torch_compile", action="store_true", help="the ratios also time compiled runs (minutes of compiling)"
+    )
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to run (default: all)")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="diffusers' train_text_to_image_lora.py, for the training ratio (needs datasets)",
+    )
+    p.add_argument("--ratio_rounds", type=int, default=1, help="alternating rounds of each ratio benchmark")
     p.add_argument("--gen_batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--gen_images", type=int, default=32, help="images timed per batch size")
     p.add_argument("--gen_steps", type=int, default=25)
@@ -270,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="model, data and runs go here (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
+    if args.reference and not Path(args.reference).is_file():
+        p.error(
+            f"--reference: no file {args.reference}; clone github.com/huggingface/diffusers and pass its "
+            "examples/text_to_image/train_text_to_image_lora.py"
+        )
     args.resolution = args.resolution or (512 if args.size == "sd1" else 64)
     args.mixed_precision = args.mixed_precision or ("bf16" if args.device == "cuda" else "no")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -298,9 +362,18 @@ def main(argv: list[str] | None = None) -> int:
             build_tiny_pipeline(model, resolution=args.resolution, size=args.size)
         data = synthetic_images(work / "data", args.images)
         print(f"model and data ready in {time.perf_counter() - start:.0f} s", flush=True)
-        flops = unet_training_flops(model, args, device, dtype)
-        rows = train_runs(model, data, work, args, device, flops, peak)
-        rows += generation_runs(model, args, device, dtype, peak)
+        rows: list[dict] = []
+        if "check" in args.parts:
+            flops = unet_training_flops(model, args, device, dtype)
+            rows = train_runs(model, data, work, args, device, flops, peak)
+            rows += generation_runs(model, args, device, dtype, peak)
+        training = None
+        if "training-ratio" in args.parts:
+            if args.reference:
+                training = training_ratio(model, data, work, args)
+            else:
+                print("training ratio skipped: pass --reference PATH to diffusers' train_text_to_image_lora.py")
+        generation = generation_ratio(model, args) if "generation-ratio" in args.parts else None
 
     print("\n" + describe(PACKAGES))
     print(
@@ -315,12 +388,14 @@ def main(argv: list[str] | None = None) -> int:
             f"  {r['run']:58s} {rate}{r['images_per_s']:.2f} images/s, {r['memory_label']} {r['memory_gib']:.2f} GiB, "
             f"UNet {r['tflops']:.3g} TFLOP/s{share}"
         )
-    for cached in ("cached", "uncached"):
+    for cached in ("cached", "uncached") if rows else ():
         base = next(r for r in rows if r["run"] == f"LoRA {cached}, 1 x 4")
         auto = next(r for r in rows if r["run"].startswith(f"LoRA {cached}, auto"))
         print(f"  automatic micro-batch, {cached}: {auto['steps_per_s'] / base['steps_per_s']:.2f}x batch 1 x 4")
+    print_ratios(training, generation)
     if args.json:
-        Path(args.json).write_text(json.dumps({"versions": describe(PACKAGES), "rows": rows}, indent=2))
+        figures = {"versions": describe(PACKAGES), "rows": rows, "training_ratio": training}
+        Path(args.json).write_text(json.dumps(figures | {"generation_ratio": generation}, indent=2))
     return 0
 
 

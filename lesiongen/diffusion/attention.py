@@ -16,6 +16,7 @@ keys at full speed and lose their fastest path with a mask, so only CPUs get it.
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 KEY_MULTIPLE = 16  # AVX-512 holds 16 float32 values; a multiple of 16 is one of 8 for AVX2 too
@@ -28,8 +29,6 @@ class PaddedKeysAttnProcessor(AttnProcessor2_0):
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
-        import torch.nn.functional as F
-
         keys = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
         if attention_mask is not None or keys % KEY_MULTIPLE == 0:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kw)

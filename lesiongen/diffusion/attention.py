@@ -1,17 +1,17 @@
-"""Cross-attention over text keys padded to a multiple of 16, for compiled sampling on a CPU.
+"""Cross-attention over text keys padded to a multiple of 16, for compiled sampling and training on a CPU.
 
 PyTorch's CPU attention kernel (``_scaled_dot_product_flash_attention_for_cpu``) is fast when the number of
 keys is a multiple of the vector width and slow on a remainder: CLIP's 77 text tokens took 2.3x as long as 80
 at Stable Diffusion 1.x's shapes (2 images, 4096 queries, 8 heads of 40 channels) and 2.1x at the benchmark's
-tiny model's (8 heads of 4), on this project's 2-core AVX-512 machine. Zero rows added to the keys and hidden
-by a mask of -inf give the same attention (the padded keys' weights are exactly 0) at the 80-key cost: a
-compiled tiny-UNet call at batch 64 took 171 ms against 193.
+tiny model's (8 heads of 4), on this project's 2-core AVX-512 machine, and forward plus backward 1.3x and 1.5x.
+Zero rows added to the keys and hidden by a mask of -inf give the same attention (the padded keys' weights are
+exactly 0) at the 80-key cost: a compiled tiny-UNet call at batch 64 took 171 ms against 193.
 
 The sums run in another order, though, so the rounding changes: in the demo 38 of 4.3 million pixel values
 of its synthetic set moved by 1, enough to move a classifier trained on them (README section 3). So, like
-``torch.compile``, which changes the rounding too, it is part of the compiled path that large sets take
-(``generate.compile_denoiser``), and small sets such as the demo's keep eager numerics. CUDA kernels handle 77
-keys at full speed and lose their fastest path with a mask, so only CPUs get it.
+``torch.compile``, which changes the rounding too, it is part of the compiled path that large sets and long
+training runs take (``generate.compile_denoiser``, ``train.train``), and the demo's keep eager numerics. CUDA
+kernels handle 77 keys at full speed and lose their fastest path with a mask, so only CPUs get it.
 """
 
 from __future__ import annotations

@@ -291,6 +291,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
+    from .attention import pad_cross_attention_keys
     from .dataset import PlannedBatches, class_balanced_weights, make_loader, read_examples
     from .pipeline import base_identity, load_training_parts
 
@@ -385,6 +386,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         *plan[:2], micro, *plan[3:], start_step=first_step, rank=rank, world=world, weights=weights
     )
     batches = iter(make_loader(dataset, sampler, cfg.dataloader_num_workers))
+    if compiled:  # on a CPU the compiled step pads the text keys too (attention.py); eager keeps diffusers' rounding
+        pad_cross_attention_keys(unet, accelerator.device)
     step_unet = torch.compile(unet) if compiled else unet  # validation and saving keep the eager module
     effective_batch = per_step * world
     if accelerator.is_main_process:

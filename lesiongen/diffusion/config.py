@@ -17,9 +17,9 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DEFAULT_LR = {"lora": 5e-6, "full": 1e-5}  # the original train_lora.sh / train_SD.sh
 # --torch_compile auto compiles runs of at least this many optimiser steps: on this project's 2-core CPU compiling
-# the tiny UNet's LoRA step cost 106 s more than an eager start with a cold inductor cache (20 s warm) and saved
-# 0.056 s a step, so it paid back after about 1,900 steps (350 warm; README section 2). The original recipe's
-# 15,000-step runs compile; short tests and the demo's 1,300-step runs do not.
+# the tiny UNet's LoRA step cost about 110 s more than an eager start with a cold inductor cache (20 s warm) and
+# saved 0.058 s a step, so it paid back after about 1,900 steps (350 warm; README section 2). The original
+# recipe's 15,000-step runs compile; short tests and the demo's 1,300-step runs do not.
 COMPILE_AFTER_STEPS = 2000
 
 

@@ -51,9 +51,10 @@ FLOW_SCHEDULERS = ("flow_euler",)
 MODES = ("single", "dataset")
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 # --torch_compile auto compiles sets of at least this many denoising steps (images x steps). On this project's
-# 2-core CPU the tiny UNet's compile cost about 45 s (both cores; about 200 s on one busy core) and saved about
-# 1 ms per image-step at batch 16 (README section 3): a set of 1,500 images at 30 steps. The default 100 images
-# per condition (about 44,000 steps) and the demo's sets stay eager.
+# 2-core CPU the tiny UNet's compile cost about 45 s (both cores, cold cache; about 200 s on one busy core) and,
+# with the text keys padded, saved about 2 ms per image-step at batch 16 (README section 3): it repays itself
+# after about 750 images at 30 steps, so the threshold keeps a margin. The default 100 images per condition
+# (about 44,000 steps) and the demo's sets stay eager.
 COMPILE_AFTER_DENOISING_STEPS = 50_000
 # Settings that change which images a dataset run makes or how they look; a resume must match them.
 PLAN_FIELDS = (

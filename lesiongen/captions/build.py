@@ -32,6 +32,7 @@ from .metadata import LOADERS, LesionRecord, LoadResult, load_metadata
 from .reports import Reporter, ReportOptions
 from .splits import D7P_INDEX_FILES, d7p_official_splits, split_by_lesion
 from .text import STYLES, caption, record_rng
+from .vlm import check_key_env_name
 
 LINKS = ("symlink", "hardlink", "copy")
 
@@ -62,6 +63,7 @@ class BuildCaptionsConfig(ReportOptions):
             problem = "is a file, not an image folder" if Path(self.images).exists() else "image folder not found"
             raise InputError(self.images, problem, "check --images, or omit it to caption metadata alone")
         analysis_workers(self.analysis_workers)
+        check_key_env_name(self.vlm_api_key_env)
 
 
 def index_images(folder: Path) -> dict[str, Path]:

@@ -21,6 +21,10 @@ MANIFEST = "manifest.csv"
 METADATA = "metadata.jsonl"
 SPLITS = ("train", "validation", "test")  # build_captions writes OUT/<split>/metadata.jsonl
 MISSING_POLICIES = ("error", "skip")
+# No text encoder reads more than 512 tokens (a few thousand characters): a longer caption is a wrong
+# column or a hostile file, refused before any tokenizer spends minutes on it.
+MAX_CAPTION_CHARS = 20_000
+CAPTION_FIELDS = ("text", "long_text")
 
 
 def read_metadata(path: str | Path) -> list[tuple[int, dict]]:
@@ -44,6 +48,13 @@ def read_metadata(path: str | Path) -> list[tuple[int, dict]]:
             raise InputError(f"{path} row {i}", f"not valid JSON ({e.msg})", "fix or remove the line") from None
         if not isinstance(row, dict):
             raise InputError(f"{path} row {i}", "is not a JSON object", "rebuild it with build_captions.py")
+        for field in CAPTION_FIELDS:
+            if isinstance(row.get(field), str) and len(row[field]) > MAX_CAPTION_CHARS:
+                raise InputError(
+                    f"{path} row {i}",
+                    f"'{field}' is {len(row[field]):,} characters, past the {MAX_CAPTION_CHARS:,} any text encoder reads",
+                    "shorten it, or rebuild the folder with build_captions.py",
+                )
         rows.append((i, row))
     return rows
 

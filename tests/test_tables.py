@@ -85,3 +85,18 @@ def test_a_table_that_is_not_utf8_names_the_line_and_how_to_convert_it(tmp_path)
     (tmp_path / "manifest.csv").write_bytes(text.replace("dermoscopic image", "dermoscopic imagé").encode("latin-1"))
     with pytest.raises(InputError, match=r"manifest.csv line 2: is not UTF-8 text \(byte 0xe9\); .*iconv -f latin1"):
         read_image_table(tmp_path)
+
+
+def test_a_caption_no_encoder_could_read_is_refused_before_any_tokenizer_sees_it(tmp_path):
+    from lesiongen.tables import MAX_CAPTION_CHARS, read_metadata
+
+    table = tmp_path / "metadata.jsonl"
+    rows = [{"file_name": "a.png", "text": "melanoma"}, {"file_name": "b.png", "text": "x" * (MAX_CAPTION_CHARS + 1)}]
+    table.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(InputError, match=r"row 2: 'text' is 20,001 characters") as e:
+        read_metadata(table)
+    assert str(table) in e.value.where
+    rows[1]["text"], rows[1]["long_text"] = "nevus", "y" * (MAX_CAPTION_CHARS + 5)
+    table.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(InputError, match="'long_text' is 20,005 characters"):
+        read_metadata(table)

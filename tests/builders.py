@@ -130,11 +130,16 @@ def perturbed_copy(model_dir: Path, out: Path) -> Path:
     sizes, other weights (what a fine-tune of the same base looks like from outside)."""
     import shutil
 
+    shutil.copytree(model_dir, out)
+    return perturb(out, "unet", "conv_in.weight")
+
+
+def perturb(model_dir: Path, component: str, tensor: str) -> Path:
+    """Change one tensor of a model's component in place (a model rebuilt or retrained at the same path)."""
     from safetensors.torch import load_file, save_file
 
-    shutil.copytree(model_dir, out)
-    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = model_dir / component / "diffusion_pytorch_model.safetensors"
     tensors = load_file(weights)
-    tensors["conv_in.weight"] = tensors["conv_in.weight"] + 0.01
+    tensors[tensor] = tensors[tensor] + 0.01
     save_file(tensors, weights)
-    return out
+    return model_dir

@@ -85,3 +85,30 @@ def test_a_table_that_is_not_utf8_names_the_line_and_how_to_convert_it(tmp_path)
     (tmp_path / "manifest.csv").write_bytes(text.replace("dermoscopic image", "dermoscopic imagé").encode("latin-1"))
     with pytest.raises(InputError, match=r"manifest.csv line 2: is not UTF-8 text \(byte 0xe9\); .*iconv -f latin1"):
         read_image_table(tmp_path)
+
+
+def test_a_row_never_makes_a_stage_read_a_file_outside_its_folder(tmp_path, capsys):
+    """Issue 32: a metadata row naming ``../other/x.png`` or an absolute path made the classifier, the evaluator
+    and diffusion training read that file. The shared reader skips and counts such rows; training, which stops
+    on any bad row, refuses them naming the row."""
+    import numpy as np
+    from PIL import Image
+
+    from lesiongen.diffusion.dataset import read_examples
+
+    outside = tmp_path / "private" / "photo.png"
+    outside.parent.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(outside)
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(data / "images" / "ok.png")
+    names = ["images/ok.png", "../private/photo.png", str(outside), "images/../../private/photo.png"]
+    lines = [json.dumps({"file_name": n, "label": "mel", "text": "melanoma"}) for n in names]
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+    frame = read_image_table(data)
+    assert frame["file_name"].tolist() == ["images/ok.png"]
+    assert frame.attrs["skipped"] == {"outside_its_folder": names[1:]}
+    assert "skipped 3 outside its folder" in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"metadata.jsonl row 2: file_name '../private/photo.png' is outside"):
+        read_examples(data)

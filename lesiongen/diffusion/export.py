@@ -25,6 +25,7 @@ from .. import labels
 from ..cli import option, parse_config, run
 from ..errors import InputError
 from ..files import atomic_path, write_text
+from ..images import IMAGE_SUFFIXES, PIL_ERRORS
 from ..tables import MANIFEST, read_image_table
 from .manifest import MANIFEST_COLUMNS
 
@@ -72,15 +73,36 @@ def features():
     return datasets.Features(columns)
 
 
-def read_rows(input_dir: Path) -> list[dict]:
-    """The manifest's rows (through the one image-table reader: labels checked, images present), sorted by file."""
+def embed_problem(path: Path, root: Path) -> str | None:
+    """Why a manifest row's file must not go into the parquet, or None: an export is shared, and a row naming
+    ``../secret.env``, an absolute path, or a link out of the set would carry that file's bytes with it."""
+    from PIL import Image
+
+    real = path.resolve()
+    if not real.is_relative_to(root.resolve()):
+        return "outside the set's folder"
+    try:
+        with Image.open(real) as image:  # reads the header: a text file named .png is not identified
+            known = image.format is not None
+    except PIL_ERRORS:
+        known = False
+    return None if known and real.suffix.lower() in IMAGE_SUFFIXES else "not an image"
+
+
+def read_rows(input_dir: Path) -> tuple[list[dict], dict[str, list[str]]]:
+    """The manifest's rows (through the one image-table reader: labels checked, images present), sorted by file,
+    and the file names left out by reason (``embed_problem``)."""
     if not (input_dir / MANIFEST).is_file():
         raise InputError(
             f"--input_dir {input_dir}", f"has no {MANIFEST}", "pass the --output_dir of generate.py --mode dataset"
         )
     frame = read_image_table(input_dir / MANIFEST).sort_values("file_name", kind="stable")
-    rows = []
+    rows, left_out = [], {}
     for row in frame.to_dict("records"):
+        problem = embed_problem(Path(row["path"]), input_dir)
+        if problem is not None:
+            left_out.setdefault(problem, []).append(row["file_name"])
+            continue
         out = {}
         for name in MANIFEST_COLUMNS:
             value = row.get(name, "")
@@ -98,7 +120,9 @@ def read_rows(input_dir: Path) -> list[dict]:
             out[name] = value
         out["path"] = row["path"]
         rows.append(out)
-    return rows
+    if not rows:
+        raise InputError(input_dir / MANIFEST, "names no image inside the set's folder", "regenerate the set")
+    return rows, left_out
 
 
 def shard_name(split: str, shard: int, n_shards: int) -> str:
@@ -163,7 +187,14 @@ def export(cfg: ExportConfig) -> ExportResult:
 
     state = PartialState()
     out = Path(cfg.output_dir)
-    rows = read_rows(Path(cfg.input_dir))
+    rows, left_out = read_rows(Path(cfg.input_dir))
+    if left_out and state.is_main_process:
+        counts = ", ".join(f"{len(names)} {why}" for why, names in left_out.items())
+        print(
+            f"{Path(cfg.input_dir) / MANIFEST}: left out {sum(map(len, left_out.values()))} row(s) ({counts}, "
+            f"e.g. {next(iter(left_out.values()))[0]}); an export embeds only the set's own images",
+            file=sys.stderr,
+        )
     n_shards = -(-len(rows) // cfg.rows_per_shard)
     names = [shard_name(cfg.split, s, n_shards) for s in range(n_shards)]
     data = out / "data"

@@ -122,6 +122,14 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
     frame["label"] = frame["label"].astype(str).str.strip()
     if "age" in frame.columns:
         frame["age"] = pd.to_numeric(frame["age"].replace("", None), errors="coerce").astype(float)
+        absurd = frame["age"].notna() & ~frame["age"].between(0, labels.MAX_AGE)  # inf too
+        if absurd.any():
+            first = frame[absurd].iloc[0]
+            raise InputError(
+                f"{first['table']} row of {first['file_name']}",
+                f"age {first['age']:g} is outside 0..{labels.MAX_AGE}",
+                "fix the value, or leave it empty for an unknown age",
+            )
     for name in labels.SUBGROUP_FIELDS:
         if name not in frame.columns:
             frame[name] = "unknown"
@@ -141,7 +149,7 @@ def read_image_table(
 
     Rows labelled 'other' (Derm7pt "miscellaneous") or with a label outside ``labels.CODES`` are
     dropped and counted (``keep_other=True`` keeps the 'other' rows), and so are rows naming a file outside
-    their table's folder (``leaves_folder``); a missing image file is an
+    their table's folder (``leaves_folder``) and generated images marked ``valid`` false; a missing image file is an
     ``InputError`` unless ``on_missing='skip'``, which counts it instead; its fix names ``skip_flag``,
     the caller's flag for skipping, when it has one. A build_captions folder with no ``split`` reads
     every split present. ``frame.attrs['skipped']`` maps reason -> file names.
@@ -162,6 +170,12 @@ def read_image_table(
     if unknown.any():
         skipped["unknown_label"] = frame.loc[unknown, "file_name"].tolist()
     frame = frame[~drop]
+
+    if "valid" in frame.columns:  # generation manifests: images sampled all one colour or from nan
+        invalid = frame["valid"].astype(str).str.lower() == "false"
+        if invalid.any():
+            skipped["invalid_image"] = frame.loc[invalid, "file_name"].tolist()
+            frame = frame[~invalid]
 
     outside = frame["file_name"].map(leaves_folder)
     if outside.any():

@@ -18,7 +18,7 @@ from lesiongen.captions.build import main as build_captions
 MANIFEST_COLUMNS = [
     "file_name", "text", "label", "condition", "dx", "sex", "age", "age_bin", "site", "site_group", "skin_tone",
     *labels.CONCEPT_NAMES, "concept_source", "seed", "guidance_scale", "num_inference_steps", "scheduler", "model",
-    "negative_prompt", "index", "pair", "contrast",
+    "negative_prompt", "index", "pair", "contrast", "valid", "invalid_reason",
 ]  # fmt: skip
 
 
@@ -45,7 +45,7 @@ def write_manifest(folder: Path, rows: list[dict]) -> Path:
             sex=row.get("sex", "female"), age=row.get("age", 50), age_bin="45-59", site="back", site_group="trunk"
         )
         base.update(skin_tone="unknown", concept_source="imputed", seed=i, guidance_scale=7.5, num_inference_steps=25)
-        base.update(scheduler="ddim", model="tiny", index=i)
+        base.update(scheduler="ddim", model="tiny", index=i, valid="true")
         records.append(base)
     pd.DataFrame(records, columns=MANIFEST_COLUMNS).to_csv(folder / "manifest.csv", index=False)
     return folder

@@ -133,3 +133,18 @@ def test_only_images_inside_the_set_are_embedded(fake_generation, tmp_path, caps
     table = pq.read_table(next((out / "data").glob("*.parquet")))
     assert sorted(table.column("file_name").to_pylist()) == [r["file_name"] for r in rows]
     assert all(b"sk-do-not-ship" not in image["bytes"] for image in table.column("image").to_pylist())
+
+
+def test_a_manifest_number_that_is_not_finite_is_one_line(fake_generation, tmp_path, capsys):
+    """Issue 32: ``float()`` read a guidance of ``inf`` into the parquet's float column."""
+    gen = shutil.copytree(fake_generation, tmp_path / "gen")
+    rows = manifest_rows(gen)
+    rows[0]["guidance_scale"] = "inf"
+    with open(gen / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main(["--input_dir", str(gen), "--output_dir", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert f"row of {rows[0]['file_name']}: guidance_scale 'inf' is not a finite number" in err
+    assert err.count("\n") == 1

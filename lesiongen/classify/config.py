@@ -65,8 +65,8 @@ class ClassifierSettings:
             )
         if self.image_size < 16:
             raise InputError("--image_size", f"{self.image_size} px is too small", "use 16 or more")
-        if self.lr <= 0:
-            raise InputError("--lr", f"must be positive, got {self.lr}", "e.g. 1e-3")
+        if not 0 < self.lr < float("inf"):  # false for nan too
+            raise InputError("--lr", f"must be a positive number, got {self.lr}", "e.g. 1e-3")
 
 
 @dataclass

@@ -16,6 +16,7 @@ the shards that already hold the right rows, so a killed export resumes.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -27,11 +28,13 @@ from ..errors import InputError
 from ..files import atomic_path, write_text
 from ..images import IMAGE_SUFFIXES, PIL_ERRORS
 from ..tables import MANIFEST, read_image_table
-from .manifest import MANIFEST_COLUMNS
+from .manifest import MANIFEST_COLUMNS, VALIDITY_COLUMNS
 
 SHARD_RE = re.compile(r"^(?P<split>\w+)-(\d{5})-of-(\d{5})\.parquet$")
 INTEGER_COLUMNS = ("seed", "num_inference_steps", "index")
 FLOAT_COLUMNS = ("age", "guidance_scale")
+# every manifest column but the validity ones: the shared reader has left invalid images out already
+COLUMNS = tuple(c for c in MANIFEST_COLUMNS if c not in VALIDITY_COLUMNS)
 
 
 @dataclass
@@ -65,7 +68,7 @@ def features():
     import datasets
 
     columns = {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(labels.CODES))}
-    for name in MANIFEST_COLUMNS:
+    for name in COLUMNS:
         if name == "label":
             continue
         kind = "int64" if name in INTEGER_COLUMNS else "float64" if name in FLOAT_COLUMNS else "string"
@@ -104,17 +107,19 @@ def read_rows(input_dir: Path) -> tuple[list[dict], dict[str, list[str]]]:
             left_out.setdefault(problem, []).append(row["file_name"])
             continue
         out = {}
-        for name in MANIFEST_COLUMNS:
+        for name in COLUMNS:
             value = row.get(name, "")
             try:
                 if name in INTEGER_COLUMNS:
                     value = int(value)
                 elif name in FLOAT_COLUMNS:
                     value = None if value in ("", None) or value != value else float(value)
+                    if value is not None and not math.isfinite(value):
+                        raise ValueError
             except ValueError:
                 raise InputError(
                     f"{input_dir / MANIFEST} row of {row['file_name']}",
-                    f"{name} '{value}' is not a number",
+                    f"{name} '{value}' is not a finite number",
                     "regenerate the row or fix the value",
                 ) from None
             out[name] = value
@@ -145,7 +150,7 @@ def write_shard(rows: list[dict], path: Path) -> None:
     """One parquet file through datasets (its schema carries the feature types that load_dataset restores)."""
     import datasets
 
-    table = {name: [r[name] for r in rows] for name in MANIFEST_COLUMNS}
+    table = {name: [r[name] for r in rows] for name in COLUMNS}
     table["label"] = [labels.CODES.index(r["label"]) for r in rows]
     table["image"] = [{"bytes": Path(r["path"]).read_bytes(), "path": r["file_name"]} for r in rows]
     with atomic_path(path) as tmp:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import math
 import sys
 import types
 import typing
@@ -53,6 +54,21 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got '{text}'")
 
 
+def _finite(flag: str, optional: bool) -> Callable[[str], float | None]:
+    """A float parser for ``flag`` that refuses nan and +-inf: Python's float() takes them, and a nan guidance
+    or LoRA scale samples black images, an infinite learning rate trains to nan, with exit code 0."""
+
+    def parse(text: str) -> float | None:
+        if optional and text.lower() in ("none", "null", ""):
+            return None
+        value = float(text)  # a ValueError is argparse's own "invalid float value"
+        if not math.isfinite(value):
+            raise InputError(f"{flag} {text}", "is not a finite number", f"pass a number, e.g. {flag} 1.0")
+        return value
+
+    return parse
+
+
 def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip())
     hints = typing.get_type_hints(cls)
@@ -79,9 +95,11 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
             kw["const"] = True
             kw["metavar"] = "BOOL"
         else:
-            kw["type"] = tp if tp in (int, float, str) else str
-            if optional and tp in (int, float):
-                kw["type"] = lambda text, tp=tp: None if text.lower() in ("none", "null", "") else tp(text)
+            kw["type"] = tp if tp in (int, str) else str
+            if optional and tp is int:
+                kw["type"] = lambda text: None if text.lower() in ("none", "null", "") else int(text)
+            if tp is float:
+                kw["type"] = _finite(names[0], optional)
             if is_list:
                 kw["nargs"] = "+"
         if "choices" in meta:

@@ -59,6 +59,15 @@ def read_metadata(path: str | Path) -> list[tuple[int, dict]]:
     return rows
 
 
+def leaves_folder(file_name: str) -> bool:
+    """True when a row's ``file_name`` names a file outside its table's folder (an absolute path, or ``..`` past
+    the folder): a metadata row must never make a stage read, train on or embed a file elsewhere, such as
+    ``../secret.env``. Links inside the folder are followed: build_captions links the dataset's images in."""
+    name = str(file_name)
+    parts = Path(os.path.normpath(name)).parts
+    return Path(name).is_absolute() or bool(Path(name).drive) or (bool(parts) and parts[0] == "..")
+
+
 def find_tables(path: str | Path, split: str | None = None) -> list[Path]:
     """Resolve a user path to the table file(s) it means, or explain what was expected."""
     path = Path(path)
@@ -124,6 +133,14 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
     frame["label"] = frame["label"].astype(str).str.strip()
     if "age" in frame.columns:
         frame["age"] = pd.to_numeric(frame["age"].replace("", None), errors="coerce").astype(float)
+        absurd = frame["age"].notna() & ~frame["age"].between(0, labels.MAX_AGE)  # inf too
+        if absurd.any():
+            first = frame[absurd].iloc[0]
+            raise InputError(
+                f"{first['table']} row of {first['file_name']}",
+                f"age {first['age']:g} is outside 0..{labels.MAX_AGE}",
+                "fix the value, or leave it empty for an unknown age",
+            )
     for name in labels.SUBGROUP_FIELDS:
         if name not in frame.columns:
             frame[name] = "unknown"
@@ -142,7 +159,8 @@ def read_image_table(
     """Rows with an absolute ``path`` and their metadata; skipped rows are counted in ``frame.attrs``.
 
     Rows labelled 'other' (Derm7pt "miscellaneous") or with a label outside ``labels.CODES`` are
-    dropped and counted (``keep_other=True`` keeps the 'other' rows); a missing image file is an
+    dropped and counted (``keep_other=True`` keeps the 'other' rows), and so are rows naming a file outside
+    their table's folder (``leaves_folder``) and generated images marked ``valid`` false; a missing image file is an
     ``InputError`` unless ``on_missing='skip'``, which counts it instead; its fix names ``skip_flag``,
     the caller's flag for skipping, when it has one. A build_captions folder with no ``split`` reads
     every split present. ``frame.attrs['skipped']`` maps reason -> file names.
@@ -163,6 +181,17 @@ def read_image_table(
     if unknown.any():
         skipped["unknown_label"] = frame.loc[unknown, "file_name"].tolist()
     frame = frame[~drop]
+
+    if "valid" in frame.columns:  # generation manifests: images sampled all one colour or from nan
+        invalid = frame["valid"].astype(str).str.lower() == "false"
+        if invalid.any():
+            skipped["invalid_image"] = frame.loc[invalid, "file_name"].tolist()
+            frame = frame[~invalid]
+
+    outside = frame["file_name"].map(leaves_folder)
+    if outside.any():
+        skipped["outside_its_folder"] = frame.loc[outside, "file_name"].tolist()
+        frame = frame[~outside]
 
     exists = frame["path"].map(os.path.isfile)
     if not exists.all():

@@ -388,8 +388,14 @@ def test_bad_inputs_give_one_line_errors(tiny_sd_dir, tmp_path, capsys, monkeypa
     with pytest.raises(InputError, match="--caption_style label: label captions state only the diagnosis"):
         config(tiny_sd_dir, tmp_path, caption_style="label", skin_tone="dark")
     # probes of issue 15: nan guidance made NaN images with exit 0; 30 px failed inside diffusers after loading
-    with pytest.raises(InputError, match="--guidance_scale: must be a number, not negative"):
-        config(tiny_sd_dir, tmp_path, guidance_scale=[float("nan")])
+    # issue 32: guidance 1e38 overflowed to inf and a nan LoRA scale sampled black images, both with exit 0
+    for guidance in (float("nan"), 1e38, -1.0):
+        with pytest.raises(InputError, match=r"--guidance_scale: must be a number in 0\.\.100"):
+            config(tiny_sd_dir, tmp_path, guidance_scale=[7.5, guidance])
+    for scale in (float("nan"), float("-inf"), 1e6):
+        with pytest.raises(InputError, match=r"--lora_scale: must be a number in -10.0\.\.10.0"):
+            config(tiny_sd_dir, tmp_path, lora_scale=scale)
+    assert config(tiny_sd_dir, tmp_path, guidance_scale=[0.0, 100.0], lora_scale=-1.0).lora_scale == -1.0
     with pytest.raises(InputError, match="--resolution: 30 is not a positive multiple of 8"):
         config(tiny_sd_dir, tmp_path, resolution=30)
 
@@ -532,3 +538,43 @@ def test_contrast_guidance_samples_each_side_against_the_other(tiny_sd_dir, pipe
         config(tiny_sd_dir, tmp_path / "x", contrast_guidance=True)
     with pytest.raises(InputError, match="--contrast_guidance: sets each image's negative prompt"):
         config(tiny_sd_dir, tmp_path / "x", contrast=["streaks"], contrast_guidance=True, negative_prompt="blurry")
+
+
+def test_an_image_of_one_colour_or_from_nan_is_listed_invalid_and_left_out_of_every_set(
+    tiny_sd_dir, pipe, tmp_path, monkeypatch, capsys
+):
+    """Issue 32: a nan LoRA scale or an overflowing guidance sampled nan, which converts to black PNGs that the
+    manifest listed as valid and the export and classifier took. Such images stay on disk and in the manifest
+    (a rerun does not redo them) with valid=false and a reason; the summary counts them; readers leave them out."""
+    import numpy as np
+
+    from lesiongen.diffusion.export import ExportConfig, export
+
+    real = generate_module.sample
+
+    def diverging(pipe, prompts, negatives, seeds, *args):
+        images = list(real(pipe, prompts, negatives, seeds, *args))
+        for i, seed in enumerate(seeds):
+            if seed == plan[1].seed:
+                images[i] = np.full_like(images[i], np.nan)
+            elif seed == plan[2].seed:
+                images[i] = np.full_like(images[i], 0.25)
+        return images
+
+    cfg = config(tiny_sd_dir, tmp_path / "out", num_images=4)
+    plan = make_plan(cfg)
+    monkeypatch.setattr(generate_module, "sample", diverging)
+    generate(cfg, pipe=pipe)
+    rows = {r["index"]: r for r in manifest(tmp_path / "out")}
+    assert [rows[str(s.index)]["valid"] for s in plan] == ["true", "false", "false", "true"]
+    assert rows[str(plan[1].index)]["invalid_reason"] == "nan or inf in the sampled pixels"
+    assert rows[str(plan[2].index)]["invalid_reason"] == "every pixel has one colour"
+    assert rows[str(plan[0].index)]["invalid_reason"] == ""
+    assert (pixels(tmp_path / "out" / rows[str(plan[1].index)]["file_name"]) == 0).all()  # black, as before
+    assert "2 image(s) invalid (nan or inf in the sampled pixels" in capsys.readouterr().out
+
+    table = read_image_table(tmp_path / "out")
+    assert sorted(table["index"].astype(int)) == [plan[0].index, plan[3].index]
+    assert len(table.attrs["skipped"]["invalid_image"]) == 2
+    assert export(ExportConfig(input_dir=str(tmp_path / "out"), output_dir=str(tmp_path / "hf"))).rows == 2
+    assert generate(cfg, pipe=pipe).generated == 0  # kept, so a rerun does not sample them again

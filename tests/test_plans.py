@@ -220,6 +220,10 @@ def test_distribution_errors_name_the_file_and_line(tmp_path):
         read_distribution(nocol)
     with pytest.raises(InputError, match="distribution CSV not found"):
         read_distribution(tmp_path / "missing.csv")
+    for weight in ("inf", "nan", "1e999", "-2"):  # issue 32: float() reads inf and nan, and the draws became nan
+        bad.write_text(f"sex,weight\nmale,1\nfemale,{weight}\n")
+        with pytest.raises(InputError, match=rf"bad.csv line 3: weight '{weight}' is not a finite number >= 0"):
+            read_distribution(bad)
 
 
 def test_balance_errors():

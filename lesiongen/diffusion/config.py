@@ -185,12 +185,13 @@ class TrainConfig:
                 "varies each caption per step, but --cache_latents encodes the captions of frozen text encoders once",
                 "add --cache_latents false, or train the text encoder too (--mode full --train_text_encoder)",
             )
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise InputError("--learning_rate", "must be positive", "e.g. 1e-4 for LoRA")
-        if self.snr_gamma is not None and self.snr_gamma <= 0:
-            raise InputError("--snr_gamma", "must be positive", "5.0 is the min-SNR paper's value, or none")
-        if self.noise_offset < 0:
-            raise InputError("--noise_offset", "must be >= 0", "e.g. 0.05")
+        # the comparisons are written so that nan and inf fail them too (configs built in code skip the CLI's check)
+        if self.learning_rate is not None and not 0 < self.learning_rate < float("inf"):
+            raise InputError("--learning_rate", "must be a positive number", "e.g. 1e-4 for LoRA")
+        if self.snr_gamma is not None and not 0 < self.snr_gamma < float("inf"):
+            raise InputError("--snr_gamma", "must be a positive number", "5.0 is the min-SNR paper's value, or none")
+        if not 0 <= self.noise_offset < float("inf"):
+            raise InputError("--noise_offset", "must be a number >= 0", "e.g. 0.05")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise InputError("--checkpoints_total_limit", "must be at least 1", "or none to keep all")
         if self.dataloader_num_workers < 0:

@@ -21,7 +21,7 @@ from torchvision.transforms import functional as F
 
 from ..errors import InputError
 from ..images import decode_problem, image_size, open_rgb
-from ..tables import read_metadata
+from ..tables import leaves_folder, read_metadata
 from .families import tokenize
 
 # (image index, flipped, caption dropped, item number in the stream): what a sampler asks a dataset for.
@@ -66,6 +66,12 @@ def read_examples(train_data_dir: str | Path, tokenizers=(), caption_field: str 
             if caption_field != "text":
                 fix = f"build captions with reports (build_captions.py writes {caption_field} on that path), or pass --caption_field text"
             raise InputError(where, f"needs a file_name and a {caption_field} field", fix)
+        if leaves_folder(row["file_name"]):
+            raise InputError(
+                where,
+                f"file_name '{row['file_name']}' is outside {folder}",
+                "list images by paths inside the folder (build_captions.py writes images/<file>)",
+            )
         path = folder / row["file_name"]
         if not path.is_file():
             raise InputError(where, f"image {path} not found", "restore the image or remove its row")

@@ -56,6 +56,10 @@ DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 # after about 750 images at 30 steps, so the threshold keeps a margin. The default 100 images per condition
 # (about 44,000 steps) and the demo's sets stay eager.
 COMPILE_AFTER_DENOISING_STEPS = 50_000
+# Settings past these are typing slips, not experiments: the original draws guidance from 3-10 and a LoRA is
+# trained for scale 1 (negative scales invert it); 1e38 overflowed the guided prediction to inf and black images.
+MAX_GUIDANCE = 100.0
+MAX_LORA_SCALE = 10.0
 # Settings that change which images a dataset run makes or how they look; a resume must match them.
 PLAN_FIELDS = (
     "condition", "num_images", "seed", "balance", "distribution", "sex", "age", "site", "skin_tone", "concepts",
@@ -157,8 +161,12 @@ class GenerateConfig:
             )
         if min(self.num_inference_steps) < 1:
             raise InputError("--num_inference_steps", "must be positive", "e.g. --num_inference_steps 50")
-        if not all(0 <= g < float("inf") for g in self.guidance_scale):  # also false for nan
-            raise InputError("--guidance_scale", "must be a number, not negative", "e.g. --guidance_scale 7.5")
+        if not all(0 <= g <= MAX_GUIDANCE for g in self.guidance_scale):  # also false for nan
+            raise InputError(
+                "--guidance_scale", f"must be a number in 0..{MAX_GUIDANCE:g}", "e.g. --guidance_scale 7.5"
+            )
+        if not abs(self.lora_scale) <= MAX_LORA_SCALE:  # also true for nan
+            raise InputError("--lora_scale", f"must be a number in -{MAX_LORA_SCALE}..{MAX_LORA_SCALE}", "e.g. 1.0")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise InputError("--resolution", f"{self.resolution} is not a positive multiple of 8", "e.g. 64, 256, 512")
         plans.check_fixed(self.sex, self.age, self.site, self.skin_tone)
@@ -413,16 +421,17 @@ def sample(
     size = {"height": cfg.resolution, "width": cfg.resolution} if cfg.resolution else {}
     # the pipeline argument that scales a LoRA: cross_attention_kwargs (UNets) or joint_attention_kwargs
     scale_kwarg = next(f.lora_scale_kwarg for f in FAMILIES.values() if f.pipeline == type(pipe).__name__)
-    return pipe(
+    images = pipe(
         prompt=prompts,
         negative_prompt=negatives if any(negatives) else None,
         guidance_scale=guidance,
         num_inference_steps=steps,
         generator=generators,
         **{scale_kwarg: {"scale": cfg.lora_scale} if lora else None},
-        output_type="pil",
+        output_type="np",  # floats, so save_batch sees a nan before conversion turns it into black
         **size,
     ).images
+    return list(images)  # one array per image
 
 
 class FittingBatches:
@@ -488,12 +497,30 @@ def save_image(image, path: Path, row: dict) -> None:
         image.save(tmp, format="PNG", pnginfo=info)
 
 
+def invalid_reason(pixels, image) -> str:
+    """Why a sampled image must not be listed as valid ('' when it may be): a nan or inf (a nan LoRA scale, an
+    overflowing guidance, a diverged model) converts to black pixels, and an image of one colour shows no lesion.
+    ``pixels`` are the pipeline's floats in [0, 1], ``image`` their 8-bit conversion."""
+    import numpy as np
+
+    if not np.isfinite(pixels).all():
+        return "nan or inf in the sampled pixels"
+    rgb = np.asarray(image)
+    return "every pixel has one colour" if (rgb == rgb[0, 0]).all() else ""
+
+
 def save_batch(
     batch, prompts, negatives, images, cfg: GenerateConfig, root: Path, manifest: Manifest, on_saved, bar
 ) -> None:
     """Write a batch's images, each followed by its manifest row, in plan order (then ``on_saved``)."""
-    for spec, prompt, negative, image in zip(batch, prompts, negatives, images, strict=True):
+    import numpy as np
+    from diffusers.image_processor import VaeImageProcessor
+
+    for spec, prompt, negative, pixels in zip(batch, prompts, negatives, images, strict=True):
+        image = VaeImageProcessor.numpy_to_pil(np.nan_to_num(pixels)[None])[0]  # the pipeline's own conversion
         row = manifest_row(spec, cfg, prompt, negative)
+        reason = invalid_reason(pixels, image)
+        row.update(valid=str(not reason).lower(), invalid_reason=reason)
         path = root / row["file_name"]
         save_image(image, path, row)
         manifest.append(row)
@@ -635,6 +662,13 @@ def print_summary(result: GenerateResult, cfg: GenerateConfig) -> None:
     print(f"{result.planned} planned ({cfg.images_per_condition} per condition); manifest: {result.manifest}")
     if result.contact_sheet:
         print(f"contact sheet: {result.contact_sheet}")
+    invalid = [r for r in Manifest(result.manifest).read() if r["valid"] == "false"]
+    if invalid:
+        print(
+            f"{len(invalid)} image(s) invalid ({invalid[0]['invalid_reason']}, e.g. {invalid[0]['file_name']}): kept "
+            "with valid=false in the manifest, left out of exports and of classifier and evaluation sets; check "
+            "--guidance_scale, --lora_scale and the model"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,7 +46,12 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "index",
     "pair",  # a --contrast pair's shared image id; empty otherwise
     "contrast",  # the pair's switch, 'field=on:off'
+    # false for an image that is all one colour or held nan/inf when sampled (generate.invalid_reason): kept, so
+    # a rerun does not redo it, but left out of every reader (tables.read_image_table) and of exports
+    "valid",
+    "invalid_reason",
 )
+VALIDITY_COLUMNS = ("valid", "invalid_reason")
 
 
 class Manifest:

@@ -375,8 +375,8 @@ def read_distribution(path: str | Path) -> Distribution:
                 except KeyError as e:
                     raise ValueError(str(e).strip("\"'")) from None
             w = float(r[weight_col]) if weight_col else 1.0
-            if not w >= 0:
-                raise ValueError(f"{weight_col} '{r[weight_col]}' is negative")
+            if not 0 <= w < math.inf:  # float() reads 'nan' and 'inf', which would make every draw nan
+                raise ValueError(f"{weight_col} '{r[weight_col]}' is not a finite number >= 0")
             cell = tuple(sorted(_csv_value(c, r[c], str(path)) for c in sub_cols))
         except ValueError as e:
             raise InputError(f"{path} line {line}", str(e), "fix the value") from None

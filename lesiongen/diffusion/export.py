@@ -26,11 +26,9 @@ from ..cli import option, parse_config, run
 from ..errors import InputError
 from ..files import atomic_path, write_text
 from ..tables import MANIFEST, read_image_table
-from .manifest import MANIFEST_COLUMNS
+from .manifest import FLOAT_COLUMNS, INTEGER_COLUMNS, MANIFEST_COLUMNS, typed_row
 
 SHARD_RE = re.compile(r"^(?P<split>\w+)-(\d{5})-of-(\d{5})\.parquet$")
-INTEGER_COLUMNS = ("seed", "num_inference_steps", "index")
-FLOAT_COLUMNS = ("age", "guidance_scale")
 
 
 @dataclass
@@ -81,21 +79,7 @@ def read_rows(input_dir: Path) -> list[dict]:
     frame = read_image_table(input_dir / MANIFEST).sort_values("file_name", kind="stable")
     rows = []
     for row in frame.to_dict("records"):
-        out = {}
-        for name in MANIFEST_COLUMNS:
-            value = row.get(name, "")
-            try:
-                if name in INTEGER_COLUMNS:
-                    value = int(value)
-                elif name in FLOAT_COLUMNS:
-                    value = None if value in ("", None) or value != value else float(value)
-            except ValueError:
-                raise InputError(
-                    f"{input_dir / MANIFEST} row of {row['file_name']}",
-                    f"{name} '{value}' is not a number",
-                    "regenerate the row or fix the value",
-                ) from None
-            out[name] = value
+        out = typed_row(row, input_dir / MANIFEST)
         out["path"] = row["path"]
         rows.append(out)
     return rows

@@ -231,6 +231,12 @@ def test_killed_run_resumes_to_exactly_num_images(tiny_sd_dir, pipe, tmp_path, m
 
 def test_resume_with_other_settings_is_refused(tiny_sd_dir, pipe, tmp_path):
     generate(config(tiny_sd_dir, tmp_path / "out", num_images=1), pipe=pipe)
+    # a folder made before --total_images and --class_weights existed resumes under the same flags
+    saved = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    for newer in ("total_images", "class_weights"):
+        del saved["settings"][newer]
+    (tmp_path / "out" / "generation_config.json").write_text(json.dumps(saved))
+    assert generate(config(tiny_sd_dir, tmp_path / "out", num_images=1), pipe=pipe).already_done == 1
     with pytest.raises(
         InputError, match=r"generation_config.json: this folder was generated with other settings \(num_images: 1 -> 2"
     ):
@@ -550,7 +556,9 @@ def test_contrast_guidance_samples_each_side_against_the_other(tiny_sd_dir, pipe
         config(tiny_sd_dir, tmp_path / "x", contrast=["streaks"], contrast_guidance=True, negative_prompt="blurry")
 
 
-def test_total_images_makes_a_class_mix_in_one_folder_that_imagefolder_loads(tiny_sd_dir, pipe, tmp_path, capsys):
+def test_total_images_makes_a_class_mix_in_one_folder_that_imagefolder_loads(
+    tiny_sd_dir, pipe, tmp_path, capsys, monkeypatch
+):
     """Issue 31: N images in all, by class weights and balanced over a subgroup, in one run and one folder, which
     datasets' imagefolder loads as exactly those images with every manifest column (no contact sheet, no export)."""
     out = tmp_path / "mix"
@@ -564,12 +572,14 @@ def test_total_images_makes_a_class_mix_in_one_folder_that_imagefolder_loads(tin
         balance=["sex"],
         contact_sheet=2,
     )
+    monkeypatch.setattr(plans, "PLAN_SECONDS_PER_IMAGE", 10.0)  # as if the plan were large: it says so first
     result = generate(cfg, pipe=pipe)
     rows = manifest(out)
     assert result.planned == len(rows) == 10
     assert Counter(r["label"] for r in rows) == {"mel": 5, "nv": 3, "df": 2}
     assert Counter(r["sex"] for r in rows) == {"male": 5, "female": 5}
     printed = capsys.readouterr().out
+    assert printed.startswith("planning 10 images (about 100 s)\nplan: 10 images\n")
     assert "plan: 10 images\n  class: df 2, mel 5, nv 3\n  sex: " in printed
     assert "10 planned (10 in all)" in printed
     assert (out / "contact_sheet.png").is_file()
@@ -607,7 +617,7 @@ def test_the_default_sampler_is_the_quality_matched_fast_setting_and_the_origina
     assert {s.guidance_scale for s in drawn} == set(plans.ORIGINAL_GUIDANCE_SCALES)
     assert {s.num_inference_steps for s in drawn} == set(plans.ORIGINAL_STEPS)
     assert [s.seed for s in drawn] == [s.seed for s in make_plan(default)]  # the same images, sampled otherwise
-    assert generate_module.settings(grid)["original_grid"] is True
+    assert generate_module.settings(grid)["guidance_scale"] == list(plans.ORIGINAL_GUIDANCE_SCALES)
 
 
 def test_class_mix_sampling_and_plan_size_errors_are_one_line(tiny_sd_dir, tmp_path, capsys):

@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from .. import labels
@@ -65,7 +65,7 @@ METADATA_EVERY_S = 30.0
 PLAN_FIELDS = (
     "condition", "num_images", "total_images", "class_weights", "seed", "balance", "distribution", "sex", "age", "site",
     "skin_tone", "concepts", "impute_concepts", "contrast", "caption_style", "guidance_scale", "num_inference_steps",
-    "original_grid", "scheduler", "model_path", "base_model", "negative_prompt", "resolution", "lora_scale",
+    "scheduler", "model_path", "base_model", "negative_prompt", "resolution", "lora_scale",
     "contrast_guidance",
 )  # fmt: skip
 
@@ -374,8 +374,10 @@ def manifest_row(spec: plans.ImageSpec, cfg: GenerateConfig, prompt: str, negati
 
 
 def settings(cfg: GenerateConfig) -> dict:
-    """The plan-defining settings, with the distribution CSV's content hash so an edited file counts."""
+    """The plan-defining settings, with the distribution CSV's content hash so an edited file counts, and the sampling
+    lists the images draw from (so a folder made with the original's grid resumes under --original_grid)."""
     out = {k: getattr(cfg, k) for k in PLAN_FIELDS}
+    out["guidance_scale"], out["num_inference_steps"] = cfg.sampling_grid()
     out["num_images"] = cfg.images_per_condition if cfg.total_images is None else None
     if cfg.distribution:
         out["distribution_sha256"] = hashlib.sha256(Path(cfg.distribution).read_bytes()).hexdigest()
@@ -391,7 +393,10 @@ def check_resume(root: Path, cfg: GenerateConfig) -> None:
     saved = json.loads(path.read_text(encoding="utf-8"))
     before = saved.get("settings", {})
     now = json.loads(json.dumps(settings(cfg)))
-    diffs = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in now if before.get(k) != now.get(k)]
+    # a setting newer than the folder counts as its default there: the folder was made without it
+    defaults = {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(GenerateConfig)}
+    before = {k: before.get(k, defaults.get(k)) for k in now}
+    diffs = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now if before[k] != now[k]]
     model_before, model_now = saved.get("model") or {}, model_identity(cfg.model_path, cfg.base_model)
     diffs += [
         f"model {k}: {model_before[k]} -> {model_now[k]}"

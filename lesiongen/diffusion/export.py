@@ -16,7 +16,6 @@ the shards that already hold the right rows, so a killed export resumes.
 
 from __future__ import annotations
 
-import math
 import re
 import sys
 from dataclasses import dataclass
@@ -28,13 +27,9 @@ from ..errors import InputError
 from ..files import atomic_path, write_text
 from ..images import IMAGE_SUFFIXES, PIL_ERRORS
 from ..tables import MANIFEST, read_image_table
-from .manifest import MANIFEST_COLUMNS, VALIDITY_COLUMNS
+from .manifest import DATASET_COLUMNS, FLOAT_COLUMNS, INTEGER_COLUMNS, typed_row
 
 SHARD_RE = re.compile(r"^(?P<split>\w+)-(\d{5})-of-(\d{5})\.parquet$")
-INTEGER_COLUMNS = ("seed", "num_inference_steps", "index")
-FLOAT_COLUMNS = ("age", "guidance_scale")
-# every manifest column but the validity ones: the shared reader has left invalid images out already
-COLUMNS = tuple(c for c in MANIFEST_COLUMNS if c not in VALIDITY_COLUMNS)
 
 
 @dataclass
@@ -68,7 +63,7 @@ def features():
     import datasets
 
     columns = {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(labels.CODES))}
-    for name in COLUMNS:
+    for name in DATASET_COLUMNS:
         if name == "label":
             continue
         kind = "int64" if name in INTEGER_COLUMNS else "float64" if name in FLOAT_COLUMNS else "string"
@@ -106,23 +101,7 @@ def read_rows(input_dir: Path) -> tuple[list[dict], dict[str, list[str]]]:
         if problem is not None:
             left_out.setdefault(problem, []).append(row["file_name"])
             continue
-        out = {}
-        for name in COLUMNS:
-            value = row.get(name, "")
-            try:
-                if name in INTEGER_COLUMNS:
-                    value = int(value)
-                elif name in FLOAT_COLUMNS:
-                    value = None if value in ("", None) or value != value else float(value)
-                    if value is not None and not math.isfinite(value):
-                        raise ValueError
-            except ValueError:
-                raise InputError(
-                    f"{input_dir / MANIFEST} row of {row['file_name']}",
-                    f"{name} '{value}' is not a finite number",
-                    "regenerate the row or fix the value",
-                ) from None
-            out[name] = value
+        out = typed_row(row, input_dir / MANIFEST)
         out["path"] = row["path"]
         rows.append(out)
     if not rows:
@@ -150,7 +129,7 @@ def write_shard(rows: list[dict], path: Path) -> None:
     """One parquet file through datasets (its schema carries the feature types that load_dataset restores)."""
     import datasets
 
-    table = {name: [r[name] for r in rows] for name in COLUMNS}
+    table = {name: [r[name] for r in rows] for name in DATASET_COLUMNS}
     table["label"] = [labels.CODES.index(r["label"]) for r in rows]
     table["image"] = [{"bytes": Path(r["path"]).read_bytes(), "path": r["file_name"]} for r in rows]
     with atomic_path(path) as tmp:

@@ -1,11 +1,13 @@
 """The ``generate.py`` stage: a trained model -> single images or a labelled, resumable synthetic dataset.
 
-Dataset layout (read back by ``tables.read_image_table(OUTPUT_DIR)``)::
+Dataset layout (read back by ``tables.read_image_table(OUTPUT_DIR)``, and by
+``datasets.load_dataset("imagefolder", data_dir=OUTPUT_DIR)``, which reads the images metadata.jsonl lists)::
 
     OUTPUT_DIR/dataset/<Condition>/<dx>_<index>.png
     OUTPUT_DIR/manifest.csv              one row per image on disk, appended after the image is in place
+    OUTPUT_DIR/metadata.jsonl            the manifest's rows, typed, for Hugging Face's imagefolder (rewritten whole)
     OUTPUT_DIR/generation_config.json    the settings the plan came from, checked on resume
-    OUTPUT_DIR/contact_sheet.png         a grid per condition
+    OUTPUT_DIR/contact_sheet.png         a grid per condition (listed in no metadata, so no dataset row)
 
 Single mode writes the same files under ``OUTPUT_DIR/single/`` with images named by seed.
 Prompts come from ``captions.caption`` on a ``LesionRecord``, the same code that captioned the training data.
@@ -21,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from .. import labels
@@ -54,17 +56,21 @@ DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 # 2-core CPU the tiny UNet's compile cost about 45 s (both cores, cold cache; about 200 s on one busy core) and,
 # with the text keys padded, saved about 2 ms per image-step at batch 16 (README section 3): it repays itself
 # after about 750 images at 30 steps, so the threshold keeps a margin. The default 100 images per condition
-# (about 44,000 steps) and the demo's sets stay eager.
+# (7,000 steps at the default 10; about 44,000 with --original_grid) and the demo's sets stay eager.
 COMPILE_AFTER_DENOISING_STEPS = 50_000
 # Settings past these are typing slips, not experiments: the original draws guidance from 3-10 and a LoRA is
 # trained for scale 1 (negative scales invert it); 1e38 overflowed the guided prediction to inf and black images.
 MAX_GUIDANCE = 100.0
 MAX_LORA_SCALE = 10.0
+# metadata.jsonl is rewritten from the manifest after a batch once this long has passed since the last rewrite
+# (and at least 20 times the last rewrite's own time, so a million-row file costs under 5% of the run).
+METADATA_EVERY_S = 30.0
 # Settings that change which images a dataset run makes or how they look; a resume must match them.
 PLAN_FIELDS = (
-    "condition", "num_images", "seed", "balance", "distribution", "sex", "age", "site", "skin_tone", "concepts",
-    "impute_concepts", "contrast", "caption_style", "guidance_scale", "num_inference_steps", "scheduler", "model_path",
-    "base_model", "negative_prompt", "resolution", "lora_scale", "contrast_guidance",
+    "condition", "num_images", "total_images", "class_weights", "seed", "balance", "distribution", "sex", "age", "site",
+    "skin_tone", "concepts", "impute_concepts", "contrast", "caption_style", "guidance_scale", "num_inference_steps",
+    "scheduler", "model_path", "base_model", "negative_prompt", "resolution", "lora_scale",
+    "contrast_guidance",
 )  # fmt: skip
 
 
@@ -77,6 +83,16 @@ class GenerateConfig:
         "single", help="single: a quick image per condition; dataset: a labelled, resumable set", choices=MODES
     )
     num_images: int | None = option(None, help="images per condition (default: 1 in single mode, 100 in dataset mode)")
+    total_images: int | None = option(
+        None,
+        help="dataset mode: this many images in all, split over the classes by --class_weights (else by the "
+        "--distribution file's dx weights, else equally), the counts summing exactly to it",
+    )
+    class_weights: list[str] = option(
+        [],
+        help="class mix for --total_images as code=weight, joined by commas, e.g. nv=0.4,mel=0.15,bcc=0.15,bkl=0.1,"
+        f"akiec=0.1,df=0.05,vasc=0.05 (codes: {', '.join(labels.CODES)}; weights are normalised)",
+    )
     output_dir: str = option("outputs/generated", help="where images, manifest.csv and the contact sheet go")
     model_path: str = option(
         "outputs/lesiongen-lora", help="a LoRA folder (train_lora.sh) or a full pipeline folder (train_SD.sh)"
@@ -88,10 +104,18 @@ class GenerateConfig:
     dtype: str = option("auto", help="auto = float16 on CUDA, float32 elsewhere", choices=DTYPE_CHOICES)
     scheduler: str = option("dpmsolver++", help="sampler", choices=tuple(SCHEDULERS))
     guidance_scale: list[float] = option(
-        list(plans.ORIGINAL_GUIDANCE_SCALES), help="one value, or several to draw from per image (original: 3 5 7.5 10)"
+        list(plans.FAST_GUIDANCE_SCALES),
+        help="one value, or several to draw from per image (default: README section 3's quality-matched setting)",
     )
     num_inference_steps: list[int] = option(
-        list(plans.ORIGINAL_STEPS), help="one value, or several to draw from per image (original: 30 50 70 100)"
+        list(plans.FAST_STEPS),
+        help="one value, or several to draw from per image (default: 10, with DPM-Solver++ as good as the original "
+        "sampler at 50; README section 3)",
+    )
+    original_grid: bool = option(
+        False,
+        help="draw each image's guidance (3 5 7.5 10) and steps (30 50 70 100) from the original LesionGen's grid, "
+        "instead of --guidance_scale and --num_inference_steps: about 6x the default's compute",
     )
     batch_size: int = option(
         16,
@@ -151,6 +175,16 @@ class GenerateConfig:
         resolve_model(self.model_path, "--model_path")
         if self.num_images is not None and self.num_images < 1:
             raise InputError("--num_images", f"{self.num_images} is not positive", "ask for at least one image")
+        self.check_class_mix()
+        if self.original_grid and (
+            self.guidance_scale != list(plans.FAST_GUIDANCE_SCALES)
+            or self.num_inference_steps != list(plans.FAST_STEPS)
+        ):
+            raise InputError(
+                "--original_grid",
+                "draws each image's guidance and steps from the original's grid",
+                "drop --guidance_scale and --num_inference_steps, or drop --original_grid",
+            )
         if self.batch_size < 1:
             raise InputError("--batch_size", f"{self.batch_size} is not positive", "use e.g. 4")
         if self.contrast_guidance and not self.contrast:
@@ -196,10 +230,46 @@ class GenerateConfig:
             )
         if self.distribution is not None and not Path(self.distribution).is_file():
             raise InputError(self.distribution, "distribution CSV not found", "check --distribution")
+        where = (
+            f"--total_images {self.total_images}" if self.total_images else f"--num_images {self.images_per_condition}"
+        )
+        plans.check_plan_size(self.planned_images, where)
+
+    def check_class_mix(self) -> None:
+        """--total_images (a class mix of N in all) and --num_images (N per condition) are two ways to size a set."""
+        if self.total_images is None:
+            if self.class_weights:
+                raise InputError("--class_weights", "needs --total_images", "add e.g. --total_images 10000")
+            return
+        if self.num_images is not None:
+            raise InputError(
+                "--total_images",
+                "cannot be combined with --num_images (images per condition)",
+                "give one of them: --total_images N is N in all, split by --class_weights",
+            )
+        if self.mode != "dataset":
+            raise InputError("--total_images", "needs --mode dataset", "add --mode dataset")
+        if self.total_images < 1:
+            raise InputError("--total_images", f"{self.total_images} is not positive", "ask for at least one image")
+        if self.class_weights:
+            plans.parse_class_weights(self.class_weights)
 
     @property
     def images_per_condition(self) -> int:
         return self.num_images or (1 if self.mode == "single" else 100)
+
+    @property
+    def planned_images(self) -> int:
+        """Images in the whole plan, known before it is built (a --contrast pair per switch doubles each)."""
+        base = self.total_images or self.images_per_condition * len(plans.resolve_codes(self.condition))
+        return base * (2 * len(self.contrast) if self.contrast else 1)
+
+    def sampling_grid(self) -> tuple[list[float], list[int]]:
+        """The guidance values and step counts each image draws from: the flags', or with --original_grid the
+        original's."""
+        if self.original_grid:
+            return list(plans.ORIGINAL_GUIDANCE_SCALES), list(plans.ORIGINAL_STEPS)
+        return self.guidance_scale, self.num_inference_steps
 
 
 @dataclass(frozen=True)
@@ -228,9 +298,15 @@ class GenerateResult:
 
 def make_plan(cfg: GenerateConfig) -> list[plans.ImageSpec]:
     distribution = plans.read_distribution(cfg.distribution) if cfg.distribution else None
+    codes = plans.resolve_codes(cfg.condition)
+    counts = cfg.images_per_condition
+    if cfg.total_images is not None:
+        weights = plans.parse_class_weights(cfg.class_weights) if cfg.class_weights else None
+        counts = plans.class_mix(codes, cfg.total_images, cfg.seed, weights, distribution)
+    guidance_scales, steps = cfg.sampling_grid()
     plan = plans.build_plan(
-        plans.resolve_codes(cfg.condition),
-        cfg.images_per_condition,
+        codes,
+        counts,
         cfg.seed,
         balance=cfg.balance,
         distribution=distribution,
@@ -240,8 +316,8 @@ def make_plan(cfg: GenerateConfig) -> list[plans.ImageSpec]:
         skin_tone=cfg.skin_tone,
         concepts=plans.parse_concepts(cfg.concepts),
         impute=cfg.impute_concepts and cfg.caption_style == "concept",
-        guidance_scales=cfg.guidance_scale,
-        steps=cfg.num_inference_steps,
+        guidance_scales=guidance_scales,
+        steps=steps,
         single=cfg.mode == "single",
     )
     return plans.contrast_plan(plan, plans.parse_contrasts(cfg.contrast)) if cfg.contrast else plan
@@ -306,9 +382,11 @@ def manifest_row(spec: plans.ImageSpec, cfg: GenerateConfig, prompt: str, negati
 
 
 def settings(cfg: GenerateConfig) -> dict:
-    """The plan-defining settings, with the distribution CSV's content hash so an edited file counts."""
+    """The plan-defining settings, with the distribution CSV's content hash so an edited file counts, and the sampling
+    lists the images draw from (so a folder made with the original's grid resumes under --original_grid)."""
     out = {k: getattr(cfg, k) for k in PLAN_FIELDS}
-    out["num_images"] = cfg.images_per_condition
+    out["guidance_scale"], out["num_inference_steps"] = cfg.sampling_grid()
+    out["num_images"] = cfg.images_per_condition if cfg.total_images is None else None
     if cfg.distribution:
         out["distribution_sha256"] = hashlib.sha256(Path(cfg.distribution).read_bytes()).hexdigest()
     return out
@@ -323,7 +401,10 @@ def check_resume(root: Path, cfg: GenerateConfig) -> None:
     saved = json.loads(path.read_text(encoding="utf-8"))
     before = saved.get("settings", {})
     now = json.loads(json.dumps(settings(cfg)))
-    diffs = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in now if before.get(k) != now.get(k)]
+    # a setting newer than the folder counts as its default there: the folder was made without it
+    defaults = {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(GenerateConfig)}
+    before = {k: before.get(k, defaults.get(k)) for k in now}
+    diffs = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now if before[k] != now[k]]
     model_before, model_now = saved.get("model") or {}, model_identity(cfg.model_path, cfg.base_model)
     diffs += [
         f"model {k}: {model_before[k]} -> {model_now[k]}"
@@ -529,6 +610,24 @@ def save_batch(
             on_saved(spec, path)
 
 
+class MetadataSync:
+    """Keeps ``metadata.jsonl`` beside the images, rewritten whole from the manifest: at the start and the end
+    (``force``), after the first batch, then after a batch when ``METADATA_EVERY_S`` has passed. Between rewrites it
+    lags the manifest but lists only images on disk, and imagefolder reads only the images it lists, so a killed run
+    still loads as the images listed so far."""
+
+    def __init__(self, manifest: Manifest, enabled: bool) -> None:
+        self.manifest, self.enabled, self.due = manifest, enabled, 0.0
+
+    def __call__(self, force: bool = False) -> None:
+        if not self.enabled or not (force or time.monotonic() >= self.due):
+            return
+        start = time.monotonic()
+        self.manifest.write_metadata()
+        if not force:
+            self.due = time.monotonic() + max(METADATA_EVERY_S, 20 * (time.monotonic() - start))
+
+
 def contact_sheet(root: Path, rows: list[dict], per_condition: int, out: Path) -> Path | None:
     """One labelled row per condition (its name and count, then its first images by index) for a quick look."""
     by_dx: dict[str, list[dict]] = {}
@@ -566,7 +665,13 @@ def generate(
 
     start = time.perf_counter()
     processes = processes or accelerate_processes()
+    planning = cfg.planned_images * plans.PLAN_SECONDS_PER_IMAGE
+    if processes.is_main and planning > 5:  # a large plan takes a while to build: say so first
+        print(f"planning {cfg.planned_images:,} images (about {plans.duration(planning)})")
     plan = make_plan(cfg)
+    summary = plans.summarize_plan(plan)
+    if processes.is_main and cfg.mode == "dataset":
+        print("\n".join(plans.describe_plan(summary)))
     root = Path(cfg.output_dir) / ("single" if cfg.mode == "single" else "")
     check_writable(root)
     manifest = Manifest(root / "manifest.csv")
@@ -581,6 +686,8 @@ def generate(
             stale.unlink()
         # single mode regenerates its images: a rerun with new flags must not keep an old image under the same seed
         manifest.repair(root, drop={file_name(s, cfg.mode) for s in plan} if cfg.mode == "single" else set())
+    sync_metadata = MetadataSync(manifest, processes.is_main and cfg.mode == "dataset")
+    sync_metadata(force=True)  # a resumed folder lists exactly the images the repaired manifest keeps
     processes.wait()
     done = {r["file_name"] for r in manifest.read()}
     todo = [s for s in mine if file_name(s, cfg.mode) not in done]
@@ -595,7 +702,7 @@ def generate(
                 "settings": settings(cfg),
                 "model": model_identity(cfg.model_path, cfg.base_model),
                 "config": asdict(cfg),
-                "plan": plans.summarize_plan(plan),
+                "plan": summary,
             },
         )
     processes.wait()
@@ -631,6 +738,7 @@ def generate(
                 images = fitting.sample(pipe, prompts, negatives, seeds, guidance, steps, cfg, lora)
                 if saving is not None:
                     saving.result()
+                    sync_metadata()
                 saving = writer.submit(
                     save_batch, batch, prompts, negatives, images, cfg, root, manifest, on_saved, bar
                 )
@@ -639,6 +747,7 @@ def generate(
         bar.close()
     processes.wait()
 
+    sync_metadata(force=True)
     sheet = None
     if processes.is_main and cfg.contact_sheet > 0:
         sheet = contact_sheet(root, manifest.read(), cfg.contact_sheet, root / "contact_sheet.png")
@@ -659,7 +768,8 @@ def print_summary(result: GenerateResult, cfg: GenerateConfig) -> None:
     print(
         f"generated {result.generated} image(s) in {result.seconds:.1f} s ({rate:.2f} img/s); {result.already_done} already on disk"
     )
-    print(f"{result.planned} planned ({cfg.images_per_condition} per condition); manifest: {result.manifest}")
+    size = f"{cfg.images_per_condition} per condition" if cfg.total_images is None else f"{cfg.total_images} in all"
+    print(f"{result.planned} planned ({size}); manifest: {result.manifest}")
     if result.contact_sheet:
         print(f"contact sheet: {result.contact_sheet}")
     invalid = [r for r in Manifest(result.manifest).read() if r["valid"] == "false"]

@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import shutil
 import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import InputError
+from .files import LOCK_NAME, check_output_apart, output_lock
 
 T = TypeVar("T")
 
@@ -122,11 +125,100 @@ OS_FIXES: dict[int, str] = {
 }
 
 
+def free_space(path: str | Path) -> str:
+    """The free space on the disk holding ``path`` (or its nearest existing folder), e.g. '12.3 MB free'."""
+    folder = Path(path).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free"
+
+
 def os_error_line(e: OSError) -> str:
-    """``path: reason; fix`` for an expected file-system failure."""
+    """``path: reason; fix`` for an expected file-system failure (with the free space when the disk is full)."""
     reason = (e.strerror or str(e)).lower()
     where = f"{e.filename}: " if e.filename is not None else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename is not None:
+        reason += f" ({free_space(e.filename)})"
     return f"{where}{reason}; {OS_FIXES[e.errno]}"
+
+
+# Files only one stage writes: a folder holding one is that stage's output, and no other stage may write there
+# (a classifier's summary.json would replace build_captions' own, generated splits the real ones a classifier reads).
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "build_captions": ("captions.jsonl",),
+    "a diffusion model": ("model_index.json", "pytorch_lora_weights.safetensors", "checkpoint-*"),
+    "VAE training": ("diffusion_pytorch_model.safetensors",),
+    "generate": ("generation_config.json", "manifest.csv", "single/manifest.csv"),
+    "export": ("data/*.parquet",),
+    "classifier training": ("history.jsonl", "fold-*/history.jsonl"),
+    "classifier comparison": ("compare.md",),
+    "evaluation": ("evaluation.json",),
+    "the demo": ("report.html",),
+}
+
+
+def check_not_another_stage(output: str | Path, stage: str, flag: str = "--output_dir") -> None:
+    """Refuse an output folder that holds another stage's output: this stage's files would stand in its place."""
+    for other, patterns in STAGE_OUTPUTS.items():
+        found = next((m for p in patterns for m in Path(output).glob(p)), None) if other != stage else None
+        if found is not None:
+            raise InputError(
+                f"{flag} {output}",
+                f"holds {other}'s output ({found.relative_to(output)}); this run would write over it",
+                f"choose a new folder for {flag}",
+            )
+
+
+def check_replaceable(output: str | Path, stage: str, flag: str = "--output_dir") -> None:
+    """A stage that replaces its folder whole (renamed into place) may only replace an empty folder or its own output."""
+    folder = Path(output)
+    if not folder.is_dir() or not any(p.name != LOCK_NAME for p in folder.iterdir()):
+        return
+    if not any(next(folder.glob(p), None) for p in STAGE_OUTPUTS[stage]):
+        raise InputError(
+            f"{flag} {output}",
+            f"holds other files, and this run replaces the whole folder (it is not {stage})",
+            f"choose a new or empty folder for {flag}",
+        )
+
+
+def run_stage(
+    stage: Callable[[T], Any],
+    cls: type[T],
+    argv: Sequence[str] | None,
+    prog: str,
+    name: str,
+    reads: Sequence[str] = (),
+    tables: Sequence[str] = (),
+    output: Callable[[T], str | Path] | None = None,
+    replaces: bool = False,
+) -> int:
+    """Parse a stage's flags and run it holding its output folder: locked against a second run, apart from every
+    path it reads (``reads``, field names; for ``tables``, an image table's folder), never another stage's output.
+
+    ``name`` is the stage's key in STAGE_OUTPUTS; ``output`` finds the folder (default: ``cfg.output_dir``);
+    ``replaces`` says the stage renames a new folder into place, so it may only replace its own output."""
+
+    def go() -> None:
+        cfg = parse_config(cls, argv, prog=prog)
+        out = output(cfg) if output else cfg.output_dir
+        inputs = {}
+        for field in reads:
+            for value in [v for v in _as_list(getattr(cfg, field)) if v]:
+                is_table = field in tables and Path(value).is_file()
+                inputs[f"--{field}"] = Path(value).parent if is_table else Path(value)
+        check_output_apart(out, inputs)
+        check_not_another_stage(out, name)
+        if replaces:
+            check_replaceable(out, name)
+        with output_lock(out):
+            stage(cfg)
+
+    return run(go)
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def run(fn: Callable[[], Any]) -> int:

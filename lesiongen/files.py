@@ -1,8 +1,9 @@
-"""Atomic writes and append-safe JSONL.
+"""Atomic writes, append-safe JSONL, and the output folder a run claims.
 
 A killed process must never leave a half-written file under a final name: every writer goes through
 a temporary sibling followed by ``os.replace``. A write that fails (a full disk) names the output it
-was for, so ``cli.run`` can say which file could not be written.
+was for, so ``cli.run`` can say which file could not be written. A run holds its output folder
+(``output_lock``) and never writes into a folder it reads (``check_output_apart``).
 """
 
 from __future__ import annotations
@@ -11,11 +12,21 @@ import errno
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .errors import InputError
+
+try:  # flock: absent on Windows, where runs are single-process and go unlocked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+LOCK_NAME = ".lesiongen.lock"
 
 
 @contextmanager
@@ -116,3 +127,90 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _open_locked(path: Path) -> int | None:
+    """The descriptor of ``path`` exclusively locked, or None if another process holds it.
+
+    A holder that finishes unlinks the file; the loop makes sure the locked file is still the one at ``path``,
+    so two runs can never each hold a different copy."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _holder(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+@contextmanager
+def output_lock(folder: str | Path, flag: str = "--output_dir") -> Iterator[None]:
+    """Hold ``folder`` for one run, so a second run into it stops instead of silently replacing its results.
+
+    The kernel releases a flock when its holder dies, so a lock left by a killed run is free: it is taken over and
+    named. Only the main process of a distributed launch (RANK 0) takes it; the other ranks write under its lock.
+    """
+    if fcntl is None or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = _open_locked(path)
+    if fd is None:
+        raise InputError(
+            f"{flag} {folder}",
+            f"another run is writing here ({_holder(path) or 'a process that is starting'})",
+            "wait for it to finish, or choose another folder",
+        )
+    try:
+        stale = _holder(path)
+        if stale:
+            print(f"note: {path}: taking over the lock left by {stale}, which ended without releasing it")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        try:  # the folder may have been replaced whole (atomic_dir): remove only our own lock file
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # a run that failed before writing leaves no empty folder behind
+
+
+def check_output_apart(output: str | Path, inputs: dict[str, str | Path], flag: str = "--output_dir") -> None:
+    """Refuse an output folder that is, contains or lies inside a folder the run reads (symlinks resolved): writing
+    there turns image links into self-loops, replaces the splits being read, or deletes the images themselves.
+
+    ``inputs`` maps each input flag to its path; one that does not exist here (a hub id, a missing path the stage
+    reports itself) is skipped."""
+    out = Path(output).resolve()
+    for name, value in inputs.items():
+        source = Path(value)
+        if not source.exists():
+            continue
+        source = source.resolve()
+        if out == source or out.is_relative_to(source) or source.is_relative_to(out):
+            relation = "is" if out == source else "lies inside" if out.is_relative_to(source) else "contains"
+            raise InputError(
+                f"{flag} {output}",
+                f"{relation} {name} {value}, which this run reads; writing there would overwrite its input",
+                f"choose a folder outside {value} for {flag}",
+            )

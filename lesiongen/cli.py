@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import os
 import shutil
 import sys
 import types
@@ -130,7 +131,8 @@ def free_space(path: str | Path) -> str:
     folder = Path(path).absolute()
     while not folder.exists():
         folder = folder.parent
-    return f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free"
+    free = shutil.disk_usage(folder).free
+    return f"{free / 1e9:.1f} GB free" if free >= 1e9 else f"{free / 1e6:.1f} MB free"
 
 
 def os_error_line(e: OSError) -> str:
@@ -221,8 +223,26 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+# train_lora.sh and train_SD.sh name a file here: accelerate launch reports any failed run as exit code 1, so the
+# run's own code (2 for bad input, said in one line) reaches the script this way.
+EXIT_STATUS_ENV = "LESIONGEN_EXIT_STATUS_FILE"
+
+
 def run(fn: Callable[[], Any]) -> int:
     """Run a stage; bad input and expected file-system failures become one line on stderr and exit code 2."""
+    code = 1  # a bug, whose traceback is its message
+    try:
+        code = _exit_code(fn)
+    except SystemExit as e:  # argparse's usage error (2, its message already printed) or --help (0)
+        code = e.code if isinstance(e.code, int) else 1
+        raise
+    finally:
+        if os.environ.get(EXIT_STATUS_ENV):
+            Path(os.environ[EXIT_STATUS_ENV]).write_text(f"{code}\n")
+    return code
+
+
+def _exit_code(fn: Callable[[], Any]) -> int:
     try:
         fn()
     except InputError as e:

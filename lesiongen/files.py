@@ -29,15 +29,26 @@ except ImportError:  # pragma: no cover
 LOCK_NAME = ".lesiongen.lock"
 
 
+# Under this much free space, a failed write is taken for a full disk: torch.save and safetensors report one as a
+# RuntimeError ("unexpected pos 704 vs 598") or their own error, without errno, measured on a full tmpfs.
+FULL_DISK_BYTES = 1 << 20
+
+
 @contextmanager
-def _naming(path: Path) -> Iterator[None]:
-    """``write()`` raises ENOSPC without a file name; give the error the output's name."""
+def naming_failures(path: Path) -> Iterator[None]:
+    """Give a failed write the output's name: ``write()`` raises ENOSPC without one, and torch.save and safetensors
+    raise no OSError at all on a full disk; such a failure becomes ``OSError(ENOSPC, path)``."""
     try:
         yield
     except OSError as e:
         if e.filename is not None or e.errno is None:
             raise
         raise OSError(e.errno, e.strerror, str(path)) from e
+    except Exception as e:
+        folder = path.parent if path.parent.exists() else Path.cwd()
+        if isinstance(e, InputError) or shutil.disk_usage(folder).free >= FULL_DISK_BYTES:
+            raise
+        raise OSError(errno.ENOSPC, "No space left on device", str(path)) from e
 
 
 def _umask() -> int:
@@ -56,7 +67,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the permissions open() would give
     tmp_path = Path(tmp)
     try:
-        with _naming(path):
+        with naming_failures(path):
             yield tmp_path
             os.replace(tmp_path, path)
     finally:
@@ -81,7 +92,7 @@ def append_jsonl(path: str | Path, row: dict) -> None:
     """Append one complete line and fsync, so a kill loses at most the row being written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _naming(path), open(path, "a", encoding="utf-8") as f:
+    with naming_failures(path), open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -114,7 +125,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
-        with _naming(path):
+        with naming_failures(path):
             yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")

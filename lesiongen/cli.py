@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import InputError
-from .files import LOCK_NAME, check_output_apart, output_lock
+from .files import check_output_apart, output_lock
 
 T = TypeVar("T")
 
@@ -171,19 +171,6 @@ def check_not_another_stage(output: str | Path, stage: str, flag: str = "--outpu
             )
 
 
-def check_replaceable(output: str | Path, stage: str, flag: str = "--output_dir") -> None:
-    """A stage that replaces its folder whole (renamed into place) may only replace an empty folder or its own output."""
-    folder = Path(output)
-    if not folder.is_dir() or not any(p.name != LOCK_NAME for p in folder.iterdir()):
-        return
-    if not any(next(folder.glob(p), None) for p in STAGE_OUTPUTS[stage]):
-        raise InputError(
-            f"{flag} {output}",
-            f"holds other files, and this run replaces the whole folder (it is not {stage})",
-            f"choose a new or empty folder for {flag}",
-        )
-
-
 def run_stage(
     stage: Callable[[T], Any],
     cls: type[T],
@@ -193,13 +180,11 @@ def run_stage(
     reads: Sequence[str] = (),
     tables: Sequence[str] = (),
     output: Callable[[T], str | Path] | None = None,
-    replaces: bool = False,
 ) -> int:
     """Parse a stage's flags and run it holding its output folder: locked against a second run, apart from every
     path it reads (``reads``, field names; for ``tables``, an image table's folder), never another stage's output.
 
-    ``name`` is the stage's key in STAGE_OUTPUTS; ``output`` finds the folder (default: ``cfg.output_dir``);
-    ``replaces`` says the stage renames a new folder into place, so it may only replace its own output."""
+    ``name`` is the stage's key in STAGE_OUTPUTS; ``output`` finds the folder (default: ``cfg.output_dir``)."""
 
     def go() -> None:
         cfg = parse_config(cls, argv, prog=prog)
@@ -211,8 +196,6 @@ def run_stage(
                 inputs[f"--{field}"] = Path(value).parent if is_table else Path(value)
         check_output_apart(out, inputs)
         check_not_another_stage(out, name)
-        if replaces:
-            check_replaceable(out, name)
         with output_lock(out):
             stage(cfg)
 

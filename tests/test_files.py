@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from lesiongen.cli import os_error_line
 from lesiongen.errors import InputError
 from lesiongen.files import (
     LOCK_NAME,
@@ -190,6 +191,10 @@ def test_a_full_disk_under_torch_save_or_safetensors_names_the_file(tmp_path, mo
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "checkpoint-5")
     assert list(tmp_path.iterdir()) == []
+    assert os_error_line(err.value) == (
+        f"{tmp_path / 'checkpoint-5'}: no space left on device (0.0 MB free); "
+        "free some disk space, or choose an output folder on another disk"
+    )
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**8, 9 * 10**8))
     with pytest.raises(RuntimeError, match="a bug"), atomic_path(tmp_path / "x.pt"):
         raise RuntimeError("a bug")  # with room on the disk, any other failure keeps its own traceback

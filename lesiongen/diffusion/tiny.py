@@ -259,7 +259,7 @@ def build(cfg: TinyConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(build, TinyConfig, argv, "python -m lesiongen.diffusion.tiny", "a diffusion model", replaces=True)
+    return run_stage(build, TinyConfig, argv, "python -m lesiongen.diffusion.tiny", "a diffusion model")
 
 
 if __name__ == "__main__":

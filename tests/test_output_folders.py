@@ -1,0 +1,95 @@
+"""Every command refuses, in one line and before writing anything, an output folder that would eat its input
+(is it, holds it or lies inside it, symlinks resolved) or stand in another stage's output folder."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+from builders import write_manifest
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch) -> Path:
+    """A captions folder, a generated set, a model and an image folder, as the stages leave them."""
+    captions = tmp_path / "captions"
+    (captions / "train").mkdir(parents=True)
+    for name in ("captions.jsonl", "summary.json", "train/metadata.jsonl"):
+        (captions / name).write_text("{}\n")
+    write_manifest(tmp_path / "gen", [{"label": "mel"}, {"label": "nv"}])
+    (tmp_path / "gen" / "generation_config.json").write_text("{}\n")
+    (tmp_path / "model" / "vae").mkdir(parents=True)
+    (tmp_path / "model" / "model_index.json").write_text("{}\n")
+    (tmp_path / "model" / "vae" / "config.json").write_text("{}\n")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "ISIC_0024306.jpg").write_bytes(b"jpeg")
+    (tmp_path / "images_link").symlink_to(tmp_path / "images")
+    (tmp_path / "ham.csv").write_text("lesion_id,image_id,dx,dx_type,age,sex,localization\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path
+
+
+BUILD = ["lesiongen.captions.build", "--dataset", "ham10000", "--metadata", "ham.csv", "--images", "images"]
+TRAIN = ["lesiongen.diffusion.train", "--pretrained_model_name_or_path", "model", "--train_data_dir"]
+VAE = ["lesiongen.diffusion.train_vae", "--pretrained_model_name_or_path", "model", "--train_data_dir", "images"]
+GENERATE = ["lesiongen.diffusion.generate", "--model_path", "model", "--num_images", "1"]
+EVALUATE = ["lesiongen.evaluate.run", "--real", "captions", "--synthetic", "gen/manifest.csv"]
+
+CASES = {
+    # a rebuild's links would point at themselves, copies would replace the images they copy
+    "captions inside their images": ([*BUILD, "--out", "images/captions"], "lies inside --images images"),
+    "captions inside their images, through a link": (
+        [*BUILD, "--out", "images_link/captions"],
+        "lies inside --images images",
+    ),
+    "captions around their metadata": ([*BUILD, "--out", "."], "contains --metadata ham.csv"),
+    "a model inside its training data": ([*TRAIN, "captions/train", "--output_dir", "captions/train/lora"], "lies"),
+    "a model over its base": ([*TRAIN, "captions/train", "--output_dir", "model"], "is --pretrained_model_name"),
+    "a VAE inside its training images": ([*VAE, "--output_dir", "images/vae"], "lies inside --train_data_dir"),
+    # generated splits would replace the real ones a classifier then trains on
+    "images into a captions folder": ([*GENERATE, "--output_dir", "captions"], "holds build_captions's output"),
+    "images into a model": ([*GENERATE, "--output_dir", "model"], "is --model_path model"),
+    "an export inside its set": (
+        ["lesiongen.diffusion.export", "--input_dir", "gen", "--output_dir", "gen/hf"],
+        "lies",
+    ),
+    "an export over another set": (
+        ["lesiongen.diffusion.export", "--input_dir", "gen", "--output_dir", "captions"],
+        "holds build_captions's output",
+    ),
+    # its summary.json would replace the captions' own
+    "a classifier into its data": (
+        ["lesiongen.classify.train", "--data_dir", "captions", "--output_dir", "captions"],
+        "is",
+    ),
+    "a classifier into its synthetic set": (
+        [
+            "lesiongen.classify.train",
+            "--data_dir",
+            "captions",
+            "--synthetic_dir",
+            "gen/manifest.csv",
+            "--output_dir",
+            "gen",
+        ],
+        "is --synthetic_dir gen",
+    ),
+    "a comparison inside its data": (
+        ["lesiongen.classify.compare", "--data_dir", "captions", "--runs", "real", "--output_dir", "captions/cmp"],
+        "lies inside --data_dir captions",
+    ),
+    "an evaluation inside the generated set": ([*EVALUATE, "--output_dir", "gen/eval"], "lies inside --synthetic gen"),
+    "an evaluation into a classifier's data": ([*EVALUATE, "--output_dir", "captions"], "is --real captions"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_an_output_folder_that_would_eat_an_input_or_another_stage_is_one_line(world, case, capsys):
+    module, *argv = CASES[case][0]
+    before = {p: p.read_bytes() for p in world.rglob("*") if p.is_file()}
+    assert importlib.import_module(module).main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and CASES[case][1] in err[0], err
+    assert {p: p.read_bytes() for p in world.rglob("*") if p.is_file()} == before  # nothing written, nothing lost

@@ -148,6 +148,7 @@ def os_error_line(e: OSError) -> str:
 # (a classifier's summary.json would replace build_captions' own, generated splits the real ones a classifier reads).
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "build_captions": ("captions.jsonl",),
+    "image analysis": ("measured.jsonl",),
     "a diffusion model": ("model_index.json", "pytorch_lora_weights.safetensors", "checkpoint-*"),
     "VAE training": ("diffusion_pytorch_model.safetensors",),
     "generate": ("generation_config.json", "manifest.csv", "single/manifest.csv"),

@@ -147,16 +147,17 @@ def os_error_line(e: OSError) -> str:
 # Files only one stage writes: a folder holding one is that stage's output, and no other stage may write there
 # (a classifier's summary.json would replace build_captions' own, generated splits the real ones a classifier reads).
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "build_captions": ("captions.jsonl",),
-    "image analysis": ("measured.jsonl",),
-    "a diffusion model": ("model_index.json", "pytorch_lora_weights.safetensors", "checkpoint-*"),
+    "build_captions.py": ("captions.jsonl",),
+    "the image analyzer": ("measured.jsonl",),
+    "diffusion training": ("model_index.json", "pytorch_lora_weights.safetensors", "checkpoint-*"),
     "VAE training": ("diffusion_pytorch_model.safetensors",),
-    "generate": ("generation_config.json", "manifest.csv", "single/manifest.csv"),
-    "export": ("data/*.parquet",),
+    "generate.py": ("generation_config.json", "manifest.csv", "single/manifest.csv"),
+    "the export": ("data/*.parquet",),
     "classifier training": ("history.jsonl", "fold-*/history.jsonl"),
-    "classifier comparison": ("compare.md",),
+    "the classifier comparison": ("compare.md",),
     "evaluation": ("evaluation.json",),
     "the demo": ("report.html",),
+    "the paper experiment": ("results.json",),
 }
 
 
@@ -167,7 +168,7 @@ def check_not_another_stage(output: str | Path, stage: str, flag: str = "--outpu
         if found is not None:
             raise InputError(
                 f"{flag} {output}",
-                f"holds {other}'s output ({found.relative_to(output)}); this run would write over it",
+                f"already holds the output of {other} ({found.relative_to(output)}); this run would write among it",
                 f"choose a new folder for {flag}",
             )
 
@@ -187,24 +188,22 @@ def run_stage(
 
     ``name`` is the stage's key in STAGE_OUTPUTS; ``output`` finds the folder (default: ``cfg.output_dir``)."""
 
+    if name not in STAGE_OUTPUTS:
+        raise ValueError(f"{name!r} is not a stage of STAGE_OUTPUTS: its own output would be refused")
+
     def go() -> None:
         cfg = parse_config(cls, argv, prog=prog)
         out = output(cfg) if output else cfg.output_dir
         inputs = {}
-        for field in reads:
-            for value in [v for v in _as_list(getattr(cfg, field)) if v]:
-                is_table = field in tables and Path(value).is_file()
-                inputs[f"--{field}"] = Path(value).parent if is_table else Path(value)
+        for field in [f for f in reads if getattr(cfg, f)]:
+            path = Path(getattr(cfg, field))
+            inputs[f"--{field}"] = path.parent if field in tables and path.is_file() else path
         check_output_apart(out, inputs)
         check_not_another_stage(out, name)
         with output_lock(out):
             stage(cfg)
 
     return run(go)
-
-
-def _as_list(value: Any) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 # train_lora.sh and train_SD.sh name a file here: accelerate launch reports any failed run as exit code 1, so the

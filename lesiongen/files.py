@@ -146,7 +146,7 @@ def _open_locked(path: Path) -> int | None:
     A holder that finishes unlinks the file; the loop makes sure the locked file is still the one at ``path``,
     so two runs can never each hold a different copy."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -53,7 +53,7 @@ CASES = {
     "a model over its base": ([*TRAIN, "captions/train", "--output_dir", "model"], "is --pretrained_model_name"),
     "a VAE inside its training images": ([*VAE, "--output_dir", "images/vae"], "lies inside --train_data_dir"),
     # generated splits would replace the real ones a classifier then trains on
-    "images into a captions folder": ([*GENERATE, "--output_dir", "captions"], "holds build_captions's output"),
+    "images into a captions folder": ([*GENERATE, "--output_dir", "captions"], "holds the output of build_captions.py"),
     "images into a model": ([*GENERATE, "--output_dir", "model"], "is --model_path model"),
     "an export inside its set": (
         ["lesiongen.diffusion.export", "--input_dir", "gen", "--output_dir", "gen/hf"],
@@ -61,7 +61,7 @@ CASES = {
     ),
     "an export over another set": (
         ["lesiongen.diffusion.export", "--input_dir", "gen", "--output_dir", "captions"],
-        "holds build_captions's output",
+        "holds the output of build_captions.py",
     ),
     # its summary.json would replace the captions' own
     "a classifier into its data": (

@@ -489,7 +489,7 @@ def analyze_folder(cfg: AnalyzeConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     prog = "python -m lesiongen.captions.analyze"
-    return run_stage(analyze_folder, AnalyzeConfig, argv, prog, "image analysis", reads=("images",))
+    return run_stage(analyze_folder, AnalyzeConfig, argv, prog, "the image analyzer", reads=("images",))
 
 
 if __name__ == "__main__":

@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         BuildCaptionsConfig,
         argv,
         "build_captions.py",
-        "build_captions",
+        "build_captions.py",
         reads=("metadata", "images", "split_dir"),
     )
 

@@ -219,7 +219,7 @@ def compare(cfg: CompareConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     reads = ("data_dir", "synthetic_dir")
-    return run_stage(compare, CompareConfig, argv, "compare.py", "classifier comparison", reads, tables=reads)
+    return run_stage(compare, CompareConfig, argv, "compare.py", "the classifier comparison", reads, tables=reads)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ def build_cache(cfg: TrainConfig) -> CacheReport:
 
 def main(argv: list[str] | None = None) -> int:
     prog, reads = "python -m lesiongen.diffusion.cache_latents", ("pretrained_model_name_or_path", "train_data_dir")
-    return run_stage(build_cache, TrainConfig, argv, prog, "a diffusion model", reads=reads, tables=("train_data_dir",))
+    return run_stage(
+        build_cache, TrainConfig, argv, prog, "diffusion training", reads=reads, tables=("train_data_dir",)
+    )
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def export(cfg: ExportConfig) -> ExportResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(export, ExportConfig, argv, "python -m lesiongen.diffusion.export", "export", ("input_dir",))
+    return run_stage(export, ExportConfig, argv, "python -m lesiongen.diffusion.export", "the export", ("input_dir",))
 
 
 if __name__ == "__main__":

@@ -639,7 +639,7 @@ def print_summary(result: GenerateResult, cfg: GenerateConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     return run_stage(
-        generate, GenerateConfig, argv, "generate.py", "generate", ("model_path", "base_model", "distribution")
+        generate, GenerateConfig, argv, "generate.py", "generate.py", ("model_path", "base_model", "distribution")
     )
 
 

@@ -259,7 +259,7 @@ def build(cfg: TinyConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(build, TinyConfig, argv, "python -m lesiongen.diffusion.tiny", "a diffusion model")
+    return run_stage(build, TinyConfig, argv, "python -m lesiongen.diffusion.tiny", "diffusion training")
 
 
 if __name__ == "__main__":

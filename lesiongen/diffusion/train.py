@@ -486,7 +486,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def main(argv: list[str] | None = None) -> int:
     prog, reads = "python -m lesiongen.diffusion.train", ("pretrained_model_name_or_path", "train_data_dir")
-    return run_stage(train, TrainConfig, argv, prog, "a diffusion model", reads=reads, tables=("train_data_dir",))
+    return run_stage(train, TrainConfig, argv, prog, "diffusion training", reads=reads, tables=("train_data_dir",))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -120,3 +123,49 @@ def test_an_output_folder_that_would_eat_an_input_or_another_stage_is_one_line(w
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and CASES[case][1] in err[0], err
     assert {p: p.read_bytes() for p in world.rglob("*") if p.is_file()} == before  # nothing written, nothing lost
+
+
+HELD = {
+    "build_captions": ["lesiongen.captions.build", "--dataset", "ham10000", "--metadata", "ham.csv"],
+    "analyze": ["lesiongen.captions.analyze", "--images", "images"],
+    "train": [*TRAIN, "captions/train"],
+    "cache_latents": ["lesiongen.diffusion.cache_latents", *TRAIN[1:], "captions/train"],
+    "generate": GENERATE,
+    "export": ["lesiongen.diffusion.export", "--input_dir", "gen"],
+    "classifier": ["lesiongen.classify.train", "--data_dir", "captions"],
+    "compare": ["lesiongen.classify.compare", "--data_dir", "captions", "--runs", "real"],
+    "evaluate": EVALUATE,
+    "demo": ["lesiongen.demo.run"],
+    "paper experiment": ["experiments/paper_experiment.py", "--data", "images"],
+}
+HOLD = """
+import sys, time
+from contextlib import ExitStack
+from lesiongen.files import output_lock
+with ExitStack() as stack:
+    for folder in sys.argv[1:]:
+        stack.enter_context(output_lock(folder))
+    print("held", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_every_command_stops_at_a_folder_another_run_holds(world, capsys):
+    """Two runs into one folder both reported success and one result silently replaced the other (issue 32)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, "held", "model/vae"], cwd=world, stdout=subprocess.PIPE, text=True, env=env
+    )
+    busy = f"another run is writing here (pid {holder.pid} on {socket.gethostname()}); wait for it to finish"
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for name, (module, *argv) in HELD.items():
+            assert command(module).main([*argv, "--output_dir", "held"]) == 2, name
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err == [f"error: --output_dir held: {busy}, or choose another folder"], name
+        assert command(VAE[0]).main(VAE[1:]) == 2  # its default output: the pipeline's vae/, replaced
+        assert capsys.readouterr().err.startswith(f"error: --output_dir model/vae: {busy}")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [p.name for p in (world / "held").iterdir()] == [".lesiongen.lock"]  # nothing written by any of them

@@ -27,6 +27,8 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 LOCK_NAME = ".lesiongen.lock"
+# flock's answers on a file system without locks (an NFS mount without lockd, some FUSE mounts)
+UNLOCKABLE = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
 # Under this much free space, a failed write is taken for a full disk: torch.save and safetensors report one as a
@@ -152,6 +154,9 @@ def _open_locked(path: Path) -> int | None:
         except BlockingIOError:
             os.close(fd)
             return None
+        except OSError:
+            os.close(fd)
+            raise
         try:
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 return fd
@@ -181,7 +186,15 @@ def output_lock(folder: str | Path, flag: str = "--output_dir") -> Iterator[None
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    fd = _open_locked(path)
+    try:
+        fd = _open_locked(path)
+    except OSError as e:
+        if e.errno not in UNLOCKABLE:
+            raise
+        path.unlink(missing_ok=True)
+        print(f"note: {folder}: its file system cannot lock files ({e.strerror}); nothing stops a second run into it")
+        yield
+        return
     if fd is None:
         raise InputError(
             f"{flag} {folder}",

@@ -165,6 +165,19 @@ def test_only_the_main_process_of_a_distributed_launch_takes_the_lock(tmp_path, 
         holder.wait()
 
 
+def test_a_file_system_without_locks_runs_unlocked_and_says_so(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with output_lock(tmp_path / "nfs"):
+        (tmp_path / "nfs" / "result.json").write_text("{}")
+    assert "its file system cannot lock files (No locks available)" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "nfs").iterdir()] == ["result.json"]
+
+
 @pytest.mark.parametrize(
     "output, relation",
     [("images", "is"), ("images/captions", "lies inside"), (".", "contains"), ("link/captions", "lies inside")],

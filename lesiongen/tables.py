@@ -122,6 +122,8 @@ def _read_one(table: Path) -> pd.DataFrame:
         raise InputError(
             table, f"missing column(s) {', '.join(missing)}", "write it with build_captions.py or generate.py"
         )
+    # one row per file: a manifest two runs appended to lists images twice, which would count them twice
+    frame = frame.drop_duplicates("file_name", ignore_index=True)
     folder = table.parent
     frame["path"] = [os.path.abspath(folder / str(f)) for f in frame["file_name"]]
     frame["table"] = str(table)

@@ -92,10 +92,13 @@ def test_killed_export_resumes_keeping_complete_shards(exported, fake_generation
 
 
 def test_missing_manifest_and_bad_flags_are_one_line_exit_2(tmp_path, capsys):
-    assert main(["--input_dir", str(tmp_path), "--output_dir", str(tmp_path / "o")]) == 2
+    (tmp_path / "gen").mkdir()
+    assert main(["--input_dir", str(tmp_path / "gen"), "--output_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "has no manifest.csv" in err
-    assert main(["--input_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--rows_per_shard", "0"]) == 2
+    assert (
+        main(["--input_dir", str(tmp_path / "gen"), "--output_dir", str(tmp_path / "o"), "--rows_per_shard", "0"]) == 2
+    )
     assert "--rows_per_shard" in capsys.readouterr().err
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import labels
-from ..cli import option, parse_config, run
+from ..cli import option, run_stage
 from ..errors import InputError
 from ..files import write_json, write_jsonl
 from ..images import decode_problem, list_images
@@ -266,7 +266,14 @@ def print_summary(s: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: build(parse_config(BuildCaptionsConfig, argv, prog="build_captions.py")))
+    return run_stage(
+        build,
+        BuildCaptionsConfig,
+        argv,
+        "build_captions.py",
+        "build_captions.py",
+        reads=("metadata", "images", "split_dir"),
+    )
 
 
 if __name__ == "__main__":

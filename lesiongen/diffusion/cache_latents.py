@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from ..cli import parse_config, run
+from ..cli import run_stage
 from .config import TrainConfig
 
 
@@ -63,7 +63,10 @@ def build_cache(cfg: TrainConfig) -> CacheReport:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: build_cache(parse_config(TrainConfig, argv, prog="python -m lesiongen.diffusion.cache_latents")))
+    prog, reads = "python -m lesiongen.diffusion.cache_latents", ("pretrained_model_name_or_path", "train_data_dir")
+    return run_stage(
+        build_cache, TrainConfig, argv, prog, "diffusion training", reads=reads, tables=("train_data_dir",)
+    )
 
 
 if __name__ == "__main__":

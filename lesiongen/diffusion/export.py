@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import labels
-from ..cli import option, parse_config, run
+from ..cli import option, run_stage
 from ..errors import InputError
 from ..files import atomic_path, write_text
 from ..images import IMAGE_SUFFIXES, PIL_ERRORS
@@ -204,7 +204,7 @@ def export(cfg: ExportConfig) -> ExportResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: export(parse_config(ExportConfig, argv, prog="python -m lesiongen.diffusion.export")))
+    return run_stage(export, ExportConfig, argv, "python -m lesiongen.diffusion.export", "the export", ("input_dir",))
 
 
 if __name__ == "__main__":

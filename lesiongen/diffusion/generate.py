@@ -29,7 +29,7 @@ from pathlib import Path
 from .. import labels
 from ..captions.metadata import LesionRecord
 from ..captions.text import STYLES, caption
-from ..cli import option, parse_config, run
+from ..cli import option, run_stage
 from ..devices import compile_choice, resolve_device
 from ..errors import InputError
 from ..files import atomic_path, write_json
@@ -782,7 +782,9 @@ def print_summary(result: GenerateResult, cfg: GenerateConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: generate(parse_config(GenerateConfig, argv, prog="generate.py")))
+    return run_stage(
+        generate, GenerateConfig, argv, "generate.py", "generate.py", ("model_path", "base_model", "distribution")
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import labels
 from ..errors import InputError
-from ..files import write_jsonl, write_text
+from ..files import naming_failures, write_jsonl, write_text
 from ..tables import METADATA
 
 try:  # serialises manifest appends from several processes; absent on Windows, where runs are single-process
@@ -89,13 +89,15 @@ def typed_row(row: dict, source: str | Path) -> dict:
 
 
 class Manifest:
-    """``manifest.csv``: rows appended (locked, fsynced) only once their image has been renamed into place."""
+    """``manifest.csv``: rows appended (locked, fsynced) only once their image has been renamed into place, and
+    never one file twice (two rows for one image would count it twice in the export and the classifier)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._listed: set[str] = set()  # the file names in the first ``_parsed`` bytes of the file
+        self._parsed = 0
 
-    def read(self) -> list[dict]:
-        """Rows of complete lines; a line torn by a kill mid-append is ignored."""
+    def _rows(self) -> list[dict]:
         if not self.path.is_file():
             return []
         text = self.path.read_text(encoding="utf-8")
@@ -105,14 +107,17 @@ class Manifest:
             raise InputError(self.path, "has different columns than this version writes", "use a new --output_dir")
         return list(reader)
 
+    def read(self) -> list[dict]:
+        """Rows of complete lines, the first for each file; a line torn by a kill mid-append is ignored."""
+        seen: set[str] = set()
+        return [r for r in self._rows() if not (r["file_name"] in seen or seen.add(r["file_name"]))]
+
     def repair(self, root: Path, drop: set[str] = frozenset()) -> list[dict]:
         """Keep one row per image that exists (and is not in ``drop``); rewrite the file only if that changed."""
-        rows, seen, kept = self.read(), set(), []
-        for r in rows:
-            if r["file_name"] in seen or r["file_name"] in drop or not (root / r["file_name"]).is_file():
-                continue
-            seen.add(r["file_name"])
-            kept.append(r)
+        rows, kept = self._rows(), []
+        for r in self.read():
+            if r["file_name"] not in drop and (root / r["file_name"]).is_file():
+                kept.append(r)
         raw = self.path.read_text(encoding="utf-8") if self.path.is_file() else ""
         if len(kept) != len(rows) or (raw and not raw.endswith("\n")):
             write_text(self.path, _csv_text([dict(zip(MANIFEST_COLUMNS, MANIFEST_COLUMNS, strict=True)), *kept]))
@@ -131,12 +136,26 @@ class Manifest:
             path.unlink(missing_ok=True)
 
     def append(self, row: dict) -> None:
-        with open(self.path, "a", encoding="utf-8", newline="") as f:
+        """Append one row under the file's lock; a file it already lists is an error, never a second row."""
+        with naming_failures(self.path), open(self.path, "ab+") as f:
             if fcntl is not None:
                 fcntl.flock(f, fcntl.LOCK_EX)
-            header = os.fstat(f.fileno()).st_size == 0
-            lines = [dict(zip(MANIFEST_COLUMNS, MANIFEST_COLUMNS, strict=True))] if header else []
-            f.write(_csv_text([*lines, row]))
+            size = os.fstat(f.fileno()).st_size
+            if size < self._parsed:  # rewritten (repaired) since: read it again
+                self._listed, self._parsed = set(), 0
+            f.seek(self._parsed)
+            tail = f.read()
+            tail = tail[: tail.rfind(b"\n") + 1]
+            self._listed.update(r[0] for r in csv.reader(io.StringIO(tail.decode("utf-8"))) if r)
+            self._parsed += len(tail)
+            if row["file_name"] in self._listed:
+                raise InputError(
+                    self.path,
+                    f"already lists {row['file_name']}: another run is writing this folder",
+                    "let one run finish, or use a new --output_dir",
+                )
+            lines = [dict(zip(MANIFEST_COLUMNS, MANIFEST_COLUMNS, strict=True))] if size == 0 else []
+            f.write(_csv_text([*lines, row]).encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..cli import parse_config, run
+from ..cli import run_stage
 from ..devices import adamw, compile_choice
 from ..errors import InputError
 from ..files import write_json, write_text
@@ -485,7 +485,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: train(parse_config(TrainConfig, argv, prog="python -m lesiongen.diffusion.train")))
+    prog, reads = "python -m lesiongen.diffusion.train", ("pretrained_model_name_or_path", "train_data_dir")
+    return run_stage(train, TrainConfig, argv, prog, "diffusion training", reads=reads, tables=("train_data_dir",))
 
 
 if __name__ == "__main__":

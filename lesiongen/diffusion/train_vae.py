@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..cli import option, parse_config, run
+from ..cli import option, run_stage
 from ..devices import adamw
 from ..errors import InputError
 from ..files import atomic_dir
@@ -355,7 +355,11 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: train_vae(parse_config(TrainVAEConfig, argv, prog="python -m lesiongen.diffusion.train_vae")))
+    def output(cfg: TrainVAEConfig) -> Path:
+        return Path(cfg.output_dir or Path(cfg.pretrained_model_name_or_path) / "vae")
+
+    prog = "python -m lesiongen.diffusion.train_vae"
+    return run_stage(train_vae, TrainVAEConfig, argv, prog, "VAE training", ("train_data_dir",), output=output)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,13 @@ def model_card(cfg: TrainConfig, record: dict, examples, widget: list[dict], out
     family = FAMILIES[record["model_family"]]
     styles = sorted({ex.caption_style or "unknown" for ex in examples})
     extras = ", safety_checker=None" if "safety_checker" in family.pipeline_extras else ""
-    here = cfg.hub_model_id or Path(out).resolve().name
+    folder = Path(out).resolve().name
+    here = cfg.hub_model_id if cfg.push_to_hub and cfg.hub_model_id else folder
+    where = (
+        f"`{here}` is its Hub repository; a local copy of this folder loads the same"
+        if here != folder
+        else f"`{folder}` is this folder"
+    )
     base = portable_path(cfg.pretrained_model_name_or_path, out)
     how = (
         f"pipe = {family.pipeline}.from_pretrained('{base}'{extras})\npipe.load_lora_weights('{here}')"
@@ -97,7 +103,7 @@ field), {record["global_step"]} optimiser steps, {record["num_processes"]} proce
 {record["effective_batch"]}, final loss {record["final_loss"]}. Written {record["finished"]} by
 `lesiongen.diffusion.train`.
 
-Load it with diffusers (`{here}` is this folder, or its Hub repository):
+Load it with diffusers ({where}):
 
 ```python
 from diffusers import {family.pipeline}
@@ -105,7 +111,7 @@ from diffusers import {family.pipeline}
 image = pipe("melanoma, dermoscopic image").images[0]
 ```
 {interchange}
-or `python generate.py --model_path {here} ...`. Synthetic medical images are for research, not diagnosis.
+or, from the folder holding `{folder}`, `python generate.py --model_path {folder} ...`. Synthetic medical images are for research, not diagnosis.
 {gallery}
 ## Hyperparameters
 

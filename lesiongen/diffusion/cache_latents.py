@@ -34,8 +34,8 @@ def build_cache(cfg: TrainConfig) -> CacheReport:
 
     from .latent_cache import open_cache
     from .pipeline import load_training_parts
-    from .sources import load_examples
     from .train import make_accelerator, weight_dtype
+    from .train_data import load_examples
 
     accelerator = make_accelerator(cfg)
     parts = load_training_parts(cfg.pretrained_model_name_or_path, cfg.model_family)

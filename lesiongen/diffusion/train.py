@@ -302,7 +302,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from .attention import pad_cross_attention_keys
     from .dataset import PlannedBatches, class_balanced_weights, make_loader
     from .pipeline import base_identity, load_training_parts
-    from .sources import load_examples
+    from .train_data import load_examples
 
     accelerator = make_accelerator(cfg)
     out = Path(cfg.output_dir)

@@ -18,8 +18,8 @@ from PIL import Image
 from lesiongen.diffusion.dataset import StoredImage
 from lesiongen.diffusion.export import ExportConfig, export
 from lesiongen.diffusion.pipeline import load_training_parts
-from lesiongen.diffusion.sources import load_examples
 from lesiongen.diffusion.train import TrainConfig, main, train
+from lesiongen.diffusion.train_data import load_examples
 from lesiongen.errors import InputError
 
 

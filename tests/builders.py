@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,24 @@ def perturb(model_dir: Path, component: str, tensor: str) -> Path:
     tensors[tensor] = tensors[tensor] + 0.01
     save_file(tensors, weights)
     return model_dir
+
+
+def small_config(tiny_sd_dir, data_dir, out, **overrides):
+    """A 4-step LoRA run of the tiny model at 64 px, batch 2, no validation or trackers (the training tests' base)."""
+    from lesiongen.diffusion.train import TrainConfig
+
+    cfg = TrainConfig(
+        pretrained_model_name_or_path=str(tiny_sd_dir),
+        train_data_dir=str(data_dir),
+        output_dir=str(out),
+        resolution=64,
+        rank=4,
+        train_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_train_steps=4,
+        learning_rate=1e-3,
+        checkpointing_steps=2,
+        validation_steps=0,
+        report_to="none",
+    )
+    return replace(cfg, **overrides)

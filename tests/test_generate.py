@@ -347,6 +347,8 @@ def test_the_config_records_the_model_that_ran_and_only_once_it_loaded(tiny_lora
         "base_model": str(tiny_sd_dir.resolve()),
         "fingerprint": fingerprint(str(tiny_sd_dir)),
         "lora_sha256": hashlib.sha256((tiny_lora_run / "pytorch_lora_weights.safetensors").read_bytes()).hexdigest(),
+        "trained_base_fingerprint": fingerprint(str(tiny_sd_dir)),
+        "base_mismatch": False,
     }
 
 

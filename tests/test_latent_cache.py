@@ -145,7 +145,7 @@ def test_cached_items_carry_the_framing_of_decoded_ones(small_cache):
             a, b = cached[(index, flip, False, 0)], decoded[(index, flip, False, 0)]
             assert torch.equal(a["original_size"], b["original_size"])
             assert torch.equal(a["crop_top_left"], b["crop_top_left"])
-    with Image.open(examples[0].path) as im:
+    with Image.open(examples[0].image) as im:
         assert decoded[(0, False, False, 0)]["original_size"].tolist() == [im.height, im.width]
 
 

@@ -98,6 +98,11 @@ class GenerateConfig:
         "outputs/lesiongen-lora", help="a LoRA folder (train_lora.sh) or a full pipeline folder (train_SD.sh)"
     )
     base_model: str | None = option(None, help="base pipeline for a LoRA (default: the one its config.json records)")
+    allow_base_mismatch: bool = option(
+        False,
+        help="load a LoRA on a base other than the one it was trained on (another fine-tune of the same family), "
+        "with a warning; generation_config.json records both fingerprints",
+    )
     device: str = option(
         "auto", help="auto (the accelerate process's device, else cuda if available), cpu, cuda, cuda:1..."
     )
@@ -454,7 +459,9 @@ def load_model(cfg: GenerateConfig, device: str):
     """The pipeline with the chosen sampler, in the dtype ``resolve_dtype`` picks."""
     from .pipeline import load_pipeline
 
-    pipe = load_pipeline(cfg.model_path, cfg.base_model, device=device, dtype=resolve_dtype(cfg, device))
+    pipe = load_pipeline(
+        cfg.model_path, cfg.base_model, device, resolve_dtype(cfg, device), allow_base_mismatch=cfg.allow_base_mismatch
+    )
     set_scheduler(pipe, cfg.scheduler, model_scheduler_config(cfg))
     return pipe
 

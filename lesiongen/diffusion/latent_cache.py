@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..files import atomic_path
-from .dataset import Example, ImageCaptionDataset, item_caption
+from .dataset import Example, ImageCaptionDataset, image_identity, item_caption
 from .families import prompt_encoder, tokenize
 from .fingerprint import fingerprint
 
@@ -59,8 +59,7 @@ def cache_key(
     h = hashlib.sha256()
     h.update(json.dumps([CACHE_FORMAT, str(model), resolution, center_crop, str(dtype), with_text, family]).encode())
     for ex in examples:
-        st = ex.path.stat()
-        h.update(f"{ex.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{ex.text}\n".encode())
+        h.update(f"{image_identity(ex.image)}|{ex.text}\n".encode())
     return h.hexdigest()
 
 

@@ -13,9 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from lesiongen.diffusion.generate import GenerateConfig, build_prompt, generate, main
+from lesiongen.diffusion.edit import Editor, pipeline_inputs
+from lesiongen.diffusion.generate import (
+    FLOW_SCHEDULERS,
+    SCHEDULERS,
+    GenerateConfig,
+    build_prompt,
+    generate,
+    load_model,
+    main,
+)
 from lesiongen.diffusion.sources import source_plan
 from lesiongen.errors import InputError
 
@@ -85,6 +95,9 @@ def test_an_edit_keeps_the_images_own_caption_unless_a_field_changes(tiny_lora_r
     real = train_rows(d7p_small_train, "mel")
     own = source_plan(config(tiny_lora_run, d7p_small_train.parent, tmp_path / "a"), "text")
     assert [s.text for s in own] == [r["text"] for r in real] and [s.dx for s in own] == ["mel"] * len(real)
+    twice = source_plan(config(tiny_lora_run, d7p_small_train.parent, tmp_path / "a", variants_per_image=2), "text")
+    assert [s.text for s in twice] == [r["text"] for r in real for _ in range(2)]  # same caption, other seeds
+    assert len({s.seed for s in twice}) == len({s.image_id for s in twice}) == 2 * len(real)
     changed = config(tiny_lora_run, d7p_small_train.parent, tmp_path / "b", skin_tone="dark")
     specs = source_plan(changed, "text")
     assert [s.text for s in specs] == [""] * len(real) and {s.skin_tone for s in specs} == {"dark"}
@@ -141,3 +154,28 @@ def test_edit_flags_without_an_edit_mode_and_a_strength_that_runs_no_step_are_re
         config(tiny_lora_run, tmp_path, tmp_path / "o", strength=0.1, num_inference_steps=[5, 30])
     with pytest.raises(InputError, match="--num_images: plans text-to-image sets, not --mode edit"):
         config(tiny_lora_run, tmp_path, tmp_path / "o", num_images=3)
+
+
+@pytest.mark.parametrize("scheduler", [n for n in SCHEDULERS if n not in FLOW_SCHEDULERS])
+def test_the_kept_cells_are_noised_to_the_level_of_the_step_that_comes_next(
+    tiny_lora_run, d7p_small_train, tmp_path, scheduler
+):
+    """Each sampler's run is the tail of its schedule (PNDM's repeats a timestep): the callback after step i
+    must noise the source to the timestep step i+1 denoises, and hold the kept cells to the source at the end."""
+    cfg = config(tiny_lora_run, d7p_small_train.parent, tmp_path, keep="lesion", scheduler=scheduler)
+    editor = Editor(load_model(cfg, "cpu"), cfg)
+    given = editor.prepare(source_plan(cfg, "text")[0].source)
+    kwargs = pipeline_inputs(editor.pipe, [given], [0], 0.6)
+    keep, seen = kwargs["callback_on_step_end"], []
+
+    def callback(pipe, i, t, tensors):
+        schedule, run = pipe.scheduler.timesteps, pipe.num_timesteps
+        seen.append((int(t), int(schedule[len(schedule) - run + i])))
+        return keep(pipe, i, t, tensors)
+
+    out = editor.pipe(
+        ["a lesion"], num_inference_steps=10, output_type="latent", **kwargs | {"callback_on_step_end": callback}
+    )
+    assert len(seen) == editor.pipe.num_timesteps >= 6 and all(t == indexed for t, indexed in seen)
+    inside = keep.mask
+    assert torch.equal(out.images[inside], keep.known[inside])

@@ -95,6 +95,7 @@ class Editor:
         return specs, inputs
 
     def prepare(self, source: str) -> EditInput:
+        """The source's centre square at the generated size (never upscaled), and its kept region with --keep."""
         image = open_rgb(source)
         if min(image.size) < self.resolution:
             raise InputError(
@@ -102,21 +103,20 @@ class Editor:
                 f"{image.width}x{image.height} is smaller than the {self.resolution} px the model makes",
                 "use a larger image, or a lower --resolution",
             )
-        square = centre_square(image)
-        keep = self.keep_mask(source, square) if self.cfg.keep else None
-        return EditInput(square.resize((self.resolution,) * 2, Image.LANCZOS), keep)
+        keep = self.keep_mask(source, image) if self.cfg.keep else None
+        return EditInput(centre_square(image).resize((self.resolution,) * 2, Image.LANCZOS), keep)
 
-    def keep_mask(self, source: str, square: Image.Image) -> np.ndarray:
+    def keep_mask(self, source: str, image: Image.Image) -> np.ndarray:
         """The lesion mask at the generated size, dilated by ``--keep_margin``: ``--mask_dir``'s, else the analyzer's."""
         size = (self.resolution,) * 2
         stored = Path(self.cfg.mask_dir or "") / f"{Path(source).stem}.png"
         if self.cfg.mask_dir and stored.is_file():
-            mask = Image.open(stored).convert("L")
-            if mask.size != open_rgb(source).size:
+            mask = open_rgb(stored).convert("L")
+            if mask.size != image.size:
                 raise InputError(stored, f"is {mask.width}x{mask.height}, not its image's size", "remake the mask")
             mask = centre_square(mask)
         else:
-            found = analyze_image(np.asarray(square))
+            found = analyze_image(np.asarray(centre_square(image)))
             if found["problem"]:
                 raise InputError(
                     source, f"no lesion mask can be measured ({found['problem']})", "add its mask to --mask_dir"
@@ -184,13 +184,15 @@ class KeepLatents:
         b, c, h, w = latents.shape
         scale = pixels.shape[-1] // w
         cells = [i.keep.reshape(h, scale, w, scale).any(axis=(1, 3)) for i in inputs]
-        mask = torch.from_numpy(np.stack(cells)[:, None]).to(latents).expand(b, c, h, w)
+        mask = torch.from_numpy(np.stack(cells)[:, None]).to(latents.device).expand(b, c, h, w)
         parts = [latents, mask, torch.stack(noise).to(latents)]
         if hasattr(pipe, "_pack_latents"):  # Flux
             parts = [pipe._pack_latents(p, b, c, h, w) for p in parts]
         self.known, self.mask, self.noise = parts
 
     def __call__(self, pipe, i: int, t, kwargs: dict) -> dict:
+        import torch
+
         latents, scheduler = kwargs["latents"], pipe.scheduler
         run, schedule = pipe.num_timesteps, scheduler.timesteps
         known = self.known
@@ -200,7 +202,7 @@ class KeepLatents:
                 known = scheduler.scale_noise(known, level, self.noise)
             else:
                 known = scheduler.add_noise(known, self.noise, level)
-        return {"latents": latents + self.mask * (known.to(latents.dtype) - latents)}
+        return {"latents": torch.where(self.mask, known.to(latents.dtype), latents)}
 
 
 def paste_back(images: list, inputs: list[EditInput]) -> tuple[list, list[dict]]:

@@ -4,8 +4,9 @@ A text plan (``plans.build_plan``) draws its records; a source plan takes them f
 build_captions split, whose ``metadata.jsonl`` gives each image's labels and caption, or a plain folder of
 image files, labelled by ``--condition``. Both give ``ImageSpec`` lists to the same sampler, manifest and
 resume path; a source spec names its image (``source``) and, where the caption is the image's own, carries
-it (``text``). ``edit`` makes one image per source; ``augment`` makes ``--variants_per_image`` of each
-training image, each with its own caption phrasing, so a classifier can be given anchored variants.
+it (``text``). ``edit`` makes ``--variants_per_image`` (default 1) of each source, each with its own seed;
+``augment`` makes them (default 2) of each training image, each also with its own caption phrasing, so a
+classifier can be given anchored variants.
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ class SourceOptions:
         help="edit/augment: how far from the source, in (0, 1] (SDEdit: the share of the denoising schedule run "
         "from the source's noised latents; 1.0 starts from noise)",
     )
-    variants_per_image: int = option(2, help="augment: variants of each training image, each with its own caption")
+    variants_per_image: int | None = option(
+        None,
+        help="edit/augment: images made from each source, each with its own seed (augment: and caption phrasing); "
+        "default 1 for edit, 2 for augment",
+    )
     keep: str | None = option(
         None,
         help="edit/augment: keep the lesion's pixels (the analyzer's lesion mask, blended in the latents at every "
@@ -83,7 +88,7 @@ def check_source_options(cfg) -> None:
     for flag, value in text_only.items():
         if value:
             raise InputError(flag, f"plans text-to-image sets, not --mode {cfg.mode}", f"drop {flag}")
-    if cfg.variants_per_image < 1:
+    if cfg.variants_per_image is not None and cfg.variants_per_image < 1:
         raise InputError("--variants_per_image", f"{cfg.variants_per_image} is not positive", "e.g. 4")
     if cfg.keep_margin < 0:
         raise InputError("--keep_margin", f"{cfg.keep_margin} is negative", "e.g. --keep_margin 4")
@@ -140,13 +145,13 @@ def draw(seed: int, purpose: str, values):
 
 
 def source_plan(cfg, field: str) -> list[plans.ImageSpec]:
-    """One spec per output image: each source (``--condition``'s diagnoses only) once for edit, or
-    ``--variants_per_image`` times for augment. Seeds, guidance and steps are drawn per image from its id,
-    so adding images to the folder changes no other image. An edit that changes no field keeps the source's
-    own caption in ``field``; augment variants are captioned anew, each phrasing drawn from its own id."""
+    """One spec per output image: ``--variants_per_image`` of each source (``--condition``'s diagnoses only).
+    Seeds, guidance and steps are drawn per image from its id, so adding images to the folder changes no
+    other image. An edit that changes no field keeps the source's own caption in ``field``; augment variants
+    are captioned anew, each phrasing drawn from its own id."""
     codes = set(plans.resolve_codes(cfg.condition))
     changes = any((cfg.sex, cfg.age, cfg.site, cfg.skin_tone, cfg.concepts))
-    variants = cfg.variants_per_image if cfg.mode == "augment" else 1
+    variants = cfg.variants_per_image or (2 if cfg.mode == "augment" else 1)
     plan, count = [], dict.fromkeys(codes, 0)
     for row, source in source_rows(cfg):
         dx = row.get("dx") or row.get("label", "")
@@ -156,7 +161,7 @@ def source_plan(cfg, field: str) -> list[plans.ImageSpec]:
         record = changed_record(record, cfg)
         base = record.image_id.replace("/", "__")
         for v in range(variants):
-            image_id = base if cfg.mode == "edit" else f"{base}_v{v}"
+            image_id = base if cfg.mode == "edit" and variants == 1 else f"{base}_v{v}"
             seed = plans.image_seed(cfg.seed, image_id, v)
             own_text = row.get(field) if cfg.mode == "edit" and not changes else None
             plan.append(

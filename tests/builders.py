@@ -19,7 +19,8 @@ from lesiongen.captions.build import main as build_captions
 MANIFEST_COLUMNS = [
     "file_name", "text", "label", "condition", "dx", "sex", "age", "age_bin", "site", "site_group", "skin_tone",
     *labels.CONCEPT_NAMES, "concept_source", "seed", "guidance_scale", "num_inference_steps", "scheduler", "model",
-    "negative_prompt", "index", "pair", "contrast", "valid", "invalid_reason",
+    "negative_prompt", "index", "pair", "contrast", "source", "strength", "lesion_change", "skin_ita_before",
+    "skin_ita_after", "valid", "invalid_reason",
 ]  # fmt: skip
 
 

@@ -9,7 +9,8 @@ Dataset layout (read back by ``tables.read_image_table(OUTPUT_DIR)``, and by
     OUTPUT_DIR/generation_config.json    the settings the plan came from, checked on resume
     OUTPUT_DIR/contact_sheet.png         a grid per condition (listed in no metadata, so no dataset row)
 
-Single mode writes the same files under ``OUTPUT_DIR/single/`` with images named by seed.
+Single mode writes the same files under ``OUTPUT_DIR/single/`` with images named by seed. Edit and augment
+modes write the dataset layout from real images (``sources.py`` plans them, ``edit.py`` samples them).
 Prompts come from ``captions.caption`` on a ``LesionRecord``, the same code that captioned the training data.
 """
 
@@ -38,6 +39,7 @@ from ..tokens import fits_clip
 from . import plans
 from .manifest import MANIFEST_COLUMNS, Manifest
 from .pipeline import model_identity, resolve_model
+from .sources import IMAGE_MODES, SOURCE_FIELDS, SourceOptions, check_source_options, source_plan
 
 # name -> (diffusers class, extra config); built from the model's own scheduler config so betas match.
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -50,7 +52,7 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),  # SD3 and Flux (rectified flow) sample with this one
 }
 FLOW_SCHEDULERS = ("flow_euler",)
-MODES = ("single", "dataset")
+MODES = ("single", "dataset", *IMAGE_MODES)
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 # --torch_compile auto compiles sets of at least this many denoising steps (images x steps). On this project's
 # 2-core CPU the tiny UNet's compile cost about 45 s (both cores, cold cache; about 200 s on one busy core) and,
@@ -75,12 +77,16 @@ PLAN_FIELDS = (
 
 
 @dataclass
-class GenerateConfig:
-    """Generate dermoscopic images from a trained LesionGen model: one per condition, or a labelled dataset."""
+class GenerateConfig(SourceOptions):
+    """Generate dermoscopic images from a trained LesionGen model: one per condition, a labelled dataset, or
+    edits and variants of real images."""
 
     condition: str = option("all", help="condition name or dx code (any case), several joined by commas, or 'all'")
     mode: str = option(
-        "single", help="single: a quick image per condition; dataset: a labelled, resumable set", choices=MODES
+        "single",
+        help="single: a quick image per condition; dataset: a labelled, resumable set; edit: one image-to-image "
+        "edit of each real image (--data_dir); augment: --variants_per_image of each training image",
+        choices=MODES,
     )
     num_images: int | None = option(None, help="images per condition (default: 1 in single mode, 100 in dataset mode)")
     total_images: int | None = option(
@@ -235,6 +241,7 @@ class GenerateConfig:
             )
         if self.distribution is not None and not Path(self.distribution).is_file():
             raise InputError(self.distribution, "distribution CSV not found", "check --distribution")
+        check_source_options(self)
         where = (
             f"--total_images {self.total_images}" if self.total_images else f"--num_images {self.images_per_condition}"
         )
@@ -302,6 +309,8 @@ class GenerateResult:
 
 
 def make_plan(cfg: GenerateConfig) -> list[plans.ImageSpec]:
+    if cfg.mode in IMAGE_MODES:
+        return source_plan(cfg, prompt_field(cfg))
     distribution = plans.read_distribution(cfg.distribution) if cfg.distribution else None
     codes = plans.resolve_codes(cfg.condition)
     counts = cfg.images_per_condition
@@ -382,6 +391,8 @@ def manifest_row(spec: plans.ImageSpec, cfg: GenerateConfig, prompt: str, negati
         index=spec.index,
         pair=spec.image_id if spec.contrast else "",
         contrast=spec.contrast,
+        source=spec.source,
+        strength=cfg.strength if spec.source else None,
     )
     return {c: "" if row.get(c) is None else row[c] for c in MANIFEST_COLUMNS}
 
@@ -392,6 +403,8 @@ def settings(cfg: GenerateConfig) -> dict:
     out = {k: getattr(cfg, k) for k in PLAN_FIELDS}
     out["guidance_scale"], out["num_inference_steps"] = cfg.sampling_grid()
     out["num_images"] = cfg.images_per_condition if cfg.total_images is None else None
+    if cfg.mode in IMAGE_MODES:
+        out.update({k: getattr(cfg, k) for k in SOURCE_FIELDS})
     if cfg.distribution:
         out["distribution_sha256"] = hashlib.sha256(Path(cfg.distribution).read_bytes()).hexdigest()
     return out
@@ -498,17 +511,23 @@ def sample(
     steps: int,
     cfg: GenerateConfig,
     lora: bool,
+    inputs: list | None = None,
 ):
     """One batch; each image's starting noise comes from its own CPU generator, so its pixels do not
-    depend on which batch or process it lands in (up to float rounding)."""
+    depend on which batch or process it lands in (up to float rounding). ``inputs``: the sources of an edit."""
     import torch
 
     from .families import FAMILIES
 
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    size = {"height": cfg.resolution, "width": cfg.resolution} if cfg.resolution else {}
+    given = {"height": cfg.resolution, "width": cfg.resolution} if cfg.resolution else {}
+    if inputs:  # an edit: the sources, their size, the strength
+        from .edit import pipeline_inputs
+
+        given = pipeline_inputs(pipe, inputs, seeds, cfg.strength)
     # the pipeline argument that scales a LoRA: cross_attention_kwargs (UNets) or joint_attention_kwargs
-    scale_kwarg = next(f.lora_scale_kwarg for f in FAMILIES.values() if f.pipeline == type(pipe).__name__)
+    name = type(pipe).__name__
+    scale_kwarg = next(f.lora_scale_kwarg for f in FAMILIES.values() if name in (f.pipeline, f.image_pipeline))
     images = pipe(
         prompt=prompts,
         negative_prompt=negatives if any(negatives) else None,
@@ -517,7 +536,7 @@ def sample(
         generator=generators,
         **{scale_kwarg: {"scale": cfg.lora_scale} if lora else None},
         output_type="np",  # floats, so save_batch sees a nan before conversion turns it into black
-        **size,
+        **given,
     ).images
     return list(images)  # one array per image
 
@@ -530,14 +549,14 @@ class FittingBatches:
     def __init__(self, size: int) -> None:
         self.size = size
 
-    def sample(self, pipe, prompts: list[str], negatives: list[str], seeds: list[int], *args) -> list:
+    def sample(self, pipe, prompts: list[str], negatives: list[str], seeds: list[int], *args, inputs=None) -> list:
         import torch
 
         images: list = []
         while len(images) < len(prompts):
             chunk = slice(len(images), len(images) + self.size)
             try:
-                images += sample(pipe, prompts[chunk], negatives[chunk], seeds[chunk], *args)
+                images += sample(pipe, prompts[chunk], negatives[chunk], seeds[chunk], *args, inputs and inputs[chunk])
             except torch.OutOfMemoryError:
                 if self.size == 1:
                     raise InputError(
@@ -579,7 +598,7 @@ def save_image(image, path: Path, row: dict) -> None:
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    for key in ("text", "seed", "guidance_scale", "num_inference_steps", "scheduler", "model"):
+    for key in ("text", "seed", "guidance_scale", "num_inference_steps", "scheduler", "model", "source", "strength"):
         info.add_text(key, str(row[key]))
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
@@ -598,16 +617,24 @@ def invalid_reason(pixels, image) -> str:
 
 
 def save_batch(
-    batch, prompts, negatives, images, cfg: GenerateConfig, root: Path, manifest: Manifest, on_saved, bar
+    batch, prompts, negatives, images, cfg: GenerateConfig, root: Path, manifest: Manifest, on_saved, bar, inputs
 ) -> None:
-    """Write a batch's images, each followed by its manifest row, in plan order (then ``on_saved``)."""
+    """Write a batch's images, each followed by its manifest row, in plan order (then ``on_saved``); an edit's
+    kept lesion is pasted back first (``edit.paste_back``) and measured into its row."""
     import numpy as np
     from diffusers.image_processor import VaeImageProcessor
 
-    for spec, prompt, negative, pixels in zip(batch, prompts, negatives, images, strict=True):
-        image = VaeImageProcessor.numpy_to_pil(np.nan_to_num(pixels)[None])[0]  # the pipeline's own conversion
-        row = manifest_row(spec, cfg, prompt, negative)
-        reason = invalid_reason(pixels, image)
+    pil = [VaeImageProcessor.numpy_to_pil(np.nan_to_num(p)[None])[0] for p in images]  # the pipeline's own conversion
+    reasons = [invalid_reason(p, image) for p, image in zip(images, pil, strict=True)]
+    measures = [{}] * len(batch)
+    if inputs:
+        from .edit import paste_back
+
+        pil, measures = paste_back(pil, inputs)
+    for spec, prompt, negative, image, reason, measured in zip(
+        batch, prompts, negatives, pil, reasons, measures, strict=True
+    ):
+        row = manifest_row(spec, cfg, prompt, negative) | measured
         row.update(valid=str(not reason).lower(), invalid_reason=reason)
         path = root / row["file_name"]
         save_image(image, path, row)
@@ -683,7 +710,7 @@ def generate(
     check_writable(root)
     manifest = Manifest(root / "manifest.csv")
     mine = plans.shard(plan, processes.index, processes.count)
-    if cfg.mode == "dataset":
+    if cfg.mode != "single":
         check_resume(root, cfg)  # every process checks before any writes, so a refusal stops them all
     processes.wait()
     if processes.is_main:
@@ -715,6 +742,12 @@ def generate(
     processes.wait()
 
     if todo:
+        editor = None
+        if cfg.mode in IMAGE_MODES:
+            from .edit import Editor
+
+            editor = Editor(pipe, cfg)
+            pipe = editor.pipe
         lora = bool(getattr(pipe, "get_active_adapters", lambda: [])())
         field = prompt_field(cfg)
         partners = plans.pair_partners(plan) if cfg.contrast_guidance else {}
@@ -738,20 +771,25 @@ def generate(
         with ThreadPoolExecutor(max_workers=1) as writer:
             saving = None
             for batch in batches(todo, cfg.batch_size):
-                prompts = [build_prompt(s.record(), cfg.caption_style, cfg.seed, field) for s in batch]
+                batch, inputs = editor.load(batch) if editor else (batch, None)  # a bad source: one line, skipped
+                if not batch:
+                    continue
+                prompts = [s.text or build_prompt(s.record(), cfg.caption_style, cfg.seed, field) for s in batch]
                 negatives = [negative_prompt(s, cfg, partners, field) for s in batch]
                 seeds = [s.seed for s in batch]
                 guidance, steps = batch[0].guidance_scale, batch[0].num_inference_steps
-                images = fitting.sample(pipe, prompts, negatives, seeds, guidance, steps, cfg, lora)
+                images = fitting.sample(pipe, prompts, negatives, seeds, guidance, steps, cfg, lora, inputs=inputs)
                 if saving is not None:
                     saving.result()
                     sync_metadata()
                 saving = writer.submit(
-                    save_batch, batch, prompts, negatives, images, cfg, root, manifest, on_saved, bar
+                    save_batch, batch, prompts, negatives, images, cfg, root, manifest, on_saved, bar, inputs
                 )
             if saving is not None:
                 saving.result()
         bar.close()
+        if editor:
+            editor.report()
     processes.wait()
 
     sync_metadata(force=True)
@@ -775,7 +813,12 @@ def print_summary(result: GenerateResult, cfg: GenerateConfig) -> None:
     print(
         f"generated {result.generated} image(s) in {result.seconds:.1f} s ({rate:.2f} img/s); {result.already_done} already on disk"
     )
-    size = f"{cfg.images_per_condition} per condition" if cfg.total_images is None else f"{cfg.total_images} in all"
+    if cfg.mode in IMAGE_MODES:
+        size = f"from the images in {cfg.data_dir}"
+    elif cfg.total_images is None:
+        size = f"{cfg.images_per_condition} per condition"
+    else:
+        size = f"{cfg.total_images} in all"
     print(f"{result.planned} planned ({size}); manifest: {result.manifest}")
     if result.contact_sheet:
         print(f"contact sheet: {result.contact_sheet}")

@@ -50,6 +50,11 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "index",
     "pair",  # a --contrast pair's shared image id; empty otherwise
     "contrast",  # the pair's switch, 'field=on:off'
+    "source",  # edit/augment: the real image it was made from, its path as given; empty otherwise
+    "strength",  # edit/augment: the SDEdit strength
+    "lesion_change",  # --keep lesion: mean absolute pixel change inside the kept region, 0-255
+    "skin_ita_before",  # --keep lesion: ITA of the skin ring around it in the source, and in the edit
+    "skin_ita_after",
     # false for an image that is all one colour or held nan/inf when sampled (generate.invalid_reason): kept, so
     # a rerun does not redo it, but left out of every reader (tables.read_image_table) and of exports
     "valid",
@@ -62,7 +67,7 @@ DATASET_COLUMNS = tuple(c for c in MANIFEST_COLUMNS if c not in VALIDITY_COLUMNS
 
 # Columns stored as numbers outside the CSV (metadata.jsonl, the parquet export); every other column is a string.
 INTEGER_COLUMNS = ("seed", "num_inference_steps", "index")
-FLOAT_COLUMNS = ("age", "guidance_scale")
+FLOAT_COLUMNS = ("age", "guidance_scale", "strength", "lesion_change", "skin_ita_before", "skin_ita_after")
 
 
 def typed_row(row: dict, source: str | Path) -> dict:

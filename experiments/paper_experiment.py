@@ -107,6 +107,9 @@ class PaperConfig:
     steering_guidance_scale: float = option(
         3.0, help="classifier-free guidance of the steering pairs, which must show the one switch they differ in"
     )
+    pretrained: bool = option(
+        True, help="classifiers start from ImageNet weights, as the original's did; false: from random weights"
+    )
     features: list[str] = option(["domain"], help="feature spaces for FID/KID", choices=("domain", "inception"))
     device: str = option(AUTO, help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     seeds: list[int] = option(
@@ -211,6 +214,7 @@ def classifier_rows(
         eval_split="validation",
         checkpoint="last",
         min_group_size=MIN_GROUP,
+        pretrained=cfg.pretrained,
         image_size=cfg.resolution,
         epochs=scaled("classifier_epochs", cfg.scale),
         num_workers=0,

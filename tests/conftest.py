@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,39 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# What `pip install .` builds from besides the package: its metadata and the files pyproject.toml reads.
+PACKAGE_FILES = ("pyproject.toml", "requirements.txt", "requirements-dev.txt", "README.md", "LICENSE")
+
+
+@pytest.fixture(scope="session")
+def installed_venv(tmp_path_factory) -> Path:
+    """A fresh virtual environment holding LesionGen's wheel, its console scripts and nothing from this checkout.
+
+    The wheel is built from a copy of the package sources and installed with ``--no-deps``; the dependencies come
+    from this interpreter's site-packages through a ``.pth`` line (no download here), and test_install.py checks
+    that the wheel's declared requirements name every module the package imports, so the loan hides nothing.
+    """
+    root = tmp_path_factory.mktemp("install")
+    shutil.copytree(REPO / "lesiongen", root / "src" / "lesiongen", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in PACKAGE_FILES:
+        shutil.copy2(REPO / name, root / "src" / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", root / "wheels", root / "src"], check=True
+    )
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    python = venv / "bin" / "python"
+    wheel = next((root / "wheels").glob("lesiongen-*.whl"))
+    subprocess.run([*pip, "--python", python, "install", "--no-deps", "--no-index", wheel], check=True)
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True
+    )
+    shared = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    (Path(site.stdout.strip()) / "lesiongen_test_dependencies.pth").write_text("\n".join(shared) + "\n")
+    return venv
 
 
 @pytest.fixture(scope="session")

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import urllib.error
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import timm
 import torch
 import torchvision
 from builders import RunsCode, oversized_png, subset
+from huggingface_hub.errors import LocalEntryNotFoundError
 
 from lesiongen import labels
 from lesiongen.captions.metadata import load_metadata
@@ -21,9 +22,9 @@ from lesiongen.classify import train as classify
 from lesiongen.classify.compare import main as compare_main
 from lesiongen.classify.config import ClassifyConfig
 from lesiongen.classify.convert_checkpoint import main as convert_main
-from lesiongen.classify.data import check_classes, drop_corrupt, lesion_folds
+from lesiongen.classify.data import MEAN, STD, check_classes, drop_corrupt, lesion_folds
 from lesiongen.classify.evaluate import main as eval_main
-from lesiongen.classify.models import BEST, FORMAT, LAST, MODELS, load_classifier
+from lesiongen.classify.models import BEST, FORMAT, LAST, build_model, export_for_timm, load_classifier, save_checkpoint
 from lesiongen.classify.train import main as classifier_main
 from lesiongen.classify.train import train
 from lesiongen.cli import parse_config
@@ -34,9 +35,37 @@ from lesiongen.tables import read_image_table
 
 def quick(data_dir: Path, out: Path, **kw) -> ClassifyConfig:
     settings = dict(
-        image_size=32, epochs=1, batch_size=16, num_workers=0, output_dir=str(out), resume_from_checkpoint=None
+        image_size=32,
+        epochs=1,
+        batch_size=16,
+        num_workers=0,
+        output_dir=str(out),
+        resume_from_checkpoint=None,
+        pretrained=False,
     )
     return ClassifyConfig(data_dir=str(data_dir), **{**settings, **kw})
+
+
+def assert_timm_loads_the_classifier(out: Path) -> None:
+    """The run's model.safetensors and config.json load in timm alone and compute what the LesionGen model does."""
+    model, cfg, ckpt = load_classifier(out)
+    config = json.loads((out / "config.json").read_text())
+    n = len(labels.CODES)
+    assert config["num_classes"] == n and config["label_names"] == list(labels.CODES)
+    assert config["label_descriptions"]["mel"] == "Melanoma" and config["lesiongen"]["epoch"] == ckpt["epoch"]
+    data = config["pretrained_cfg"]
+    assert data["input_size"] == [3, cfg.image_size, cfg.image_size] and data["crop_pct"] == 1.0
+    assert data["mean"] == list(MEAN) and data["std"] == list(STD)
+    x = torch.randn(3, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+    overlay = dict(file=str(out / "model.safetensors"), num_classes=n)
+    by_file = timm.create_model(
+        config["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **config["model_args"]
+    )
+    by_folder = timm.create_model(f"local-dir:{out}", pretrained=True)  # reads config.json, as hf-hub: does
+    with torch.no_grad():
+        expected = model(x)
+        for loaded in (by_file.eval(), by_folder.eval()):
+            torch.testing.assert_close(loaded(x), expected, rtol=0, atol=1e-5)
 
 
 def test_resnet18_beats_majority_on_real_d7p(tmp_path, d7p_built):
@@ -64,6 +93,7 @@ def test_resnet18_beats_majority_on_real_d7p(tmp_path, d7p_built):
     png = (out / "eval-validation" / "confusion_matrix.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((out / "logs").iterdir())  # TensorBoard event file
+    assert_timm_loads_the_classifier(out)
 
 
 def test_vit_trains_and_evaluates(tmp_path, small_d7p):
@@ -73,6 +103,7 @@ def test_vit_trains_and_evaluates(tmp_path, small_d7p):
     assert len(summary["history"]) == 2 and all(np.isfinite(h["train_loss"]) for h in summary["history"])
     model, model_cfg, _ = load_classifier(out)
     assert model_cfg.model == "vit" and model.patch_embed.img_size == (32, 32)
+    assert_timm_loads_the_classifier(out)
     assert (
         eval_main(
             [
@@ -92,6 +123,31 @@ def test_vit_trains_and_evaluates(tmp_path, small_d7p):
     assert result["overall"]["n"] == len(read_image_table(small_d7p, "validation"))
     with pytest.raises(InputError, match="not a multiple of vit_tiny_patch16_224's patch size 16"):
         train(quick(small_d7p, tmp_path / "bad", model="vit", vit_name="vit_tiny_patch16_224", image_size=40))
+
+
+def test_resnet18_is_the_originals_torchvision_network_from_the_same_seed(tmp_path, small_d7p):
+    torch.manual_seed(0)
+    original = torchvision.models.resnet18(num_classes=len(labels.CODES)).state_dict()
+    torch.manual_seed(0)
+    model = build_model(quick(small_d7p, tmp_path))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.items())
+
+
+def test_any_timm_architecture_is_one_flag_and_leaves_in_timm_layout(tmp_path, small_d7p):
+    out = tmp_path / "mobilenet"
+    cfg = parse_config(ClassifyConfig, ["--data_dir", str(small_d7p), "--model", "mobilenetv3_small_050"])
+    assert cfg.pretrained  # ImageNet weights unless asked otherwise, as the original
+    cfg = quick(small_d7p, out, model="mobilenetv3_small_050", image_size=48)
+    model = build_model(cfg)
+    save_checkpoint(out / BEST, model, cfg, epoch=1, extra={})
+    export_for_timm(out, model, cfg, epoch=1)
+    assert_timm_loads_the_classifier(out)
+    with pytest.raises(InputError, match="--model: timm has no model 'resnet999'; pass a name from timm.list_models()"):
+        build_model(quick(small_d7p, out, model="resnet999"))
+    with pytest.raises(InputError, match="--pretrained: timm publishes no pretrained weights for botnet50ts_256"):
+        build_model(quick(small_d7p, out, model="botnet50ts_256", pretrained=True))
+    with pytest.raises(InputError, match="--vit_name: timm has no model 'vit_huge_patch3'"):
+        build_model(quick(small_d7p, out, model="vit", vit_name="vit_huge_patch3"))
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, small_d7p, monkeypatch):
@@ -148,6 +204,8 @@ def test_compare_real_synthetic_mixed(tmp_path, small_d7p, fake_generation):
     out = tmp_path / "cmp"
     args = ["--data_dir", str(small_d7p), "--synthetic_dir", str(fake_generation), "--output_dir", str(out)]
     args += [
+        "--pretrained",
+        "false",
         "--image_size",
         "32",
         "--epochs",
@@ -178,7 +236,9 @@ def test_compare_checks_every_run_before_the_first_trains(tmp_path, small_d7p, f
         png.write_bytes(b"not a png")
     out = tmp_path / "cmp"
     args = ["--data_dir", str(small_d7p), "--synthetic_dir", str(synthetic), "--output_dir", str(out)]
-    assert compare_main(args + ["--image_size", "32", "--epochs", "1", "--num_workers", "0"]) == 2
+    assert (
+        compare_main(args + ["--pretrained", "false", "--image_size", "32", "--epochs", "1", "--num_workers", "0"]) == 2
+    )
     assert "error: synthetic: no readable images left" in capsys.readouterr().err
     assert not out.exists()
 
@@ -251,7 +311,7 @@ def test_a_pickled_checkpoint_is_refused_unread(tmp_path, small_d7p, capsys):
 
 def test_an_old_checkpoint_converts_and_scores_the_same(tmp_path, small_d7p):
     cfg = quick(small_d7p, tmp_path / "run")
-    model = MODELS["resnet18"](len(labels.CODES), cfg)
+    model = torchvision.models.resnet18(num_classes=len(labels.CODES))  # what earlier versions trained
     old = tmp_path / "run" / "best.pt"
     old.parent.mkdir()
     # the dict earlier versions saved with torch.save
@@ -264,7 +324,7 @@ def test_an_old_checkpoint_converts_and_scores_the_same(tmp_path, small_d7p):
     assert convert_main(["--checkpoint", str(old)]) == 2  # never overwrites the converted file
 
 
-def test_flag_errors(tmp_path, small_d7p, fake_generation, monkeypatch):
+def test_flag_errors(tmp_path, small_d7p, fake_generation, monkeypatch, capsys):
     with pytest.raises(InputError, match="--train synthetic needs synthetic images"):
         parse_config(ClassifyConfig, ["--data_dir", str(small_d7p), "--train", "synthetic"])
     assert classifier_main(["--data_dir", str(small_d7p), "--epochs", "0"]) == 2
@@ -275,14 +335,24 @@ def test_flag_errors(tmp_path, small_d7p, fake_generation, monkeypatch):
     with pytest.raises(InputError, match="no train/metadata.jsonl"):
         train(quick(fake_generation, tmp_path / "x"))
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("Name or service not known")
+    imagenet = timm.create_model("resnet18").state_dict()  # stands in for the ImageNet weights on the Hub
+    monkeypatch.setattr("timm.models._builder.load_state_dict_from_hf", lambda *a, **k: dict(imagenet))
+    cfg = quick(small_d7p, tmp_path / "pre", pretrained=True)
+    model = build_model(cfg)
+    assert torch.equal(model.layer4[1].conv2.weight, imagenet["layer4.1.conv2.weight"])  # the body starts from them
+    assert model.fc.out_features == len(labels.CODES)  # the 1000-class head does not
+    train(cfg)
 
-    imagenet = torchvision.models.resnet18().state_dict()  # stands in for the cached ImageNet file
-    monkeypatch.setattr("torchvision.models._api.WeightsEnum.get_state_dict", lambda *a, **k: imagenet)
-    train(quick(small_d7p, tmp_path / "pre", pretrained=True))
-    monkeypatch.setattr("torchvision.models._api.WeightsEnum.get_state_dict", offline)
-    with pytest.raises(InputError, match="ImageNet weights for resnet18 are not available offline.*drop --pretrained"):
-        train(quick(small_d7p, tmp_path / "pre2", pretrained=True))
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr("timm.models._builder.load_state_dict_from_hf", offline)
+    capsys.readouterr()
+    assert classifier_main(["--data_dir", str(small_d7p), "--output_dir", str(tmp_path / "pre2"), "--epochs", "1"]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # after the data's skip notes, one line
+    assert error.startswith("error: --pretrained: ImageNet weights for resnet18.tv_in1k could not be had")
+    assert error.endswith(
+        "pass --pretrained false to start from random weights, or run once online to fill the Hugging Face cache"
+    )
     model, cfg, _ = load_classifier(tmp_path / "pre")  # offline again: the checkpoint alone suffices
     assert cfg.pretrained and model.fc.out_features == len(labels.CODES)

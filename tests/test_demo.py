@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -15,16 +17,22 @@ from PIL import Image
 
 from lesiongen import labels
 from lesiongen.demo.report import COMPARISON_COLUMNS, RERUN_COMMANDS
-from lesiongen.demo.run import CONTRASTS, DEMO_ATTENTION_HEADS, SETTINGS, STAGES, demo, idle_cores, main, read_cpu_times
+from lesiongen.demo.run import CONTRASTS, DEMO_ATTENTION_HEADS, SETTINGS, STAGES, demo, idle_cores, read_cpu_times
 from lesiongen.demo.run import DemoConfig as Config
 from lesiongen.diffusion.train_vae import vae_loss
 
 
 @pytest.fixture(scope="session")
-def quick_demo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "demo_output"
-    assert main(["--quick", "--out", str(out)]) == 0
-    return out
+def quick_demo(tmp_path_factory, installed_venv) -> Path:
+    """``lesiongen-demo --quick`` as a user runs it after ``pip install .``: the installed script, from another folder."""
+    work = tmp_path_factory.mktemp("demo")
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "HF_HUB_OFFLINE": "1"}
+    script = installed_venv / "bin" / "lesiongen-demo"
+    done = subprocess.run(
+        [script, "--quick", "--out", "demo_output"], cwd=work, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work / "demo_output"
 
 
 def test_every_stage_finished_with_a_marker(quick_demo):

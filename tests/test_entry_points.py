@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-QUICK = ["--image_size", "32", "--epochs", "1", "--batch_size", "16", "--num_workers", "0"]
+QUICK = ["--pretrained", "false", "--image_size", "32", "--epochs", "1", "--batch_size", "16", "--num_workers", "0"]
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -20,7 +20,7 @@ from lesiongen.evaluate.run import concept_faithfulness
 from lesiongen.evaluate.run import main as evaluate_main
 from lesiongen.files import write_jsonl
 from lesiongen.images import read_rgb
-from lesiongen.labels import BY_CODE, CODES
+from lesiongen.labels import BY_CODE
 
 
 def cloud(n: int, d: int = 8, loc: float = 0.0, seed: int = 0) -> np.ndarray:
@@ -321,12 +321,14 @@ def test_attributes_are_measured_from_pixels(eval_run):
 @pytest.mark.parametrize("model_name", ["resnet18", "vit"])
 def test_domain_space_is_the_classifier_without_its_head(tmp_path, model_name):
     from lesiongen.classify.config import ClassifyConfig
-    from lesiongen.classify.models import BEST, MODELS, save_checkpoint
+    from lesiongen.classify.models import BEST, build_model, save_checkpoint
     from lesiongen.evaluate.features import domain_space
 
-    cfg = ClassifyConfig(data_dir="unused", model=model_name, vit_name="vit_tiny_patch16_224", image_size=32)
+    cfg = ClassifyConfig(
+        data_dir="unused", model=model_name, vit_name="vit_tiny_patch16_224", image_size=32, pretrained=False
+    )
     torch.manual_seed(0)
-    model = MODELS[model_name](len(CODES), cfg)
+    model = build_model(cfg)
     save_checkpoint(tmp_path / BEST, model, cfg, epoch=1, extra={})
     space = domain_space(tmp_path)
     assert space.name == "domain" and space.size == 32

@@ -129,6 +129,7 @@ def known(tmp_path_factory, tiny_sd_dir):
             num_workers=0,
             output_dir=str(cls),
             resume_from_checkpoint=None,
+            pretrained=False,
         )
     )
     make_demo_data(DemoDataConfig(output_dir=str(root / "unseen"), images_per_class=12, resolution=32, seed=6))

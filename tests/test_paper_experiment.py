@@ -17,6 +17,7 @@ SCRIPT = REPO / "experiments" / "paper_experiment.py"
 # Far too short to learn anything: the test checks plumbing, resumption and the table, not accuracy.
 SMOKE = ["--scale", "0.01", "--resolution", "32", "--synthetic_per_class", "2", "--num_inference_steps", "2"]
 SMOKE += ["--pairs_per_class", "1", "--guidance_scale", "1.5"]  # the pairs keep --steering_guidance_scale 3
+SMOKE += ["--pretrained", "false"]  # no ImageNet weights offline
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:

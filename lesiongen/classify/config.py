@@ -13,7 +13,6 @@ from ..devices import AUTO
 from ..errors import InputError
 from .data import AUGMENTATIONS, TRAIN_MODES
 
-MODEL_NAMES = ("resnet18", "vit")  # the keys of models.MODELS (the registry imports torch; configs do not)
 BALANCING = ("none", "sampler", "loss")
 
 
@@ -28,9 +27,13 @@ class ClassifierSettings:
     skip_missing: bool = option(False, help="skip (and count) images listed but not on disk instead of stopping")
     allow_missing_classes: bool = option(False, help="train even if a validation class has no training images")
     # model
-    model: str = option("resnet18", help="classifier architecture", choices=MODEL_NAMES)
+    model: str = option(
+        "resnet18", help="any timm architecture (resnet50, convnext_tiny, efficientnet_b0, ...), or vit for --vit_name"
+    )
     vit_name: str = option("vit_small_patch16_224", help="timm ViT variant for --model vit")
-    pretrained: bool = option(False, help="start from ImageNet weights in the local torch/timm cache")
+    pretrained: bool = option(
+        True, help="start from ImageNet weights (timm's, from the Hugging Face cache or Hub); false: random weights"
+    )
     image_size: int = option(224, help="square input size in pixels", aliases=("--resolution",))
     # optimisation
     epochs: int = option(20, help="training epochs")

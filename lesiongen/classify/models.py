@@ -1,15 +1,15 @@
-"""The classifier registry (a name -> constructor, as timm does), checkpoints, and running a model on images.
+"""The classifier: any timm architecture by name, its checkpoints, its export for timm, and running it on images.
 
 The head always has one output per ``labels.CODES`` entry, so every checkpoint scores the same classes
-whatever data trained it. Checkpoints are safetensors with their config in the header (``states.py``):
+whatever data trained it. Beside its checkpoints a run leaves ``model.safetensors`` and ``config.json`` in
+timm's Hub layout, so the classifier loads with ``timm.create_model`` where LesionGen is not installed. Checkpoints are safetensors with their config in the header (``states.py``):
 loading one never unpickles, so a checkpoint from anywhere cannot run code. Pickled ``.pt`` files from
 earlier versions are refused with the command that converts a trusted one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,62 +21,53 @@ from tqdm import tqdm
 
 from .. import labels
 from ..errors import InputError
+from ..files import atomic_path
 from ..states import read_state, write_state
 from .config import ClassifyConfig, config_from_dict
-from .data import ImageDataset, make_transform
+from .data import MEAN, STD, ImageDataset, make_transform
+
+# The names the original's commands used keep working. Its ResNet18 is torchvision's, which timm holds as
+# resnet18.tv_in1k: the same parameter names and outputs, and with zero_init_last off the same initial weights
+# from the same seed, so earlier checkpoints load and earlier runs' figures reproduce. "vit" is --vit_name's variant.
+ALIASES: dict[str, tuple[str, dict]] = {"resnet18": ("resnet18.tv_in1k", {"zero_init_last": False})}
+MODEL_FIX = "pass a name from timm.list_models(), e.g. resnet50, convnext_tiny, efficientnet_b0, vit_small_patch16_224"
 
 
-def _pretrained_error(model: str, err: Exception, fix: str) -> InputError:
-    return InputError(
-        "--pretrained", f"ImageNet weights for {model} are not available offline ({type(err).__name__}: {err})", fix
-    )
+def architecture(cfg: ClassifyConfig) -> tuple[str, dict]:
+    """The timm model name ``--model`` means, and the arguments that make an alias the original's network."""
+    return (cfg.vit_name, {}) if cfg.model == "vit" else ALIASES.get(cfg.model, (cfg.model, {}))
 
 
-def build_resnet18(num_classes: int, cfg: ClassifyConfig) -> nn.Module:
-    import torchvision
-
-    model = torchvision.models.resnet18(num_classes=num_classes)
-    if cfg.pretrained:
-        weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-        try:
-            state = weights.get_state_dict(progress=False, check_hash=False)
-        except OSError as e:
-            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-            raise _pretrained_error(
-                "resnet18", e, f"put {Path(weights.url).name} at {cache}, or drop --pretrained"
-            ) from None
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        model.load_state_dict(state, strict=False)
-    return model
-
-
-def build_vit(num_classes: int, cfg: ClassifyConfig) -> nn.Module:
+def build_model(cfg: ClassifyConfig, pretrained: bool | None = None) -> nn.Module:
+    """Any timm architecture with one output per ``labels.CODES`` entry, from ImageNet weights if ``--pretrained``."""
     import timm
 
+    name, kwargs = architecture(cfg)
+    if not timm.is_model(name):
+        raise InputError("--vit_name" if cfg.model == "vit" else "--model", f"timm has no model '{name}'", MODEL_FIX)
+    default = timm.get_pretrained_cfg(name)
+    # Models with a fixed input size (ViTs) are built for --image_size; convolutional ones take any size as they are.
+    if default is not None and default.fixed_input_size:
+        kwargs = {**kwargs, "img_size": cfg.image_size}
+    pretrained = cfg.pretrained if pretrained is None else pretrained
+    if pretrained and not (default and (default.hf_hub_id or default.url or default.file)):
+        raise InputError("--pretrained", f"timm publishes no pretrained weights for {name}", "pass --pretrained false")
     try:
-        model = timm.create_model(
-            cfg.vit_name, pretrained=cfg.pretrained, num_classes=num_classes, img_size=cfg.image_size
-        )
-    except RuntimeError as e:
-        if "Unknown model" not in str(e):
-            raise
-        raise InputError(
-            "--vit_name", f"timm has no model '{cfg.vit_name}'", "e.g. vit_tiny_patch16_224, vit_small_patch16_224"
-        ) from None
+        model = timm.create_model(name, pretrained=pretrained, num_classes=len(labels.CODES), **kwargs)
     except OSError as e:
-        fix = "download it once online into the Hugging Face cache, set HF_HUB_OFFLINE=1 to skip retries, or drop --pretrained"
-        raise _pretrained_error(cfg.vit_name, e, fix) from None
-    patch = model.patch_embed.patch_size[0]
-    if cfg.image_size % patch:
+        raise InputError(
+            "--pretrained",
+            f"ImageNet weights for {name} could not be had ({type(e).__name__}: {str(e)[:160]})",
+            "pass --pretrained false to start from random weights, or run once online to fill the Hugging Face cache",
+        ) from None
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch and cfg.image_size % patch[0]:
         raise InputError(
             "--image_size",
-            f"{cfg.image_size} is not a multiple of {cfg.vit_name}'s patch size {patch}",
-            f"use a multiple of {patch}",
+            f"{cfg.image_size} is not a multiple of {name}'s patch size {patch[0]}",
+            f"use a multiple of {patch[0]}",
         )
     return model
-
-
-MODELS: dict[str, Callable[[int, ClassifyConfig], nn.Module]] = {"resnet18": build_resnet18, "vit": build_vit}
 
 
 BEST, LAST = "best.safetensors", "last.safetensors"
@@ -140,7 +131,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
     path = Path(path)
     ckpt = read_checkpoint(checkpoint_file(path))
     cfg = config_from_dict(ckpt["config"])
-    model = MODELS[cfg.model](len(labels.CODES), replace(cfg, pretrained=False))  # weights come from the checkpoint
+    model = build_model(cfg, pretrained=False)  # the weights come from the checkpoint
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -174,3 +165,36 @@ def save_checkpoint(path: Path, model: nn.Module, cfg: ClassifyConfig, epoch: in
     """Weights, classes, config, epoch and ``extra`` (metrics; optimiser, scheduler and scaler state) in one file."""
     state = {"format": FORMAT, "classes": list(labels.CODES), "config": asdict(cfg), "epoch": epoch, **extra}
     write_state(path, {**state, "model": model.state_dict()})
+
+
+TIMM_WEIGHTS, TIMM_CONFIG = "model.safetensors", "config.json"
+
+
+def export_for_timm(folder: Path, model: nn.Module, cfg: ClassifyConfig, epoch: int) -> None:
+    """The model as timm publishes one (``model.safetensors``, ``config.json``), so it leaves LesionGen.
+
+    ``timm.create_model("local-dir:FOLDER")`` loads it, and uploaded as a Hub repository it loads as
+    ``hf-hub:USER/REPO``. The config is written by timm's own ``save_config_for_hf`` (what ``push_to_hf_hub``
+    uploads) with the preprocessing ``make_transform`` applies; the run's settings ride along under ``lesiongen``.
+    """
+    from safetensors.torch import save_file
+    from timm.models._hub import save_config_for_hf
+
+    preprocessing = {
+        "input_size": (3, cfg.image_size, cfg.image_size),
+        "mean": MEAN,
+        "std": STD,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,  # Resize then CenterCrop to the same size
+        "crop_mode": "center",
+    }
+    described = {
+        "label_names": list(labels.CODES),
+        "label_descriptions": {code: labels.BY_CODE[code].name for code in labels.CODES},
+        "lesiongen": {"config": asdict(cfg), "epoch": epoch},
+    }
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(folder / TIMM_WEIGHTS) as tmp:
+        save_file(weights, str(tmp), metadata={"format": "pt"})
+    with atomic_path(folder / TIMM_CONFIG) as tmp:
+        save_config_for_hf(model, str(tmp), model_config=described, data_config=preprocessing)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import random
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,17 @@ from .data import (
     targets,
 )
 from .metrics import classification_metrics, majority_baseline
-from .models import BEST, LAST, MODELS, autocast, pickled_checkpoint, predict_proba, read_checkpoint, save_checkpoint
+from .models import (
+    BEST,
+    LAST,
+    autocast,
+    build_model,
+    export_for_timm,
+    pickled_checkpoint,
+    predict_proba,
+    read_checkpoint,
+    save_checkpoint,
+)
 
 RUN_FIELDS = ("model", "vit_name", "image_size", "train", "synthetic_dir", "synthetic_ratio", "balance", "folds")
 
@@ -127,7 +136,7 @@ def fit(cfg: ClassifyConfig, train_frame: pd.DataFrame, val_frame: pd.DataFrame,
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     device = torch.device(resolve_device(cfg.device))
-    model = MODELS[cfg.model](len(labels.CODES), cfg).to(device)
+    model = build_model(cfg).to(device)
     optimizer = adamw(model.parameters(), device, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Cosine decay as a function of cfg.epochs, so resuming with more --epochs stretches the schedule.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / cfg.epochs)))
@@ -149,7 +158,6 @@ def fit(cfg: ClassifyConfig, train_frame: pd.DataFrame, val_frame: pd.DataFrame,
         scaler.load_state_dict(state["scaler"])
         start, best, history = state["epoch"], state["best"], state["history"]
         print(f"resuming {out} after epoch {start}")
-    write_json(out / "config.json", asdict(cfg))
     writer = SummaryWriter(str(out / "logs"))
     for epoch in range(start, cfg.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch)
@@ -167,6 +175,7 @@ def fit(cfg: ClassifyConfig, train_frame: pd.DataFrame, val_frame: pd.DataFrame,
         if metrics["balanced_accuracy"] > best["score"]:
             best = {"score": metrics["balanced_accuracy"], "epoch": epoch + 1, "metrics": metrics}
             save_checkpoint(out / BEST, model, cfg, epoch + 1, extra={"metrics": metrics})
+            export_for_timm(out, model, cfg, epoch + 1)
         save_checkpoint(
             out / LAST,
             model,

@@ -368,6 +368,7 @@ def stage_classify(cfg: DemoConfig, s: Settings, out: Path) -> str:
             checkpoint="best",  # chosen on validation, scored on the held-out test split
             min_group_size=3,
             model="resnet18",
+            pretrained=False,  # nothing downloads in the demo
             image_size=s.resolution,
             epochs=s.classifier_epochs,
             batch_size=s.classifier_batch,

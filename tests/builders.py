@@ -18,7 +18,8 @@ from lesiongen.captions.build import main as build_captions
 MANIFEST_COLUMNS = [
     "file_name", "text", "label", "condition", "dx", "sex", "age", "age_bin", "site", "site_group", "skin_tone",
     *labels.CONCEPT_NAMES, "concept_source", "seed", "guidance_scale", "num_inference_steps", "scheduler", "model",
-    "negative_prompt", "index", "pair", "contrast",
+    "negative_prompt", "index", "pair", "contrast", "source", "strength", "lesion_change", "skin_ita_before",
+    "skin_ita_after",
 ]  # fmt: skip
 
 

@@ -290,13 +290,27 @@ def _cut_off(mask: np.ndarray, fov: np.ndarray) -> bool:
     return bool((outline & edge).sum() > 0.05 * max(outline.sum(), 1))
 
 
+def skin_ring(mask: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """The healthy skin the skin tone is read from: a band around the lesion (``RING_GAP`` to ``RING_GAP +
+    RING_WIDTH`` of the shorter side), within ``where``; close enough to be the lesion's own skin, far enough
+    to miss its blurred border."""
+    short = min(mask.shape)
+    dist = ndi.distance_transform_edt(~mask)
+    return (dist > RING_GAP * short) & (dist <= (RING_GAP + RING_WIDTH) * short) & where
+
+
+def surrounding_ita(rgb: np.ndarray, mask: np.ndarray) -> float | None:
+    """ITA of the skin ring around ``mask`` in the whole frame: the same ring read before and after an edit shows
+    how far the edit moved the skin. None where too few ring pixels are left (or b* <= 0)."""
+    ring = skin_ring(mask, np.ones(mask.shape, bool))
+    return skin_ita(rgb, ring) if ring.sum() >= MIN_RING_PIXELS else None
+
+
 def _measure(img: np.ndarray, fov: np.ndarray, hair: np.ndarray, mask: np.ndarray) -> dict:
     lab = color.rgb2lab(img)
     pixels = lab[mask]
     colors = color_fractions(pixels)
-    short = min(mask.shape)
-    dist = ndi.distance_transform_edt(~mask)
-    ring = (dist > RING_GAP * short) & (dist <= (RING_GAP + RING_WIDTH) * short) & fov & ~hair
+    ring = skin_ring(mask, fov & ~hair)
     ita = None
     if ring.sum() >= MIN_RING_PIXELS:
         ita = ita_degrees(float(np.median(lab[ring][:, 0])), float(np.median(lab[ring][:, 2])))

@@ -30,7 +30,7 @@ from .manifest import MANIFEST_COLUMNS
 
 SHARD_RE = re.compile(r"^(?P<split>\w+)-(\d{5})-of-(\d{5})\.parquet$")
 INTEGER_COLUMNS = ("seed", "num_inference_steps", "index")
-FLOAT_COLUMNS = ("age", "guidance_scale")
+FLOAT_COLUMNS = ("age", "guidance_scale", "strength", "lesion_change", "skin_ita_before", "skin_ita_after")
 
 
 @dataclass

@@ -7,7 +7,8 @@ Dataset layout (read back by ``tables.read_image_table(OUTPUT_DIR)``)::
     OUTPUT_DIR/generation_config.json    the settings the plan came from, checked on resume
     OUTPUT_DIR/contact_sheet.png         a grid per condition
 
-Single mode writes the same files under ``OUTPUT_DIR/single/`` with images named by seed.
+Single mode writes the same files under ``OUTPUT_DIR/single/`` with images named by seed. Edit and augment
+modes write the dataset layout from real images (``sources.py`` plans them, ``edit.py`` samples them).
 Prompts come from ``captions.caption`` on a ``LesionRecord``, the same code that captioned the training data.
 """
 
@@ -36,6 +37,7 @@ from ..tokens import fits_clip
 from . import plans
 from .manifest import MANIFEST_COLUMNS, Manifest
 from .pipeline import model_identity, resolve_model
+from .sources import IMAGE_MODES, SOURCE_FIELDS, SourceOptions, check_source_options, source_plan
 
 # name -> (diffusers class, extra config); built from the model's own scheduler config so betas match.
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -48,7 +50,7 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),  # SD3 and Flux (rectified flow) sample with this one
 }
 FLOW_SCHEDULERS = ("flow_euler",)
-MODES = ("single", "dataset")
+MODES = ("single", "dataset", *IMAGE_MODES)
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 # --torch_compile auto compiles sets of at least this many denoising steps (images x steps). On this project's
 # 2-core CPU the tiny UNet's compile cost about 45 s (both cores, cold cache; about 200 s on one busy core) and,
@@ -65,12 +67,16 @@ PLAN_FIELDS = (
 
 
 @dataclass
-class GenerateConfig:
-    """Generate dermoscopic images from a trained LesionGen model: one per condition, or a labelled dataset."""
+class GenerateConfig(SourceOptions):
+    """Generate dermoscopic images from a trained LesionGen model: one per condition, a labelled dataset, or
+    edits and variants of real images."""
 
     condition: str = option("all", help="condition name or dx code (any case), several joined by commas, or 'all'")
     mode: str = option(
-        "single", help="single: a quick image per condition; dataset: a labelled, resumable set", choices=MODES
+        "single",
+        help="single: a quick image per condition; dataset: a labelled, resumable set; edit: one image-to-image "
+        "edit of each real image (--data_dir); augment: --variants_per_image of each training image",
+        choices=MODES,
     )
     num_images: int | None = option(None, help="images per condition (default: 1 in single mode, 100 in dataset mode)")
     output_dir: str = option("outputs/generated", help="where images, manifest.csv and the contact sheet go")
@@ -188,6 +194,7 @@ class GenerateConfig:
             )
         if self.distribution is not None and not Path(self.distribution).is_file():
             raise InputError(self.distribution, "distribution CSV not found", "check --distribution")
+        check_source_options(self)
 
     @property
     def images_per_condition(self) -> int:
@@ -219,6 +226,8 @@ class GenerateResult:
 
 
 def make_plan(cfg: GenerateConfig) -> list[plans.ImageSpec]:
+    if cfg.mode in IMAGE_MODES:
+        return source_plan(cfg, prompt_field(cfg))
     distribution = plans.read_distribution(cfg.distribution) if cfg.distribution else None
     plan = plans.build_plan(
         plans.resolve_codes(cfg.condition),
@@ -293,6 +302,8 @@ def manifest_row(spec: plans.ImageSpec, cfg: GenerateConfig, prompt: str, negati
         index=spec.index,
         pair=spec.image_id if spec.contrast else "",
         contrast=spec.contrast,
+        source=spec.source,
+        strength=cfg.strength if spec.source else None,
     )
     return {c: "" if row.get(c) is None else row[c] for c in MANIFEST_COLUMNS}
 
@@ -301,6 +312,8 @@ def settings(cfg: GenerateConfig) -> dict:
     """The plan-defining settings, with the distribution CSV's content hash so an edited file counts."""
     out = {k: getattr(cfg, k) for k in PLAN_FIELDS}
     out["num_images"] = cfg.images_per_condition
+    if cfg.mode in IMAGE_MODES:
+        out.update({k: getattr(cfg, k) for k in SOURCE_FIELDS})
     if cfg.distribution:
         out["distribution_sha256"] = hashlib.sha256(Path(cfg.distribution).read_bytes()).hexdigest()
     return out
@@ -402,17 +415,23 @@ def sample(
     steps: int,
     cfg: GenerateConfig,
     lora: bool,
+    inputs: list | None = None,
 ):
     """One batch; each image's starting noise comes from its own CPU generator, so its pixels do not
-    depend on which batch or process it lands in (up to float rounding)."""
+    depend on which batch or process it lands in (up to float rounding). ``inputs``: the sources of an edit."""
     import torch
 
     from .families import FAMILIES
 
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    size = {"height": cfg.resolution, "width": cfg.resolution} if cfg.resolution else {}
+    given = {"height": cfg.resolution, "width": cfg.resolution} if cfg.resolution else {}
+    if inputs:  # an edit: the sources, their size, the strength
+        from .edit import pipeline_inputs
+
+        given = pipeline_inputs(pipe, inputs, seeds, cfg.strength)
     # the pipeline argument that scales a LoRA: cross_attention_kwargs (UNets) or joint_attention_kwargs
-    scale_kwarg = next(f.lora_scale_kwarg for f in FAMILIES.values() if f.pipeline == type(pipe).__name__)
+    name = type(pipe).__name__
+    scale_kwarg = next(f.lora_scale_kwarg for f in FAMILIES.values() if name in (f.pipeline, f.image_pipeline))
     return pipe(
         prompt=prompts,
         negative_prompt=negatives if any(negatives) else None,
@@ -421,7 +440,7 @@ def sample(
         generator=generators,
         **{scale_kwarg: {"scale": cfg.lora_scale} if lora else None},
         output_type="pil",
-        **size,
+        **given,
     ).images
 
 
@@ -433,14 +452,14 @@ class FittingBatches:
     def __init__(self, size: int) -> None:
         self.size = size
 
-    def sample(self, pipe, prompts: list[str], negatives: list[str], seeds: list[int], *args) -> list:
+    def sample(self, pipe, prompts: list[str], negatives: list[str], seeds: list[int], *args, inputs=None) -> list:
         import torch
 
         images: list = []
         while len(images) < len(prompts):
             chunk = slice(len(images), len(images) + self.size)
             try:
-                images += sample(pipe, prompts[chunk], negatives[chunk], seeds[chunk], *args)
+                images += sample(pipe, prompts[chunk], negatives[chunk], seeds[chunk], *args, inputs and inputs[chunk])
             except torch.OutOfMemoryError:
                 if self.size == 1:
                     raise InputError(
@@ -482,18 +501,24 @@ def save_image(image, path: Path, row: dict) -> None:
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    for key in ("text", "seed", "guidance_scale", "num_inference_steps", "scheduler", "model"):
+    for key in ("text", "seed", "guidance_scale", "num_inference_steps", "scheduler", "model", "source", "strength"):
         info.add_text(key, str(row[key]))
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
 
 
 def save_batch(
-    batch, prompts, negatives, images, cfg: GenerateConfig, root: Path, manifest: Manifest, on_saved, bar
+    batch, prompts, negatives, images, cfg: GenerateConfig, root: Path, manifest: Manifest, on_saved, bar, inputs
 ) -> None:
-    """Write a batch's images, each followed by its manifest row, in plan order (then ``on_saved``)."""
-    for spec, prompt, negative, image in zip(batch, prompts, negatives, images, strict=True):
-        row = manifest_row(spec, cfg, prompt, negative)
+    """Write a batch's images, each followed by its manifest row, in plan order (then ``on_saved``); an edit's
+    kept lesion is pasted back first (``edit.paste_back``) and measured into its row."""
+    measures = [{}] * len(batch)
+    if inputs:
+        from .edit import paste_back
+
+        images, measures = paste_back(images, inputs)
+    for spec, prompt, negative, image, measured in zip(batch, prompts, negatives, images, measures, strict=True):
+        row = manifest_row(spec, cfg, prompt, negative) | measured
         path = root / row["file_name"]
         save_image(image, path, row)
         manifest.append(row)
@@ -544,7 +569,7 @@ def generate(
     check_writable(root)
     manifest = Manifest(root / "manifest.csv")
     mine = plans.shard(plan, processes.index, processes.count)
-    if cfg.mode == "dataset":
+    if cfg.mode != "single":
         check_resume(root, cfg)  # every process checks before any writes, so a refusal stops them all
     processes.wait()
     if processes.is_main:
@@ -574,6 +599,12 @@ def generate(
     processes.wait()
 
     if todo:
+        editor = None
+        if cfg.mode in IMAGE_MODES:
+            from .edit import Editor
+
+            editor = Editor(pipe, cfg)
+            pipe = editor.pipe
         lora = bool(getattr(pipe, "get_active_adapters", lambda: [])())
         field = prompt_field(cfg)
         partners = plans.pair_partners(plan) if cfg.contrast_guidance else {}
@@ -597,19 +628,24 @@ def generate(
         with ThreadPoolExecutor(max_workers=1) as writer:
             saving = None
             for batch in batches(todo, cfg.batch_size):
-                prompts = [build_prompt(s.record(), cfg.caption_style, cfg.seed, field) for s in batch]
+                batch, inputs = editor.load(batch) if editor else (batch, None)  # a bad source: one line, skipped
+                if not batch:
+                    continue
+                prompts = [s.text or build_prompt(s.record(), cfg.caption_style, cfg.seed, field) for s in batch]
                 negatives = [negative_prompt(s, cfg, partners, field) for s in batch]
                 seeds = [s.seed for s in batch]
                 guidance, steps = batch[0].guidance_scale, batch[0].num_inference_steps
-                images = fitting.sample(pipe, prompts, negatives, seeds, guidance, steps, cfg, lora)
+                images = fitting.sample(pipe, prompts, negatives, seeds, guidance, steps, cfg, lora, inputs=inputs)
                 if saving is not None:
                     saving.result()
                 saving = writer.submit(
-                    save_batch, batch, prompts, negatives, images, cfg, root, manifest, on_saved, bar
+                    save_batch, batch, prompts, negatives, images, cfg, root, manifest, on_saved, bar, inputs
                 )
             if saving is not None:
                 saving.result()
         bar.close()
+        if editor:
+            editor.report()
     processes.wait()
 
     sheet = None
@@ -632,7 +668,10 @@ def print_summary(result: GenerateResult, cfg: GenerateConfig) -> None:
     print(
         f"generated {result.generated} image(s) in {result.seconds:.1f} s ({rate:.2f} img/s); {result.already_done} already on disk"
     )
-    print(f"{result.planned} planned ({cfg.images_per_condition} per condition); manifest: {result.manifest}")
+    per = (
+        f"from the images in {cfg.data_dir}" if cfg.mode in IMAGE_MODES else f"{cfg.images_per_condition} per condition"
+    )
+    print(f"{result.planned} planned ({per}); manifest: {result.manifest}")
     if result.contact_sheet:
         print(f"contact sheet: {result.contact_sheet}")
 

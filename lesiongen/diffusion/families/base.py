@@ -24,6 +24,7 @@ class TextPart:
 class Family:
     name: str
     pipeline: str  # diffusers pipeline class: validation, generation, LoRA save/load, the model card
+    image_pipeline: str  # its image-to-image form (generate.py --mode edit/augment), built from the loaded one
     text_parts: tuple[TextPart, ...]
     # (text encoders, token ids per tokenizer) -> named embeddings; the latent cache stores each name
     encode: Callable[[list, list], dict]

@@ -112,6 +112,7 @@ def tiny(parts: dict, seed: int) -> dict:
 FLUX = Family(
     name="flux",
     pipeline="FluxPipeline",
+    image_pipeline="FluxImg2ImgPipeline",
     text_parts=TEXT,
     encode=encode,
     embed_names=("prompt_embeds", "pooled_prompt_embeds"),

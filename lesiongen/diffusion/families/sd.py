@@ -52,6 +52,7 @@ def tiny_sd2(parts: dict, seed: int) -> dict:
 SD1 = Family(
     name="sd1",
     pipeline="StableDiffusionPipeline",
+    image_pipeline="StableDiffusionImg2ImgPipeline",
     text_parts=CLIP,
     encode=encode,
     embed_names=("prompt_embeds",),

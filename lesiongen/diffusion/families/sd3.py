@@ -97,6 +97,7 @@ def tiny(parts: dict, seed: int) -> dict:
 SD3 = Family(
     name="sd3",
     pipeline="StableDiffusion3Pipeline",
+    image_pipeline="StableDiffusion3Img2ImgPipeline",
     text_parts=TEXT,
     encode=encode,
     embed_names=("prompt_embeds", "pooled_prompt_embeds"),

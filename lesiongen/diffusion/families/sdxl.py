@@ -72,6 +72,7 @@ def tiny(parts: dict, seed: int) -> dict:
 SDXL = Family(
     name="sdxl",
     pipeline="StableDiffusionXLPipeline",
+    image_pipeline="StableDiffusionXLImg2ImgPipeline",
     text_parts=TEXT,
     encode=encode,
     embed_names=("prompt_embeds", "pooled_prompt_embeds"),

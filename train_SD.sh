@@ -29,8 +29,14 @@ ACCELERATE="${ACCELERATE:-accelerate}"
 ACCELERATE_LAUNCH_ARGS="${ACCELERATE_LAUNCH_ARGS:-}"
 if [ "$ACCELERATE" = accelerate ] && [ -x "$HERE/.venv/bin/accelerate" ]; then ACCELERATE="$HERE/.venv/bin/accelerate"; fi
 
+# accelerate launch turns any failed run into exit code 1 and its own traceback (--quiet drops that traceback for a
+# single process); the run's own code (2: bad input, already said in one line) comes back through this file.
+LESIONGEN_EXIT_STATUS_FILE="$(mktemp)"
+export LESIONGEN_EXIT_STATUS_FILE
+trap 'rm -f "$LESIONGEN_EXIT_STATUS_FILE"' EXIT
+status=0
 # shellcheck disable=SC2086  # ACCELERATE_LAUNCH_ARGS is split into words on purpose
-exec "$ACCELERATE" launch --config_file "$ACCELERATE_CONFIG" $ACCELERATE_LAUNCH_ARGS -m lesiongen.diffusion.train \
+"$ACCELERATE" launch --quiet --config_file "$ACCELERATE_CONFIG" $ACCELERATE_LAUNCH_ARGS -m lesiongen.diffusion.train \
   --mode full --use_ema \
   --pretrained_model_name_or_path "$MODEL_NAME" \
   --train_data_dir "$TRAIN_DATA_DIR" \
@@ -47,4 +53,6 @@ exec "$ACCELERATE" launch --config_file "$ACCELERATE_CONFIG" $ACCELERATE_LAUNCH_
   --checkpointing_steps "$CHECKPOINTING_STEPS" \
   --validation_steps "$VALIDATION_STEPS" \
   --seed "$SEED" \
-  "$@"
+  "$@" || status=$?
+if [ "$status" -ne 0 ] && [ -s "$LESIONGEN_EXIT_STATUS_FILE" ]; then status="$(cat "$LESIONGEN_EXIT_STATUS_FILE")"; fi
+exit "$status"

@@ -36,7 +36,7 @@ from lesiongen.captions.build import BuildCaptionsConfig, build
 from lesiongen.classify.compare import CompareConfig, compare, markdown
 from lesiongen.classify.compare import summarise as summarise_rows
 from lesiongen.classify.models import LAST
-from lesiongen.cli import option, parse_config, run
+from lesiongen.cli import option, run_stage
 from lesiongen.devices import AUTO
 from lesiongen.diffusion.checkpoints import latest_checkpoint
 from lesiongen.diffusion.generate import GenerateConfig, generate, settings
@@ -472,7 +472,8 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: experiment(parse_config(PaperConfig, argv, prog="experiments/paper_experiment.py")))
+    prog, reads = "experiments/paper_experiment.py", ("data", "pretrained_model_name_or_path")
+    return run_stage(experiment, PaperConfig, argv, prog, "the paper experiment", reads)
 
 
 if __name__ == "__main__":

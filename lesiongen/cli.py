@@ -9,13 +9,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import math
+import os
+import shutil
 import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import InputError
+from .files import check_output_apart, output_lock
 
 T = TypeVar("T")
 
@@ -53,6 +58,21 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got '{text}'")
 
 
+def _finite(flag: str, optional: bool) -> Callable[[str], float | None]:
+    """A float parser for ``flag`` that refuses nan and +-inf: Python's float() takes them, and a nan guidance
+    or LoRA scale samples black images, an infinite learning rate trains to nan, with exit code 0."""
+
+    def parse(text: str) -> float | None:
+        if optional and text.lower() in ("none", "null", ""):
+            return None
+        value = float(text)  # a ValueError is argparse's own "invalid float value"
+        if not math.isfinite(value):
+            raise InputError(f"{flag} {text}", "is not a finite number", f"pass a number, e.g. {flag} 1.0")
+        return value
+
+    return parse
+
+
 def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip())
     hints = typing.get_type_hints(cls)
@@ -79,9 +99,11 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
             kw["const"] = True
             kw["metavar"] = "BOOL"
         else:
-            kw["type"] = tp if tp in (int, float, str) else str
-            if optional and tp in (int, float):
-                kw["type"] = lambda text, tp=tp: None if text.lower() in ("none", "null", "") else tp(text)
+            kw["type"] = tp if tp in (int, str) else str
+            if optional and tp is int:
+                kw["type"] = lambda text: None if text.lower() in ("none", "null", "") else int(text)
+            if tp is float:
+                kw["type"] = _finite(names[0], optional)
             if is_list:
                 kw["nargs"] = "+"
         if "choices" in meta:
@@ -122,15 +144,106 @@ OS_FIXES: dict[int, str] = {
 }
 
 
+def free_space(path: str | Path) -> str:
+    """The free space on the disk holding ``path`` (or its nearest existing folder), e.g. '12.3 MB free'."""
+    folder = Path(path).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    return f"{free / 1e9:.1f} GB free" if free >= 1e9 else f"{free / 1e6:.1f} MB free"
+
+
 def os_error_line(e: OSError) -> str:
-    """``path: reason; fix`` for an expected file-system failure."""
+    """``path: reason; fix`` for an expected file-system failure (with the free space when the disk is full)."""
     reason = (e.strerror or str(e)).lower()
     where = f"{e.filename}: " if e.filename is not None else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename is not None:
+        reason += f" ({free_space(e.filename)})"
     return f"{where}{reason}; {OS_FIXES[e.errno]}"
+
+
+# Files only one stage writes: a folder holding one is that stage's output, and no other stage may write there
+# (a classifier's summary.json would replace build_captions' own, generated splits the real ones a classifier reads).
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "build_captions.py": ("captions.jsonl",),
+    "the image analyzer": ("measured.jsonl",),
+    "diffusion training": ("model_index.json", "pytorch_lora_weights.safetensors", "checkpoint-*"),
+    "VAE training": ("diffusion_pytorch_model.safetensors",),
+    "generate.py": ("generation_config.json", "manifest.csv", "single/manifest.csv"),
+    "the export": ("data/*.parquet",),
+    "classifier training": ("history.jsonl", "fold-*/history.jsonl"),
+    "the classifier comparison": ("compare.md",),
+    "evaluation": ("evaluation.json",),
+    "the demo": ("report.html",),
+    "the paper experiment": ("results.json",),
+}
+
+
+def check_not_another_stage(output: str | Path, stage: str, flag: str = "--output_dir") -> None:
+    """Refuse an output folder that holds another stage's output: this stage's files would stand in its place."""
+    for other, patterns in STAGE_OUTPUTS.items():
+        found = next((m for p in patterns for m in Path(output).glob(p)), None) if other != stage else None
+        if found is not None:
+            raise InputError(
+                f"{flag} {output}",
+                f"already holds the output of {other} ({found.relative_to(output)}); this run would write among it",
+                f"choose a new folder for {flag}",
+            )
+
+
+def run_stage(
+    stage: Callable[[T], Any],
+    cls: type[T],
+    argv: Sequence[str] | None,
+    prog: str,
+    name: str,
+    reads: Sequence[str] = (),
+    tables: Sequence[str] = (),
+    output: Callable[[T], str | Path] | None = None,
+) -> int:
+    """Parse a stage's flags and run it holding its output folder: locked against a second run, apart from every
+    path it reads (``reads``, field names; for ``tables``, an image table's folder), never another stage's output.
+
+    ``name`` is the stage's key in STAGE_OUTPUTS; ``output`` finds the folder (default: ``cfg.output_dir``)."""
+
+    if name not in STAGE_OUTPUTS:
+        raise ValueError(f"{name!r} is not a stage of STAGE_OUTPUTS: its own output would be refused")
+
+    def go() -> None:
+        cfg = parse_config(cls, argv, prog=prog)
+        out = output(cfg) if output else cfg.output_dir
+        inputs = {}
+        for field in [f for f in reads if getattr(cfg, f)]:
+            path = Path(getattr(cfg, field))
+            inputs[f"--{field}"] = path.parent if field in tables and path.is_file() else path
+        check_output_apart(out, inputs)
+        check_not_another_stage(out, name)
+        with output_lock(out):
+            stage(cfg)
+
+    return run(go)
+
+
+# train_lora.sh and train_SD.sh name a file here: accelerate launch reports any failed run as exit code 1, so the
+# run's own code (2 for bad input, said in one line) reaches the script this way.
+EXIT_STATUS_ENV = "LESIONGEN_EXIT_STATUS_FILE"
 
 
 def run(fn: Callable[[], Any]) -> int:
     """Run a stage; bad input and expected file-system failures become one line on stderr and exit code 2."""
+    code = 1  # a bug, whose traceback is its message
+    try:
+        code = _exit_code(fn)
+    except SystemExit as e:  # argparse's usage error (2, its message already printed) or --help (0)
+        code = e.code if isinstance(e.code, int) else 1
+        raise
+    finally:
+        if os.environ.get(EXIT_STATUS_ENV):
+            Path(os.environ[EXIT_STATUS_ENV]).write_text(f"{code}\n")
+    return code
+
+
+def _exit_code(fn: Callable[[], Any]) -> int:
     try:
         fn()
     except InputError as e:

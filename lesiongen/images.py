@@ -57,6 +57,29 @@ def _opened(path: str | Path) -> Image.Image:
     return im
 
 
+def _eight_bit(im: Image.Image) -> Image.Image:
+    """Greyscale of more than 8 bits scaled to 8: PIL's ``convert("RGB")`` clips such pixels to 0-255, so a
+    16-bit image turned near-white and a 0-1 float image black, and both trained silently.
+
+    16-bit data (``I;16*``, and a 16-bit PNG that an older Pillow opens as ``I``) keeps its high byte;
+    floats are taken as 0-1 or 0-255 by their range; any other 32-bit data has no known depth and is refused.
+    """
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):
+        pixels = np.asarray(im).astype(np.int64)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise ValueError(f"{im.mode} pixels outside 0-65535")
+        return Image.fromarray((pixels >> 8).astype(np.uint8))
+    if im.mode == "I":
+        raise ValueError("32-bit integer pixels of unknown bit depth; save it as an 8- or 16-bit PNG")
+    if im.mode == "F":
+        pixels = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 255:
+            raise ValueError("float pixels that are not finite values in 0-1 or 0-255")
+        scale = 255.0 if pixels.max() <= 1.0 else 1.0
+        return Image.fromarray(np.round(pixels * scale).astype(np.uint8))
+    return im
+
+
 def open_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
     """Decode a file as RGB (greyscale and palette files become three channels, transparency shows white).
 
@@ -69,6 +92,8 @@ def open_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
         with _opened(path) as im:
             if draft:
                 im.draft("RGB", (draft, draft))
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                return _eight_bit(im).convert("RGB")
             if not im.has_transparency_data:
                 return im.convert("RGB")
             rgba = im.convert("RGBA")

@@ -21,6 +21,10 @@ MANIFEST = "manifest.csv"
 METADATA = "metadata.jsonl"
 SPLITS = ("train", "validation", "test")  # build_captions writes OUT/<split>/metadata.jsonl
 MISSING_POLICIES = ("error", "skip")
+# No text encoder reads more than 512 tokens (a few thousand characters): a longer caption is a wrong
+# column or a hostile file, refused before any tokenizer spends minutes on it.
+MAX_CAPTION_CHARS = 20_000
+CAPTION_FIELDS = ("text", "long_text")
 
 
 def read_metadata(path: str | Path) -> list[tuple[int, dict]]:
@@ -44,8 +48,24 @@ def read_metadata(path: str | Path) -> list[tuple[int, dict]]:
             raise InputError(f"{path} row {i}", f"not valid JSON ({e.msg})", "fix or remove the line") from None
         if not isinstance(row, dict):
             raise InputError(f"{path} row {i}", "is not a JSON object", "rebuild it with build_captions.py")
+        for field in CAPTION_FIELDS:
+            if isinstance(row.get(field), str) and len(row[field]) > MAX_CAPTION_CHARS:
+                raise InputError(
+                    f"{path} row {i}",
+                    f"'{field}' is {len(row[field]):,} characters, past the {MAX_CAPTION_CHARS:,} any text encoder reads",
+                    "shorten it, or rebuild the folder with build_captions.py",
+                )
         rows.append((i, row))
     return rows
+
+
+def leaves_folder(file_name: str) -> bool:
+    """True when a row's ``file_name`` names a file outside its table's folder (an absolute path, or ``..`` past
+    the folder): a metadata row must never make a stage read, train on or embed a file elsewhere, such as
+    ``../secret.env``. Links inside the folder are followed: build_captions links the dataset's images in."""
+    name = str(file_name)
+    parts = Path(os.path.normpath(name)).parts
+    return Path(name).is_absolute() or bool(Path(name).drive) or (bool(parts) and parts[0] == "..")
 
 
 def find_tables(path: str | Path, split: str | None = None) -> list[Path]:
@@ -102,6 +122,8 @@ def _read_one(table: Path) -> pd.DataFrame:
         raise InputError(
             table, f"missing column(s) {', '.join(missing)}", "write it with build_captions.py or generate.py"
         )
+    # one row per file: a manifest two runs appended to lists images twice, which would count them twice
+    frame = frame.drop_duplicates("file_name", ignore_index=True)
     folder = table.parent
     frame["path"] = [os.path.abspath(folder / str(f)) for f in frame["file_name"]]
     frame["table"] = str(table)
@@ -113,6 +135,14 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
     frame["label"] = frame["label"].astype(str).str.strip()
     if "age" in frame.columns:
         frame["age"] = pd.to_numeric(frame["age"].replace("", None), errors="coerce").astype(float)
+        absurd = frame["age"].notna() & ~frame["age"].between(0, labels.MAX_AGE)  # inf too
+        if absurd.any():
+            first = frame[absurd].iloc[0]
+            raise InputError(
+                f"{first['table']} row of {first['file_name']}",
+                f"age {first['age']:g} is outside 0..{labels.MAX_AGE}",
+                "fix the value, or leave it empty for an unknown age",
+            )
     for name in labels.SUBGROUP_FIELDS:
         if name not in frame.columns:
             frame[name] = "unknown"
@@ -131,7 +161,8 @@ def read_image_table(
     """Rows with an absolute ``path`` and their metadata; skipped rows are counted in ``frame.attrs``.
 
     Rows labelled 'other' (Derm7pt "miscellaneous") or with a label outside ``labels.CODES`` are
-    dropped and counted (``keep_other=True`` keeps the 'other' rows); a missing image file is an
+    dropped and counted (``keep_other=True`` keeps the 'other' rows), and so are rows naming a file outside
+    their table's folder (``leaves_folder``) and generated images marked ``valid`` false; a missing image file is an
     ``InputError`` unless ``on_missing='skip'``, which counts it instead; its fix names ``skip_flag``,
     the caller's flag for skipping, when it has one. A build_captions folder with no ``split`` reads
     every split present. ``frame.attrs['skipped']`` maps reason -> file names.
@@ -152,6 +183,17 @@ def read_image_table(
     if unknown.any():
         skipped["unknown_label"] = frame.loc[unknown, "file_name"].tolist()
     frame = frame[~drop]
+
+    if "valid" in frame.columns:  # generation manifests: images sampled all one colour or from nan
+        invalid = frame["valid"].astype(str).str.lower() == "false"
+        if invalid.any():
+            skipped["invalid_image"] = frame.loc[invalid, "file_name"].tolist()
+            frame = frame[~invalid]
+
+    outside = frame["file_name"].map(leaves_folder)
+    if outside.any():
+        skipped["outside_its_folder"] = frame.loc[outside, "file_name"].tolist()
+        frame = frame[~outside]
 
     exists = frame["path"].map(os.path.isfile)
     if not exists.all():

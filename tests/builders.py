@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ MANIFEST_COLUMNS = [
     "file_name", "text", "label", "condition", "dx", "sex", "age", "age_bin", "site", "site_group", "skin_tone",
     *labels.CONCEPT_NAMES, "concept_source", "seed", "guidance_scale", "num_inference_steps", "scheduler", "model",
     "negative_prompt", "index", "pair", "contrast", "source", "strength", "lesion_change", "skin_ita_before",
-    "skin_ita_after",
+    "skin_ita_after", "valid", "invalid_reason",
 ]  # fmt: skip
 
 
@@ -46,7 +47,7 @@ def write_manifest(folder: Path, rows: list[dict]) -> Path:
             sex=row.get("sex", "female"), age=row.get("age", 50), age_bin="45-59", site="back", site_group="trunk"
         )
         base.update(skin_tone="unknown", concept_source="imputed", seed=i, guidance_scale=7.5, num_inference_steps=25)
-        base.update(scheduler="ddim", model="tiny", index=i)
+        base.update(scheduler="ddim", model="tiny", index=i, valid="true")
         records.append(base)
     pd.DataFrame(records, columns=MANIFEST_COLUMNS).to_csv(folder / "manifest.csv", index=False)
     return folder
@@ -131,11 +132,37 @@ def perturbed_copy(model_dir: Path, out: Path) -> Path:
     sizes, other weights (what a fine-tune of the same base looks like from outside)."""
     import shutil
 
+    shutil.copytree(model_dir, out)
+    return perturb(out, "unet", "conv_in.weight")
+
+
+def perturb(model_dir: Path, component: str, tensor: str) -> Path:
+    """Change one tensor of a model's component in place (a model rebuilt or retrained at the same path)."""
     from safetensors.torch import load_file, save_file
 
-    shutil.copytree(model_dir, out)
-    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = model_dir / component / "diffusion_pytorch_model.safetensors"
     tensors = load_file(weights)
-    tensors["conv_in.weight"] = tensors["conv_in.weight"] + 0.01
+    tensors[tensor] = tensors[tensor] + 0.01
     save_file(tensors, weights)
-    return out
+    return model_dir
+
+
+def small_config(tiny_sd_dir, data_dir, out, **overrides):
+    """A 4-step LoRA run of the tiny model at 64 px, batch 2, no validation or trackers (the training tests' base)."""
+    from lesiongen.diffusion.train import TrainConfig
+
+    cfg = TrainConfig(
+        pretrained_model_name_or_path=str(tiny_sd_dir),
+        train_data_dir=str(data_dir),
+        output_dir=str(out),
+        resolution=64,
+        rank=4,
+        train_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_train_steps=4,
+        learning_rate=1e-3,
+        checkpointing_steps=2,
+        validation_steps=0,
+        report_to="none",
+    )
+    return replace(cfg, **overrides)

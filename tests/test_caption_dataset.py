@@ -242,3 +242,29 @@ def test_cli_end_to_end_summary(tmp_path, ham_csv):
     assert proc.returncode == 0, proc.stderr
     assert "captioned 100 images" in proc.stdout and "no image was checked" in proc.stdout
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["config"]["seed"] == 3
+
+
+def test_one_image_is_never_in_two_splits_under_ids_that_differ_in_case_or_as_a_copy(tmp_path, capsys):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(20):
+        Image.new("RGB", (32, 32), (100 + 5 * i, 80, 60)).save(images / f"ISIC_{i:04d}.png")
+    shutil.copy(images / "ISIC_0003.png", images / "ISIC_0099.png")  # the same bytes under another name
+    rows = [f"L{i},ISIC_{i:04d},nv,histo,40,female,back" for i in range(20)]
+    rows += ["L50,isic_0001,nv,histo,40,female,back", "L51,ISIC_0099,nv,histo,40,female,back"]
+    csv = tmp_path / "meta.csv"
+    csv.write_text("lesion_id,image_id,dx,dx_type,age,sex,localization\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    args = dict(dataset="ham10000", metadata=str(csv), images=str(images), output_dir=str(out), reporter="metadata")
+    summary = build(BuildCaptionsConfig(**args, split_fractions=[0.5, 0.25, 0.25]))
+    kept = read_jsonl(out / "captions.jsonl")
+    assert summary["skipped"]["duplicate_images"] == 2 and len(kept) == 20
+    assert sorted(summary["skipped_examples"]["duplicate_images"]) == [
+        "ISIC_0099 (same image as ISIC_0003)",
+        "isic_0001 (same image as ISIC_0001)",
+    ]
+    placed = [(out / r["split"] / r["file_name"]).resolve() for r in kept]
+    assert len(set(placed)) == len(placed) == 20
+    assert "2 duplicate images" in capsys.readouterr().out

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -63,3 +64,26 @@ def test_top_level_scripts_build_captions_and_rename_metadata(tmp_path, ham_csv)
     done = run([*args, "--out", "captions"], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "captions" / "summary.json").read_text())["captioned"] == 60
+
+
+@pytest.mark.parametrize(
+    "script, flags, line",
+    [
+        ("train_lora.sh", ["--rank", "many"], "error: argument --rank: invalid int value: 'many'"),
+        ("train_SD.sh", [], "error: --pretrained_model_name_or_path missing-model: model directory not found"),
+    ],
+)
+def test_the_training_scripts_keep_a_runs_one_line_error_and_exit_code_2(script, flags, line, tmp_path):
+    """accelerate launch reports a failed run with its own traceback and exit code 1; the scripts keep the run's."""
+    env = {**ENV, "ACCELERATE": str(Path(sys.executable).with_name("accelerate"))}
+    env |= {"ACCELERATE_CONFIG": str(REPO / "external" / "cpu.yaml"), "MODEL_NAME": "missing-model"}
+    done = subprocess.run(
+        ["bash", str(REPO / script), "--output_dir", str(tmp_path / "out"), *flags],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert line in done.stderr.strip().splitlines()[-1] and "Traceback" not in done.stderr

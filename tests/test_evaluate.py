@@ -276,8 +276,11 @@ def test_evaluate_bad_input_is_one_line(tmp_path, capsys):
         == 2
     )
     assert "--classifier" in capsys.readouterr().err
+    (tmp_path / "syn").mkdir()
     assert (
-        evaluate_main(["--real", str(tmp_path / "nope"), "--synthetic", str(tmp_path), "--out", str(tmp_path / "o")])
+        evaluate_main(
+            ["--real", str(tmp_path / "nope"), "--synthetic", str(tmp_path / "syn"), "--out", str(tmp_path / "o")]
+        )
         == 2
     )
     assert "not found" in capsys.readouterr().err

@@ -23,7 +23,7 @@ def manifest_rows(folder) -> list[dict]:
 def check_row(got: dict, want: dict, folder, label_names: list[str]) -> None:
     assert label_names[got["label"]] == want["label"]
     for name, value in want.items():
-        if name == "label":
+        if name in ("label", "valid", "invalid_reason"):  # every exported image is valid: not a column
             continue
         if name in ("seed", "num_inference_steps", "index"):
             assert got[name] == int(value), name
@@ -92,8 +92,62 @@ def test_killed_export_resumes_keeping_complete_shards(exported, fake_generation
 
 
 def test_missing_manifest_and_bad_flags_are_one_line_exit_2(tmp_path, capsys):
-    assert main(["--input_dir", str(tmp_path), "--output_dir", str(tmp_path / "o")]) == 2
+    (tmp_path / "gen").mkdir()
+    assert main(["--input_dir", str(tmp_path / "gen"), "--output_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "has no manifest.csv" in err
-    assert main(["--input_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--rows_per_shard", "0"]) == 2
+    assert (
+        main(["--input_dir", str(tmp_path / "gen"), "--output_dir", str(tmp_path / "o"), "--rows_per_shard", "0"]) == 2
+    )
     assert "--rows_per_shard" in capsys.readouterr().err
+
+
+def test_only_images_inside_the_set_are_embedded(fake_generation, tmp_path, capsys):
+    """Issue 32: the export embedded whatever file a manifest row named (``../secret.env``, an absolute path, a
+    link out of the folder) into the parquet. Rows whose file leaves the set's folder, once paths and links are
+    resolved, or is not an image are left out and counted in one line; the images are exported as before."""
+    import pyarrow.parquet as pq
+
+    gen = shutil.copytree(fake_generation, tmp_path / "gen", symlinks=True)
+    secret = tmp_path / "secret.env"
+    secret.write_bytes(b"API_KEY=sk-do-not-ship")
+    outside_png = tmp_path / "elsewhere.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(outside_png)
+    folder = gen / "dataset" / "Melanoma"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "link.png").symlink_to(outside_png)
+    (folder / "notes.png").write_bytes(b"API_KEY=sk-do-not-ship, named like an image")
+    rows = manifest_rows(gen)
+    hostile = ["../secret.env", str(secret), "dataset/Melanoma/link.png", "dataset/Melanoma/notes.png"]
+    with open(gen / "manifest.csv", "a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        for i, name in enumerate(hostile):
+            writer.writerow({**rows[0], "file_name": name, "index": 1000 + i})
+
+    out = tmp_path / "hf"
+    assert main(["--input_dir", str(gen), "--output_dir", str(out)]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    # the reader every stage shares drops names that leave the folder as written; the export also resolves links
+    assert f"{gen / 'manifest.csv'}: skipped 2 outside its folder" in lines
+    assert any(
+        x.startswith(f"{gen / 'manifest.csv'}: left out 2 row(s) (1 outside the set's folder, 1 not an image")
+        for x in lines
+    ), lines
+    table = pq.read_table(next((out / "data").glob("*.parquet")))
+    assert sorted(table.column("file_name").to_pylist()) == [r["file_name"] for r in rows]
+    assert all(b"sk-do-not-ship" not in image["bytes"] for image in table.column("image").to_pylist())
+
+
+def test_a_manifest_number_that_is_not_finite_is_one_line(fake_generation, tmp_path, capsys):
+    """Issue 32: ``float()`` read a guidance of ``inf`` into the parquet's float column."""
+    gen = shutil.copytree(fake_generation, tmp_path / "gen")
+    rows = manifest_rows(gen)
+    rows[0]["guidance_scale"] = "inf"
+    with open(gen / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main(["--input_dir", str(gen), "--output_dir", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert f"row of {rows[0]['file_name']}: guidance_scale 'inf' is not a finite number" in err
+    assert err.count("\n") == 1

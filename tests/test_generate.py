@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from lesiongen import labels
 from lesiongen.captions.build import caption_record
 from lesiongen.captions.metadata import load_d7p, load_ham10000
 from lesiongen.cli import parse_config
+from lesiongen.diffusion import plans
 from lesiongen.diffusion.generate import (
     FLOW_SCHEDULERS,
     MANIFEST_COLUMNS,
@@ -35,7 +37,9 @@ from lesiongen.diffusion.generate import (
     make_plan,
     resolve_dtype,
 )
+from lesiongen.diffusion.manifest import DATASET_COLUMNS
 from lesiongen.errors import InputError
+from lesiongen.files import read_jsonl
 from lesiongen.tables import read_image_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +67,13 @@ def config(model: Path, out: Path, **kw) -> GenerateConfig:
 def manifest(root: Path) -> list[dict]:
     with open(root / "manifest.csv", newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+def imagefolder(root: Path, cache: Path):
+    """The folder as Hugging Face datasets reads it, with no export step: its imagefolder builder, offline."""
+    import datasets
+
+    return datasets.load_dataset("imagefolder", data_dir=str(root), split="train", cache_dir=str(cache))
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -176,7 +187,8 @@ def test_a_batch_that_runs_out_of_gpu_memory_is_sampled_in_halves_to_the_same_im
         generate(config(tiny_sd_dir, tmp_path / "none", num_images=1, batch_size=1), pipe=pipe)
 
 
-def test_killed_run_resumes_to_exactly_num_images(tiny_sd_dir, pipe, tmp_path):
+def test_killed_run_resumes_to_exactly_num_images(tiny_sd_dir, pipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(generate_module, "METADATA_EVERY_S", 1e9)  # metadata.jsonl: after the first batch, then the end
     cfg = config(tiny_sd_dir, tmp_path / "out", num_images=6, batch_size=2)
     out = Path(cfg.output_dir)
 
@@ -191,6 +203,9 @@ def test_killed_run_resumes_to_exactly_num_images(tiny_sd_dir, pipe, tmp_path):
     with pytest.raises(Killed):
         generate(cfg, pipe=pipe, on_saved=kill_after_three)
     assert len(manifest(out)) == 3 and len(list((out / "dataset/Melanoma").glob("*.png"))) == 3
+    # metadata.jsonl lags the manifest but lists only images on disk, so the killed folder still loads
+    assert [r["file_name"] for r in read_jsonl(out / "metadata.jsonl")] == [r["file_name"] for r in manifest(out)][:2]
+    assert len(imagefolder(out, tmp_path / "hf-killed")) == 2
     # the two states a kill can leave: an image renamed into place without its row, and a torn last row
     rows = (out / "manifest.csv").read_text().splitlines(keepends=True)
     (out / "manifest.csv").write_text("".join(rows[:-1]) + rows[-1][:25])
@@ -201,11 +216,13 @@ def test_killed_run_resumes_to_exactly_num_images(tiny_sd_dir, pipe, tmp_path):
     assert len(names) == 6 and len(set(names)) == 6
     assert sorted(p.name for p in (out / "dataset/Melanoma").iterdir()) == [f"mel_00000{i}.png" for i in range(6)]
     assert not [p for p in out.rglob("*.tmp")]
+    assert [r["file_name"] for r in read_jsonl(out / "metadata.jsonl")] == names
     # a third run has nothing to do; an image deleted by hand is made again and listed once
     assert generate(cfg, pipe=pipe).generated == 0 and len(manifest(out)) == 6
     (out / names[2]).unlink()
     assert generate(cfg, pipe=pipe).generated == 1
     assert sorted(r["file_name"] for r in manifest(out)) == sorted(names)
+    assert sorted(r["file_name"] for r in read_jsonl(out / "metadata.jsonl")) == sorted(names)
     clean = generate(dataclasses.replace(cfg, output_dir=str(tmp_path / "clean")), pipe=pipe).root
     for name in names:
         diff = np.abs(pixels(out / name) - pixels(clean / name)).max()
@@ -215,6 +232,12 @@ def test_killed_run_resumes_to_exactly_num_images(tiny_sd_dir, pipe, tmp_path):
 
 def test_resume_with_other_settings_is_refused(tiny_sd_dir, pipe, tmp_path):
     generate(config(tiny_sd_dir, tmp_path / "out", num_images=1), pipe=pipe)
+    # a folder made before --total_images and --class_weights existed resumes under the same flags
+    saved = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    for newer in ("total_images", "class_weights"):
+        del saved["settings"][newer]
+    (tmp_path / "out" / "generation_config.json").write_text(json.dumps(saved))
+    assert generate(config(tiny_sd_dir, tmp_path / "out", num_images=1), pipe=pipe).already_done == 1
     with pytest.raises(
         InputError, match=r"generation_config.json: this folder was generated with other settings \(num_images: 1 -> 2"
     ):
@@ -324,6 +347,8 @@ def test_the_config_records_the_model_that_ran_and_only_once_it_loaded(tiny_lora
         "base_model": str(tiny_sd_dir.resolve()),
         "fingerprint": fingerprint(str(tiny_sd_dir)),
         "lora_sha256": hashlib.sha256((tiny_lora_run / "pytorch_lora_weights.safetensors").read_bytes()).hexdigest(),
+        "trained_base_fingerprint": fingerprint(str(tiny_sd_dir)),
+        "base_mismatch": False,
     }
 
 
@@ -388,8 +413,14 @@ def test_bad_inputs_give_one_line_errors(tiny_sd_dir, tmp_path, capsys, monkeypa
     with pytest.raises(InputError, match="--caption_style label: label captions state only the diagnosis"):
         config(tiny_sd_dir, tmp_path, caption_style="label", skin_tone="dark")
     # probes of issue 15: nan guidance made NaN images with exit 0; 30 px failed inside diffusers after loading
-    with pytest.raises(InputError, match="--guidance_scale: must be a number, not negative"):
-        config(tiny_sd_dir, tmp_path, guidance_scale=[float("nan")])
+    # issue 32: guidance 1e38 overflowed to inf and a nan LoRA scale sampled black images, both with exit 0
+    for guidance in (float("nan"), 1e38, -1.0):
+        with pytest.raises(InputError, match=r"--guidance_scale: must be a number in 0\.\.100"):
+            config(tiny_sd_dir, tmp_path, guidance_scale=[7.5, guidance])
+    for scale in (float("nan"), float("-inf"), 1e6):
+        with pytest.raises(InputError, match=r"--lora_scale: must be a number in -10.0\.\.10.0"):
+            config(tiny_sd_dir, tmp_path, lora_scale=scale)
+    assert config(tiny_sd_dir, tmp_path, guidance_scale=[0.0, 100.0], lora_scale=-1.0).lora_scale == -1.0
     with pytest.raises(InputError, match="--resolution: 30 is not a positive multiple of 8"):
         config(tiny_sd_dir, tmp_path, resolution=30)
 
@@ -532,3 +563,134 @@ def test_contrast_guidance_samples_each_side_against_the_other(tiny_sd_dir, pipe
         config(tiny_sd_dir, tmp_path / "x", contrast_guidance=True)
     with pytest.raises(InputError, match="--contrast_guidance: sets each image's negative prompt"):
         config(tiny_sd_dir, tmp_path / "x", contrast=["streaks"], contrast_guidance=True, negative_prompt="blurry")
+
+
+def test_an_image_of_one_colour_or_from_nan_is_listed_invalid_and_left_out_of_every_set(
+    tiny_sd_dir, pipe, tmp_path, monkeypatch, capsys
+):
+    """Issue 32: a nan LoRA scale or an overflowing guidance sampled nan, which converts to black PNGs that the
+    manifest listed as valid and the export and classifier took. Such images stay on disk and in the manifest
+    (a rerun does not redo them) with valid=false and a reason; the summary counts them; readers leave them out."""
+    import numpy as np
+
+    from lesiongen.diffusion.export import ExportConfig, export
+
+    real = generate_module.sample
+
+    def diverging(pipe, prompts, negatives, seeds, *args):
+        images = list(real(pipe, prompts, negatives, seeds, *args))
+        for i, seed in enumerate(seeds):
+            if seed == plan[1].seed:
+                images[i] = np.full_like(images[i], np.nan)
+            elif seed == plan[2].seed:
+                images[i] = np.full_like(images[i], 0.25)
+        return images
+
+    cfg = config(tiny_sd_dir, tmp_path / "out", num_images=4)
+    plan = make_plan(cfg)
+    monkeypatch.setattr(generate_module, "sample", diverging)
+    generate(cfg, pipe=pipe)
+    rows = {r["index"]: r for r in manifest(tmp_path / "out")}
+    assert [rows[str(s.index)]["valid"] for s in plan] == ["true", "false", "false", "true"]
+    assert rows[str(plan[1].index)]["invalid_reason"] == "nan or inf in the sampled pixels"
+    assert rows[str(plan[2].index)]["invalid_reason"] == "every pixel has one colour"
+    assert rows[str(plan[0].index)]["invalid_reason"] == ""
+    assert (pixels(tmp_path / "out" / rows[str(plan[1].index)]["file_name"]) == 0).all()  # black, as before
+    assert "2 image(s) invalid (nan or inf in the sampled pixels" in capsys.readouterr().out
+
+    table = read_image_table(tmp_path / "out")
+    assert sorted(table["index"].astype(int)) == [plan[0].index, plan[3].index]
+    assert len(table.attrs["skipped"]["invalid_image"]) == 2
+    assert export(ExportConfig(input_dir=str(tmp_path / "out"), output_dir=str(tmp_path / "hf"))).rows == 2
+    assert generate(cfg, pipe=pipe).generated == 0  # kept, so a rerun does not sample them again
+
+
+def test_total_images_makes_a_class_mix_in_one_folder_that_imagefolder_loads(
+    tiny_sd_dir, pipe, tmp_path, capsys, monkeypatch
+):
+    """Issue 31: N images in all, by class weights and balanced over a subgroup, in one run and one folder, which
+    datasets' imagefolder loads as exactly those images with every manifest column (no contact sheet, no export)."""
+    out = tmp_path / "mix"
+    cfg = config(
+        tiny_sd_dir,
+        out,
+        condition="all",
+        num_images=None,
+        total_images=10,
+        class_weights=["mel=0.5,nv=0.3", "df=0.2"],
+        balance=["sex"],
+        contact_sheet=2,
+    )
+    monkeypatch.setattr(plans, "PLAN_SECONDS_PER_IMAGE", 10.0)  # as if the plan were large: it says so first
+    result = generate(cfg, pipe=pipe)
+    rows = manifest(out)
+    assert result.planned == len(rows) == 10
+    assert Counter(r["label"] for r in rows) == {"mel": 5, "nv": 3, "df": 2}
+    assert Counter(r["sex"] for r in rows) == {"male": 5, "female": 5}
+    printed = capsys.readouterr().out
+    assert printed.startswith("planning 10 images (about 100 s)\nplan: 10 images\n")
+    assert "plan: 10 images\n  class: df 2, mel 5, nv 3\n  sex: " in printed
+    assert "10 planned (10 in all)" in printed
+    assert (out / "contact_sheet.png").is_file()
+
+    ds = imagefolder(out, tmp_path / "hf")
+    assert len(ds) == 10 and ds.column_names == ["image", *DATASET_COLUMNS[1:]]
+    by_seed = {r["seed"]: r for r in ds}
+    for r in rows:
+        loaded = by_seed[int(r["seed"])]
+        assert loaded["image"].size == (32, 32)
+        assert np.array_equal(np.asarray(loaded["image"].convert("RGB"), np.int16), pixels(out / r["file_name"]))
+        assert (loaded["label"], loaded["text"], loaded["sex"]) == (r["label"], r["text"], r["sex"])
+        assert (loaded["guidance_scale"], loaded["num_inference_steps"]) == (5.0, 2)
+    saved = json.loads((out / "generation_config.json").read_text())
+    assert saved["plan"]["per_condition"] == {"df": 2, "mel": 5, "nv": 3}
+    assert saved["settings"]["total_images"] == 10 and saved["settings"]["num_images"] is None
+
+
+def test_class_weights_may_come_from_the_distribution_file(tiny_sd_dir, tmp_path):
+    csv = tmp_path / "dist.csv"
+    csv.write_text("dx,skin_tone,weight\nmel,dark,3\nmel,light,3\nbcc,brown,2\n")
+    cfg = config(tiny_sd_dir, tmp_path, condition="all", num_images=None, total_images=12, distribution=str(csv))
+    plan = make_plan(cfg)
+    assert Counter(s.dx for s in plan) == {"mel": 9, "bcc": 3}  # 12 x 6/8 and 12 x 2/8
+    tones = Counter(s.skin_tone for s in plan)
+    assert tones["brown"] == 3 and sorted([tones["dark"], tones["light"]]) == [4, 5]
+
+
+def test_the_default_sampler_is_the_quality_matched_fast_setting_and_the_original_grid_is_one_flag(tiny_sd_dir):
+    default = parse_config(GenerateConfig, ["--model_path", str(tiny_sd_dir), "--mode", "dataset"])
+    assert (default.scheduler, default.guidance_scale, default.num_inference_steps) == ("dpmsolver++", [3.0], [10])
+    assert {(s.guidance_scale, s.num_inference_steps) for s in make_plan(default)} == {(3.0, 10)}
+    grid = parse_config(GenerateConfig, ["--model_path", str(tiny_sd_dir), "--mode", "dataset", "--original_grid"])
+    drawn = make_plan(grid)
+    assert {s.guidance_scale for s in drawn} == set(plans.ORIGINAL_GUIDANCE_SCALES)
+    assert {s.num_inference_steps for s in drawn} == set(plans.ORIGINAL_STEPS)
+    assert [s.seed for s in drawn] == [s.seed for s in make_plan(default)]  # the same images, sampled otherwise
+    assert generate_module.settings(grid)["guidance_scale"] == list(plans.ORIGINAL_GUIDANCE_SCALES)
+
+
+def test_class_mix_sampling_and_plan_size_errors_are_one_line(tiny_sd_dir, tmp_path, capsys):
+    args = ["--model_path", str(tiny_sd_dir), "--output_dir", str(tmp_path / "o"), "--mode", "dataset"]
+    cases = {
+        "--total_images: cannot be combined with --num_images (images per condition)": [
+            "--total_images", "100", "--num_images", "10"],
+        f"--class_weights: 'melanome' is not a dx code; use {', '.join(labels.CODES)}": [
+            "--total_images", "100", "--class_weights", "nv=0.4,melanome=0.6"],
+        "--class_weights: needs --total_images": ["--class_weights", "nv=1"],
+        "--class_weights: weights bcc, which --condition leaves out (mel, nv)": [
+            "--condition", "mel,nv", "--total_images", "10", "--class_weights", "mel=1,bcc=1"],
+        "--total_images: 0 is not positive": ["--total_images", "0"],
+        "--original_grid: draws each image's guidance and steps from the original's grid": [
+            "--original_grid", "--guidance_scale", "7.5"],
+        # issue 32: this built a plan in memory for minutes with no output
+        "--num_images 10000000: plans 70,000,000 images, which need about 70 GB of memory": [
+            "--num_images", "10000000"],
+        "--total_images 2000000: plans 8,000,000 images": [  # two switches, two sides each
+            "--total_images", "2000000", "--contrast", "streaks", "blue_whitish_veil"],
+    }  # fmt: skip
+    for message, extra in cases.items():
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert main([*args[:2], "--mode", "single", "--total_images", "5"]) == 2
+    assert "--total_images: needs --mode dataset" in capsys.readouterr().err

@@ -42,3 +42,32 @@ def test_transparent_pixels_are_white_not_their_hidden_colour(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "half.png")
     pixels = read_rgb(tmp_path / "half.png")
     assert (pixels[:4] == (200, 0, 0)).all() and (pixels[4:] == 255).all()
+
+
+def test_images_of_other_bit_depths_decode_to_their_true_8_bit_values(tmp_path):
+    ramp = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")  # opens as I;16, which convert("RGB") clips to white
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "float01.tiff")
+    Image.fromarray(np.full((8, 8), 200.0, np.float32)).save(tmp_path / "float255.tiff")
+    grey = read_rgb(tmp_path / "grey16.png")
+    assert grey.dtype == np.uint8 and grey.shape == (8, 8, 3)
+    assert np.array_equal(grey[..., 0], (ramp >> 8).astype(np.uint8)) and (grey[..., 0] == grey[..., 2]).all()
+    assert (read_rgb(tmp_path / "float01.tiff") == 128).all()
+    assert (read_rgb(tmp_path / "float255.tiff") == 200).all()
+
+
+@pytest.mark.parametrize(
+    "pixels, why",
+    [
+        (np.full((8, 8), 70000, np.int32), "unknown bit depth"),
+        (np.full((8, 8), np.nan, np.float32), "not finite"),
+        (np.full((8, 8), 1000.0, np.float32), "0-255"),
+    ],
+)
+def test_pixels_of_no_known_depth_are_refused_naming_the_file(tmp_path, pixels, why):
+    path = tmp_path / "odd.tiff"
+    Image.fromarray(pixels).save(path)
+    with pytest.raises(UnreadableImage, match=why) as e:
+        read_rgb(path)
+    assert str(path) in str(e.value)
+    assert why in decode_problem(path)

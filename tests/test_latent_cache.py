@@ -145,7 +145,7 @@ def test_cached_items_carry_the_framing_of_decoded_ones(small_cache):
             a, b = cached[(index, flip, False, 0)], decoded[(index, flip, False, 0)]
             assert torch.equal(a["original_size"], b["original_size"])
             assert torch.equal(a["crop_top_left"], b["crop_top_left"])
-    with Image.open(examples[0].path) as im:
+    with Image.open(examples[0].image) as im:
         assert decoded[(0, False, False, 0)]["original_size"].tolist() == [im.height, im.width]
 
 
@@ -202,3 +202,32 @@ def test_stale_layouts_and_killed_writes_are_removed_and_a_new_key_rebuilds(smal
     assert replace(fresh, key=layout.key).missing() == []
     with pytest.raises(RuntimeError, match="missing shards"):
         CachedLatentDataset(fresh, examples, [parts["tokenizer"]])
+
+
+def test_a_model_rebuilt_at_the_same_path_rebuilds_the_cache_saying_why(tiny_sd_dir, d7p_small_train, tmp_path, capsys):
+    """Issue 32: the cache key held the model's path, so a VAE retrained or rebuilt in place trained the UNet on
+    latents of the old VAE. The key holds the fingerprint of the encoding parts: another VAE at the same path
+    rebuilds every shard, saying why; another UNet (which the cache does not depend on) reuses them."""
+    import shutil
+
+    from builders import perturb
+
+    base = shutil.copytree(tiny_sd_dir, tmp_path / "base")
+    cfg = replace(cache_config(base, d7p_small_train, tmp_path / "out"), cache_shard_size=4)
+    first = build_cache(cfg)
+    folder = tmp_path / "out" / "latent_cache"
+    before = load_file(sorted(folder.glob("shard-*"))[0])["latent_params"]
+    assert first.shards_written >= 2
+    capsys.readouterr()
+
+    perturb(base, "unet", "conv_in.weight")
+    assert build_cache(cfg).shards_written == 0
+    assert "rebuilding" not in capsys.readouterr().out
+
+    perturb(base, "vae", "encoder.conv_in.weight")
+    rebuilt = build_cache(cfg)
+    assert rebuilt.shards_written == first.shards_written
+    out = capsys.readouterr().out
+    assert f"latent cache {folder}: rebuilding it, its VAE or text encoders changed (fingerprint " in out
+    after = load_file(sorted(folder.glob("shard-*"))[0])["latent_params"]
+    assert not torch.equal(before, after)

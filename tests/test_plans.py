@@ -11,12 +11,17 @@ import pytest
 from lesiongen import labels
 from lesiongen.diffusion.plans import (
     BALANCE_VALUES,
+    MAX_PLAN_IMAGES,
     ORIGINAL_GUIDANCE_SCALES,
     ORIGINAL_STEPS,
     allocate,
     build_plan,
+    class_counts,
+    class_mix,
     contrast_plan,
+    describe_plan,
     image_seed,
+    parse_class_weights,
     parse_concepts,
     parse_contrasts,
     read_distribution,
@@ -96,13 +101,15 @@ def test_plan_is_deterministic_and_seeds_do_not_depend_on_plan_size():
 
 
 def test_guidance_and_steps_fixed_or_drawn_per_image():
-    drawn = build_plan(("bcc",), 200, seed=0)
+    default = build_plan(("bcc",), 20, seed=0)  # README section 3's quality-matched setting, not the original's grid
+    assert {(s.guidance_scale, s.num_inference_steps) for s in default} == {(3.0, 10)}
+    drawn = build_plan(("bcc",), 200, seed=0, guidance_scales=ORIGINAL_GUIDANCE_SCALES, steps=ORIGINAL_STEPS)
     assert {s.guidance_scale for s in drawn} == set(ORIGINAL_GUIDANCE_SCALES)
     assert {s.num_inference_steps for s in drawn} == set(ORIGINAL_STEPS)
     fixed = build_plan(("bcc",), 20, seed=0, guidance_scales=[7.5], steps=[25])
     assert {(s.guidance_scale, s.num_inference_steps) for s in fixed} == {(7.5, 25)}
     # changing the guidance list does not reshuffle the concepts or the steps
-    other = build_plan(("bcc",), 200, seed=0, guidance_scales=[2.0])
+    other = build_plan(("bcc",), 200, seed=0, guidance_scales=[2.0], steps=ORIGINAL_STEPS)
     assert [(s.concepts, s.num_inference_steps) for s in other] == [(s.concepts, s.num_inference_steps) for s in drawn]
 
 
@@ -220,6 +227,10 @@ def test_distribution_errors_name_the_file_and_line(tmp_path):
         read_distribution(nocol)
     with pytest.raises(InputError, match="distribution CSV not found"):
         read_distribution(tmp_path / "missing.csv")
+    for weight in ("inf", "nan", "1e999", "-2"):  # issue 32: float() reads inf and nan, and the draws became nan
+        bad.write_text(f"sex,weight\nmale,1\nfemale,{weight}\n")
+        with pytest.raises(InputError, match=rf"bad.csv line 3: weight '{weight}' is not a finite number >= 0"):
+            read_distribution(bad)
 
 
 def test_balance_errors():
@@ -290,3 +301,99 @@ def test_every_member_of_several_switches_has_its_own_file():
         f"{plan[0].image_id}_blue_whitish_veil-present",
         f"{plan[0].image_id}_blue_whitish_veil-absent",
     ]
+
+
+def test_class_weights_are_codes_or_names_normalised_and_bad_ones_are_one_line():
+    weights = parse_class_weights(["nv=0.4,mel=0.15", "Basal cell carcinoma=0.25", "bkl=0.2,"])
+    assert weights == pytest.approx({"bcc": 0.25, "bkl": 0.2, "mel": 0.15, "nv": 0.4})
+    assert list(weights) == ["bcc", "bkl", "mel", "nv"]  # labels' order, whatever the order given
+    assert parse_class_weights(["mel=3", "nv=1"]) == {"mel": 0.75, "nv": 0.25}
+    valid = ", ".join(labels.CODES)
+    with pytest.raises(InputError, match=f"^--class_weights: 'melanome' is not a dx code; use {valid}$"):
+        parse_class_weights(["nv=0.4,melanome=0.15"])
+    for bad in ("mel=-1", "mel=nan", "mel=inf", "mel", "mel=lots"):
+        with pytest.raises(InputError, match=f"--class_weights: '{bad}' is not code=weight with a weight of 0 or"):
+            parse_class_weights([f"nv=1,{bad}"])
+    with pytest.raises(InputError, match="--class_weights: names mel twice"):
+        parse_class_weights(["mel=1,MEL=2"])
+    with pytest.raises(InputError, match="--class_weights: gives no class a positive weight"):
+        parse_class_weights(["mel=0"])
+
+
+def test_class_counts_are_largest_remainder_and_sum_exactly():
+    # 7 x (0.5, 0.3, 0.2) = 3.5, 2.1, 1.4: floors 3, 2, 1 and the one image left goes to the largest remainder, nv
+    assert class_counts(7, {"nv": 0.5, "mel": 0.3, "bcc": 0.2}, seed=0) == {"bcc": 1, "mel": 2, "nv": 4}
+    weights = parse_class_weights(["nv=0.4,mel=0.15,bcc=0.15,bkl=0.1,akiec=0.1,df=0.05,vasc=0.05"])
+    for total in (1, 13, 999, 10_000):
+        counts = class_counts(total, weights, seed=3)
+        assert sum(counts.values()) == total
+        assert all(abs(counts.get(c, 0) - total * w) < 1 for c, w in weights.items())
+    assert class_counts(10_000, weights, seed=3) == {
+        "akiec": 1000, "bcc": 1500, "bkl": 1000, "df": 500, "mel": 1500, "nv": 4000, "vasc": 500
+    }  # fmt: skip
+
+
+def test_class_mix_comes_from_weights_the_distribution_or_equal_shares(tmp_path):
+    codes = resolve_codes("all")
+    assert class_mix(codes, 14, 0) == dict.fromkeys(labels.CODES, 2)
+    assert class_mix(codes, 10, 0, {"mel": 0.8, "nv": 0.2}) == {"mel": 8, "nv": 2}
+    csv = tmp_path / "dist.csv"
+    pd.DataFrame(
+        {"dx": ["mel", "mel", "nv", "bcc"], "sex": ["male", "female", "female", "male"], "weight": [2, 1, 1, 4]}
+    ).to_csv(csv, index=False)
+    dist = read_distribution(csv)
+    assert class_mix(codes, 16, 0, distribution=dist) == {"bcc": 8, "mel": 6, "nv": 2}
+    assert class_mix(("mel", "nv"), 8, 0, distribution=dist) == {"mel": 6, "nv": 2}  # bcc is not asked for
+    assert class_mix(("mel", "nv"), 8, 0, {"mel": 0.5, "nv": 0.5}, dist) == {"mel": 4, "nv": 4}  # weights win
+    with pytest.raises(InputError, match=r"--class_weights: weights bcc, which --condition leaves out \(mel, nv\)"):
+        class_mix(("mel", "nv"), 8, 0, {"mel": 0.5, "bcc": 0.5})
+    with pytest.raises(InputError, match="dist.csv: has no rows for df, vasc; add rows for them or pass --class_w"):
+        class_mix(("df", "vasc"), 8, 0, distribution=dist)
+
+
+def test_a_class_mix_plan_is_exact_per_class_and_balanced_over_the_whole_set():
+    weights = parse_class_weights(["nv=0.4,mel=0.15,bcc=0.15,bkl=0.1,akiec=0.1,df=0.05,vasc=0.05"])
+    mix = class_mix(resolve_codes("all"), 1003, 5, weights)
+    plan = build_plan(resolve_codes("all"), mix, seed=5, balance=["skin_tone"])
+    assert len(plan) == 1003 and Counter(s.dx for s in plan) == mix
+    assert {s.image_id for s in plan if s.dx == "df"} == {f"df_{i:06d}" for i in range(mix["df"])}
+    # each class's leftovers start where the last one's ended: the whole set is even, not only each class
+    whole = Counter(s.skin_tone for s in plan)
+    assert set(whole) == set(labels.SKIN_TONE_NAMES) and max(whole.values()) - min(whole.values()) <= 1
+    for seed in range(4):
+        plan = build_plan(resolve_codes("all"), class_mix(resolve_codes("all"), 997, seed, weights), seed=seed,
+                          balance=["skin_tone", "sex"])  # fmt: skip
+        for dx in labels.CODES:
+            for field in ("skin_tone", "sex"):
+                per_class = Counter(getattr(s, field) for s in plan if s.dx == dx)
+                assert max(per_class.values()) - min(per_class.values()) <= 1
+
+
+def test_the_plan_description_counts_each_class_and_subgroup_summing_to_the_total():
+    plan = build_plan(("mel", "nv"), {"mel": 5, "nv": 2}, seed=0, balance=["sex"], guidance_scales=[3.0], steps=[10])
+    lines = describe_plan(summarize_plan(plan))
+    sexes = Counter(s.sex for s in plan)
+    assert sorted(sexes.values()) == [3, 4]
+    assert lines[:3] == [
+        "plan: 7 images",
+        "  class: mel 5, nv 2",
+        f"  sex: male {sexes['male']}, female {sexes['female']}",
+    ]
+    assert lines[3:] == ["  guidance_scale: 3 (7)", "  num_inference_steps: 10 (7)"]  # unset fields say nothing
+    for line in lines[1:3]:
+        assert sum(int(part.rsplit(" ", 1)[1]) for part in line.split(": ")[1].split(", ")) == 7
+
+
+def test_a_plan_too_large_to_hold_is_refused_before_it_is_built():
+    """Issue 32: --num_images 10000000 built the plan in memory for minutes with no output."""
+    with pytest.raises(
+        InputError,
+        match=r"^--num_images 10000000: plans 10,000,000 images, which need about 10 GB of memory and 12 minutes to "
+        r"plan, then about 19 days to generate at 6 images/s .*; ask for at most 1,000,000 images per run; for more, "
+        r"run several with different --seed and --output_dir$",
+    ):
+        build_plan(("mel",), 10_000_000)
+    with pytest.raises(InputError, match=r"^--num_images 200000: plans 1,400,000 images"):
+        build_plan(labels.CODES, 200_000)  # the limit is on the whole plan, over all conditions
+    with pytest.raises(InputError, match=r"^--total_images 1000001: plans 1,000,001 images"):
+        build_plan(labels.CODES, {"mel": MAX_PLAN_IMAGES, "nv": 1})

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -62,3 +64,15 @@ def test_unreadable_index_files_name_the_file(tmp_path, d7p_csv):
     (tmp_path / "valid_indexes.csv").write_bytes(b"indexes\n1\n\xff\xfe\n")
     with pytest.raises(InputError, match="valid_indexes.csv line 3: is not UTF-8"):
         d7p_official_splits(tmp_path, 1011)
+
+
+def test_classes_too_small_for_the_default_split_are_one_line_naming_them(capsys):
+    few = ["mel"] * 5 + ["nv"] * 6
+    with pytest.raises(InputError, match=r"largest class, nv, has 6.*--split_fractions 0.6 0.2 0.2") as e:
+        split_by_lesion(few, [str(i) for i in range(11)])
+    assert e.value.where == "--split_fractions"
+    assert set(split_by_lesion(few, [str(i) for i in range(11)], (0.6, 0.2, 0.2))) == {"train", "validation", "test"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sklearn's own warning is replaced by the line below
+        split_by_lesion(["nv"] * 30 + ["df"] * 3, [str(i) for i in range(33)])
+    assert "fewer than 10 lesions may miss the validation or test split: df (3)" in capsys.readouterr().out

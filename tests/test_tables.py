@@ -85,3 +85,61 @@ def test_a_table_that_is_not_utf8_names_the_line_and_how_to_convert_it(tmp_path)
     (tmp_path / "manifest.csv").write_bytes(text.replace("dermoscopic image", "dermoscopic imagé").encode("latin-1"))
     with pytest.raises(InputError, match=r"manifest.csv line 2: is not UTF-8 text \(byte 0xe9\); .*iconv -f latin1"):
         read_image_table(tmp_path)
+
+
+def test_a_caption_no_encoder_could_read_is_refused_before_any_tokenizer_sees_it(tmp_path):
+    from lesiongen.tables import MAX_CAPTION_CHARS, read_metadata
+
+    table = tmp_path / "metadata.jsonl"
+    rows = [{"file_name": "a.png", "text": "melanoma"}, {"file_name": "b.png", "text": "x" * (MAX_CAPTION_CHARS + 1)}]
+    table.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(InputError, match=r"row 2: 'text' is 20,001 characters") as e:
+        read_metadata(table)
+    assert str(table) in e.value.where
+    rows[1]["text"], rows[1]["long_text"] = "nevus", "y" * (MAX_CAPTION_CHARS + 5)
+    table.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(InputError, match="'long_text' is 20,005 characters"):
+        read_metadata(table)
+
+
+def test_a_row_never_makes_a_stage_read_a_file_outside_its_folder(tmp_path, capsys):
+    """Issue 32: a metadata row naming ``../other/x.png`` or an absolute path made the classifier, the evaluator
+    and diffusion training read that file. The shared reader skips and counts such rows; training, which stops
+    on any bad row, refuses them naming the row."""
+    import numpy as np
+    from PIL import Image
+
+    from lesiongen.diffusion.dataset import read_examples
+
+    outside = tmp_path / "private" / "photo.png"
+    outside.parent.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(outside)
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(data / "images" / "ok.png")
+    names = ["images/ok.png", "../private/photo.png", str(outside), "images/../../private/photo.png"]
+    lines = [json.dumps({"file_name": n, "label": "mel", "text": "melanoma"}) for n in names]
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+    frame = read_image_table(data)
+    assert frame["file_name"].tolist() == ["images/ok.png"]
+    assert frame.attrs["skipped"] == {"outside_its_folder": names[1:]}
+    assert "skipped 3 outside its folder" in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"metadata.jsonl row 2: file_name '../private/photo.png' is outside"):
+        read_examples(data)
+
+
+@pytest.mark.parametrize("age", ["Infinity", "-Infinity", "1e999", "500"])
+def test_an_age_that_is_not_finite_or_out_of_range_names_the_row(tmp_path, age):
+    """Issue 32: json reads ``Infinity`` and pandas reads ``1e999`` as inf, which reached the age bins; ages
+    from build_captions are checked on the way in, and a table handed over is checked the same way."""
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(f'{{"file_name": "images/a.png", "label": "mel", "age": {age}}}\n')
+    with pytest.raises(InputError, match=r"metadata.jsonl row of images/a.png: age .* is outside 0\.\.120"):
+        read_image_table(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "images/a.png", "label": "mel", "age": 45}\n')
+    assert read_image_table(tmp_path)["age"].tolist() == [45.0]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import RunsCode, failing_compiler, oversized_png, perturbed_copy, truncated_jpeg
+from builders import RunsCode, failing_compiler, oversized_png, perturbed_copy, small_config, truncated_jpeg
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
@@ -27,6 +27,7 @@ import lesiongen.diffusion.train as train_module
 from lesiongen.cli import parse_config
 from lesiongen.devices import adamw, compiler_missing
 from lesiongen.diffusion.checkpoints import TRAINING_STATE
+from lesiongen.diffusion.config import DEFAULT_TRAIN_STEPS, total_steps
 from lesiongen.diffusion.dataset import ImageCaptionDataset, PlannedBatches, collate, item_caption, read_examples
 from lesiongen.diffusion.families import denoiser, prompt_encoder, tokenize
 from lesiongen.diffusion.latent_cache import CachedLatentDataset, CacheLayout, build_shards
@@ -37,24 +38,6 @@ from lesiongen.errors import InputError
 from lesiongen.states import read_state
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def small_config(tiny_sd_dir, data_dir, out, **overrides) -> TrainConfig:
-    cfg = TrainConfig(
-        pretrained_model_name_or_path=str(tiny_sd_dir),
-        train_data_dir=str(data_dir),
-        output_dir=str(out),
-        resolution=64,
-        rank=4,
-        train_batch_size=2,
-        gradient_accumulation_steps=1,
-        max_train_steps=4,
-        learning_rate=1e-3,
-        checkpointing_steps=2,
-        validation_steps=0,
-        report_to="none",
-    )
-    return replace(cfg, **overrides)
 
 
 def image(pipe, seed=0):
@@ -71,10 +54,12 @@ def test_lora_run_writes_weights_checkpoints_card_validation_and_logs(tiny_lora_
     assert is_lora_dir(out) and lora_base_model(out) == str(tiny_sd_dir)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     record = json.loads((out / "config.json").read_text())
-    assert record["global_step"] == 6 and record["pretrained_model_name_or_path"] == str(tiny_sd_dir)
+    base = os.path.relpath(tiny_sd_dir, out)  # the folder carries no machine path: the base relative to it
+    assert record["global_step"] == 6 and record["pretrained_model_name_or_path"] == base
     assert record["config"]["rank"] == 4 and record["effective_batch"] == 4
     card = (out / "README.md").read_text()
-    assert str(tiny_sd_dir) in card and "concept" in card and "`snr_gamma` | `5.0`" in card
+    assert f"from_pretrained('{base}'" in card and "concept" in card and "`snr_gamma` | `5.0`" in card
+    assert str(tiny_sd_dir.parent) not in card + (out / "config.json").read_text()
     grid = Image.open(out / "validation" / "step-000006.png")
     n_labels = len(
         {json.loads(line)["label"] for line in (d7p_small_train / "metadata.jsonl").read_text().splitlines()}
@@ -230,12 +215,14 @@ def test_resume_never_unpickles_what_a_checkpoint_folder_holds(tiny_lora_run, ti
 
 
 def test_a_lora_records_its_resolved_base_and_never_runs_on_another(
-    tiny_sd_dir, d7p_small_train, tmp_path, monkeypatch
+    tiny_sd_dir, d7p_small_train, tmp_path, monkeypatch, capsys
 ):
     """Issue 15: the base typed as a relative path was recorded as typed, and generation from another folder,
-    where that path names another model, loaded that model without a word."""
+    where that path names another model, loaded that model without a word. Issue 31: the base is recorded
+    relative to the LoRA folder, and --allow_base_mismatch loads another base of the family with a warning."""
     from lesiongen.diffusion.fingerprint import fingerprint
-    from lesiongen.diffusion.pipeline import load_pipeline
+    from lesiongen.diffusion.generate import main as generate_main
+    from lesiongen.diffusion.pipeline import load_pipeline, model_identity
 
     first, second, lora = tmp_path / "first", tmp_path / "second", tmp_path / "lora"
     shutil.copytree(tiny_sd_dir, first / "base")
@@ -243,15 +230,43 @@ def test_a_lora_records_its_resolved_base_and_never_runs_on_another(
     monkeypatch.chdir(first)
     train(small_config("base", d7p_small_train, lora, max_train_steps=1, checkpointing_steps=1))
     record = json.loads((lora / "config.json").read_text())
-    assert record["pretrained_model_name_or_path"] == str((first / "base").resolve())
+    assert record["pretrained_model_name_or_path"] == "../first/base"  # relative to the LoRA folder
     assert record["base_fingerprint"] == fingerprint(str(first / "base")) != fingerprint(str(second / "base"))
 
     monkeypatch.chdir(second)  # here "base" is another model
     pipe = load_pipeline(lora, device="cpu")
     trained_on = load_file(first / "base" / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"]
     assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], trained_on)
-    with pytest.raises(InputError, match=r"--base_model base: is not the model .* was trained on"):
+    with pytest.raises(
+        InputError, match=r"--base_model base: is not the model .* was trained on.*--allow_base_mismatch"
+    ):
         load_pipeline(lora, base_model="base", device="cpu")
+    capsys.readouterr()
+    pipe = load_pipeline(lora, base_model="base", device="cpu", allow_base_mismatch=True)
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(warned) == 1 and "--allow_base_mismatch" in warned[0] and "is not the model" in warned[0]
+    mismatched = load_file(second / "base" / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"]
+    assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], mismatched)
+    identity = model_identity(str(lora), "base")  # what generation_config.json records
+    assert identity["base_mismatch"] and identity["trained_base_fingerprint"] == record["base_fingerprint"]
+    assert not model_identity(str(lora))["base_mismatch"]
+    gen = ["--model_path", str(lora), "--base_model", "base", "--condition", "mel", "--output_dir", "gen"]
+    gen += ["--num_inference_steps", "2", "--guidance_scale", "3", "--contact_sheet", "0", "--device", "cpu"]
+    assert generate_main(gen) == 2  # refused without the flag
+    assert generate_main([*gen, "--allow_base_mismatch"]) == 0
+    run_record = json.loads((second / "gen" / "single" / "generation_config.json").read_text())
+    assert run_record["model"]["base_mismatch"] and run_record["config"]["allow_base_mismatch"]
+    # a LoRA of another family is refused even so
+    other = tmp_path / "other_family"
+    shutil.copytree(lora, other, ignore=shutil.ignore_patterns("checkpoint-*"))
+    (other / "config.json").write_text(json.dumps({**record, "model_family": "sdxl"}))
+    with pytest.raises(InputError, match=r"is a sd1 model and .* is a sdxl LoRA; --allow_base_mismatch allows"):
+        load_pipeline(other, base_model="base", device="cpu", allow_base_mismatch=True)
+    # moved together, the LoRA finds its base through the relative record
+    moved = tmp_path / "moved"
+    shutil.copytree(first / "base", moved / "first" / "base")
+    shutil.copytree(lora, moved / "lora", ignore=shutil.ignore_patterns("checkpoint-*"))
+    assert lora_base_model(moved / "lora") == str(moved / "first" / "base")
     resume = small_config("base", d7p_small_train, lora, max_train_steps=2, resume_from_checkpoint="latest")
     with pytest.raises(InputError, match=r"--pretrained_model_name_or_path base: has fingerprint .* checkpoint-1"):
         train(resume)
@@ -360,7 +375,7 @@ def test_torch_compile_auto_compiles_only_work_long_enough_to_repay_it(monkeypat
     import lesiongen.devices as devices
 
     cfg = TrainConfig(report_to="none")
-    assert cfg.torch_compile == "auto" and cfg.max_train_steps >= train_module.COMPILE_AFTER_STEPS  # the recipe
+    assert cfg.torch_compile == "auto" and total_steps(cfg, 10, 1) >= train_module.COMPILE_AFTER_STEPS  # the recipe
     monkeypatch.setattr(devices, "compiler_missing", lambda device: None)
     with torch._dynamo.config.patch(suppress_errors=False):
         assert devices.compile_choice("auto", 2000, 2000, "steps", "cpu")[0]
@@ -504,6 +519,26 @@ def test_any_micro_batch_trains_the_same_weights(tiny_sd_dir, d7p_small_train, t
     assert json.loads((tmp_path / "1x4_as_2" / "config.json").read_text())["micro_batch"] == 2
 
 
+def test_num_train_epochs_derives_the_steps_as_diffusers_does_and_max_train_steps_wins(
+    tiny_sd_dir, d7p_small_train, tmp_path, capsys
+):
+    """diffusers: steps = epochs x ceil(batches per process / accumulation); given both, max_train_steps wins."""
+    epochs = replace(small_config(tiny_sd_dir, d7p_small_train, tmp_path), max_train_steps=None, num_train_epochs=3)
+    assert total_steps(epochs, 10, 2) == 3 * 3  # ceil(10 / (2 x 2)) = 3 batches per process, 1 step each
+    assert total_steps(replace(epochs, gradient_accumulation_steps=2), 10, 2) == 3 * 2  # ceil(3 / 2) steps
+    assert total_steps(replace(epochs, num_train_epochs=None), 10, 1) == DEFAULT_TRAIN_STEPS
+    one_epoch = replace(epochs, num_train_epochs=1, gradient_accumulation_steps=2, output_dir=str(tmp_path / "e"))
+    n = len((d7p_small_train / "metadata.jsonl").read_text().splitlines())
+    assert train(one_epoch).global_step == math.ceil(math.ceil(n / 2) / 2)  # batches of 2, accumulated 2 by 2
+    record = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert record["config"]["num_train_epochs"] == 1 and record["config"]["max_train_steps"] is None
+    assert "wins" not in capsys.readouterr().out
+    both = replace(one_epoch, max_train_steps=2, output_dir=str(tmp_path / "both"))
+    assert train(both).global_step == 2
+    notes = [line for line in capsys.readouterr().out.splitlines() if "wins" in line]
+    assert notes == ["note: --max_train_steps 2 wins over --num_train_epochs 1"]
+
+
 def test_min_snr_weighting_matches_hand_computation(tiny_sd_dir):
     from diffusers import DDPMScheduler
 
@@ -550,6 +585,8 @@ def test_flags_parse_in_diffusers_spelling_and_combinations_are_checked():
         (["--train_batch_size", "2", "--gradient_accumulation_steps", "3", "--micro_batch_size", "4"], "--micro_batch"),
         (["--micro_batch_size", "big"], "--micro_batch_size"),
         (["--cache_shard_size", "0"], "--cache_shard_size"),
+        (["--num_train_epochs", "0"], "--num_train_epochs: must be at least 1"),
+        (["--max_train_steps", "0"], "--max_train_steps: must be at least 1"),
     ]:
         with pytest.raises(InputError, match=flag):
             parse_config(TrainConfig, argv)

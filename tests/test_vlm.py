@@ -178,6 +178,9 @@ def test_timeout_is_retried_and_a_dead_endpoint_is_an_error_not_a_caption(fake, 
         (FakeVLM.reply("```json\n" + json.dumps(["brown"]) + "\n```"), "not a JSON object"),
         (b"<html>gateway</html>", "not JSON"),
         ({"object": "error"}, "no choices"),
+        (["a", "JSON", "list"], "not a JSON object"),
+        ({"choices": [{"message": {"content": ["parts"]}}]}, "not a chat message"),
+        (b"{" + b" " * (vlm.MAX_REPLY_BYTES + 10) + b"}", "over 4 MiB"),
     ],
 )
 def test_malformed_replies_are_invalid_and_cached(fake, tmp_path, payload, why):
@@ -293,3 +296,99 @@ def test_build_captions_stops_before_any_image_when_endpoint_is_down(tmp_path):
     args += ["--vlm_model", "m", "--vlm_retries", "0"]
     assert main(args) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_usage_fields_of_the_wrong_type_count_zero_and_the_reply_is_kept(fake, tmp_path):
+    payload = FakeVLM.reply(json.dumps(GOOD)) | {"usage": {"prompt_tokens": "many", "completion_tokens": None}}
+    fake.rule = lambda kind, body: (200, payload, 0.0) if kind == "report" else None
+    c = client(fake, tmp_path)
+    [result] = c.describe_many(image_files(tmp_path / "im", 1), progress=False)
+    assert result.status == "ok" and c.summary()["prompt_tokens"] == 100  # the condense call's 100 alone
+    assert read_jsonl(tmp_path / "cache.jsonl")[0]["status"] == "ok"
+
+
+class Trickle:
+    """A server that answers every request with headers, then one body byte every 50 ms, forever."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.stop = threading.Event()
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while not self.stop.is_set():
+            conn, _ = self.sock.accept()
+            threading.Thread(target=self.drip, args=(conn,), daemon=True).start()
+
+    def drip(self, conn) -> None:
+        try:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+            while not self.stop.is_set():
+                conn.sendall(b" ")
+                time.sleep(0.05)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def test_a_server_that_trickles_bytes_cannot_outlast_the_timeout(tmp_path):
+    server = Trickle()
+    c = vlm.VLMClient(server.url, "m", cache_path=tmp_path / "c.jsonl", timeout=0.5, retries=1, backoff=0.01)
+    start = time.monotonic()
+    [result] = c.describe_many(image_files(tmp_path / "im", 1), progress=False)
+    elapsed = time.monotonic() - start
+    server.stop.set()
+    assert result.status == "error" and "TimeoutError after 2 attempts" in result.reason
+    assert elapsed < 3.0  # two attempts of 0.5 s each, not the 100 s the drip would take
+
+
+def test_a_redirect_is_refused_and_the_key_never_reaches_the_other_host(fake, tmp_path):
+    class Redirect(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(307)
+            self.send_header("Location", fake.url + "/chat/completions")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        c = vlm.VLMClient(url, "m", api_key="sk-secret", retries=0, timeout=2.0)
+        with pytest.raises(InputError, match="redirected to http://127.0.0.1.*never sent on"):
+            c.check()
+        [result] = c.describe_many(image_files(tmp_path / "im", 1), progress=False)
+        assert result.status == "error" and "redirected" in result.reason
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert fake.calls == []  # the other host heard nothing, so it never saw the key
+
+
+def test_a_key_pasted_for_the_variable_name_is_refused_unshown_and_an_unset_variable_is_one_line(tmp_path, capsys):
+    from lesiongen.captions.build import main
+
+    csv, images, _ = ham_folder(tmp_path)
+    key = "sk-proj-4fA9x0Qz7LmN2bVc8RtY1uWe"
+    args = ["--dataset", "ham10000", "--metadata", str(csv), "--images", str(images), "--out", str(tmp_path / "o")]
+    args += ["--split_fractions", "1", "0", "0"]
+    assert main([*args, "--vlm_api_key_env", key]) == 2
+    err = capsys.readouterr().err
+    assert "--vlm_api_key_env" in err and "looks like a key" in err and key not in err
+    assert not (tmp_path / "o").exists()
+    vlm_args = ["--reporter", "metadata,image,vlm", "--vlm_base_url", "http://127.0.0.1:9/v1", "--vlm_model", "m"]
+    assert main([*args, *vlm_args, "--vlm_api_key_env", "LESIONGEN_TEST_UNSET_KEY"]) == 2
+    err = capsys.readouterr().err
+    assert "environment variable LESIONGEN_TEST_UNSET_KEY is not set" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    assert main([*args, "--reporter", "metadata"]) == 0  # the default name, unset, is fine
+    assert "LESIONGEN_VLM_API_KEY" in (tmp_path / "o" / "summary.json").read_text()

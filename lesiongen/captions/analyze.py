@@ -26,7 +26,7 @@ from scipy import ndimage as ndi
 from skimage import color, filters, morphology
 
 from .. import labels
-from ..cli import option, parse_config, run
+from ..cli import option, run_stage
 from ..errors import InputError
 from ..files import atomic_path, write_json, write_jsonl
 from ..images import IMAGE_SUFFIXES, UnreadableImage, image_grid, list_images, read_alpha, read_rgb
@@ -502,7 +502,8 @@ def analyze_folder(cfg: AnalyzeConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: analyze_folder(parse_config(AnalyzeConfig, argv, prog="python -m lesiongen.captions.analyze")))
+    prog = "python -m lesiongen.captions.analyze"
+    return run_stage(analyze_folder, AnalyzeConfig, argv, prog, "the image analyzer", reads=("images",))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Output layout (loadable with ``datasets.load_dataset("imagefolder", data_dir=OUT
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -20,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import labels
-from ..cli import option, parse_config, run
+from ..cli import option, run_stage
 from ..errors import InputError
 from ..files import write_json, write_jsonl
 from ..images import decode_problem, list_images
@@ -32,6 +33,7 @@ from .metadata import LOADERS, LesionRecord, LoadResult, load_metadata
 from .reports import Reporter, ReportOptions
 from .splits import D7P_INDEX_FILES, d7p_official_splits, split_by_lesion
 from .text import STYLES, caption, record_rng
+from .vlm import check_key_env_name
 
 LINKS = ("symlink", "hardlink", "copy")
 
@@ -62,6 +64,7 @@ class BuildCaptionsConfig(ReportOptions):
             problem = "is a file, not an image folder" if Path(self.images).exists() else "image folder not found"
             raise InputError(self.images, problem, "check --images, or omit it to caption metadata alone")
         analysis_workers(self.analysis_workers)
+        check_key_env_name(self.vlm_api_key_env)
 
 
 def index_images(folder: Path) -> dict[str, Path]:
@@ -77,6 +80,13 @@ def find_image(record: LesionRecord, index: dict[str, Path]) -> Path | None:
     keys = [record.image_path.lower()] if record.image_path else []
     keys.append(record.image_id.lower())
     return next((index[k] for k in keys if k in index), None)
+
+
+def image_identities(path: Path) -> tuple[str, str]:
+    """What makes two rows one image: the resolved file (ids that differ only in case, or a symlink,
+    find the same file) and its content (a byte-identical copy). Either shared puts one image in
+    two splits, so the later row is skipped and counted."""
+    return str(path.resolve()), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def place_image(src: Path, dst: Path, how: str) -> None:
@@ -151,7 +161,7 @@ def caption_record(record: LesionRecord, style: str, seed: int) -> tuple[LesionR
 def build(cfg: BuildCaptionsConfig) -> dict:
     loaded = load_metadata(cfg.dataset, cfg.metadata, cfg.skip_bad_rows)
     records = loaded.records
-    skipped = {"bad_rows": loaded.skipped, "missing_images": [], "corrupt_images": []}
+    skipped = {"bad_rows": loaded.skipped, "missing_images": [], "corrupt_images": [], "duplicate_images": []}
     splits, split_kind = assign_splits(cfg, loaded)
     out = Path(cfg.output_dir)
     images = Path(cfg.images) if cfg.images else None
@@ -160,6 +170,7 @@ def build(cfg: BuildCaptionsConfig) -> dict:
 
     kept: list[dict] = []
     sources: list[tuple[LesionRecord, Path]] = []
+    seen: dict[str, str] = {}  # an image's identity (resolved file, content hash) -> the image_id that has it
     for record, split in tqdm(list(zip(records, splits, strict=False)), desc="captions", unit="img", disable=None):
         src = None
         if images is not None:
@@ -176,6 +187,11 @@ def build(cfg: BuildCaptionsConfig) -> dict:
                 key = "missing_images" if problem == "missing image" else "corrupt_images"
                 skipped[key].append(record.image_id)
                 continue
+            identities = image_identities(src)
+            if first := next((seen[i] for i in identities if i in seen), None):
+                skipped["duplicate_images"].append(f"{record.image_id} (same image as {first})")
+                continue
+            seen.update(dict.fromkeys(identities, record.image_id))
         record, row = caption_record(record, cfg.style, cfg.seed)
         row["split"] = split
         if src is not None:
@@ -250,7 +266,14 @@ def print_summary(s: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: build(parse_config(BuildCaptionsConfig, argv, prog="build_captions.py")))
+    return run_stage(
+        build,
+        BuildCaptionsConfig,
+        argv,
+        "build_captions.py",
+        "build_captions.py",
+        reads=("metadata", "images", "split_dir"),
+    )
 
 
 if __name__ == "__main__":

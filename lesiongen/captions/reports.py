@@ -13,7 +13,6 @@ imagefolder ``metadata.jsonl`` holding it loads with pyarrow / ``datasets`` with
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from ..tokens import count_tokens
 from .analyze import MEASURED_KEYS, analysis_workers, measure_files
 from .metadata import LesionRecord
 from .text import Caption, report_caption, report_long_text, reported_record
-from .vlm import VLM_FIELDS, VLMClient
+from .vlm import DEFAULT_KEY_ENV, VLM_FIELDS, VLMClient, api_key_from_env
 
 REPORT_VERSION = 1
 REPORTERS: tuple[str, ...] = ("metadata", "image", "vlm")
@@ -304,7 +303,7 @@ class ReportOptions:
     )
     vlm_model: str | None = option(None, help="vision-language model served at --vlm_base_url")
     vlm_api_key_env: str = option(
-        "LESIONGEN_VLM_API_KEY", help="environment variable that holds the API key (empty for local servers)"
+        DEFAULT_KEY_ENV, help="environment variable that holds the API key (empty for local servers)"
     )
     vlm_concurrency: int = option(4, help="vlm requests in flight at once")
     vlm_timeout: float = option(60.0, help="seconds before a vlm request is retried")
@@ -369,8 +368,7 @@ class Reporter:
         sources = resolve_reporters(cfg, style, images is not None)
         if sources == ("metadata",):
             return None
-        key = os.environ.get(cfg.vlm_api_key_env) if cfg.vlm_api_key_env else None
-        return cls(sources, cfg, out, key)
+        return cls(sources, cfg, out, api_key_from_env(cfg.vlm_api_key_env) if "vlm" in sources else None)
 
     def apply(
         self, items: list[tuple[LesionRecord, Path]], rows: list[dict], seed: int, fits: Callable[[str], bool]

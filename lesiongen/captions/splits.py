@@ -6,6 +6,7 @@ train and test, so every split here keeps all images of a ``lesion_id`` together
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,13 +53,41 @@ def split_by_lesion(
             f"{fractions} needs at least {q} distinct lesions, got {len(set(groups))}",
             "use coarser fractions or more data",
         )
-    folds = grouped_kfold(labels, groups, q, seed)
+    check_class_sizes(labels, groups, q, fractions)
+    with warnings.catch_warnings():  # said above in one line, naming the classes
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        folds = grouped_kfold(labels, groups, q, seed)
     out = ["train"] * len(labels)
     for f, idx in enumerate(folds):
         name = "test" if f < n_test else "validation" if f < n_test + n_val else "train"
         for i in idx:
             out[i] = name
     return out
+
+
+def check_class_sizes(
+    labels: Sequence[str], groups: Sequence[str], q: int, fractions: tuple[float, float, float]
+) -> None:
+    """Stratifying over q folds needs q lesions of a class to put one in each fold. When no class has
+    that many the split cannot be made (one line naming the largest); classes below it are said, since
+    they may then miss the validation or test split."""
+    lesions: dict[str, set[str]] = {}
+    for label, group in zip(labels, groups, strict=True):
+        lesions.setdefault(label, set()).add(group)
+    sizes = {label: len(g) for label, g in sorted(lesions.items())}
+    small = {label: n for label, n in sizes.items() if n < q}
+    shown = " ".join(f"{f:g}" for f in fractions)
+    if len(small) == len(sizes):
+        largest = max(sizes, key=sizes.get)
+        raise InputError(
+            "--split_fractions",
+            f"{shown} needs {q} lesions of a class to stratify it, and the largest class, {largest}, has "
+            f"{sizes[largest]}",
+            "pass coarser fractions such as --split_fractions 0.6 0.2 0.2 (5 per class), or 1 0 0 to keep all for training",
+        )
+    if small:
+        listed = ", ".join(f"{label} ({n})" for label, n in small.items())
+        print(f"note: classes with fewer than {q} lesions may miss the validation or test split: {listed}")
 
 
 def read_indexes(path: Path) -> pd.Series:

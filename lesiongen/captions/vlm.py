@@ -3,6 +3,10 @@ local vLLM / Ollama / llama.cpp server) describes each image in the paper's 12-f
 
 Standard library only. The image is attached to every request; the API key is passed in by the
 caller (read from an environment variable at the command line, never from a flag or the source).
+The endpoint is untrusted: the key goes only to the host named in the URL (a redirect is refused,
+never followed, and no proxy is used), each request has one deadline for the whole exchange (a server
+that trickles bytes cannot hold the run), and a reply too large or of the wrong shape is counted as
+invalid, never a crash that loses the replies already paid for.
 Replies are cached per image (JSONL keyed by image hash, model and prompt version), so a killed or
 rerun job resumes without paying twice. Requests run with bounded concurrency and are retried with
 backoff on 429, 5xx and timeouts. A refusal, an error or a reply that fails the schema check is
@@ -13,13 +17,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import json
+import os
 import random
 import re
+import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +51,9 @@ VLM_FIELDS: tuple[str, ...] = (
 PROMPT_VERSION = "report-v1"
 MAX_FIELD_CHARS = 300  # longer "phrases" are not a report field: the reply is invalid
 MAX_PROMPT_CHARS = 500
+MAX_REPLY_BYTES = 4 * 2**20  # a 600-token chat completion is a few KB; a larger body is not a reply
+DEFAULT_KEY_ENV = "LESIONGEN_VLM_API_KEY"
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 REPORT_INSTRUCTIONS = (
     "You are a dermatologist describing a dermoscopic image for a research dataset. Look only at the image "
     "and the patient facts given. Reply with one JSON object and nothing else, with exactly these keys: "
@@ -67,6 +76,14 @@ PROBE_PNG = base64.b64decode(
 
 class TransportError(Exception):
     """The endpoint did not answer usefully after all retries (network, 429, 5xx, timeout)."""
+
+
+class Busy(Exception):
+    """HTTP 429 or 5xx: worth retrying, after ``retry_after`` seconds when the server says so."""
+
+    def __init__(self, status: int, retry_after: float | None = None) -> None:
+        super().__init__(f"HTTP {status}")
+        self.retry_after = retry_after
 
 
 class RequestRejected(Exception):
@@ -129,6 +146,38 @@ def parse_report(content: str) -> tuple[dict | None, str]:
     return report, ""
 
 
+def token_count(value) -> int:
+    """A usage field as a count: servers that send none, null, text or a negative number count 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def check_key_env_name(name: str) -> None:
+    """Refuse a key pasted where the NAME of its variable belongs, without echoing it: configs are
+    written to summaries, and a key must never be."""
+    if name and (
+        not ENV_NAME_RE.match(name) or (len(name) >= 20 and re.search(r"[a-z]", name) and re.search(r"\d", name))
+    ):
+        raise InputError(
+            "--vlm_api_key_env",
+            "takes the NAME of an environment variable, and this value looks like a key itself (not shown)",
+            f"export {DEFAULT_KEY_ENV}=<your key> and drop the flag",
+        )
+
+
+def api_key_from_env(name: str) -> str | None:
+    """The key held by environment variable ``name`` (None for an empty name: a local server). A
+    variable that is not set is an error, except the default, which servers without a key leave unset."""
+    check_key_env_name(name)
+    key = os.environ.get(name) if name else None
+    if name and not key and name != DEFAULT_KEY_ENV:
+        raise InputError(
+            "--vlm_api_key_env",
+            f"environment variable {name} is not set",
+            f"export {name}=<your key>, or pass --vlm_api_key_env '' for a server without a key",
+        )
+    return key or None
+
+
 def is_refusal(message: dict, finish_reason: str | None) -> bool:
     content = message.get("content") or ""
     return bool(message.get("refusal")) or finish_reason == "content_filter" or bool(REFUSAL_RE.match(content))
@@ -165,20 +214,54 @@ class VLMClient:
 
     # transport ---------------------------------------------------------------------------------
     def _post_once(self, payload: dict) -> dict:
+        """One POST with one deadline for the whole exchange. The socket timeout bounds each read only,
+        so a timer cuts the connection when ``timeout`` seconds have passed in all."""
+        parts = urllib.parse.urlsplit(self.url)
+        connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = connection(parts.hostname, parts.port, timeout=self.timeout)
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=json.dumps(payload).encode(), headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            body = resp.read().decode("utf-8", "replace")
+        expired = threading.Event()
+
+        def cut() -> None:
+            expired.set()
+            if conn.sock is not None:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+
+        timer = threading.Timer(self.timeout, cut)
+        timer.start()
         try:
-            return json.loads(body)
+            conn.request("POST", parts.path or "/", json.dumps(payload).encode(), headers)
+            resp = conn.getresponse()
+            body = resp.read(MAX_REPLY_BYTES + 1)
+        except (OSError, http.client.HTTPException):
+            if not expired.is_set():
+                raise
+        finally:
+            timer.cancel()
+            conn.close()
+        if expired.is_set():  # a cut connection can also end a read early without an error
+            raise TimeoutError(f"no complete reply within {self.timeout:g} s")
+        if 300 <= resp.status < 400:
+            where = urllib.parse.urlsplit(urllib.parse.urljoin(self.url, resp.getheader("Location") or ""))
+            raise RequestRejected(resp.status, f"redirected to {where.scheme}://{where.netloc}{where.path}")
+        if resp.status == 429 or resp.status >= 500:
+            retry_after = resp.getheader("Retry-After") or ""
+            raise Busy(resp.status, float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None)
+        text = body.decode("utf-8", "replace")
+        if resp.status >= 400:
+            raise RequestRejected(resp.status, text)
+        if len(body) > MAX_REPLY_BYTES:
+            raise RequestRejected(200, f"response body is over {MAX_REPLY_BYTES // 2**20} MiB")
+        try:
+            return json.loads(text)
         except json.JSONDecodeError:
-            raise RequestRejected(200, f"response body is not JSON: {body[:100]}") from None
+            raise RequestRejected(200, f"response body is not JSON: {text[:100]}") from None
 
     def _post(self, payload: dict, retries: int | None = None) -> dict:
         """POST with retries: 429, 5xx, timeouts and dropped connections back off exponentially
-        (honouring Retry-After); other HTTP errors are not retried."""
+        (honouring Retry-After); other HTTP errors and redirects are not retried."""
         last = ""
         retries = self.retries if retries is None else retries
         for attempt in range(retries + 1):
@@ -190,20 +273,14 @@ class VLMClient:
             wait = self.backoff * (2**attempt) * (1 + 0.25 * random.random())
             try:
                 return self._post_once(payload)
-            except urllib.error.HTTPError as e:
-                body = e.read().decode("utf-8", "replace") if e.fp else ""
-                if e.code != 429 and e.code < 500:
-                    raise RequestRejected(e.code, body) from None
-                last = f"HTTP {e.code}"
-                retry_after = e.headers.get("Retry-After") if e.headers else None
-                if retry_after and retry_after.replace(".", "", 1).isdigit():
-                    wait = min(float(retry_after), 60.0)
-            except (TimeoutError, ConnectionError) as e:
+            except Busy as e:
+                last = str(e)
+                if e.retry_after is not None:
+                    wait = min(e.retry_after, 60.0)
+            except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
                 last = f"{type(e).__name__}"
-            except urllib.error.URLError as e:
-                if not isinstance(e.reason, (TimeoutError, ConnectionError)):
-                    raise TransportError(f"cannot reach {self.url} ({e.reason})") from None
-                last = f"{type(e.reason).__name__}"
+            except OSError as e:  # no such host, no route: retrying will not help
+                raise TransportError(f"cannot reach {self.url} ({e})") from None
             if attempt < retries:
                 time.sleep(wait)
         raise TransportError(f"{last} after {retries + 1} attempts")
@@ -216,15 +293,20 @@ class VLMClient:
             "temperature": 0,
         }
         reply = self._post(payload, retries)
-        usage = reply.get("usage") or {}
+        if not isinstance(reply, dict):
+            raise RequestRejected(200, f"reply is not a JSON object: {str(reply)[:100]}")
+        usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
         with self._lock:
-            self.usage.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-            self.usage.completion_tokens += int(usage.get("completion_tokens") or 0)
+            self.usage.prompt_tokens += token_count(usage.get("prompt_tokens"))
+            self.usage.completion_tokens += token_count(usage.get("completion_tokens"))
         try:
             choice = reply["choices"][0]
-            return choice["message"], choice.get("finish_reason")
-        except (KeyError, IndexError, TypeError):
+            message, finish = choice["message"], choice.get("finish_reason")
+        except (KeyError, IndexError, TypeError, AttributeError):
             raise RequestRejected(200, f"no choices in reply: {str(reply)[:100]}") from None
+        if not isinstance(message, dict) or not isinstance(message.get("content") or "", str):
+            raise RequestRejected(200, f"the message is not a chat message: {str(message)[:100]}")
+        return message, finish
 
     # checks and reports ------------------------------------------------------------------------
     def check(self) -> None:
@@ -263,8 +345,18 @@ class VLMClient:
                     f"model '{self.model}' does not accept images ({e.body[:120]})",
                     "serve a vision-language model",
                 ) from None
+            if 300 <= e.status < 400:
+                raise InputError(
+                    where,
+                    f"the endpoint {e.body}; the key is never sent on to another address",
+                    "put the final URL in --vlm_base_url",
+                ) from None
+            if e.status == 200:
+                raise InputError(
+                    where, f"the reply is not an OpenAI chat completion ({e.body})", "check the URL and server"
+                ) from None
             raise InputError(where, str(e), "check the endpoint") from None
-        if not isinstance(message, dict) or "content" not in message:
+        if "content" not in message:
             raise InputError(
                 where, "the reply is not an OpenAI chat completion", "check that the server is OpenAI-compatible"
             )

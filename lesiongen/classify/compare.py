@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .. import labels
-from ..cli import option, parse_config, run
+from ..cli import option, run_stage
 from ..errors import InputError
 from ..files import atomic_path, write_json, write_text
 from ..tables import METADATA, SPLITS
@@ -218,7 +218,8 @@ def compare(cfg: CompareConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: compare(parse_config(CompareConfig, argv, prog="compare.py")))
+    reads = ("data_dir", "synthetic_dir")
+    return run_stage(compare, CompareConfig, argv, "compare.py", "the classifier comparison", reads, tables=reads)
 
 
 if __name__ == "__main__":

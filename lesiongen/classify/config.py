@@ -50,9 +50,9 @@ class ClassifierSettings:
     device: str = option(AUTO, help="auto (cuda when available), cpu, cuda, cuda:1 ...")
 
     def __post_init__(self) -> None:
-        if self.synthetic_ratio is not None and self.synthetic_ratio <= 0:
+        if self.synthetic_ratio is not None and not 0 < self.synthetic_ratio < float("inf"):  # nan too
             raise InputError(
-                "--synthetic_ratio", f"must be positive, got {self.synthetic_ratio}", "e.g. 1.0, or omit it"
+                "--synthetic_ratio", f"must be a positive number, got {self.synthetic_ratio}", "e.g. 1.0, or omit it"
             )
         for name in ("epochs", "batch_size", "folds"):
             if getattr(self, name) < 1:
@@ -65,8 +65,8 @@ class ClassifierSettings:
             )
         if self.image_size < 16:
             raise InputError("--image_size", f"{self.image_size} px is too small", "use 16 or more")
-        if self.lr <= 0:
-            raise InputError("--lr", f"must be positive, got {self.lr}", "e.g. 1e-3")
+        if not 0 < self.lr < float("inf"):  # false for nan too
+            raise InputError("--lr", f"must be a positive number, got {self.lr}", "e.g. 1e-3")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
 from .. import labels
-from ..cli import parse_config, run
+from ..cli import run_stage
 from ..devices import adamw, resolve_device
 from ..errors import InputError
 from ..files import write_json, write_jsonl
@@ -232,7 +232,8 @@ def train(cfg: ClassifyConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: train(parse_config(ClassifyConfig, argv, prog="classifier.py")))
+    reads = ("data_dir", "synthetic_dir")
+    return run_stage(train, ClassifyConfig, argv, "classifier.py", "classifier training", reads, tables=reads)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..cli import option, parse_config, run
+from ..cli import option, run_stage
 from ..errors import InputError
 from ..files import write_json
 
@@ -569,7 +569,7 @@ def run_stages(cfg: DemoConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: demo(parse_config(DemoConfig, argv, prog="python -m lesiongen.demo")))
+    return run_stage(demo, DemoConfig, argv, "python -m lesiongen.demo", "the demo")
 
 
 if __name__ == "__main__":

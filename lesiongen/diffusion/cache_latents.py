@@ -2,6 +2,7 @@
 
     accelerate launch -m lesiongen.diffusion.cache_latents --pretrained_model_name_or_path MODEL \\
         --train_data_dir CAPTIONS/train --output_dir OUT [--cache_dir DIR] [any other train flag]
+    (or --dataset_name NAME in place of --train_data_dir)
 
 It takes ``lesiongen.diffusion.train``'s flags, so the cache it writes is the one that training run
 opens without encoding anything. Rerun after a kill to finish the missing shards.
@@ -14,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from ..cli import parse_config, run
+from ..cli import run_stage
 from .config import TrainConfig
 
 
@@ -31,16 +32,15 @@ def build_cache(cfg: TrainConfig) -> CacheReport:
     import torch
     from accelerate.utils import gather_object
 
-    from .dataset import read_examples
     from .latent_cache import open_cache
     from .pipeline import load_training_parts
     from .train import make_accelerator, weight_dtype
+    from .train_data import load_examples
 
     accelerator = make_accelerator(cfg)
     parts = load_training_parts(cfg.pretrained_model_name_or_path, cfg.model_family)
     family = parts["family"]
-    field = cfg.caption_field or family.caption_field
-    examples = read_examples(cfg.train_data_dir, [parts[family.caption_tokenizer]], field)
+    examples, _ = load_examples(cfg, parts)
     dtype = weight_dtype(accelerator)
     for name in ("vae", *family.text_encoders):
         parts[name].requires_grad_(False).to(accelerator.device, dtype)
@@ -63,7 +63,10 @@ def build_cache(cfg: TrainConfig) -> CacheReport:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: build_cache(parse_config(TrainConfig, argv, prog="python -m lesiongen.diffusion.cache_latents")))
+    prog, reads = "python -m lesiongen.diffusion.cache_latents", ("pretrained_model_name_or_path", "train_data_dir")
+    return run_stage(
+        build_cache, TrainConfig, argv, prog, "diffusion training", reads=reads, tables=("train_data_dir",)
+    )
 
 
 if __name__ == "__main__":

@@ -22,11 +22,8 @@ from pathlib import Path
 from ..errors import InputError
 from ..files import atomic_dir, write_json
 from ..states import read_state, write_state
-from ..tables import read_metadata
-from .config import TrainConfig
-from .families import FAMILIES
+from .config import TrainConfig, recorded_fields
 from .fingerprint import fingerprint
-from .pipeline import INTERCHANGE_NAMES
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE = "training_state.safetensors"  # the schedule's and the EMA's state, beside accelerate's files
@@ -186,7 +183,7 @@ def remove_stale_temporaries(out: Path) -> None:
 
 
 def run_record(cfg: TrainConfig, accelerator, step: int, extra: dict) -> dict:
-    return {"config": asdict(cfg), "global_step": step, "num_processes": accelerator.num_processes, **extra}
+    return {"config": recorded_fields(cfg), "global_step": step, "num_processes": accelerator.num_processes, **extra}
 
 
 def publish(out: Path, build: Callable[[Path], None], last: str) -> None:
@@ -202,53 +199,3 @@ def publish(out: Path, build: Callable[[Path], None], last: str) -> None:
             shutil.rmtree(target)
         os.replace(entry, target)
     tmp.rmdir()
-
-
-def model_card(cfg: TrainConfig, record: dict, examples) -> str:
-    """README.md for the output folder: base model, data, captions and every hyperparameter."""
-    styles = _caption_styles(cfg)
-    family = FAMILIES[record["model_family"]]
-    extras = ", safety_checker=None" if "safety_checker" in family.pipeline_extras else ""
-    how = (
-        f"pipe = {family.pipeline}.from_pretrained('{cfg.pretrained_model_name_or_path}'{extras})\n"
-        f"pipe.load_lora_weights('{cfg.output_dir}')"
-        if cfg.mode == "lora"
-        else f"pipe = {family.pipeline}.from_pretrained('{cfg.output_dir}'{extras})"
-    )
-    interchange = (
-        f"`{INTERCHANGE_NAMES[family.interchange]}` holds the same LoRA in the format ComfyUI (and, for the "
-        "UNet families, AUTOMATIC1111) load.\n"
-        if cfg.mode == "lora"
-        else ""
-    )
-    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in record["config"].items())
-    return f"""# LesionGen {cfg.mode} model
-
-Fine-tuned ({family.name} family) from `{cfg.pretrained_model_name_or_path}` on {len(examples)} captioned
-dermoscopic images from `{cfg.train_data_dir}` (caption style: {", ".join(styles)}; trained on the
-`{record["caption_field"]}` field), {record["global_step"]} optimiser steps,
-{record["num_processes"]} process(es), effective batch {record["effective_batch"]}, final loss {record["final_loss"]}.
-Written {record["finished"]} by `lesiongen.diffusion.train`.
-
-Load it with diffusers:
-
-```python
-from diffusers import {family.pipeline}
-{how}
-image = pipe("melanoma, dermoscopic image").images[0]
-```
-{interchange}
-or `python generate.py --model_path {cfg.output_dir} ...`. Synthetic medical images are for research, not diagnosis.
-
-## Hyperparameters
-
-| setting | value |
-|---|---|
-{rows}
-"""
-
-
-def _caption_styles(cfg: TrainConfig) -> list[str]:
-    from .dataset import find_metadata
-
-    return sorted({row.get("caption_style", "unknown") for _, row in read_metadata(find_metadata(cfg.train_data_dir))})

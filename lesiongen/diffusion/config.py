@@ -7,7 +7,11 @@ scripts only change defaults.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from ..cli import option
 from ..errors import InputError
@@ -21,6 +25,19 @@ DEFAULT_LR = {"lora": 5e-6, "full": 1e-5}  # the original train_lora.sh / train_
 # saved 0.058 s a step, so it paid back after about 1,900 steps (350 warm; README section 2). The original
 # recipe's 15,000-step runs compile; short tests and the demo's 1,300-step runs do not.
 COMPILE_AFTER_STEPS = 2000
+DEFAULT_TRAIN_STEPS = 15000  # the original train_lora.sh / train_SD.sh, when neither steps nor epochs are given
+REPORT_TO = ("tensorboard", "wandb", "none")  # accelerate trackers
+# Fields naming a local file or folder: the config.json and card published with a model write them relative to
+# the output folder, so a copied or uploaded folder carries no machine path. Hub ids are left as they are.
+PATH_FIELDS = (
+    "pretrained_model_name_or_path",
+    "train_data_dir",
+    "dataset_name",
+    "output_dir",
+    "cache_dir",
+    "resume_from_checkpoint",
+)
+SECRET_FIELDS = ("hub_token",)  # never written to config.json, checkpoints, trackers or the card
 
 
 @dataclass
@@ -58,9 +75,18 @@ class TrainConfig:
     train_data_dir: str = option(
         "data/captions/train", help="folder with metadata.jsonl (file_name, text), e.g. build_captions OUT/train"
     )
+    dataset_name: str | None = option(
+        None,
+        help="train on a dataset read by datasets.load_dataset (its train split) instead of --train_data_dir: a Hub "
+        "dataset id, a local dataset folder (an imagefolder, or python -m lesiongen.diffusion.export's output) "
+        "or a parquet file",
+    )
+    image_column: str = option("image", help="with --dataset_name, the column holding the images")
     caption_field: str | None = option(
         None,
-        help="metadata.jsonl field to train on; none means the family's: text (CLIP families) or long_text (T5)",
+        help="metadata.jsonl field or dataset column to train on; none means the family's: text (CLIP families), "
+        "or long_text (T5 families) where the data has it, else text",
+        aliases=("--caption_column",),
     )
     resolution: int = option(256, help="training image size (px)")
     center_crop: bool = option(True, help="center crop (false: random crop, which cannot use --cache_latents)")
@@ -95,7 +121,14 @@ class TrainConfig:
         "into micro-batches of this size (a divisor), or 'auto': the fastest that fits, found by trial passes. "
         "Every image draws its own noise, so the result is the same for any value; none keeps train_batch_size",
     )
-    max_train_steps: int = option(15000, help="optimiser steps")
+    max_train_steps: int | None = option(
+        None,
+        help=f"optimiser steps; none means --num_train_epochs passes over the data, or {DEFAULT_TRAIN_STEPS} without "
+        "it. Given both, this wins (as in diffusers)",
+    )
+    num_train_epochs: int | None = option(
+        None, help="passes over the training images, when --max_train_steps is not given (diffusers' semantics)"
+    )
     learning_rate: float | None = option(None, help="learning rate; none means 5e-6 for lora, 1e-5 for full")
     lr_scheduler: str = option("constant", help="learning-rate schedule", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = option(0, help="warm-up optimiser steps")
@@ -131,7 +164,23 @@ class TrainConfig:
     validation_steps: int = option(500, help="validation images every N steps and at the end; 0 disables")
     validation_inference_steps: int = option(25, help="sampling steps for validation images")
     report_to: str = option(
-        "tensorboard", help="where to log the loss curve and images", choices=("tensorboard", "none")
+        "tensorboard",
+        help="where to log the loss curve and validation images (an accelerate tracker)",
+        choices=REPORT_TO,
+    )
+    # publishing
+    push_to_hub: bool = option(
+        False,
+        help="at the end, upload the output folder (model, card, sample images, logs; no checkpoints or caches) to "
+        "the Hugging Face Hub; log in first (hf auth login, or the HF_TOKEN variable)",
+    )
+    hub_model_id: str | None = option(
+        None, help="Hub repository for --push_to_hub (user/name); none means the output folder's name under your user"
+    )
+    hub_token: str | None = option(
+        None,
+        help="Hub token for --push_to_hub; never written anywhere. Prefer hf auth login or HF_TOKEN: a flag is seen by "
+        "other users of the machine",
     )
 
     def __post_init__(self) -> None:
@@ -141,12 +190,16 @@ class TrainConfig:
             "resolution",
             "train_batch_size",
             "gradient_accumulation_steps",
-            "max_train_steps",
             "checkpointing_steps",
             "cache_shard_size",
         )
         for name in positive:
             if getattr(self, name) < 1:
+                raise InputError(
+                    f"--{name}", f"must be at least 1, got {getattr(self, name)}", "pass a positive integer"
+                )
+        for name in ("max_train_steps", "num_train_epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(
                     f"--{name}", f"must be at least 1, got {getattr(self, name)}", "pass a positive integer"
                 )
@@ -185,15 +238,64 @@ class TrainConfig:
                 "varies each caption per step, but --cache_latents encodes the captions of frozen text encoders once",
                 "add --cache_latents false, or train the text encoder too (--mode full --train_text_encoder)",
             )
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise InputError("--learning_rate", "must be positive", "e.g. 1e-4 for LoRA")
-        if self.snr_gamma is not None and self.snr_gamma <= 0:
-            raise InputError("--snr_gamma", "must be positive", "5.0 is the min-SNR paper's value, or none")
-        if self.noise_offset < 0:
-            raise InputError("--noise_offset", "must be >= 0", "e.g. 0.05")
+        # the comparisons are written so that nan and inf fail them too (configs built in code skip the CLI's check)
+        if self.learning_rate is not None and not 0 < self.learning_rate < float("inf"):
+            raise InputError("--learning_rate", "must be a positive number", "e.g. 1e-4 for LoRA")
+        if self.snr_gamma is not None and not 0 < self.snr_gamma < float("inf"):
+            raise InputError("--snr_gamma", "must be a positive number", "5.0 is the min-SNR paper's value, or none")
+        if not 0 <= self.noise_offset < float("inf"):
+            raise InputError("--noise_offset", "must be a number >= 0", "e.g. 0.05")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise InputError("--checkpoints_total_limit", "must be at least 1", "or none to keep all")
         if self.dataloader_num_workers < 0:
             raise InputError("--dataloader_num_workers", "must be 0 or more", "0 decodes images in this process")
         if self.validation_steps < 0:
             raise InputError("--validation_steps", "must be >= 0", "0 disables validation")
+        if self.hub_token is not None and self.report_to == "wandb":
+            raise InputError(
+                "--hub_token",
+                "would be recorded by wandb, which logs the command line",
+                "log in with hf auth login (or set HF_TOKEN) and drop --hub_token",
+            )
+        if self.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise InputError(
+                "--report_to wandb",
+                "wandb is not installed",
+                "pip install wandb (then wandb login), or pass --report_to tensorboard",
+            )
+        if (self.hub_model_id or self.hub_token) and not self.push_to_hub:
+            flag = "--hub_model_id" if self.hub_model_id else "--hub_token"
+            raise InputError(flag, "is used only with --push_to_hub", "add --push_to_hub, or drop it")
+
+
+def total_steps(cfg: TrainConfig, n_images: int, world: int) -> int:
+    """Optimiser steps of the run, as diffusers' train_text_to_image.py derives them: ``--max_train_steps`` when
+    given, else ``--num_train_epochs`` x steps per epoch (each process's share of the images in batches, then
+    accumulated), else ``DEFAULT_TRAIN_STEPS``."""
+    if cfg.max_train_steps is not None:
+        return cfg.max_train_steps
+    if cfg.num_train_epochs is None:
+        return DEFAULT_TRAIN_STEPS
+    batches_per_process = math.ceil(n_images / (cfg.train_batch_size * world))
+    return cfg.num_train_epochs * math.ceil(batches_per_process / cfg.gradient_accumulation_steps)
+
+
+def recorded_fields(cfg: TrainConfig) -> dict:
+    """The config as runs record it (config.json, checkpoints, trackers): every field but the secrets."""
+    return {k: v for k, v in asdict(cfg).items() if k not in SECRET_FIELDS}
+
+
+def portable_fields(cfg: TrainConfig, out: Path) -> dict:
+    """``recorded_fields`` with local paths relative to the output folder ``out`` (hub ids and names kept), for the
+    config.json and card that travel with the model."""
+    fields = recorded_fields(cfg)
+    for name in PATH_FIELDS:
+        fields[name] = portable_path(fields[name], out)
+    return fields
+
+
+def portable_path(value: str | None, out: Path) -> str | None:
+    """A local path written relative to ``out``; anything else (a hub id, none) unchanged."""
+    if value is None or not Path(value).expanduser().exists():
+        return value
+    return Path(os.path.relpath(Path(value).expanduser().resolve(), Path(out).resolve())).as_posix()

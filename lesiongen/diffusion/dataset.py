@@ -9,10 +9,13 @@ same items, and the cached-latent path picks the same flip the image path would 
 from __future__ import annotations
 
 import functools
+import io
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -21,19 +24,86 @@ from torchvision.transforms import functional as F
 
 from ..errors import InputError
 from ..images import decode_problem, image_size, open_rgb
-from ..tables import read_metadata
+from ..tables import leaves_folder, read_metadata
 from .families import tokenize
 
 # (image index, flipped, caption dropped, item number in the stream): what a sampler asks a dataset for.
 ItemKey = tuple[int, bool, bool, int]
 
 
+@dataclass(frozen=True, eq=False)
+class StoredImage:
+    """An image held inside a ``datasets`` table (a parquet export, a Hub dataset), read by row when a step needs it,
+    so a dataset of embedded images is never copied out to files."""
+
+    table: Any  # a datasets.Dataset whose image column is not decoded: {"bytes", "path"} cells
+    column: str
+    index: int
+    name: str  # the dataset as the user named it, for messages
+
+    def open(self) -> io.BytesIO:
+        return io.BytesIO(self.table[self.index][self.column]["bytes"])
+
+    def __str__(self) -> str:
+        return f"{self.name} row {self.index}"
+
+
 @dataclass(frozen=True)
 class Example:
-    path: Path
+    image: Path | StoredImage
     text: str
     label: str | None
-    row: int  # 1-based line in metadata.jsonl, for error messages
+    row: int  # 1-based line in metadata.jsonl (or dataset row), for error messages
+    caption_style: str | None = None  # as build_captions.py records it, for the model card
+
+
+def image_file(image: Path | StoredImage) -> Path | io.BytesIO:
+    """What PIL opens for an example's image: the file, or the bytes of a dataset row."""
+    return image.open() if isinstance(image, StoredImage) else image
+
+
+def image_identity(image: Path | StoredImage) -> str:
+    """Changes when the image may have: a file's resolved path, size and modification time, or the dataset's
+    fingerprint (datasets derives it from the data files) and the row."""
+    if isinstance(image, StoredImage):
+        return f"{image.table._fingerprint}:{image.column}:{image.index}"
+    st = image.stat()
+    return f"{image.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def choose_caption_field(columns: set[str], family, source: str) -> str:
+    """The caption field a run trains on when none is asked for: the family's (``long_text`` for the T5
+    families) where every row has it, else ``text`` where every row has that, as diffusers' scripts default to,
+    said in one line. Otherwise the family's, so the row check names the first row without it."""
+    if family.caption_field in columns or "text" not in columns:
+        return family.caption_field
+    print(
+        f"note: {family.name} trains on {family.caption_field} by default; {source} does not have it in every "
+        "row, so it trains on text (pass --caption_column to choose)",
+        file=sys.stderr,
+    )
+    return "text"
+
+
+def metadata_columns(train_data_dir: str | Path) -> set[str]:
+    """The fields every row of the folder's metadata.jsonl has."""
+    rows = [set(row) for _, row in read_metadata(find_metadata(train_data_dir))]
+    return set.intersection(*rows) if rows else set()
+
+
+def check_example(where: str, image: Path | StoredImage, caption: str, tokenizers, caption_field: str) -> None:
+    """The image decodes completely and the caption fits every tokenizer's window (no caption silently cut)."""
+    problem = decode_problem(image_file(image))
+    if problem:
+        raise InputError(where, f"image {image} cannot be read ({problem})", "replace the image or remove its row")
+    for tokenizer in tokenizers:
+        n = len(tokenizer(caption, truncation=False, verbose=False).input_ids)
+        if n > tokenizer.model_max_length:
+            raise InputError(
+                where,
+                f"caption has {n} tokens, more than the text encoder's {tokenizer.model_max_length} ({caption_field} field)",
+                "shorten it (build_captions.py fits captions to the window), or train on another --caption_field",
+            )
 
 
 def find_metadata(train_data_dir: str | Path) -> Path:
@@ -66,21 +136,17 @@ def read_examples(train_data_dir: str | Path, tokenizers=(), caption_field: str 
             if caption_field != "text":
                 fix = f"build captions with reports (build_captions.py writes {caption_field} on that path), or pass --caption_field text"
             raise InputError(where, f"needs a file_name and a {caption_field} field", fix)
+        if leaves_folder(row["file_name"]):
+            raise InputError(
+                where,
+                f"file_name '{row['file_name']}' is outside {folder}",
+                "list images by paths inside the folder (build_captions.py writes images/<file>)",
+            )
         path = folder / row["file_name"]
         if not path.is_file():
             raise InputError(where, f"image {path} not found", "restore the image or remove its row")
-        problem = decode_problem(path)
-        if problem:
-            raise InputError(where, f"image {path} cannot be read ({problem})", "replace the image or remove its row")
-        for tokenizer in tokenizers:
-            n = len(tokenizer(row[caption_field], truncation=False, verbose=False).input_ids)
-            if n > tokenizer.model_max_length:
-                raise InputError(
-                    where,
-                    f"caption has {n} tokens, more than the text encoder's {tokenizer.model_max_length} ({caption_field} field)",
-                    "shorten it (build_captions.py fits captions to the window), or train on another --caption_field",
-                )
-        examples.append(Example(path, row[caption_field], row.get("label"), i))
+        check_example(where, path, row[caption_field], tokenizers, caption_field)
+        examples.append(Example(path, row[caption_field], row.get("label"), i, row.get("caption_style")))
     if not examples:
         raise InputError(meta, "no training examples", f"add rows with file_name and {caption_field}")
     return examples
@@ -236,12 +302,12 @@ class ImageCaptionDataset(Dataset):
 
         SDXL is conditioned on the last two (``add_time_ids``), as diffusers' SDXL script records them: the
         size before resizing and the corner in the resized image, which a flip moves to the other side."""
-        path = self.examples[index].path
-        width, height = image_size(path)
+        image = self.examples[index].image
+        width, height = image_size(image_file(image))
         # JPEGs decode at a reduced scale keeping 2x the training size a side (about 4x faster on
         # Derm7pt's 768x512 files); the antialiased resize still does the smoothing.
         x, (top, left), resized_width = frame_image(
-            open_rgb(path, draft=2 * self.resolution), self.resolution, self.center_crop
+            open_rgb(image_file(image), draft=2 * self.resolution), self.resolution, self.center_crop
         )
         corners = torch.tensor([[top, left], [top, resized_width - self.resolution - left]])
         return x, torch.tensor([height, width]), corners

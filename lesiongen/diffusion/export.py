@@ -22,15 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import labels
-from ..cli import option, parse_config, run
+from ..cli import option, run_stage
 from ..errors import InputError
 from ..files import atomic_path, write_text
+from ..images import IMAGE_SUFFIXES, PIL_ERRORS
 from ..tables import MANIFEST, read_image_table
-from .manifest import MANIFEST_COLUMNS
+from .manifest import DATASET_COLUMNS, FLOAT_COLUMNS, INTEGER_COLUMNS, typed_row
 
 SHARD_RE = re.compile(r"^(?P<split>\w+)-(\d{5})-of-(\d{5})\.parquet$")
-INTEGER_COLUMNS = ("seed", "num_inference_steps", "index")
-FLOAT_COLUMNS = ("age", "guidance_scale", "strength", "lesion_change", "skin_ita_before", "skin_ita_after")
 
 
 @dataclass
@@ -64,7 +63,7 @@ def features():
     import datasets
 
     columns = {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(labels.CODES))}
-    for name in MANIFEST_COLUMNS:
+    for name in DATASET_COLUMNS:
         if name == "label":
             continue
         kind = "int64" if name in INTEGER_COLUMNS else "float64" if name in FLOAT_COLUMNS else "string"
@@ -72,33 +71,42 @@ def features():
     return datasets.Features(columns)
 
 
-def read_rows(input_dir: Path) -> list[dict]:
-    """The manifest's rows (through the one image-table reader: labels checked, images present), sorted by file."""
+def embed_problem(path: Path, root: Path) -> str | None:
+    """Why a manifest row's file must not go into the parquet, or None: an export is shared, and a row naming
+    ``../secret.env``, an absolute path, or a link out of the set would carry that file's bytes with it."""
+    from PIL import Image
+
+    real = path.resolve()
+    if not real.is_relative_to(root.resolve()):
+        return "outside the set's folder"
+    try:
+        with Image.open(real) as image:  # reads the header: a text file named .png is not identified
+            known = image.format is not None
+    except PIL_ERRORS:
+        known = False
+    return None if known and real.suffix.lower() in IMAGE_SUFFIXES else "not an image"
+
+
+def read_rows(input_dir: Path) -> tuple[list[dict], dict[str, list[str]]]:
+    """The manifest's rows (through the one image-table reader: labels checked, images present), sorted by file,
+    and the file names left out by reason (``embed_problem``)."""
     if not (input_dir / MANIFEST).is_file():
         raise InputError(
             f"--input_dir {input_dir}", f"has no {MANIFEST}", "pass the --output_dir of generate.py --mode dataset"
         )
     frame = read_image_table(input_dir / MANIFEST).sort_values("file_name", kind="stable")
-    rows = []
+    rows, left_out = [], {}
     for row in frame.to_dict("records"):
-        out = {}
-        for name in MANIFEST_COLUMNS:
-            value = row.get(name, "")
-            try:
-                if name in INTEGER_COLUMNS:
-                    value = int(value)
-                elif name in FLOAT_COLUMNS:
-                    value = None if value in ("", None) or value != value else float(value)
-            except ValueError:
-                raise InputError(
-                    f"{input_dir / MANIFEST} row of {row['file_name']}",
-                    f"{name} '{value}' is not a number",
-                    "regenerate the row or fix the value",
-                ) from None
-            out[name] = value
+        problem = embed_problem(Path(row["path"]), input_dir)
+        if problem is not None:
+            left_out.setdefault(problem, []).append(row["file_name"])
+            continue
+        out = typed_row(row, input_dir / MANIFEST)
         out["path"] = row["path"]
         rows.append(out)
-    return rows
+    if not rows:
+        raise InputError(input_dir / MANIFEST, "names no image inside the set's folder", "regenerate the set")
+    return rows, left_out
 
 
 def shard_name(split: str, shard: int, n_shards: int) -> str:
@@ -121,7 +129,7 @@ def write_shard(rows: list[dict], path: Path) -> None:
     """One parquet file through datasets (its schema carries the feature types that load_dataset restores)."""
     import datasets
 
-    table = {name: [r[name] for r in rows] for name in MANIFEST_COLUMNS}
+    table = {name: [r[name] for r in rows] for name in DATASET_COLUMNS}
     table["label"] = [labels.CODES.index(r["label"]) for r in rows]
     table["image"] = [{"bytes": Path(r["path"]).read_bytes(), "path": r["file_name"]} for r in rows]
     with atomic_path(path) as tmp:
@@ -163,7 +171,14 @@ def export(cfg: ExportConfig) -> ExportResult:
 
     state = PartialState()
     out = Path(cfg.output_dir)
-    rows = read_rows(Path(cfg.input_dir))
+    rows, left_out = read_rows(Path(cfg.input_dir))
+    if left_out and state.is_main_process:
+        counts = ", ".join(f"{len(names)} {why}" for why, names in left_out.items())
+        print(
+            f"{Path(cfg.input_dir) / MANIFEST}: left out {sum(map(len, left_out.values()))} row(s) ({counts}, "
+            f"e.g. {next(iter(left_out.values()))[0]}); an export embeds only the set's own images",
+            file=sys.stderr,
+        )
     n_shards = -(-len(rows) // cfg.rows_per_shard)
     names = [shard_name(cfg.split, s, n_shards) for s in range(n_shards)]
     data = out / "data"
@@ -189,7 +204,7 @@ def export(cfg: ExportConfig) -> ExportResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: export(parse_config(ExportConfig, argv, prog="python -m lesiongen.diffusion.export")))
+    return run_stage(export, ExportConfig, argv, "python -m lesiongen.diffusion.export", "the export", ("input_dir",))
 
 
 if __name__ == "__main__":

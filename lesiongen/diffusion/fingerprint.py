@@ -23,6 +23,7 @@ import hashlib
 import json
 import re
 import struct
+from collections.abc import Collection
 from pathlib import Path
 
 SAMPLE_BYTES = 64
@@ -88,9 +89,10 @@ def _safetensors_tensors(f) -> tuple[int, dict] | None:
     return 8 + length, tensors
 
 
-def fingerprint(source: str) -> str | None:
+def fingerprint(source: str, components: Collection[str] | None = None) -> str | None:
     """16 hex digits identifying a model's weights and configs (see the module docstring), or None when the
-    model is a hub id not downloaded yet."""
+    model is a hub id not downloaded yet. ``components`` limits it to those component folders (the latent
+    cache depends on the VAE and the text encoders, not on the UNet that trains)."""
     folder = model_folder(source)
     if folder is None:
         return None
@@ -98,6 +100,8 @@ def fingerprint(source: str) -> str | None:
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if len(rel.parts) != 2 or rel.parts[0] in SKIPPED_COMPONENTS or not path.is_file():
+            continue
+        if components is not None and rel.parts[0] not in components:
             continue
         if WEIGHT_RE.match(path.name):
             h.update(rel.as_posix().encode() + _weights_digest(path))

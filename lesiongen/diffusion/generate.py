@@ -1,11 +1,13 @@
 """The ``generate.py`` stage: a trained model -> single images or a labelled, resumable synthetic dataset.
 
-Dataset layout (read back by ``tables.read_image_table(OUTPUT_DIR)``)::
+Dataset layout (read back by ``tables.read_image_table(OUTPUT_DIR)``, and by
+``datasets.load_dataset("imagefolder", data_dir=OUTPUT_DIR)``, which reads the images metadata.jsonl lists)::
 
     OUTPUT_DIR/dataset/<Condition>/<dx>_<index>.png
     OUTPUT_DIR/manifest.csv              one row per image on disk, appended after the image is in place
+    OUTPUT_DIR/metadata.jsonl            the manifest's rows, typed, for Hugging Face's imagefolder (rewritten whole)
     OUTPUT_DIR/generation_config.json    the settings the plan came from, checked on resume
-    OUTPUT_DIR/contact_sheet.png         a grid per condition
+    OUTPUT_DIR/contact_sheet.png         a grid per condition (listed in no metadata, so no dataset row)
 
 Single mode writes the same files under ``OUTPUT_DIR/single/`` with images named by seed. Edit and augment
 modes write the dataset layout from real images (``sources.py`` plans them, ``edit.py`` samples them).
@@ -22,13 +24,13 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from .. import labels
 from ..captions.metadata import LesionRecord
 from ..captions.text import STYLES, caption
-from ..cli import option, parse_config, run
+from ..cli import option, run_stage
 from ..devices import compile_choice, resolve_device
 from ..errors import InputError
 from ..files import atomic_path, write_json
@@ -56,13 +58,21 @@ DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 # 2-core CPU the tiny UNet's compile cost about 45 s (both cores, cold cache; about 200 s on one busy core) and,
 # with the text keys padded, saved about 2 ms per image-step at batch 16 (README section 3): it repays itself
 # after about 750 images at 30 steps, so the threshold keeps a margin. The default 100 images per condition
-# (about 44,000 steps) and the demo's sets stay eager.
+# (7,000 steps at the default 10; about 44,000 with --original_grid) and the demo's sets stay eager.
 COMPILE_AFTER_DENOISING_STEPS = 50_000
+# Settings past these are typing slips, not experiments: the original draws guidance from 3-10 and a LoRA is
+# trained for scale 1 (negative scales invert it); 1e38 overflowed the guided prediction to inf and black images.
+MAX_GUIDANCE = 100.0
+MAX_LORA_SCALE = 10.0
+# metadata.jsonl is rewritten from the manifest after a batch once this long has passed since the last rewrite
+# (and at least 20 times the last rewrite's own time, so a million-row file costs under 5% of the run).
+METADATA_EVERY_S = 30.0
 # Settings that change which images a dataset run makes or how they look; a resume must match them.
 PLAN_FIELDS = (
-    "condition", "num_images", "seed", "balance", "distribution", "sex", "age", "site", "skin_tone", "concepts",
-    "impute_concepts", "contrast", "caption_style", "guidance_scale", "num_inference_steps", "scheduler", "model_path",
-    "base_model", "negative_prompt", "resolution", "lora_scale", "contrast_guidance",
+    "condition", "num_images", "total_images", "class_weights", "seed", "balance", "distribution", "sex", "age", "site",
+    "skin_tone", "concepts", "impute_concepts", "contrast", "caption_style", "guidance_scale", "num_inference_steps",
+    "scheduler", "model_path", "base_model", "negative_prompt", "resolution", "lora_scale",
+    "contrast_guidance",
 )  # fmt: skip
 
 
@@ -79,21 +89,44 @@ class GenerateConfig(SourceOptions):
         choices=MODES,
     )
     num_images: int | None = option(None, help="images per condition (default: 1 in single mode, 100 in dataset mode)")
+    total_images: int | None = option(
+        None,
+        help="dataset mode: this many images in all, split over the classes by --class_weights (else by the "
+        "--distribution file's dx weights, else equally), the counts summing exactly to it",
+    )
+    class_weights: list[str] = option(
+        [],
+        help="class mix for --total_images as code=weight, joined by commas, e.g. nv=0.4,mel=0.15,bcc=0.15,bkl=0.1,"
+        f"akiec=0.1,df=0.05,vasc=0.05 (codes: {', '.join(labels.CODES)}; weights are normalised)",
+    )
     output_dir: str = option("outputs/generated", help="where images, manifest.csv and the contact sheet go")
     model_path: str = option(
         "outputs/lesiongen-lora", help="a LoRA folder (train_lora.sh) or a full pipeline folder (train_SD.sh)"
     )
     base_model: str | None = option(None, help="base pipeline for a LoRA (default: the one its config.json records)")
+    allow_base_mismatch: bool = option(
+        False,
+        help="load a LoRA on a base other than the one it was trained on (another fine-tune of the same family), "
+        "with a warning; generation_config.json records both fingerprints",
+    )
     device: str = option(
         "auto", help="auto (the accelerate process's device, else cuda if available), cpu, cuda, cuda:1..."
     )
     dtype: str = option("auto", help="auto = float16 on CUDA, float32 elsewhere", choices=DTYPE_CHOICES)
     scheduler: str = option("dpmsolver++", help="sampler", choices=tuple(SCHEDULERS))
     guidance_scale: list[float] = option(
-        list(plans.ORIGINAL_GUIDANCE_SCALES), help="one value, or several to draw from per image (original: 3 5 7.5 10)"
+        list(plans.FAST_GUIDANCE_SCALES),
+        help="one value, or several to draw from per image (default: README section 3's quality-matched setting)",
     )
     num_inference_steps: list[int] = option(
-        list(plans.ORIGINAL_STEPS), help="one value, or several to draw from per image (original: 30 50 70 100)"
+        list(plans.FAST_STEPS),
+        help="one value, or several to draw from per image (default: 10, with DPM-Solver++ as good as the original "
+        "sampler at 50; README section 3)",
+    )
+    original_grid: bool = option(
+        False,
+        help="draw each image's guidance (3 5 7.5 10) and steps (30 50 70 100) from the original LesionGen's grid, "
+        "instead of --guidance_scale and --num_inference_steps: about 6x the default's compute",
     )
     batch_size: int = option(
         16,
@@ -153,6 +186,16 @@ class GenerateConfig(SourceOptions):
         resolve_model(self.model_path, "--model_path")
         if self.num_images is not None and self.num_images < 1:
             raise InputError("--num_images", f"{self.num_images} is not positive", "ask for at least one image")
+        self.check_class_mix()
+        if self.original_grid and (
+            self.guidance_scale != list(plans.FAST_GUIDANCE_SCALES)
+            or self.num_inference_steps != list(plans.FAST_STEPS)
+        ):
+            raise InputError(
+                "--original_grid",
+                "draws each image's guidance and steps from the original's grid",
+                "drop --guidance_scale and --num_inference_steps, or drop --original_grid",
+            )
         if self.batch_size < 1:
             raise InputError("--batch_size", f"{self.batch_size} is not positive", "use e.g. 4")
         if self.contrast_guidance and not self.contrast:
@@ -163,8 +206,12 @@ class GenerateConfig(SourceOptions):
             )
         if min(self.num_inference_steps) < 1:
             raise InputError("--num_inference_steps", "must be positive", "e.g. --num_inference_steps 50")
-        if not all(0 <= g < float("inf") for g in self.guidance_scale):  # also false for nan
-            raise InputError("--guidance_scale", "must be a number, not negative", "e.g. --guidance_scale 7.5")
+        if not all(0 <= g <= MAX_GUIDANCE for g in self.guidance_scale):  # also false for nan
+            raise InputError(
+                "--guidance_scale", f"must be a number in 0..{MAX_GUIDANCE:g}", "e.g. --guidance_scale 7.5"
+            )
+        if not abs(self.lora_scale) <= MAX_LORA_SCALE:  # also true for nan
+            raise InputError("--lora_scale", f"must be a number in -{MAX_LORA_SCALE}..{MAX_LORA_SCALE}", "e.g. 1.0")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise InputError("--resolution", f"{self.resolution} is not a positive multiple of 8", "e.g. 64, 256, 512")
         plans.check_fixed(self.sex, self.age, self.site, self.skin_tone)
@@ -195,10 +242,46 @@ class GenerateConfig(SourceOptions):
         if self.distribution is not None and not Path(self.distribution).is_file():
             raise InputError(self.distribution, "distribution CSV not found", "check --distribution")
         check_source_options(self)
+        where = (
+            f"--total_images {self.total_images}" if self.total_images else f"--num_images {self.images_per_condition}"
+        )
+        plans.check_plan_size(self.planned_images, where)
+
+    def check_class_mix(self) -> None:
+        """--total_images (a class mix of N in all) and --num_images (N per condition) are two ways to size a set."""
+        if self.total_images is None:
+            if self.class_weights:
+                raise InputError("--class_weights", "needs --total_images", "add e.g. --total_images 10000")
+            return
+        if self.num_images is not None:
+            raise InputError(
+                "--total_images",
+                "cannot be combined with --num_images (images per condition)",
+                "give one of them: --total_images N is N in all, split by --class_weights",
+            )
+        if self.mode != "dataset":
+            raise InputError("--total_images", "needs --mode dataset", "add --mode dataset")
+        if self.total_images < 1:
+            raise InputError("--total_images", f"{self.total_images} is not positive", "ask for at least one image")
+        if self.class_weights:
+            plans.parse_class_weights(self.class_weights)
 
     @property
     def images_per_condition(self) -> int:
         return self.num_images or (1 if self.mode == "single" else 100)
+
+    @property
+    def planned_images(self) -> int:
+        """Images in the whole plan, known before it is built (a --contrast pair per switch doubles each)."""
+        base = self.total_images or self.images_per_condition * len(plans.resolve_codes(self.condition))
+        return base * (2 * len(self.contrast) if self.contrast else 1)
+
+    def sampling_grid(self) -> tuple[list[float], list[int]]:
+        """The guidance values and step counts each image draws from: the flags', or with --original_grid the
+        original's."""
+        if self.original_grid:
+            return list(plans.ORIGINAL_GUIDANCE_SCALES), list(plans.ORIGINAL_STEPS)
+        return self.guidance_scale, self.num_inference_steps
 
 
 @dataclass(frozen=True)
@@ -229,9 +312,15 @@ def make_plan(cfg: GenerateConfig) -> list[plans.ImageSpec]:
     if cfg.mode in IMAGE_MODES:
         return source_plan(cfg, prompt_field(cfg))
     distribution = plans.read_distribution(cfg.distribution) if cfg.distribution else None
+    codes = plans.resolve_codes(cfg.condition)
+    counts = cfg.images_per_condition
+    if cfg.total_images is not None:
+        weights = plans.parse_class_weights(cfg.class_weights) if cfg.class_weights else None
+        counts = plans.class_mix(codes, cfg.total_images, cfg.seed, weights, distribution)
+    guidance_scales, steps = cfg.sampling_grid()
     plan = plans.build_plan(
-        plans.resolve_codes(cfg.condition),
-        cfg.images_per_condition,
+        codes,
+        counts,
         cfg.seed,
         balance=cfg.balance,
         distribution=distribution,
@@ -241,8 +330,8 @@ def make_plan(cfg: GenerateConfig) -> list[plans.ImageSpec]:
         skin_tone=cfg.skin_tone,
         concepts=plans.parse_concepts(cfg.concepts),
         impute=cfg.impute_concepts and cfg.caption_style == "concept",
-        guidance_scales=cfg.guidance_scale,
-        steps=cfg.num_inference_steps,
+        guidance_scales=guidance_scales,
+        steps=steps,
         single=cfg.mode == "single",
     )
     return plans.contrast_plan(plan, plans.parse_contrasts(cfg.contrast)) if cfg.contrast else plan
@@ -309,9 +398,11 @@ def manifest_row(spec: plans.ImageSpec, cfg: GenerateConfig, prompt: str, negati
 
 
 def settings(cfg: GenerateConfig) -> dict:
-    """The plan-defining settings, with the distribution CSV's content hash so an edited file counts."""
+    """The plan-defining settings, with the distribution CSV's content hash so an edited file counts, and the sampling
+    lists the images draw from (so a folder made with the original's grid resumes under --original_grid)."""
     out = {k: getattr(cfg, k) for k in PLAN_FIELDS}
-    out["num_images"] = cfg.images_per_condition
+    out["guidance_scale"], out["num_inference_steps"] = cfg.sampling_grid()
+    out["num_images"] = cfg.images_per_condition if cfg.total_images is None else None
     if cfg.mode in IMAGE_MODES:
         out.update({k: getattr(cfg, k) for k in SOURCE_FIELDS})
     if cfg.distribution:
@@ -328,7 +419,10 @@ def check_resume(root: Path, cfg: GenerateConfig) -> None:
     saved = json.loads(path.read_text(encoding="utf-8"))
     before = saved.get("settings", {})
     now = json.loads(json.dumps(settings(cfg)))
-    diffs = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in now if before.get(k) != now.get(k)]
+    # a setting newer than the folder counts as its default there: the folder was made without it
+    defaults = {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(GenerateConfig)}
+    before = {k: before.get(k, defaults.get(k)) for k in now}
+    diffs = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now if before[k] != now[k]]
     model_before, model_now = saved.get("model") or {}, model_identity(cfg.model_path, cfg.base_model)
     diffs += [
         f"model {k}: {model_before[k]} -> {model_now[k]}"
@@ -378,7 +472,9 @@ def load_model(cfg: GenerateConfig, device: str):
     """The pipeline with the chosen sampler, in the dtype ``resolve_dtype`` picks."""
     from .pipeline import load_pipeline
 
-    pipe = load_pipeline(cfg.model_path, cfg.base_model, device=device, dtype=resolve_dtype(cfg, device))
+    pipe = load_pipeline(
+        cfg.model_path, cfg.base_model, device, resolve_dtype(cfg, device), allow_base_mismatch=cfg.allow_base_mismatch
+    )
     set_scheduler(pipe, cfg.scheduler, model_scheduler_config(cfg))
     return pipe
 
@@ -432,16 +528,17 @@ def sample(
     # the pipeline argument that scales a LoRA: cross_attention_kwargs (UNets) or joint_attention_kwargs
     name = type(pipe).__name__
     scale_kwarg = next(f.lora_scale_kwarg for f in FAMILIES.values() if name in (f.pipeline, f.image_pipeline))
-    return pipe(
+    images = pipe(
         prompt=prompts,
         negative_prompt=negatives if any(negatives) else None,
         guidance_scale=guidance,
         num_inference_steps=steps,
         generator=generators,
         **{scale_kwarg: {"scale": cfg.lora_scale} if lora else None},
-        output_type="pil",
+        output_type="np",  # floats, so save_batch sees a nan before conversion turns it into black
         **given,
     ).images
+    return list(images)  # one array per image
 
 
 class FittingBatches:
@@ -507,24 +604,62 @@ def save_image(image, path: Path, row: dict) -> None:
         image.save(tmp, format="PNG", pnginfo=info)
 
 
+def invalid_reason(pixels, image) -> str:
+    """Why a sampled image must not be listed as valid ('' when it may be): a nan or inf (a nan LoRA scale, an
+    overflowing guidance, a diverged model) converts to black pixels, and an image of one colour shows no lesion.
+    ``pixels`` are the pipeline's floats in [0, 1], ``image`` their 8-bit conversion."""
+    import numpy as np
+
+    if not np.isfinite(pixels).all():
+        return "nan or inf in the sampled pixels"
+    rgb = np.asarray(image)
+    return "every pixel has one colour" if (rgb == rgb[0, 0]).all() else ""
+
+
 def save_batch(
     batch, prompts, negatives, images, cfg: GenerateConfig, root: Path, manifest: Manifest, on_saved, bar, inputs
 ) -> None:
     """Write a batch's images, each followed by its manifest row, in plan order (then ``on_saved``); an edit's
     kept lesion is pasted back first (``edit.paste_back``) and measured into its row."""
+    import numpy as np
+    from diffusers.image_processor import VaeImageProcessor
+
+    pil = [VaeImageProcessor.numpy_to_pil(np.nan_to_num(p)[None])[0] for p in images]  # the pipeline's own conversion
+    reasons = [invalid_reason(p, image) for p, image in zip(images, pil, strict=True)]
     measures = [{}] * len(batch)
     if inputs:
         from .edit import paste_back
 
-        images, measures = paste_back(images, inputs)
-    for spec, prompt, negative, image, measured in zip(batch, prompts, negatives, images, measures, strict=True):
+        pil, measures = paste_back(pil, inputs)
+    for spec, prompt, negative, image, reason, measured in zip(
+        batch, prompts, negatives, pil, reasons, measures, strict=True
+    ):
         row = manifest_row(spec, cfg, prompt, negative) | measured
+        row.update(valid=str(not reason).lower(), invalid_reason=reason)
         path = root / row["file_name"]
         save_image(image, path, row)
         manifest.append(row)
         bar.update(1)
         if on_saved is not None:
             on_saved(spec, path)
+
+
+class MetadataSync:
+    """Keeps ``metadata.jsonl`` beside the images, rewritten whole from the manifest: at the start and the end
+    (``force``), after the first batch, then after a batch when ``METADATA_EVERY_S`` has passed. Between rewrites it
+    lags the manifest but lists only images on disk, and imagefolder reads only the images it lists, so a killed run
+    still loads as the images listed so far."""
+
+    def __init__(self, manifest: Manifest, enabled: bool) -> None:
+        self.manifest, self.enabled, self.due = manifest, enabled, 0.0
+
+    def __call__(self, force: bool = False) -> None:
+        if not self.enabled or not (force or time.monotonic() >= self.due):
+            return
+        start = time.monotonic()
+        self.manifest.write_metadata()
+        if not force:
+            self.due = time.monotonic() + max(METADATA_EVERY_S, 20 * (time.monotonic() - start))
 
 
 def contact_sheet(root: Path, rows: list[dict], per_condition: int, out: Path) -> Path | None:
@@ -564,7 +699,13 @@ def generate(
 
     start = time.perf_counter()
     processes = processes or accelerate_processes()
+    planning = cfg.planned_images * plans.PLAN_SECONDS_PER_IMAGE
+    if processes.is_main and planning > 5:  # a large plan takes a while to build: say so first
+        print(f"planning {cfg.planned_images:,} images (about {plans.duration(planning)})")
     plan = make_plan(cfg)
+    summary = plans.summarize_plan(plan)
+    if processes.is_main and cfg.mode == "dataset":
+        print("\n".join(plans.describe_plan(summary)))
     root = Path(cfg.output_dir) / ("single" if cfg.mode == "single" else "")
     check_writable(root)
     manifest = Manifest(root / "manifest.csv")
@@ -579,6 +720,8 @@ def generate(
             stale.unlink()
         # single mode regenerates its images: a rerun with new flags must not keep an old image under the same seed
         manifest.repair(root, drop={file_name(s, cfg.mode) for s in plan} if cfg.mode == "single" else set())
+    sync_metadata = MetadataSync(manifest, processes.is_main and cfg.mode == "dataset")
+    sync_metadata(force=True)  # a resumed folder lists exactly the images the repaired manifest keeps
     processes.wait()
     done = {r["file_name"] for r in manifest.read()}
     todo = [s for s in mine if file_name(s, cfg.mode) not in done]
@@ -593,7 +736,7 @@ def generate(
                 "settings": settings(cfg),
                 "model": model_identity(cfg.model_path, cfg.base_model),
                 "config": asdict(cfg),
-                "plan": plans.summarize_plan(plan),
+                "plan": summary,
             },
         )
     processes.wait()
@@ -638,6 +781,7 @@ def generate(
                 images = fitting.sample(pipe, prompts, negatives, seeds, guidance, steps, cfg, lora, inputs=inputs)
                 if saving is not None:
                     saving.result()
+                    sync_metadata()
                 saving = writer.submit(
                     save_batch, batch, prompts, negatives, images, cfg, root, manifest, on_saved, bar, inputs
                 )
@@ -648,6 +792,7 @@ def generate(
             editor.report()
     processes.wait()
 
+    sync_metadata(force=True)
     sheet = None
     if processes.is_main and cfg.contact_sheet > 0:
         sheet = contact_sheet(root, manifest.read(), cfg.contact_sheet, root / "contact_sheet.png")
@@ -668,16 +813,28 @@ def print_summary(result: GenerateResult, cfg: GenerateConfig) -> None:
     print(
         f"generated {result.generated} image(s) in {result.seconds:.1f} s ({rate:.2f} img/s); {result.already_done} already on disk"
     )
-    per = (
-        f"from the images in {cfg.data_dir}" if cfg.mode in IMAGE_MODES else f"{cfg.images_per_condition} per condition"
-    )
-    print(f"{result.planned} planned ({per}); manifest: {result.manifest}")
+    if cfg.mode in IMAGE_MODES:
+        size = f"from the images in {cfg.data_dir}"
+    elif cfg.total_images is None:
+        size = f"{cfg.images_per_condition} per condition"
+    else:
+        size = f"{cfg.total_images} in all"
+    print(f"{result.planned} planned ({size}); manifest: {result.manifest}")
     if result.contact_sheet:
         print(f"contact sheet: {result.contact_sheet}")
+    invalid = [r for r in Manifest(result.manifest).read() if r["valid"] == "false"]
+    if invalid:
+        print(
+            f"{len(invalid)} image(s) invalid ({invalid[0]['invalid_reason']}, e.g. {invalid[0]['file_name']}): kept "
+            "with valid=false in the manifest, left out of exports and of classifier and evaluation sets; check "
+            "--guidance_scale, --lora_scale and the model"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: generate(parse_config(GenerateConfig, argv, prog="generate.py")))
+    return run_stage(
+        generate, GenerateConfig, argv, "generate.py", "generate.py", ("model_path", "base_model", "distribution")
+    )
 
 
 if __name__ == "__main__":

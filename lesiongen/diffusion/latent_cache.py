@@ -30,8 +30,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..files import atomic_path
-from .dataset import Example, ImageCaptionDataset, item_caption
+from .dataset import Example, ImageCaptionDataset, image_identity, item_caption
 from .families import prompt_encoder, tokenize
+from .fingerprint import fingerprint
 
 SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.safetensors$")
 # Open shard handles kept per process (least recently used dropped): a kept handle reads an item 2.5x faster
@@ -51,13 +52,22 @@ def cache_key(
     with_text: bool,
     family: str = "sd1",
 ) -> str:
-    """Changes whenever anything the cached tensors depend on changes, so a stale cache is never reused."""
+    """Changes whenever anything the cached tensors depend on changes, so a stale cache is never reused.
+
+    ``model`` is the fingerprint of the model parts that encode (``encoder_fingerprint``), not its path: a
+    base rebuilt or retrained at the same path must not reuse latents its old VAE made."""
     h = hashlib.sha256()
     h.update(json.dumps([CACHE_FORMAT, str(model), resolution, center_crop, str(dtype), with_text, family]).encode())
     for ex in examples:
-        st = ex.path.stat()
-        h.update(f"{ex.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{ex.text}\n".encode())
+        h.update(f"{image_identity(ex.image)}|{ex.text}\n".encode())
     return h.hexdigest()
+
+
+def encoder_fingerprint(source: str, family, with_text: bool) -> str:
+    """The fingerprint of what the cached tensors come from: the VAE, and the text encoders and tokenizers when
+    their embeddings are cached (the path, for a hub model not downloaded, which loading has ruled out)."""
+    parts = ("vae", *family.text_encoders, *family.tokenizers) if with_text else ("vae",)
+    return fingerprint(source, parts) or source
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,7 @@ class CacheLayout:
     n_items: int
     shard_size: int
     with_text: bool
+    model: str = ""  # encoder_fingerprint, recorded in each shard so a rebuild can say why
 
     @property
     def n_shards(self) -> int:
@@ -93,6 +104,24 @@ class CacheLayout:
 
     def missing(self) -> list[int]:
         return [s for s in range(self.n_shards) if not self.is_complete(s)]
+
+
+def stale_reason(layout: CacheLayout, model: str) -> str | None:
+    """Why the shards already in the folder will be rebuilt (None when there are none, or they are this key's)."""
+    if not layout.folder.is_dir():
+        return None
+    for path in sorted(p for p in layout.folder.iterdir() if SHARD_RE.match(p.name)):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError):
+            continue
+        if meta.get("key") == layout.key:
+            return None
+        if meta.get("model") != model:
+            return f"its VAE or text encoders changed (fingerprint {meta.get('model', 'not recorded')} -> {model})"
+        return "its images, captions or settings changed"
+    return None
 
 
 def remove_stale(layout: CacheLayout) -> None:
@@ -181,7 +210,8 @@ def build_shards(
             continue
         tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} | empty
         with atomic_path(layout.path(shard)) as tmp:
-            save_file(tensors, str(tmp), metadata={"key": layout.key, "first_row": str(layout.rows(shard).start)})
+            meta = {"key": layout.key, "model": layout.model, "first_row": str(layout.rows(shard).start)}
+            save_file(tensors, str(tmp), metadata=meta)
         parts = []
         bar.update(1)
     bar.close()
@@ -252,18 +282,13 @@ def open_cache(cfg, examples: list[Example], parts: dict, accelerator, with_text
     family = parts["family"]
     tokenizers = [parts[n] for n in family.tokenizers]
     images = ImageCaptionDataset(examples, tokenizers, cfg.resolution, cfg.center_crop)
-    key = cache_key(
-        examples,
-        cfg.pretrained_model_name_or_path,
-        cfg.resolution,
-        cfg.center_crop,
-        parts["vae"].dtype,
-        with_text,
-        family.name,
-    )
+    model = encoder_fingerprint(cfg.pretrained_model_name_or_path, family, with_text)
+    key = cache_key(examples, model, cfg.resolution, cfg.center_crop, parts["vae"].dtype, with_text, family.name)
     folder = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "latent_cache"
-    layout = CacheLayout(folder, key, len(examples), cfg.cache_shard_size, with_text)
+    layout = CacheLayout(folder, key, len(examples), cfg.cache_shard_size, with_text, model)
     if accelerator.is_main_process:
+        if (why := stale_reason(layout, model)) is not None:
+            print(f"latent cache {folder}: rebuilding it, {why}")
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale(layout)
     accelerator.wait_for_everyone()

@@ -113,11 +113,15 @@ def model_identity(model_path: str, base_model: str | None = None) -> dict:
     base = base_model or lora_base_model(source)
     base = resolve_model(base, "--base_model") if base else None
     weights = next(Path(source) / n for n in LORA_WEIGHT_NAMES if (Path(source) / n).is_file())
+    now, trained = fingerprint(base) if base else None, lora_record(source).get("base_fingerprint")
     return {
         "model_path": model_location(source),
         "base_model": model_location(base) if base else None,
-        "fingerprint": fingerprint(base) if base else None,
+        "fingerprint": now,
         "lora_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),  # adapters are small: hash them whole
+        # the base the LoRA was trained on, and whether this one differs (loaded with --allow_base_mismatch)
+        "trained_base_fingerprint": trained,
+        "base_mismatch": bool(now and trained and now != trained),
     }
 
 
@@ -134,25 +138,44 @@ def lora_record(lora_dir: str | Path) -> dict:
 
 
 def lora_base_model(lora_dir: str | Path) -> str | None:
-    """The base model a LoRA was trained on (an absolute path or a hub id since this version records it)."""
-    return lora_record(lora_dir).get("pretrained_model_name_or_path")
+    """The base model a LoRA was trained on: a hub id, or a local folder, which train.py records relative to the
+    LoRA folder (earlier versions: absolute), so a LoRA copied together with its base still finds it."""
+    recorded = lora_record(lora_dir).get("pretrained_model_name_or_path")
+    if recorded and not Path(recorded).is_absolute() and (Path(lora_dir) / recorded).is_dir():
+        return os.path.normpath(Path(lora_dir) / recorded)
+    return recorded
 
 
-def check_lora_base(lora_dir: str | Path, base: str) -> None:
-    """Refuse a base whose fingerprint is not the one the LoRA recorded (say so when it recorded none)."""
-    recorded = lora_record(lora_dir).get("base_fingerprint")
+def check_lora_base(lora_dir: str | Path, base: str, allow_mismatch: bool = False) -> bool:
+    """Refuse a base whose fingerprint is not the one the LoRA recorded (say so when it recorded none); with
+    ``allow_mismatch``, a base of the LoRA's family passes with one warning line. Returns whether it differs."""
+    record = lora_record(lora_dir)
+    recorded = record.get("base_fingerprint")
     if recorded is None:
         print(
             f"note: {lora_dir} records no fingerprint of its base (an earlier version trained it); not checked",
             file=sys.stderr,
         )
-    elif (now := fingerprint(base)) != recorded:
+        return False
+    if (now := fingerprint(base)) == recorded:
+        return False
+    what = f"is not the model {lora_dir} was trained on: its fingerprint is {now}, the LoRA's base {lora_base_model(lora_dir)} had {recorded}"
+    if not allow_mismatch:
         raise InputError(
             f"--base_model {base}",
-            f"is not the model {lora_dir} was trained on: its fingerprint is {now}, the LoRA's base "
-            f"{lora_base_model(lora_dir)} had {recorded}",
-            "pass that base with --base_model, or train the LoRA on this one",
+            what,
+            "pass that base with --base_model, train the LoRA on this one, or pass --allow_base_mismatch to load it "
+            "on another fine-tune of the same family",
         )
+    family, trained = detect_family(base, flag="--base_model").name, record.get("model_family")
+    if trained and family != trained:
+        raise InputError(
+            f"--base_model {base}",
+            f"is a {family} model and {lora_dir} is a {trained} LoRA; --allow_base_mismatch allows another base of the same family only",
+            f"pass a {trained} base",
+        )
+    print(f"warning: --base_model {base} {what}; loading it anyway (--allow_base_mismatch)", file=sys.stderr)
+    return True
 
 
 def from_pretrained_pipeline(model: str | Path, dtype: Any = None, flag: str = "--pretrained_model_name_or_path"):
@@ -178,12 +201,17 @@ def from_pretrained_pipeline(model: str | Path, dtype: Any = None, flag: str = "
 
 
 def load_pipeline(
-    model_path: str | Path, base_model: str | Path | None = None, device: str | None = None, dtype: Any = None
+    model_path: str | Path,
+    base_model: str | Path | None = None,
+    device: str | None = None,
+    dtype: Any = None,
+    allow_base_mismatch: bool = False,
 ):
     """A ready pipeline from a full pipeline dir or hub id, or from a LoRA dir applied to its base model.
 
     For a LoRA dir the base is ``base_model`` or, when omitted, the one recorded by train.py; either way
-    it must have the fingerprint the LoRA recorded (checked once it is loaded, so a hub base is cached).
+    it must have the fingerprint the LoRA recorded (checked once it is loaded, so a hub base is cached), or with
+    ``allow_base_mismatch`` be of the LoRA's family (another fine-tune of its base, as LoRA users do daily).
     """
     if is_lora_dir(model_path):
         base = base_model or lora_base_model(model_path)
@@ -192,7 +220,7 @@ def load_pipeline(
                 model_path, "is a LoRA folder that does not record its base model", "pass the base model (--base_model)"
             )
         pipe = from_pretrained_pipeline(base, dtype, flag="--base_model")
-        check_lora_base(model_path, resolve_model(base, "--base_model"))
+        check_lora_base(model_path, resolve_model(base, "--base_model"), allow_base_mismatch)
         pipe.load_lora_weights(str(model_path))
     else:
         pipe = from_pretrained_pipeline(model_path, dtype, flag="--model_path")

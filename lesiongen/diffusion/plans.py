@@ -18,7 +18,7 @@ import itertools
 import math
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,9 +27,24 @@ from ..captions.concepts import impute_concepts
 from ..captions.metadata import LesionRecord
 from ..errors import InputError, not_utf8
 
-# The original LesionGen draws each image's guidance and step count from these lists.
+# The original LesionGen draws each image's guidance and step count from these lists (generate.py --original_grid).
 ORIGINAL_GUIDANCE_SCALES: tuple[float, ...] = (3.0, 5.0, 7.5, 10.0)
 ORIGINAL_STEPS: tuple[int, ...] = (30, 50, 70, 100)
+# The default: README section 3's quality-matched fast setting. With DPM-Solver++ at guidance 3, 10 steps matched the
+# original sampler at 50 steps on FID and recognisability (benchmarks/bench_sampler_quality.py, 2026-12-06) at a
+# sixth of the grid's mean 62.5 steps per image; lower guidance also covered more of each condition there.
+FAST_GUIDANCE_SCALES: tuple[float, ...] = (3.0,)
+FAST_STEPS: tuple[int, ...] = (10,)
+
+# A run holds its whole plan in memory (a resume and every process rebuild it), so its size is checked before it is
+# built. Measured 2026-12-07 on this project's 2-core CPU, build_plan of 20,000 images: about 830 bytes (tracemalloc)
+# and 70 microseconds per image; a run also holds each image's file name and manifest row, hence 1 KB.
+PLAN_BYTES_PER_IMAGE = 1_000
+PLAN_SECONDS_PER_IMAGE = 70e-6
+# README section 2's GPU check: SD-1.x at 512 px, DPM-Solver++ 25 steps, batch 16, on an H200: 6.04 images/s.
+TYPICAL_IMAGES_PER_SECOND = 6.0
+# A million images is about 1 GB and a minute to plan, and two days of that GPU; more is several runs.
+MAX_PLAN_IMAGES = 1_000_000
 
 # Values a plan can balance over; "unknown" is left out because a caption cannot state it.
 BALANCE_VALUES: dict[str, tuple[str, ...]] = {
@@ -138,25 +153,36 @@ def allocate(n: int, weights: Sequence[float], rng: random.Random) -> list[int]:
     return counts
 
 
-def allocate_balanced(n: int, sizes: Sequence[int], rng: random.Random) -> list[int]:
-    """Equal counts over the joint cells of fields with ``sizes`` values (row-major cell order), with
-    every field's own counts also within one of each other (12 images over sex x age bin: 6 and 6).
+Walk = list[tuple[int, ...]]  # joint cells as value indices per field, in visiting order
 
-    The leftover images walk the cells along the diagonal (+1 on every field at each step), which
-    visits each field's values in turn; a finished walk restarts from an unvisited cell. So any
-    number of leftovers is spread evenly over each field, not only over the joint cells.
-    """
-    k = math.prod(sizes)
-    counts = [n // k] * k
+
+def diagonal_walk(sizes: Sequence[int], rng: random.Random, first: tuple[int, ...] | None = None) -> Walk:
+    """Every joint cell of fields with ``sizes`` values once, along the diagonal (+1 on every field at each step),
+    which visits each field's values in turn; a finished cycle restarts from an unvisited cell (seeded). ``first``,
+    if given, is where it begins."""
     starts = list(itertools.product(*(range(s) for s in sizes)))
     rng.shuffle(starts)
-    walk: list[tuple[int, ...]] = []
+    if first is not None:
+        starts.insert(0, first)
+    walk: Walk = []
     seen: set[tuple[int, ...]] = set()
     for cell in starts:
         while cell not in seen:
             seen.add(cell)
             walk.append(cell)
             cell = tuple((x + 1) % size for x, size in zip(cell, sizes, strict=True))
+    return walk
+
+
+def allocate_balanced(n: int, sizes: Sequence[int], walk: Walk) -> list[int]:
+    """Equal counts over the joint cells of fields with ``sizes`` values (row-major cell order), with
+    every field's own counts also within one of each other (12 images over sex x age bin: 6 and 6).
+
+    The leftover images take the first cells of ``walk`` (``diagonal_walk``), so any number of them
+    is spread evenly over each field, not only over the joint cells.
+    """
+    k = math.prod(sizes)
+    counts = [n // k] * k
     strides = [math.prod(sizes[j + 1 :]) for j in range(len(sizes))]
     for cell in walk[: n - sum(counts)]:
         counts[sum(x * st for x, st in zip(cell, strides, strict=True))] += 1
@@ -187,6 +213,101 @@ def resolve_codes(condition: str) -> tuple[str, ...]:
         except KeyError as e:
             raise InputError("--condition", str(e).strip("\"'"), "or pass 'all'") from None
     return tuple(dict.fromkeys(codes))
+
+
+def parse_class_weights(items: Sequence[str]) -> dict[str, float]:
+    """``code=weight`` pairs, joined by commas or given as separate words (``nv=0.4,mel=0.15``), -> weights per dx
+    code in labels' order, normalised to sum 1. A display name works as a code does, as in --condition."""
+    raw: dict[str, float] = {}
+    for item in (part.strip() for word in items for part in word.split(",")):
+        if not item:
+            continue
+        name, sep, text = item.partition("=")
+        try:
+            code = labels.condition(name).code
+        except KeyError:
+            raise InputError(
+                "--class_weights", f"'{name.strip()}' is not a dx code", f"use {', '.join(labels.CODES)}"
+            ) from None
+        try:
+            weight = float(text) if sep else float("nan")
+        except ValueError:
+            weight = float("nan")
+        if not 0 <= weight < float("inf"):  # also false for nan
+            raise InputError(
+                "--class_weights", f"'{item}' is not code=weight with a weight of 0 or more", "e.g. nv=0.4,mel=0.15"
+            )
+        if code in raw:
+            raise InputError("--class_weights", f"names {code} twice", "give each class once")
+        raw[code] = weight
+    total = sum(raw.values())
+    if total <= 0:
+        raise InputError("--class_weights", "gives no class a positive weight", "e.g. nv=0.4,mel=0.15,bcc=0.45")
+    return {c: raw[c] / total for c in labels.CODES if c in raw}
+
+
+def class_counts(total: int, weights: dict[str, float], seed: int) -> dict[str, int]:
+    """``total`` images split over the classes by the largest-remainder rule (seeded tie-break), so the counts sum
+    to ``total`` exactly; a class whose share rounds to nothing is left out."""
+    codes = [c for c in labels.CODES if weights.get(c, 0) > 0]
+    counts = allocate(total, [weights[c] for c in codes], random.Random(f"classes:{seed}"))
+    return {c: n for c, n in zip(codes, counts, strict=True) if n}
+
+
+def class_mix(
+    codes: Sequence[str],
+    total: int,
+    seed: int,
+    weights: dict[str, float] | None = None,
+    distribution: Distribution | None = None,
+) -> dict[str, int]:
+    """Images per dx code for a ``--total_images`` run: by ``--class_weights``, else by the ``--distribution`` file's
+    weight per diagnosis (its dx column), else equal over ``codes``."""
+    if weights:
+        outside = [c for c in weights if c not in codes]
+        if outside:
+            raise InputError(
+                "--class_weights",
+                f"weights {', '.join(outside)}, which --condition leaves out ({', '.join(codes)})",
+                "add them to --condition or pass --condition all",
+            )
+    elif distribution is not None and any(dx is not None for dx, _, _ in distribution.cells):
+        weights = {}
+        for dx, _, w in distribution.cells:
+            if dx in codes:
+                weights[dx] = weights.get(dx, 0.0) + w
+        if not weights:
+            raise InputError(
+                distribution.source, f"has no rows for {', '.join(codes)}", "add rows for them or pass --class_weights"
+            )
+    else:
+        weights = dict.fromkeys(codes, 1.0)
+    return class_counts(total, weights, seed)
+
+
+def check_plan_size(images: int, where: str) -> None:
+    """Refuse, before building it, a plan too large to hold: saying how large, how long, and what to do instead."""
+    if images <= MAX_PLAN_IMAGES:
+        return
+    raise InputError(
+        where,
+        f"plans {images:,} images, which need about {images * PLAN_BYTES_PER_IMAGE / 1e9:.0f} GB of memory and "
+        f"{duration(images * PLAN_SECONDS_PER_IMAGE)} to plan, then about {duration(images / TYPICAL_IMAGES_PER_SECOND)}"
+        f" to generate at {TYPICAL_IMAGES_PER_SECOND:g} images/s (an H200 at 512 px)",
+        f"ask for at most {MAX_PLAN_IMAGES:,} images per run; for more, run several with different --seed and "
+        "--output_dir",
+    )
+
+
+def duration(seconds: float) -> str:
+    """A rough human duration: '40 s', '12 minutes', '5.2 hours', '19 days'."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} minutes"
+    if seconds < 172_800:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds / 86_400:.0f} days"
 
 
 def resolve_balance(fields: Sequence[str]) -> tuple[str, ...]:
@@ -377,8 +498,8 @@ def read_distribution(path: str | Path) -> Distribution:
                 except KeyError as e:
                     raise ValueError(str(e).strip("\"'")) from None
             w = float(r[weight_col]) if weight_col else 1.0
-            if not w >= 0:
-                raise ValueError(f"{weight_col} '{r[weight_col]}' is negative")
+            if not 0 <= w < math.inf:  # float() reads 'nan' and 'inf', which would make every draw nan
+                raise ValueError(f"{weight_col} '{r[weight_col]}' is not a finite number >= 0")
             cell = tuple(sorted(_csv_value(c, r[c], str(path)) for c in sub_cols))
         except ValueError as e:
             raise InputError(f"{path} line {line}", str(e), "fix the value") from None
@@ -421,7 +542,7 @@ def _draw_site(group: str, rng: random.Random) -> str:
 
 def build_plan(
     codes: Sequence[str],
-    num_images: int,
+    num_images: int | Mapping[str, int],
     seed: int = 0,
     *,
     balance: Sequence[str] = (),
@@ -432,17 +553,27 @@ def build_plan(
     skin_tone: str | None = None,
     concepts: dict[str, str] | None = None,
     impute: bool = True,
-    guidance_scales: Sequence[float] = ORIGINAL_GUIDANCE_SCALES,
-    steps: Sequence[int] = ORIGINAL_STEPS,
+    guidance_scales: Sequence[float] = FAST_GUIDANCE_SCALES,
+    steps: Sequence[int] = FAST_STEPS,
     single: bool = False,
 ) -> list[ImageSpec]:
-    """``num_images`` specs per condition, spread over the subgroup cells, in a seeded order.
+    """``num_images`` specs per condition (or, as a mapping, per dx code: ``class_mix``), spread over the subgroup
+    cells, in a seeded order.
 
     Dataset plans name images ``<dx>_<index:06d>`` and derive each seed from (seed, dx, index);
     single plans use seeds ``seed, seed+1, ...`` directly so a seed from a manifest can be reused.
     """
-    if num_images < 1:
-        raise InputError("--num_images", f"{num_images} is not positive", "ask for at least one image")
+    per_code = dict(num_images) if isinstance(num_images, Mapping) else dict.fromkeys(codes, num_images)
+    if isinstance(num_images, Mapping):
+        if any(n < 0 for n in per_code.values()) or sum(per_code.values()) < 1:
+            raise InputError(
+                "--total_images", f"{sum(per_code.values())} is not positive", "ask for at least one image"
+            )
+        check_plan_size(sum(per_code.values()), f"--total_images {sum(per_code.values())}")
+    else:
+        if num_images < 1:
+            raise InputError("--num_images", f"{num_images} is not positive", "ask for at least one image")
+        check_plan_size(num_images * len(codes), f"--num_images {num_images}")
     if not guidance_scales or not steps or min(steps) < 1:
         raise InputError(
             "--num_inference_steps", "needs one or more positive step counts", "e.g. --num_inference_steps 50"
@@ -466,14 +597,24 @@ def build_plan(
         if clash:
             raise InputError("--distribution", f"sets {', '.join(clash)}, which is also fixed", "drop the fixed value")
     concepts = dict(concepts or {})
+    sizes = [len(BALANCE_VALUES[f]) for f in balance]
+    # In a class mix each class's leftovers start where the last class's ended, so with one balanced field the whole
+    # set is even to within one image as well as each class (with several, each class is, and the set nearly).
+    carry: tuple[int, ...] | None = None
     plan: list[ImageSpec] = []
     for dx in codes:
+        n = per_code.get(dx, 0)
+        if n == 0:
+            continue
         cells, weights = _cells_for(dx, balance, distribution)
         rng = random.Random(f"plan:{seed}:{dx}")
         if distribution is None:
-            counts = allocate_balanced(num_images, [len(BALANCE_VALUES[f]) for f in balance], rng)
+            walk = diagonal_walk(sizes, rng, carry)
+            counts = allocate_balanced(n, sizes, walk)
+            if isinstance(num_images, Mapping):
+                carry = walk[n % len(walk)]
         else:
-            counts = allocate(num_images, weights, rng)
+            counts = allocate(n, weights, rng)
         assigned = interleave(cells, counts, rng)
         for index, cell in enumerate(assigned):
             s = seed + index if single else image_seed(seed, dx, index)
@@ -529,10 +670,27 @@ def shard(plan: Sequence[ImageSpec], process_index: int, num_processes: int) -> 
 
 
 def summarize_plan(plan: Sequence[ImageSpec]) -> dict:
-    """Counts per condition and per subgroup field, for the run's config file and its tests."""
-    out: dict = {"total": len(plan), "per_condition": dict(Counter(s.dx for s in plan))}
+    """Counts per condition and per subgroup field, for the run's config file and its tests; each sums to the total."""
+    dx = Counter(s.dx for s in plan)
+    out: dict = {"total": len(plan), "per_condition": {c: dx[c] for c in labels.CODES if c in dx}}
     for f in labels.SUBGROUP_FIELDS:
         out[f] = dict(Counter(getattr(s, f) for s in plan))
     out["guidance_scale"] = dict(Counter(s.guidance_scale for s in plan))
     out["num_inference_steps"] = dict(Counter(s.num_inference_steps for s in plan))
     return out
+
+
+def describe_plan(summary: dict) -> list[str]:
+    """The plan as a person checks it before a long run: its total, then its counts per class and per subgroup field
+    (each line sums to the total) and its sampling settings."""
+    lines = [f"plan: {summary['total']:,} images"]
+    for name, key in [("class", "per_condition"), *((f, f) for f in labels.SUBGROUP_FIELDS)]:
+        counts = summary[key]
+        if name != "class" and set(counts) == {"unknown"}:
+            continue  # a field the plan does not set: every image says nothing of it
+        order = {v: i for i, v in enumerate(BALANCE_VALUES.get(key, ()))}  # the vocabulary's order, unknown last
+        ordered = sorted(counts.items(), key=lambda kv: order.get(kv[0], len(order)))
+        lines.append(f"  {name}: " + ", ".join(f"{value} {n:,}" for value, n in ordered))
+    for key in ("guidance_scale", "num_inference_steps"):
+        lines.append(f"  {key}: " + ", ".join(f"{value:g} ({n:,})" for value, n in sorted(summary[key].items())))
+    return lines

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli import option, parse_config, run
+from ..cli import option, run_stage
 from ..errors import InputError
 from ..files import atomic_dir
 from ..tokens import CLIP_MAX_TOKENS, write_tokenizer_files
@@ -259,7 +259,7 @@ def build(cfg: TinyConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: build(parse_config(TinyConfig, argv, prog="python -m lesiongen.diffusion.tiny")))
+    return run_stage(build, TinyConfig, argv, "python -m lesiongen.diffusion.tiny", "diffusion training")
 
 
 if __name__ == "__main__":

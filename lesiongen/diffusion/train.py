@@ -16,11 +16,11 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..cli import parse_config, run
+from ..cli import run_stage
 from ..devices import adamw, compile_choice
 from ..errors import InputError
 from ..files import write_json, write_text
@@ -30,13 +30,21 @@ from .checkpoints import (
     keep_trainable_weights,
     latest_checkpoint,
     load_checkpoint,
-    model_card,
     publish,
     remove_stale_temporaries,
     run_record,
     save_checkpoint,
 )
-from .config import COMPILE_AFTER_STEPS, DEFAULT_LR, TrainConfig
+from .config import (
+    COMPILE_AFTER_STEPS,
+    DEFAULT_LR,
+    TrainConfig,
+    portable_fields,
+    portable_path,
+    recorded_fields,
+    total_steps,
+)
+from .hub import model_card, push_to_hub, write_samples
 from .loss import batch_loss, diffusion_loss
 from .micro_batch import pick_micro_batch
 from .validation import default_prompts, ema_parameters, on_device, validate
@@ -278,7 +286,7 @@ class LossReader:
 
 def tracker_config(cfg: TrainConfig) -> dict:
     """TensorBoard hparams accept only scalars and strings."""
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in asdict(cfg).items()}
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in recorded_fields(cfg).items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -286,29 +294,26 @@ def tracker_config(cfg: TrainConfig) -> dict:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Set up, resume, run ``max_train_steps`` optimiser steps, checkpoint, validate, save the result."""
+    """Set up, resume, run the optimiser steps (``config.total_steps``), checkpoint, validate, save the result."""
     import torch
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     from .attention import pad_cross_attention_keys
-    from .dataset import PlannedBatches, class_balanced_weights, make_loader, read_examples
+    from .dataset import PlannedBatches, class_balanced_weights, make_loader
     from .pipeline import base_identity, load_training_parts
+    from .train_data import load_examples
 
     accelerator = make_accelerator(cfg)
     out = Path(cfg.output_dir)
     resume_from = find_resume_checkpoint(cfg)
     mode = MODES[cfg.mode]
     use_fast_math(cfg, accelerator.device)
-    compiled, why_compiled = compile_choice(
-        cfg.torch_compile, cfg.max_train_steps, COMPILE_AFTER_STEPS, "steps", accelerator.device
-    )
 
     parts = load_training_parts(cfg.pretrained_model_name_or_path, cfg.model_family)
     family = parts["family"]
     # after loading, so a hub model is in the cache
     base = {**base_identity(cfg.pretrained_model_name_or_path), "model_family": family.name}
-    caption_field = cfg.caption_field or family.caption_field
     if cfg.snr_gamma is not None and family.objective != "ddpm":
         raise InputError(
             "--snr_gamma",
@@ -320,7 +325,13 @@ def train(cfg: TrainConfig) -> TrainResult:
             f"note: --snr_gamma {cfg.snr_gamma} with a zero-terminal-SNR schedule weights the noisiest timesteps "
             "(where the layout is drawn) near 0; on the demo it cut recognisability from 0.50 to 0.29 (README section 6)"
         )
-    examples = read_examples(cfg.train_data_dir, [parts[family.caption_tokenizer]], caption_field)
+    examples, caption_field = load_examples(cfg, parts)
+    max_steps = total_steps(cfg, len(examples), accelerator.num_processes)
+    if cfg.num_train_epochs is not None and cfg.max_train_steps is not None and accelerator.is_main_process:
+        print(f"note: --max_train_steps {cfg.max_train_steps} wins over --num_train_epochs {cfg.num_train_epochs}")
+    compiled, why_compiled = compile_choice(
+        cfg.torch_compile, max_steps, COMPILE_AFTER_STEPS, "steps", accelerator.device
+    )
     torch.manual_seed(cfg.seed)
     trained = mode.trainable(parts, cfg)
     place_models(parts, trained, accelerator, cfg.gradient_checkpointing, compiled)
@@ -336,7 +347,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     learning_rate = cfg.learning_rate or DEFAULT_LR[cfg.mode]
     optimizer = adamw(params, accelerator.device, lr=learning_rate, weight_decay=cfg.adam_weight_decay)
     lr_scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=max_steps
     )
     *models, optimizer = accelerator.prepare(*trained, optimizer)
     unet = models[0]
@@ -393,12 +404,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     if accelerator.is_main_process:
         print(
             f"training {cfg.mode} on {len(examples)} images: {world} process(es), effective batch {effective_batch} "
-            f"({micro} x {accum} accumulation per process), steps {first_step}->{cfg.max_train_steps}, "
+            f"({micro} x {accum} accumulation per process), steps {first_step}->{max_steps}, "
             f"lr {learning_rate:g}, {'cached latents' if cfg.cache_latents else 'VAE every step'}, "
             f"torch.compile {'on' if compiled else 'off'} ({why_compiled})"
         )
 
-    bar = tqdm(total=cfg.max_train_steps, initial=first_step, desc="train", disable=not accelerator.is_main_process)
+    bar = tqdm(total=max_steps, initial=first_step, desc="train", disable=not accelerator.is_main_process)
     losses: list[float] = []
     step_seconds: list[float] = []
     reader = LossReader(accelerator)
@@ -423,7 +434,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     tick = time.perf_counter()
     step, step_loss = first_step, None
     unet.train()
-    while step < cfg.max_train_steps:
+    samples: list = []  # the last validation's images, the card's samples
+    while step < max_steps:
         batch = next(batches)
         with accelerator.accumulate(*models):
             loss = run_loss(batch, step_unet)
@@ -442,15 +454,15 @@ def train(cfg: TrainConfig) -> TrainResult:
         reader.add(step_loss, lr_scheduler.get_last_lr()[0])
         step_loss = None
         checkpoint_due = step % cfg.checkpointing_steps == 0
-        validation_due = cfg.validation_steps and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps)
-        if checkpoint_due or validation_due or step % LOSS_READ_EVERY == 0 or step == cfg.max_train_steps:
+        validation_due = cfg.validation_steps and (step % cfg.validation_steps == 0 or step == max_steps)
+        if checkpoint_due or validation_due or step % LOSS_READ_EVERY == 0 or step == max_steps:
             read_losses()
         bar.update(1)  # after a loss read, so on a GPU the bar's last update waits for the last step to finish
         if checkpoint_due:
             save_checkpoint(accelerator, cfg, step, {"final_loss": losses[-1], **base}, states)
         if validation_due and accelerator.is_main_process:
             with on_device(released, accelerator.device):
-                validate(accelerator, cfg, parts, unet, text_encoders, ema, prompts, step)
+                samples = validate(accelerator, cfg, parts, unet, text_encoders, ema, prompts, step)
         step_seconds.append(time.perf_counter() - tick)
         tick = time.perf_counter()
     read_losses()
@@ -475,17 +487,24 @@ def train(cfg: TrainConfig) -> TrainResult:
                 **base,
             },
         )
-        # the base as resolved here, so generation from any folder finds it (and checks its fingerprint)
-        write_json(out / "config.json", {**record, "pretrained_model_name_or_path": base["base_model"]})
-        write_text(out / "README.md", model_card(cfg, record, examples))
+        # the base relative to this folder (or its hub id), so generation from any folder, or from a copy of both,
+        # finds it (and checks its fingerprint); no machine path is written into the folder
+        portable_base = portable_path(base["base_model"], out)
+        record |= {"config": portable_fields(cfg, out), "base_model": portable_base}
+        write_json(out / "config.json", {**record, "pretrained_model_name_or_path": portable_base})
+        widget = write_samples(out, prompts, samples) if samples else []
+        write_text(out / "README.md", model_card(cfg, record, examples, widget, out))
         print(f"saved {cfg.mode} model to {out} after {step} steps")
+        if cfg.push_to_hub:
+            push_to_hub(cfg, out)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(out, step, losses, step_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: train(parse_config(TrainConfig, argv, prog="python -m lesiongen.diffusion.train")))
+    prog, reads = "python -m lesiongen.diffusion.train", ("pretrained_model_name_or_path", "train_data_dir")
+    return run_stage(train, TrainConfig, argv, prog, "diffusion training", reads=reads, tables=("train_data_dir",))
 
 
 if __name__ == "__main__":

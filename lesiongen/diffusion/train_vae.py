@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..cli import option, parse_config, run
+from ..cli import option, run_stage
 from ..devices import adamw
 from ..errors import InputError
 from ..files import atomic_dir
@@ -102,6 +102,8 @@ class TrainVAEConfig:
             raise InputError("--crop_size", f"{self.crop_size} is outside 8..{self.resolution}", "use e.g. 32, or none")
         if not 0 <= self.full_size_steps <= self.max_train_steps:
             raise InputError("--full_size_steps", f"{self.full_size_steps} is outside 0..--max_train_steps", "e.g. 150")
+        if not 0 < self.learning_rate < float("inf"):  # false for nan too
+            raise InputError("--learning_rate", f"must be a positive number, got {self.learning_rate}", "e.g. 1e-3")
         if self.lesion_weight < 0 or not 0 <= self.whiten_strength <= 1:
             raise InputError("--lesion_weight / --whiten_strength", "must be >= 0 / in [0, 1]", "e.g. 4 and 0.5")
         if self.balance_classes and not (Path(self.train_data_dir) / "metadata.jsonl").is_file():
@@ -353,7 +355,11 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: train_vae(parse_config(TrainVAEConfig, argv, prog="python -m lesiongen.diffusion.train_vae")))
+    def output(cfg: TrainVAEConfig) -> Path:
+        return Path(cfg.output_dir or Path(cfg.pretrained_model_name_or_path) / "vae")
+
+    prog = "python -m lesiongen.diffusion.train_vae"
+    return run_stage(train_vae, TrainVAEConfig, argv, prog, "VAE training", ("train_data_dir",), output=output)
 
 
 if __name__ == "__main__":

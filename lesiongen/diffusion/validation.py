@@ -1,4 +1,5 @@
-"""Validation during training: one image per prompt from the current (or EMA) weights, as a grid PNG and in TensorBoard."""
+"""Validation during training: one image per prompt from the current (or EMA) weights, as a grid PNG and in the
+trackers (TensorBoard, W&B)."""
 
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ def on_device(modules: list, device) -> Iterator[None]:
 
 def validate(
     accelerator, cfg: TrainConfig, parts: dict, unet, text_encoders: dict, ema, prompts: list[str], step: int
-) -> Path:
-    """A grid of one image per prompt, saved as PNG and logged to TensorBoard; same seed every time."""
+) -> list:
+    """One image per prompt, same seed every time: saved as a grid PNG, logged to the trackers (TensorBoard,
+    W&B) and returned (the final ones become the model card's samples)."""
     import numpy as np
     import torch
     from diffusers import DPMSolverMultistepScheduler
@@ -88,4 +90,10 @@ def validate(
             tracker.writer.add_images(
                 "validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC"
             )
-    return path
+        if tracker.name == "wandb":
+            import wandb
+
+            tracker.log(
+                {"validation": [wandb.Image(im, caption=p) for im, p in zip(images, prompts, strict=True)]}, step=step
+            )
+    return images

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .. import labels
-from ..cli import option, parse_config, run
+from ..cli import option, run_stage
 from ..devices import AUTO, resolve_device
 from ..errors import InputError
 from ..files import atomic_path, write_json, write_text
@@ -417,7 +417,9 @@ def _counts(real_df: pd.DataFrame, fake_df: pd.DataFrame) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: evaluate(parse_config(EvaluateConfig, argv, prog="python -m lesiongen.evaluate")))
+    reads = ("real", "synthetic", "classifier", "vae", "pairs", "inception_weights", "concept_real")
+    tables = ("real", "synthetic", "pairs", "concept_real")
+    return run_stage(evaluate, EvaluateConfig, argv, "python -m lesiongen.evaluate", "evaluation", reads, tables)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ class Family:
     caption_tokenizer: str = "tokenizer"
     interchange: str = "kohya"  # INTERCHANGE: the LoRA file format A1111/ComfyUI read for this family
     pipeline_extras: dict = field(default_factory=dict)  # constructor arguments that are not components
+    # the licence entries of a model card's front matter: a fine-tune inherits its base model's licence
+    hub_license: dict = field(default_factory=lambda: {"license": "creativeml-openrail-m"})
 
     @property
     def text_encoders(self) -> tuple[str, ...]:

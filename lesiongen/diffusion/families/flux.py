@@ -129,4 +129,9 @@ FLUX = Family(
     caption_field="long_text",
     caption_tokenizer="tokenizer_2",
     interchange="comfyui",
+    hub_license={  # as diffusers' train_dreambooth_lora_flux.py writes it
+        "license": "other",
+        "license_name": "flux-1-dev-non-commercial-license",
+        "license_link": "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md",
+    },
 )

@@ -68,4 +68,5 @@ SD2 = replace(
     native_resolution=768,  # stable-diffusion-2-1 (v); stable-diffusion-2-1-base is 512 px with epsilon
     matches=lambda index, source: is_sd(index, source, v2=True),
     tiny=tiny_sd2,
+    hub_license={"license": "openrail++"},
 )

@@ -114,4 +114,9 @@ SD3 = Family(
     caption_field="long_text",
     caption_tokenizer="tokenizer_3",
     interchange="comfyui",
+    hub_license={  # as diffusers' train_dreambooth_lora_sd3.py writes it
+        "license": "other",
+        "license_name": "stabilityai-ai-community",
+        "license_link": "https://huggingface.co/stabilityai/stable-diffusion-3.5-large/blob/main/LICENSE.md",
+    },
 )

@@ -81,4 +81,5 @@ SDXL = Family(
     matches=lambda index, source: index.get("_class_name") == "StableDiffusionXLPipeline",
     tiny=tiny,
     pipeline_extras={"add_watermarker": False},
+    hub_license={"license": "openrail++"},
 )

@@ -118,12 +118,13 @@ def validity_by_value(frame: pd.DataFrame, values: Sequence[str]) -> dict[str, d
     for v in values:
         rows = frame[frame["value"] == v]
         kept = rows[rows["valid"].astype(bool)]
-        ita = pd.to_numeric(rows["skin_ita_after"], errors="coerce") if "skin_ita_after" in rows else pd.Series()
+        ita = pd.to_numeric(rows["skin_ita_after"], errors="coerce")
+        change = pd.to_numeric(rows["lesion_change"], errors="coerce")
         out[v] = {
             "made": len(rows),
             "valid": len(kept),
             "excluded": len(rows) - len(kept),
-            "lesion_change_mean": float(rows["lesion_change"].mean()) if len(rows) else None,
+            "lesion_change_mean": float(change.mean()) if change.notna().any() else None,
             "skin_ita_mean": float(ita.mean()) if ita.notna().any() else None,
             "skin_ita_valid_mean": float(ita[rows["valid"].astype(bool)].mean())
             if ita[rows["valid"].astype(bool)].notna().any()

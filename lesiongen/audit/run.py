@@ -34,7 +34,10 @@ from ..tables import SPLITS
 from .metrics import audit_statistics, interval_words, validity_by_value
 
 GRID_ROWS = 8  # lesions shown in the grid; the statistics use every one
-TONE_BANDS = {name: i for i, name in enumerate(labels.SKIN_TONE_NAMES)}
+TONE_BANDS = {name: i for i, name in enumerate(labels.SKIN_TONE_NAMES)}  # 0 is the lightest
+# How far (degrees of ITA) an edit must move the skin towards the asked tone to count: a third of the narrowest
+# band (13 degrees), well above what an edit that keeps the skin moves it (under 2 degrees with random weights).
+MIN_ITA_SHIFT = 5.0
 
 
 @dataclass
@@ -114,17 +117,24 @@ def edit_config(cfg: AuditConfig, value: str, k: int, out: Path):
 
 
 def validity(row: pd.Series, cfg: AuditConfig) -> str:
-    """Why an edit is not valid ("" when it is)."""
+    """Why an edit is not valid ("" when it is). For skin tone the skin must measure within one band of the asked
+    tone and, unless the source's skin is already in that band, have moved towards it by ``MIN_ITA_SHIFT``: an
+    edit that left the skin as it was is no counterfactual, even where the source's band is next to the asked one."""
     change = pd.to_numeric(row.get("lesion_change"), errors="coerce")
     if not np.isfinite(change) or change > cfg.max_lesion_change:
         return f"lesion changed by {change:.1f} of 255 (limit {cfg.max_lesion_change:g})"
-    if cfg.attribute == "skin_tone":
-        ita = pd.to_numeric(row.get("skin_ita_after"), errors="coerce")
-        if not np.isfinite(ita):
-            return "no skin around the lesion to measure"
-        reached = labels.skin_tone_from_ita(float(ita))
-        if abs(TONE_BANDS[reached] - TONE_BANDS[row["value"]]) > 1:
-            return f"skin measured {reached} (ITA {ita:.0f}), not near {row['value']}"
+    if cfg.attribute != "skin_tone":
+        return ""
+    before, after = (pd.to_numeric(row.get(k), errors="coerce") for k in ("skin_ita_before", "skin_ita_after"))
+    if not (np.isfinite(before) and np.isfinite(after)):
+        return "no skin around the lesion to measure"
+    asked, source = TONE_BANDS[row["value"]], TONE_BANDS[labels.skin_tone_from_ita(float(before))]
+    reached = labels.skin_tone_from_ita(float(after))
+    if abs(TONE_BANDS[reached] - asked) > 1:
+        return f"skin measured {reached} (ITA {after:.0f}), not near {row['value']}"
+    towards = (after - before) * (1 if asked < source else -1)  # a lower band index is lighter: a higher ITA
+    if asked != source and towards < MIN_ITA_SHIFT:
+        return f"skin moved {after - before:+.1f} degrees of ITA from {before:.0f}, not towards {row['value']}"
     return ""
 
 

@@ -69,6 +69,9 @@ OTHER = "other"
 D7P_OTHER_DIAGNOSES: tuple[str, ...] = ("miscellaneous",)
 
 CODES: tuple[str, ...] = tuple(c.code for c in CONDITIONS)
+# The classes a benign/malignant reading calls malignant (ISIC's convention: melanoma, basal cell carcinoma,
+# actinic keratosis and intraepithelial carcinoma); the audit's flip directions and true-positive rates use it.
+MALIGNANT: frozenset[str] = frozenset({"mel", "bcc", "akiec"})
 BY_CODE: dict[str, Condition] = {c.code: c for c in CONDITIONS}
 
 

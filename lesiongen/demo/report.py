@@ -26,7 +26,7 @@ from ..cli import option, parse_config, run
 from ..errors import InputError
 from ..files import atomic_path, write_text
 from ..images import image_grid, open_rgb
-from .page import Figure, Section, to_html, to_markdown
+from ..page import Figure, Section, to_html, to_markdown
 
 GRID_DIR = "report_files"
 COMPARISON_COLUMNS = (

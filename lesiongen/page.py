@@ -1,4 +1,4 @@
-"""A report page as sections, rendered twice: Markdown (``report.md``) and self-contained HTML (``report.html``).
+"""A report page as sections (the demo report, the audit), rendered twice: Markdown (``report.md``) and self-contained HTML (``report.html``).
 
 Each section is a title, notes, figures (PNG files, embedded as data URIs in the HTML so the one file can
 be mailed or opened anywhere), an optional table and optional commands; both renderers walk the same list,

@@ -176,13 +176,18 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "evaluation": ("evaluation.json",),
     "the demo": ("report.html",),
     "the paper experiment": ("results.json",),
+    "the audit": ("audit.json", "manifest.csv"),
 }
 
 
 def check_not_another_stage(output: str | Path, stage: str, flag: str = "--output_dir") -> None:
-    """Refuse an output folder that holds another stage's output: this stage's files would stand in its place."""
+    """Refuse an output folder that holds another stage's output: this stage's files would stand in its place. A file
+    both stages write (the audit's manifest.csv) is its own where this stage wrote it."""
+    own = {m for p in STAGE_OUTPUTS[stage] for m in Path(output).glob(p)}
     for other, patterns in STAGE_OUTPUTS.items():
-        found = next((m for p in patterns for m in Path(output).glob(p)), None) if other != stage else None
+        found = (
+            next((m for p in patterns for m in Path(output).glob(p) if m not in own), None) if other != stage else None
+        )
         if found is not None:
             raise InputError(
                 f"{flag} {output}",

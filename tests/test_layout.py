@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lesiongen"
 # Stages in pipeline order; a module may import the ground floor, its own stage and the stages before it.
-STAGES = ("captions", "diffusion", "classify", "evaluate", "demo")
+STAGES = ("captions", "diffusion", "classify", "evaluate", "audit", "demo")
 
 
 def module_name(path: Path) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .. import labels
-from ..cli import option, parse_config, run
+from ..cli import option, run_stage
 from ..devices import AUTO, resolve_device
 from ..errors import InputError
 from ..files import atomic_path, write_json, write_text
@@ -339,7 +339,8 @@ def print_summary(result: dict, cfg: AuditConfig, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(lambda: audit(parse_config(AuditConfig, argv, prog="python -m lesiongen.audit")))
+    reads = ("classifier", "data_dir", "model", "base_model")
+    return run_stage(audit, AuditConfig, argv, "python -m lesiongen.audit", "the audit", reads)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,20 @@ def test_compare_real_synthetic_mixed(tmp_path, small_d7p, fake_generation):
     assert table["balanced_accuracy"].between(0, 1).all() and table["seeds"].eq(1).all()
     text = (out / "compare.md").read_text()
     assert "| mixed |" in text and "| majority class (" in text and "`validation`" in text
+    # each training set against real only: the difference of the scored runs, its interval and a verdict from it
+    diffs = json.loads((out / "comparison.json").read_text())["differences"]
+    ba = {d["name"]: d for d in diffs if d["metric"] == "balanced_accuracy"}
+    assert set(ba) == {"synthetic only", "real + synthetic"}
+    by_train = dict(zip(table["train"], table["balanced_accuracy"], strict=True))
+    mixed = ba["real + synthetic"]
+    assert mixed["against"] == "real only" and mixed["n_images"] == len(read_image_table(small_d7p, "validation"))
+    assert mixed["difference"] == pytest.approx(by_train["mixed"] - by_train["real"], abs=1e-5)
+    assert mixed["low"] <= mixed["difference"] <= mixed["high"]
+    expected = "better" if mixed["low"] > 0 else "worse" if mixed["high"] < 0 else "no difference shown"
+    assert mixed["verdict"] == expected
+    assert {"worst_group_accuracy", "worst_sex"} <= {d["metric"] for d in diffs}
+    assert "paired bootstrap 95% interval" in text and "| real + synthetic | real only | balanced acc. |" in text
+    assert len(pd.read_csv(out / "compare_differences.csv")) == len(diffs)
 
 
 def test_compare_checks_every_run_before_the_first_trains(tmp_path, small_d7p, fake_generation, capsys):

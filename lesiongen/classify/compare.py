@@ -26,7 +26,7 @@ from ..tables import METADATA, SPLITS
 from .config import ClassifierSettings, ClassifyConfig
 from .data import TRAIN_MODES, assemble, check_classes, drop_corrupt, load_tables, read_table
 from .evaluate import EvalConfig, evaluate
-from .metrics import majority_baseline
+from .metrics import LEVEL, RESAMPLES, majority_baseline, paired_differences
 from .models import BEST, LAST
 from .train import train
 
@@ -42,6 +42,9 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("max_gap", "best-worst gap"),
 )
 RUN_NAMES = {"real": "real only", "synthetic": "synthetic only", "mixed": "real + synthetic"}
+# Differences between training sets get intervals for these, besides the worst group of each subgroup field.
+DIFFERENCE_TITLES = {"balanced_accuracy": "balanced acc.", "worst_group_accuracy": "worst-group acc."}
+DIFFERENCE_FILE = "compare_differences.csv"
 
 
 @dataclass
@@ -184,6 +187,73 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+def read_predictions(run: dict) -> pd.DataFrame:
+    return pd.read_csv(Path(run["eval_dir"]) / "predictions.csv", dtype=str, keep_default_na=False)
+
+
+def differences(
+    runs: Sequence[dict], reference: Sequence[dict], min_group_size: int, seed: int = 0, **keys
+) -> list[dict]:
+    """``runs`` minus ``reference`` (one run each per seed, paired by seed, scored on the same images): one row
+    per metric with its 95% interval and verdict (``metrics.paired_differences``), plus ``keys`` in each row."""
+    by_seed = {r["seed"]: r for r in reference}
+    missing = [r["seed"] for r in runs if r["seed"] not in by_seed]
+    if missing:
+        raise ValueError(f"no reference run for seed(s) {missing}")
+    pairs = [(read_predictions(r), read_predictions(by_seed[r["seed"]])) for r in runs]
+    first = pairs[0][1]
+    for a, b in pairs:
+        if a["path"].tolist() != first["path"].tolist() or b["path"].tolist() != first["path"].tolist():
+            raise ValueError("the runs were scored on different images; a paired comparison needs the same ones")
+    groups = {f: first[f].tolist() for f in labels.SUBGROUP_FIELDS if f in first}
+    result = paired_differences(
+        first["label"].tolist(),
+        [a["pred"].tolist() for a, _ in pairs],
+        [b["pred"].tolist() for _, b in pairs],
+        groups,
+        min_group_size,
+        seed=seed,
+    )
+    return [
+        {**keys, "metric": metric, "n_images": len(first), "seeds": len(pairs), **r} for metric, r in result.items()
+    ]
+
+
+def difference_title(metric: str) -> str:
+    return DIFFERENCE_TITLES.get(metric) or metric.replace("worst_", "worst ").replace("_", " ") + " acc."
+
+
+def interval_text(low: float | None, high: float | None) -> str:
+    return "n/a" if low is None else f"[{low:+.3f}, {high:+.3f}]"
+
+
+def differences_markdown(rows: Sequence[dict], by: Sequence[tuple[str, str]] = (("name", "train"),)) -> str:
+    """The differences as a Markdown table; the verdict comes from the intervals, never from the sign."""
+    heads = [t for _, t in by] + ["against", "metric", "difference", "95% interval (images)"]
+    seeds = any(r["seeds"] > 1 for r in rows)
+    heads += ["95% interval (seeds)"] * seeds + ["verdict"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for r in rows:
+        cells = [str(r[k]) for k, _ in by] + [r["against"], difference_title(r["metric"]), f"{r['difference']:+.3f}"]
+        cells += [interval_text(r["low"], r["high"])]
+        cells += [interval_text(r["seeds_low"], r["seeds_high"])] * seeds + [r["verdict"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def interval_note(n_images: int, seeds: int) -> str:
+    note = (
+        f"Each difference is A minus B on the same {n_images} images, with a paired bootstrap {LEVEL:.0%} interval "
+        f"({RESAMPLES} resamples of the images; balanced and worst-group accuracy recomputed on each)"
+    )
+    if seeds > 1:
+        note += f", its mean over {seeds} seeds, and a t-interval over the seeds' differences"
+    return (
+        note + '. "better" or "worse" only where the interval excludes 0 (with several seeds, both intervals on '
+        'the same side of 0); otherwise "no difference shown".'
+    )
+
+
 def compare(cfg: CompareConfig) -> dict:
     """Every (training set, seed) run, scored on one split; writes and returns the comparison result."""
     out = Path(cfg.output_dir)
@@ -191,6 +261,18 @@ def compare(cfg: CompareConfig) -> dict:
     check_inputs(cfg, split)
     rows = [run_row(cfg, mode, seed, split) for mode in cfg.runs for seed in cfg.seeds]
     table = summarise(rows)
+    reference = [r for r in rows if r["train"] == cfg.runs[0]]
+    diffs = [
+        row
+        for mode in cfg.runs[1:]
+        for row in differences(
+            [r for r in rows if r["train"] == mode],
+            reference,
+            cfg.min_group_size,
+            name=RUN_NAMES[mode],
+            against=RUN_NAMES[cfg.runs[0]],
+        )
+    ]
     scored = read_table(cfg.data_dir, split, cfg.skip_missing)["label"]
     baseline = majority_baseline(read_table(cfg.data_dir, "train", cfg.skip_missing)["label"], scored)
     result = {
@@ -200,9 +282,11 @@ def compare(cfg: CompareConfig) -> dict:
         "baseline": baseline,
         "runs": rows,
         "table": table,
+        "differences": diffs,
     }
     write_json(out / RESULT_FILE, result)
-    for name, frame in (("compare_runs.csv", pd.DataFrame(rows)), ("compare.csv", pd.DataFrame(table))):
+    frames = {"compare_runs.csv": rows, "compare.csv": table, DIFFERENCE_FILE: diffs}
+    for name, frame in ((name, pd.DataFrame(list(f))) for name, f in frames.items()):
         with atomic_path(out / name) as tmp:
             frame.to_csv(tmp, index=False)
     text = (
@@ -211,6 +295,8 @@ def compare(cfg: CompareConfig) -> dict:
         + f"| majority class ({baseline['class']}) | | | {baseline['accuracy']:.3f} | "
         f"{baseline['balanced_accuracy']:.3f} | | | | |\n"
     )
+    if diffs:
+        text += "\n" + interval_note(len(scored), len(cfg.seeds)) + "\n\n" + differences_markdown(diffs)
     write_text(out / "compare.md", text)
     print(text)
     print(f"wrote {out / RESULT_FILE}, {out / 'compare.csv'} and {out / 'compare.md'}")

@@ -24,9 +24,10 @@ from ..errors import InputError
 from ..files import atomic_path, write_json, write_text
 from ..tables import METADATA, SPLITS
 from .config import ClassifierSettings, ClassifyConfig
-from .data import TRAIN_MODES, assemble, check_classes, drop_corrupt, load_tables, read_table
+from .data import TRAIN_MODES, check_classes, drop_corrupt, load_tables, read_table
 from .evaluate import EvalConfig, evaluate
 from .metrics import LEVEL, RESAMPLES, majority_baseline, paired_differences
+from .mixing import assemble
 from .models import BEST, LAST
 from .train import train
 
@@ -41,6 +42,12 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("worst_group_accuracy", "worst-group acc."),
     ("max_gap", "best-worst gap"),
 )
+# The mixing options (config.py) and their single-run values, which the real-only and synthetic-only runs keep.
+RECIPE_DEFAULTS = {
+    f.name: f.default
+    for f in dataclasses.fields(ClassifierSettings)
+    if f.name in ("synthetic_share", "synthetic_weight", "swap_probability", "finetune_epochs", "synthetic_bn")
+}
 RUN_NAMES = {"real": "real only", "synthetic": "synthetic only", "mixed": "real + synthetic"}
 # Differences between training sets get intervals for these, besides the worst group of each subgroup field.
 DIFFERENCE_TITLES = {"balanced_accuracy": "balanced acc.", "worst_group_accuracy": "worst-group acc."}
@@ -76,8 +83,16 @@ class CompareConfig(ClassifierSettings):
             )
 
     def run_config(self, mode: str, seed: int) -> ClassifyConfig:
-        """The classifier config of one run: these settings with its own data, seed and folder."""
+        """The classifier config of one run: these settings with its own data, seed and folder.
+
+        The mixing recipe is the real + synthetic run's. Real only trains as many epochs as both of its stages
+        (the yardstick gets every epoch the mixed run gets), and synthetic only stays synthetic only: no
+        fine-tuning on real images, no second BatchNorm set that evaluation would never use.
+        """
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ClassifierSettings)}
+        if mode != "mixed":
+            shared.update(RECIPE_DEFAULTS)
+            shared["epochs"] = self.total_epochs if mode == "real" else self.epochs
         out = Path(self.output_dir) / f"{mode}-seed{seed}"
         return ClassifyConfig(**{**shared, "train": mode, "seed": seed, "output_dir": str(out)})
 
@@ -98,7 +113,8 @@ def check_inputs(cfg: CompareConfig, split: str) -> None:
     read_table(cfg.data_dir, split, cfg.skip_missing)
     if cfg.folds == 1:  # folds validate on held-out training lesions, not on the validation split
         for mode, seed in itertools.product(cfg.runs, cfg.seeds):
-            train_frame, _ = assemble(frames["train"], frames.get("synthetic"), mode, cfg.synthetic_ratio, seed)
+            run_cfg = cfg.run_config(mode, seed)
+            train_frame, _ = assemble(frames["train"], frames.get("synthetic"), run_cfg, mode, seed)
             check_classes(train_frame, frames["validation"], cfg.allow_missing_classes)
 
 

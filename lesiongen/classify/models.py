@@ -24,6 +24,7 @@ from ..errors import InputError
 from ..states import read_state, write_state
 from .config import ClassifyConfig, config_from_dict
 from .data import ImageDataset, make_transform
+from .dual_bn import split_batchnorm
 
 
 def _pretrained_error(model: str, err: Exception, fix: str) -> InputError:
@@ -77,6 +78,12 @@ def build_vit(num_classes: int, cfg: ClassifyConfig) -> nn.Module:
 
 
 MODELS: dict[str, Callable[[int, ClassifyConfig], nn.Module]] = {"resnet18": build_resnet18, "vit": build_vit}
+
+
+def build_model(cfg: ClassifyConfig) -> nn.Module:
+    """The registry's model for ``cfg``, with separate synthetic BatchNorm statistics under --synthetic_bn."""
+    model = MODELS[cfg.model](len(labels.CODES), cfg)
+    return split_batchnorm(model) if cfg.synthetic_bn else model
 
 
 BEST, LAST = "best.safetensors", "last.safetensors"
@@ -140,7 +147,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
     path = Path(path)
     ckpt = read_checkpoint(checkpoint_file(path))
     cfg = config_from_dict(ckpt["config"])
-    model = MODELS[cfg.model](len(labels.CODES), replace(cfg, pretrained=False))  # weights come from the checkpoint
+    model = build_model(replace(cfg, pretrained=False))  # weights come from the checkpoint
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

@@ -46,8 +46,33 @@ METRICS: tuple[tuple[str, str], ...] = (
 RECIPE_DEFAULTS = {
     f.name: f.default
     for f in dataclasses.fields(ClassifierSettings)
-    if f.name in ("synthetic_share", "synthetic_weight", "swap_probability", "finetune_epochs", "synthetic_bn")
+    if f.name
+    in ("synthetic_share", "share_per", "synthetic_weight", "swap_probability", "finetune_epochs", "synthetic_bn")
 }
+RECIPE_TYPES = {"synthetic_share": float, "share_per": str, "synthetic_weight": float, "swap_probability": float}
+RECIPE_TYPES |= {"finetune_epochs": int, "synthetic_bn": lambda v: {"true": True, "false": False}[v.lower()]}
+
+
+def recipe_from_pairs(pairs: Sequence[str], flag: str = "--mixing") -> dict:
+    """classifier.py mixing options from ``name=value`` pairs (``synthetic_share=0.3 finetune_epochs=5``), for
+    callers that pass a recipe through; the values are checked where the classifier config is built."""
+    recipe = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        name = name.strip().removeprefix("--")
+        if name not in RECIPE_TYPES or not value:
+            raise InputError(
+                flag, f"'{pair}' is not name=value of a mixing option", f"names: {', '.join(RECIPE_TYPES)}"
+            )
+        try:
+            recipe[name] = RECIPE_TYPES[name](value)
+        except (ValueError, KeyError):
+            raise InputError(
+                flag, f"'{pair}': {value!r} is not a value of {name}", "e.g. synthetic_share=0.3"
+            ) from None
+    return recipe
+
+
 RUN_NAMES = {"real": "real only", "synthetic": "synthetic only", "mixed": "real + synthetic"}
 # Differences between training sets get intervals for these, besides the worst group of each subgroup field.
 DIFFERENCE_TITLES = {"balanced_accuracy": "balanced acc.", "worst_group_accuracy": "worst-group acc."}
@@ -243,18 +268,36 @@ def interval_text(low: float | None, high: float | None) -> str:
     return "n/a" if low is None else f"[{low:+.3f}, {high:+.3f}]"
 
 
-def differences_markdown(rows: Sequence[dict], by: Sequence[tuple[str, str]] = (("name", "train"),)) -> str:
-    """The differences as a Markdown table; the verdict comes from the intervals, never from the sign."""
-    heads = [t for _, t in by] + ["against", "metric", "difference", "95% interval (images)"]
+def difference_table(
+    rows: Sequence[dict], by: Sequence[tuple[str, str]] = (("name", "train"),)
+) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of the differences: the ``by`` columns, the reference, the metric, the difference, its
+    interval(s) and the verdict, which comes from the intervals, never from the sign."""
     seeds = any(r["seeds"] > 1 for r in rows)
+    heads = [t for _, t in by] + ["against", "metric", "difference", "95% interval (images)"]
     heads += ["95% interval (seeds)"] * seeds + ["verdict"]
+    cells = [
+        [str(r[k]) for k, _ in by]
+        + [r["against"], difference_title(r["metric"]), f"{r['difference']:+.3f}", interval_text(r["low"], r["high"])]
+        + [interval_text(r["seeds_low"], r["seeds_high"])] * seeds
+        + [r["verdict"]]
+        for r in rows
+    ]
+    return heads, cells
+
+
+def differences_markdown(rows: Sequence[dict], by: Sequence[tuple[str, str]] = (("name", "train"),)) -> str:
+    heads, cells = difference_table(rows, by)
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    for r in rows:
-        cells = [str(r[k]) for k, _ in by] + [r["against"], difference_title(r["metric"]), f"{r['difference']:+.3f}"]
-        cells += [interval_text(r["low"], r["high"])]
-        cells += [interval_text(r["seeds_low"], r["seeds_high"])] * seeds + [r["verdict"]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
+
+
+def difference_text(row: dict) -> str:
+    """One difference in a sentence: '<name> vs <against>: balanced acc. +0.017 [+0.000, +0.042], no difference shown'."""
+    return (
+        f"{row['name']} vs {row['against']}: {difference_title(row['metric'])} {row['difference']:+.3f} "
+        f"{interval_text(row['low'], row['high'])}, {row['verdict']}"
+    )
 
 
 def interval_note(n_images: int, seeds: int) -> str:

@@ -18,6 +18,7 @@ from builders import RunsCode, oversized_png, subset
 from lesiongen import labels
 from lesiongen.captions.metadata import load_metadata
 from lesiongen.classify import train as classify
+from lesiongen.classify.compare import differences
 from lesiongen.classify.compare import main as compare_main
 from lesiongen.classify.config import ClassifyConfig
 from lesiongen.classify.convert_checkpoint import main as convert_main
@@ -300,3 +301,27 @@ def test_flag_errors(tmp_path, small_d7p, fake_generation, monkeypatch):
         train(quick(small_d7p, tmp_path / "pre2", pretrained=True))
     model, cfg, _ = load_classifier(tmp_path / "pre")  # offline again: the checkpoint alone suffices
     assert cfg.pretrained and model.fc.out_features == len(labels.CODES)
+
+
+def test_differences_pair_the_same_images_across_folders_and_orders(tmp_path):
+    """The paper experiment scores each caption style's folder: the same real images under other paths."""
+    truth = ["mel", "nv", "bcc", "nv"]
+    runs = []
+    for name, folder, pred, order in (
+        ("real", "a", ["mel", "mel", "mel", "mel"], [0, 1, 2, 3]),
+        ("mixed", "b", truth, [3, 1, 0, 2]),
+    ):
+        rows = [
+            {"path": f"/{folder}/{i}.jpg", "image_id": f"img{i}", "label": truth[i], "sex": "male", "pred": pred[i]}
+            for i in order
+        ]
+        (tmp_path / name).mkdir()
+        pd.DataFrame(rows).to_csv(tmp_path / name / "predictions.csv", index=False)
+        runs.append({"seed": 0, "eval_dir": str(tmp_path / name)})
+    rows = differences([runs[1]], [runs[0]], 1, name="real + synthetic", against="real only")
+    ba = next(r for r in rows if r["metric"] == "balanced_accuracy")
+    assert (ba["a"], ba["b"], ba["difference"]) == (1.0, pytest.approx(1 / 3), pytest.approx(2 / 3))
+    assert ba["name"] == "real + synthetic" and ba["n_images"] == 4
+    (tmp_path / "mixed" / "predictions.csv").write_text("path,image_id,label,pred\n/b/9.jpg,img9,nv,nv\n")
+    with pytest.raises(ValueError, match="scored on different images"):
+        differences([runs[1]], [runs[0]], 1)

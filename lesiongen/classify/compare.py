@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,7 +82,11 @@ DIFFERENCE_FILE = "compare_differences.csv"
 
 @dataclass
 class CompareConfig(ClassifierSettings):
-    """Train real-only, synthetic-only and mixed classifiers with the same settings and compare them."""
+    """Train real-only, synthetic-only and mixed classifiers with the same settings and compare them.
+
+    The mixing options (--synthetic_share, --synthetic_weight, --swap_probability, --finetune_epochs,
+    --synthetic_bn) shape the real + synthetic run; real only trains as many epochs as its two stages.
+    """
 
     output_dir: str = option(
         "comparison", help="one sub-folder per run, plus comparison.json, compare.csv and compare.md"
@@ -229,7 +234,13 @@ def markdown(
 
 
 def read_predictions(run: dict) -> pd.DataFrame:
-    return pd.read_csv(Path(run["eval_dir"]) / "predictions.csv", dtype=str, keep_default_na=False)
+    """A run's predictions.csv indexed by image: its ``image_id`` where each row has its own (two caption styles'
+    folders hold the same real image at two paths), else its resolved path."""
+    frame = pd.read_csv(Path(run["eval_dir"]) / "predictions.csv", dtype=str, keep_default_na=False)
+    ids = frame["image_id"] if "image_id" in frame else pd.Series(dtype=str)
+    if len(ids) and ids.ne("").all() and ids.is_unique:
+        return frame.set_index(ids)
+    return frame.set_index(frame["path"].map(os.path.realpath))
 
 
 def differences(
@@ -243,9 +254,9 @@ def differences(
         raise ValueError(f"no reference run for seed(s) {missing}")
     pairs = [(read_predictions(r), read_predictions(by_seed[r["seed"]])) for r in runs]
     first = pairs[0][1]
-    for a, b in pairs:
-        if a["path"].tolist() != first["path"].tolist() or b["path"].tolist() != first["path"].tolist():
-            raise ValueError("the runs were scored on different images; a paired comparison needs the same ones")
+    if any(set(f.index) != set(first.index) for pair in pairs for f in pair):
+        raise ValueError("the runs were scored on different images; a paired comparison needs the same ones")
+    pairs = [(a.loc[first.index], b.loc[first.index]) for a, b in pairs]
     groups = {f: first[f].tolist() for f in labels.SUBGROUP_FIELDS if f in first}
     result = paired_differences(
         first["label"].tolist(),

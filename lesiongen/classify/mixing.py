@@ -85,6 +85,12 @@ def assemble(
     if mode == "real":
         return real_train, None
     synthetic, leaked = without_leaks(real_train, synthetic)
+    if synthetic.empty:
+        raise InputError(
+            "--synthetic_dir",
+            f"every synthetic image is a variant of a real image this run does not train on ({leaked})",
+            "make the variants from the train split of this --data_dir",
+        )
     if settings.swap_probability > 0 and mode == "mixed":
         synthetic = synthetic[synthetic["source_row"] >= 0]
         if synthetic.empty:

@@ -149,6 +149,8 @@ def test_two_stages_then_real_only_and_the_yardstick_gets_as_many_epochs(tmp_pat
     assert [h["synthetic_images"] > 0 for h in history["mixed"]] == [True, True, False]
     assert len(history["real"]) == 3 and len(history["synthetic"]) == 2  # real only: both stages' epochs
     assert all(h["synthetic_images"] > 0 for h in history["synthetic"])  # synthetic only stays synthetic
+    assert result["recipe"] == {"finetune_epochs": 1}
+    assert "Real + synthetic recipe: finetune_epochs=1." in (out / "compare.md").read_text()
 
 
 def bn_stats(model) -> dict[str, torch.Tensor]:

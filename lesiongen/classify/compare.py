@@ -127,6 +127,14 @@ class CompareConfig(ClassifierSettings):
         return ClassifyConfig(**{**shared, "train": mode, "seed": seed, "output_dir": str(out)})
 
 
+def recipe(cfg: ClassifierSettings) -> dict:
+    """The mixing options that differ from a plain mixed run (all synthetic images added once to the real ones)."""
+    changed = {k: getattr(cfg, k) for k, v in RECIPE_DEFAULTS.items() if getattr(cfg, k) != v}
+    if cfg.synthetic_share is not None:
+        changed["share_per"] = cfg.share_per
+    return changed
+
+
 def eval_split(cfg: CompareConfig) -> str:
     if cfg.eval_split:
         return cfg.eval_split
@@ -353,6 +361,7 @@ def compare(cfg: CompareConfig) -> dict:
         "runs": rows,
         "table": table,
         "differences": diffs,
+        "recipe": recipe(cfg),
     }
     write_json(out / RESULT_FILE, result)
     frames = {"compare_runs.csv": rows, "compare.csv": table, DIFFERENCE_FILE: diffs}
@@ -365,6 +374,11 @@ def compare(cfg: CompareConfig) -> dict:
         + f"| majority class ({baseline['class']}) | | | {baseline['accuracy']:.3f} | "
         f"{baseline['balanced_accuracy']:.3f} | | | | |\n"
     )
+    if "mixed" in cfg.runs:
+        said = (
+            ", ".join(f"{k}={v}" for k, v in result["recipe"].items()) or "the synthetic images added to the real ones"
+        )
+        text += f"\nReal + synthetic recipe: {said}.\n"
     if diffs:
         text += "\n" + interval_note(len(scored), len(cfg.seeds)) + "\n\n" + differences_markdown(diffs)
     write_text(out / "compare.md", text)

@@ -33,7 +33,16 @@ from pathlib import Path
 import torch
 
 from lesiongen.captions.build import BuildCaptionsConfig, build
-from lesiongen.classify.compare import CompareConfig, compare, markdown
+from lesiongen.classify.compare import (
+    RUN_NAMES,
+    CompareConfig,
+    compare,
+    differences,
+    differences_markdown,
+    interval_note,
+    markdown,
+    recipe_from_pairs,
+)
 from lesiongen.classify.compare import summarise as summarise_rows
 from lesiongen.classify.models import LAST
 from lesiongen.cli import option, run_stage
@@ -120,10 +129,18 @@ class PaperConfig:
         help="switches of the concept style's steering pairs (generate.py --contrast)",
     )
     pairs_per_class: int = option(10, help="steering pairs per condition and switch")
+    mixing: list[str] = option(
+        [],
+        help="mixing recipe of the real + synthetic classifiers as classifier.py name=value pairs, e.g. "
+        "synthetic_share=0.3 share_per=batch synthetic_weight=0.5 finetune_epochs=5 synthetic_bn=true "
+        "(finetune_epochs is not scaled; real only then trains as many epochs in all); default: every synthetic "
+        "image added once",
+    )
 
     def __post_init__(self) -> None:
         if not self.synthetic_ratio > 0:
             raise InputError("--synthetic_ratio", f"{self.synthetic_ratio} is not positive", "use e.g. 1 or 2")
+        recipe_from_pairs(self.mixing)
 
 
 @contextmanager
@@ -219,6 +236,7 @@ def classifier_rows(
         epochs=scaled("classifier_epochs", cfg.scale),
         num_workers=0,
         device=cfg.device,
+        **recipe_from_pairs(cfg.mixing),
     )
     finished = all((out / f"{mode}-seed{seed}" / "summary.json").is_file() for mode in runs)
     if finished:
@@ -427,6 +445,26 @@ def summarise(replicates: list[dict], space: str) -> list[dict]:
     return summarise_rows(rows, by=("captions", "train"), metrics=SUMMARY_METRICS)
 
 
+def against_real(replicates: list[dict], styles: list[str]) -> list[dict]:
+    """Each style's synthetic-only and real + synthetic classifiers minus real only, on the same validation
+    images and seeds: paired bootstrap intervals over the images and a t-interval over the seeds (compare.py)."""
+    rows = [row for rep in replicates for row in rep["rows"]]
+    real = [r for r in rows if r["train"] == "real"]
+    return [
+        d
+        for style in styles
+        for mode in ("synthetic", "mixed")
+        for d in differences(
+            [r for r in rows if r["captions"] == style and r["train"] == mode],
+            real,
+            MIN_GROUP,
+            captions=style,
+            name=f"{mode}-{style}",
+            against=RUN_NAMES["real"],
+        )
+    ]
+
+
 def experiment(cfg: PaperConfig) -> dict:
     out = Path(cfg.output_dir)
     replicates = [replicate(cfg, seed, out / f"seed-{seed}") for seed in cfg.seeds]
@@ -435,6 +473,7 @@ def experiment(cfg: PaperConfig) -> dict:
         "machine": machine(),
         "space": cfg.features[0],
         "summary": summarise(replicates, cfg.features[0]),
+        "differences": against_real(replicates, cfg.styles),
         "replicates": replicates,
     }
     write_json(out / "results.json", result)
@@ -463,6 +502,9 @@ def table(result: dict) -> str:
         "",
         markdown(result["summary"], by=(("captions", "captions"), ("train", "train")), metrics=columns, counts=False),
     ]
+    if result.get("differences"):
+        first = result["differences"][0]
+        lines += [interval_note(first["n_images"], first["seeds"]), "", differences_markdown(result["differences"])]
     for rep in result["replicates"]:
         diff = rep.get("recognisability_difference")
         if diff:

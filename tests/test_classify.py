@@ -19,6 +19,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from lesiongen import labels
 from lesiongen.captions.metadata import load_metadata
 from lesiongen.classify import train as classify
+from lesiongen.classify.compare import differences
 from lesiongen.classify.compare import main as compare_main
 from lesiongen.classify.config import ClassifyConfig
 from lesiongen.classify.convert_checkpoint import main as convert_main
@@ -226,6 +227,20 @@ def test_compare_real_synthetic_mixed(tmp_path, small_d7p, fake_generation):
     assert table["balanced_accuracy"].between(0, 1).all() and table["seeds"].eq(1).all()
     text = (out / "compare.md").read_text()
     assert "| mixed |" in text and "| majority class (" in text and "`validation`" in text
+    # each training set against real only: the difference of the scored runs, its interval and a verdict from it
+    diffs = json.loads((out / "comparison.json").read_text())["differences"]
+    ba = {d["name"]: d for d in diffs if d["metric"] == "balanced_accuracy"}
+    assert set(ba) == {"synthetic only", "real + synthetic"}
+    by_train = dict(zip(table["train"], table["balanced_accuracy"], strict=True))
+    mixed = ba["real + synthetic"]
+    assert mixed["against"] == "real only" and mixed["n_images"] == len(read_image_table(small_d7p, "validation"))
+    assert mixed["difference"] == pytest.approx(by_train["mixed"] - by_train["real"], abs=1e-5)
+    assert mixed["low"] <= mixed["difference"] <= mixed["high"]
+    expected = "better" if mixed["low"] > 0 else "worse" if mixed["high"] < 0 else "no difference shown"
+    assert mixed["verdict"] == expected
+    assert {"worst_group_accuracy", "worst_sex"} <= {d["metric"] for d in diffs}
+    assert "paired bootstrap 95% interval" in text and "| real + synthetic | real only | balanced acc. |" in text
+    assert len(pd.read_csv(out / "compare_differences.csv")) == len(diffs)
 
 
 def test_compare_checks_every_run_before_the_first_trains(tmp_path, small_d7p, fake_generation, capsys):
@@ -356,3 +371,27 @@ def test_flag_errors(tmp_path, small_d7p, fake_generation, monkeypatch, capsys):
     )
     model, cfg, _ = load_classifier(tmp_path / "pre")  # offline again: the checkpoint alone suffices
     assert cfg.pretrained and model.fc.out_features == len(labels.CODES)
+
+
+def test_differences_pair_the_same_images_across_folders_and_orders(tmp_path):
+    """The paper experiment scores each caption style's folder: the same real images under other paths."""
+    truth = ["mel", "nv", "bcc", "nv"]
+    runs = []
+    for name, folder, pred, order in (
+        ("real", "a", ["mel", "mel", "mel", "mel"], [0, 1, 2, 3]),
+        ("mixed", "b", truth, [3, 1, 0, 2]),
+    ):
+        rows = [
+            {"path": f"/{folder}/{i}.jpg", "image_id": f"img{i}", "label": truth[i], "sex": "male", "pred": pred[i]}
+            for i in order
+        ]
+        (tmp_path / name).mkdir()
+        pd.DataFrame(rows).to_csv(tmp_path / name / "predictions.csv", index=False)
+        runs.append({"seed": 0, "eval_dir": str(tmp_path / name)})
+    rows = differences([runs[1]], [runs[0]], 1, name="real + synthetic", against="real only")
+    ba = next(r for r in rows if r["metric"] == "balanced_accuracy")
+    assert (ba["a"], ba["b"], ba["difference"]) == (1.0, pytest.approx(1 / 3), pytest.approx(2 / 3))
+    assert ba["name"] == "real + synthetic" and ba["n_images"] == 4
+    (tmp_path / "mixed" / "predictions.csv").write_text("path,image_id,label,pred\n/b/9.jpg,img9,nv,nv\n")
+    with pytest.raises(ValueError, match="scored on different images"):
+        differences([runs[1]], [runs[0]], 1)

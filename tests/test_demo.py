@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from lesiongen import labels
+from lesiongen.classify.metrics import verdict
 from lesiongen.demo.report import COMPARISON_COLUMNS, RERUN_COMMANDS
 from lesiongen.demo.run import CONTRASTS, DEMO_ATTENTION_HEADS, SETTINGS, STAGES, demo, idle_cores, read_cpu_times
 from lesiongen.demo.run import DemoConfig as Config
@@ -108,6 +109,13 @@ def test_report_has_grids_table_losses_and_commands(quick_demo):
         assert f"| {row['name']} | {n_train} | {row['balanced_accuracy']:.3f} |" in md
     header = "| " + " | ".join(title for _, title in COMPARISON_COLUMNS) + " |"
     assert header in md
+    # real + synthetic against real only: the difference, its interval and the verdict the interval gives
+    mixed = next(
+        d for d in results["differences"] if d["name"] == "real + synthetic" and d["metric"] == "balanced_accuracy"
+    )
+    assert mixed["verdict"] == verdict(mixed["low"], mixed["high"]) and mixed["n_images"] == results["n_eval"]
+    cells = [f"{mixed['difference']:+.3f}", f"[{mixed['low']:+.3f}, {mixed['high']:+.3f}]", mixed["verdict"]]
+    assert "| real + synthetic | real only | balanced acc. | " + " | ".join(cells) + " |" in md
     for _, command in RERUN_COMMANDS:
         assert command in md
     assert "runwayml/stable-diffusion-v1-5" in html

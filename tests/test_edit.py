@@ -143,7 +143,9 @@ def test_a_strength_outside_0_1_is_refused_at_parse_time(tiny_lora_run, d7p_smal
     args = ["--model_path", str(tiny_lora_run), "--output_dir", str(tmp_path), "--mode", "edit"]
     assert main([*args, "--data_dir", str(d7p_small_train.parent), f"--strength={strength}"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    said = "--strength nan: is not a finite number" if strength == "nan" else f"--strength: {float(strength)} is outside"
+    said = (
+        "--strength nan: is not a finite number" if strength == "nan" else f"--strength: {float(strength)} is outside"
+    )
     assert line.startswith(f"error: {said}")
     assert not (tmp_path / "manifest.csv").exists()
 

@@ -10,7 +10,10 @@ from lesiongen.classify.metrics import (
     balanced_accuracy,
     classification_metrics,
     majority_baseline,
+    paired_differences,
     subgroup_metrics,
+    t_interval,
+    verdict,
     worst_group_summary,
 )
 
@@ -92,3 +95,58 @@ def test_majority_baseline_and_empty_input():
     assert base["balanced_accuracy"] == pytest.approx(1 / 3, abs=1e-6)
     assert balanced_accuracy([], []) is None
     assert classification_metrics([], [])["accuracy"] is None
+
+
+def test_identical_predictions_differ_by_exactly_nothing():
+    result = paired_differences(Y_TRUE, [Y_PRED], [Y_PRED], {"sex": SEX}, resamples=200)
+    for metric in ("balanced_accuracy", "worst_sex", "worst_group_accuracy"):
+        r = result[metric]
+        assert (r["difference"], r["low"], r["high"]) == (0.0, 0.0, 0.0)
+        assert r["verdict"] == "no difference shown"
+
+
+def test_a_strictly_better_classifier_has_an_interval_above_zero():
+    rng = np.random.default_rng(1)
+    truth = rng.choice(["mel", "nv", "bcc"], 300).tolist()
+    sex = rng.choice(["male", "female"], 300).tolist()
+    worse = [t if i % 2 else "df" for i, t in enumerate(truth)]  # right on half of the images
+    result = paired_differences(truth, [truth], [worse], {"sex": sex}, seed=3)
+    ba = result["balanced_accuracy"]
+    assert ba["a"] == 1.0 and ba["b"] == pytest.approx(balanced_accuracy(truth, worse))
+    assert 0 < ba["low"] <= ba["difference"] <= ba["high"] and ba["verdict"] == "better"
+    assert result["worst_sex"]["low"] > 0 and result["worst_group_accuracy"]["verdict"] == "better"
+    flipped = paired_differences(truth, [worse], [truth], {"sex": sex}, seed=3)["balanced_accuracy"]
+    assert flipped["verdict"] == "worse" and flipped["high"] < 0
+    # the same seed gives the same interval
+    assert paired_differences(truth, [truth], [worse], {"sex": sex}, seed=3)["balanced_accuracy"] == ba
+
+
+def test_worst_group_difference_matches_subgroup_metrics_and_skips_absent_fields():
+    a = ["mel", "mel", "nv", "nv", "nv", "bcc"]  # all right
+    result = paired_differences(Y_TRUE, [a], [Y_PRED], {"sex": SEX, "skin_tone": ["unknown"] * 6}, resamples=50)
+    sub = subgroup_metrics(Y_TRUE, Y_PRED, {"sex": SEX})
+    assert result["worst_sex"]["b"] == pytest.approx(sub["sex"]["worst_accuracy"], abs=1e-6)
+    assert result["worst_sex"]["difference"] == pytest.approx(1 - sub["sex"]["worst_accuracy"], abs=1e-6)
+    assert "worst_skin_tone" not in result  # no skin tone stated: no worst group to compare
+
+
+def test_seeds_add_a_t_interval_and_must_agree_for_a_verdict():
+    truth = ["mel", "nv"] * 50
+    wrong = ["nv", "mel"] * 50
+    half = ["mel", "mel"] * 50  # recalls 1 and 0: balanced accuracy 0.5
+    # seed 1: A right everywhere against B half right (+0.5); seed 2: A half right against B wrong everywhere (+0.5)
+    steady = paired_differences(truth, [truth, half], [half, wrong], resamples=300)["balanced_accuracy"]
+    assert steady["per_seed"] == [0.5, 0.5] and steady["seeds_low"] == steady["seeds_high"] == 0.5
+    assert steady["verdict"] == "better"
+    # +0.5 on one seed, -0.5 on the other: the seeds' interval spans 0, so nothing is shown
+    mixed = paired_differences(truth, [truth, wrong], [half, half], resamples=300)["balanced_accuracy"]
+    assert mixed["per_seed"] == [0.5, -0.5] and mixed["seeds_low"] < 0 < mixed["seeds_high"]
+    assert mixed["verdict"] == "no difference shown"
+
+
+def test_verdict_and_t_interval_known_values():
+    assert verdict(0.01, 0.2) == "better" and verdict(-0.3, -0.01) == "worse"
+    assert verdict(-0.1, 0.1) == verdict(0.0, 0.1) == verdict(None, None) == "no difference shown"
+    low, high = t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.3027
+    assert (low, high) == (pytest.approx(2 - 4.3027 / 3**0.5, abs=1e-3), pytest.approx(2 + 4.3027 / 3**0.5, abs=1e-3))
+    assert t_interval([0.4]) == (None, None)

@@ -18,6 +18,7 @@ SCRIPT = REPO / "experiments" / "paper_experiment.py"
 SMOKE = ["--scale", "0.01", "--resolution", "32", "--synthetic_per_class", "2", "--num_inference_steps", "2"]
 SMOKE += ["--pairs_per_class", "1", "--guidance_scale", "1.5"]  # the pairs keep --steering_guidance_scale 3
 SMOKE += ["--pretrained", "false"]  # no ImageNet weights offline
+SMOKE += ["--mixing", "synthetic_weight=0.5", "finetune_epochs=1"]  # a recipe reaches the mixed classifiers
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -91,6 +92,19 @@ def test_writes_one_row_per_training_set_and_caption_style(experiment):
         assert a["negative_prompt"] == b["text"] != a["text"] == b["negative_prompt"]
     diff = seed["recognisability_difference"]
     assert diff["low"] <= diff["difference"] <= diff["high"]
+    # the mixed classifiers trained with the recipe: their one epoch, then one on real images only, which real
+    # only gets too; each training set against real only with its interval and the verdict that interval gives
+    history = json.loads((out / "seed-0" / "classifiers" / "concept" / "mixed-seed0" / "summary.json").read_text())
+    assert [h["stage"] for h in history["history"]] == ["pretrain", "finetune"]
+    real_run = json.loads((out / "seed-0" / "classifiers" / "real" / "real-seed0" / "summary.json").read_text())
+    assert len(real_run["history"]) == 2
+    ba = {d["name"]: d for d in result["differences"] if d["metric"] == "balanced_accuracy"}
+    assert set(ba) == {"synthetic-label", "mixed-label", "synthetic-concept", "mixed-concept"}
+    by_row = {f"{r['train']}-{r['captions']}": r["balanced_accuracy"] for r in seed["rows"]}
+    for name, d in ba.items():
+        assert d["difference"] == pytest.approx(by_row[name] - by_row["real--"], abs=1e-5)
+        assert d["low"] <= d["difference"] <= d["high"] and d["seeds"] == 1
+        assert d["verdict"] == ("better" if d["low"] > 0 else "worse" if d["high"] < 0 else "no difference shown")
 
 
 def test_prints_the_table_with_stage_times(experiment):
@@ -100,6 +114,7 @@ def test_prints_the_table_with_stage_times(experiment):
     assert lines[head + 2].startswith("| - | real | ")
     assert lines[head + 6].startswith("| concept | mixed | ")
     assert any(line.startswith("seed 0 stage seconds: ") for line in lines[head:])
+    assert any(line.startswith("| mixed-concept | real only | balanced acc. | ") for line in lines[head:])
     assert any(line.startswith("seed 0: recognisability, concept minus label captions") for line in lines[head:])
 
 
@@ -140,6 +155,14 @@ def test_a_synthetic_ratio_that_is_not_positive_is_a_one_line_error(tmp_path):
     assert done.returncode == 2
     assert "--synthetic_ratio" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_mixing_pair_that_is_no_option_is_a_one_line_error(tmp_path):
+    done = run_script("--out", str(tmp_path / "out"), "--mixing", "synthetic_shares=0.3")
+    assert (
+        done.returncode == 2 and "--mixing: 'synthetic_shares=0.3' is not name=value of a mixing option" in done.stderr
+    )
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
 
 
 def test_seeds_are_summarised_as_mean_and_spread():

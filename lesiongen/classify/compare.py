@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ from ..errors import InputError
 from ..files import atomic_path, write_json, write_text
 from ..tables import METADATA, SPLITS
 from .config import ClassifierSettings, ClassifyConfig
-from .data import TRAIN_MODES, assemble, check_classes, drop_corrupt, load_tables, read_table
+from .data import TRAIN_MODES, check_classes, drop_corrupt, load_tables, read_table
 from .evaluate import EvalConfig, evaluate
-from .metrics import majority_baseline
+from .metrics import LEVEL, RESAMPLES, majority_baseline, paired_differences
+from .mixing import assemble
 from .models import BEST, LAST
 from .train import train
 
@@ -41,12 +43,50 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("worst_group_accuracy", "worst-group acc."),
     ("max_gap", "best-worst gap"),
 )
+# The mixing options (config.py) and their single-run values, which the real-only and synthetic-only runs keep.
+RECIPE_DEFAULTS = {
+    f.name: f.default
+    for f in dataclasses.fields(ClassifierSettings)
+    if f.name
+    in ("synthetic_share", "share_per", "synthetic_weight", "swap_probability", "finetune_epochs", "synthetic_bn")
+}
+RECIPE_TYPES = {"synthetic_share": float, "share_per": str, "synthetic_weight": float, "swap_probability": float}
+RECIPE_TYPES |= {"finetune_epochs": int, "synthetic_bn": lambda v: {"true": True, "false": False}[v.lower()]}
+
+
+def recipe_from_pairs(pairs: Sequence[str], flag: str = "--mixing") -> dict:
+    """classifier.py mixing options from ``name=value`` pairs (``synthetic_share=0.3 finetune_epochs=5``), for
+    callers that pass a recipe through; the values are checked where the classifier config is built."""
+    recipe = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        name = name.strip().removeprefix("--")
+        if name not in RECIPE_TYPES or not value:
+            raise InputError(
+                flag, f"'{pair}' is not name=value of a mixing option", f"names: {', '.join(RECIPE_TYPES)}"
+            )
+        try:
+            recipe[name] = RECIPE_TYPES[name](value)
+        except (ValueError, KeyError):
+            raise InputError(
+                flag, f"'{pair}': {value!r} is not a value of {name}", "e.g. synthetic_share=0.3"
+            ) from None
+    return recipe
+
+
 RUN_NAMES = {"real": "real only", "synthetic": "synthetic only", "mixed": "real + synthetic"}
+# Differences between training sets get intervals for these, besides the worst group of each subgroup field.
+DIFFERENCE_TITLES = {"balanced_accuracy": "balanced acc.", "worst_group_accuracy": "worst-group acc."}
+DIFFERENCE_FILE = "compare_differences.csv"
 
 
 @dataclass
 class CompareConfig(ClassifierSettings):
-    """Train real-only, synthetic-only and mixed classifiers with the same settings and compare them."""
+    """Train real-only, synthetic-only and mixed classifiers with the same settings and compare them.
+
+    The mixing options (--synthetic_share, --synthetic_weight, --swap_probability, --finetune_epochs,
+    --synthetic_bn) shape the real + synthetic run; real only trains as many epochs as its two stages.
+    """
 
     output_dir: str = option(
         "comparison", help="one sub-folder per run, plus comparison.json, compare.csv and compare.md"
@@ -73,10 +113,26 @@ class CompareConfig(ClassifierSettings):
             )
 
     def run_config(self, mode: str, seed: int) -> ClassifyConfig:
-        """The classifier config of one run: these settings with its own data, seed and folder."""
+        """The classifier config of one run: these settings with its own data, seed and folder.
+
+        The mixing recipe is the real + synthetic run's. Real only trains as many epochs as both of its stages
+        (the yardstick gets every epoch the mixed run gets), and synthetic only stays synthetic only: no
+        fine-tuning on real images, no second BatchNorm set that evaluation would never use.
+        """
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ClassifierSettings)}
+        if mode != "mixed":
+            shared.update(RECIPE_DEFAULTS)
+            shared["epochs"] = self.total_epochs if mode == "real" else self.epochs
         out = Path(self.output_dir) / f"{mode}-seed{seed}"
         return ClassifyConfig(**{**shared, "train": mode, "seed": seed, "output_dir": str(out)})
+
+
+def recipe(cfg: ClassifierSettings) -> dict:
+    """The mixing options that differ from a plain mixed run (all synthetic images added once to the real ones)."""
+    changed = {k: getattr(cfg, k) for k, v in RECIPE_DEFAULTS.items() if getattr(cfg, k) != v}
+    if cfg.synthetic_share is not None:
+        changed["share_per"] = cfg.share_per
+    return changed
 
 
 def eval_split(cfg: CompareConfig) -> str:
@@ -95,7 +151,8 @@ def check_inputs(cfg: CompareConfig, split: str) -> None:
     read_table(cfg.data_dir, split, cfg.skip_missing)
     if cfg.folds == 1:  # folds validate on held-out training lesions, not on the validation split
         for mode, seed in itertools.product(cfg.runs, cfg.seeds):
-            train_frame, _ = assemble(frames["train"], frames.get("synthetic"), mode, cfg.synthetic_ratio, seed)
+            run_cfg = cfg.run_config(mode, seed)
+            train_frame, _ = assemble(frames["train"], frames.get("synthetic"), run_cfg, mode, seed)
             check_classes(train_frame, frames["validation"], cfg.allow_missing_classes)
 
 
@@ -184,6 +241,97 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+def read_predictions(run: dict) -> pd.DataFrame:
+    """A run's predictions.csv indexed by image: its ``image_id`` where each row has its own (two caption styles'
+    folders hold the same real image at two paths), else its resolved path."""
+    frame = pd.read_csv(Path(run["eval_dir"]) / "predictions.csv", dtype=str, keep_default_na=False)
+    ids = frame["image_id"] if "image_id" in frame else pd.Series(dtype=str)
+    if len(ids) and ids.ne("").all() and ids.is_unique:
+        return frame.set_index(ids)
+    return frame.set_index(frame["path"].map(os.path.realpath))
+
+
+def differences(
+    runs: Sequence[dict], reference: Sequence[dict], min_group_size: int, seed: int = 0, **keys
+) -> list[dict]:
+    """``runs`` minus ``reference`` (one run each per seed, paired by seed, scored on the same images): one row
+    per metric with its 95% interval and verdict (``metrics.paired_differences``), plus ``keys`` in each row."""
+    by_seed = {r["seed"]: r for r in reference}
+    missing = [r["seed"] for r in runs if r["seed"] not in by_seed]
+    if missing:
+        raise ValueError(f"no reference run for seed(s) {missing}")
+    pairs = [(read_predictions(r), read_predictions(by_seed[r["seed"]])) for r in runs]
+    first = pairs[0][1]
+    if any(set(f.index) != set(first.index) for pair in pairs for f in pair):
+        raise ValueError("the runs were scored on different images; a paired comparison needs the same ones")
+    pairs = [(a.loc[first.index], b.loc[first.index]) for a, b in pairs]
+    groups = {f: first[f].tolist() for f in labels.SUBGROUP_FIELDS if f in first}
+    result = paired_differences(
+        first["label"].tolist(),
+        [a["pred"].tolist() for a, _ in pairs],
+        [b["pred"].tolist() for _, b in pairs],
+        groups,
+        min_group_size,
+        seed=seed,
+    )
+    return [
+        {**keys, "metric": metric, "n_images": len(first), "seeds": len(pairs), **r} for metric, r in result.items()
+    ]
+
+
+def difference_title(metric: str) -> str:
+    return DIFFERENCE_TITLES.get(metric) or metric.replace("worst_", "worst ").replace("_", " ") + " acc."
+
+
+def interval_text(low: float | None, high: float | None) -> str:
+    return "n/a" if low is None else f"[{low:+.3f}, {high:+.3f}]"
+
+
+def difference_table(
+    rows: Sequence[dict], by: Sequence[tuple[str, str]] = (("name", "train"),)
+) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of the differences: the ``by`` columns, the reference, the metric, the difference, its
+    interval(s) and the verdict, which comes from the intervals, never from the sign."""
+    seeds = any(r["seeds"] > 1 for r in rows)
+    heads = [t for _, t in by] + ["against", "metric", "difference", "95% interval (images)"]
+    heads += ["95% interval (seeds)"] * seeds + ["verdict"]
+    cells = [
+        [str(r[k]) for k, _ in by]
+        + [r["against"], difference_title(r["metric"]), f"{r['difference']:+.3f}", interval_text(r["low"], r["high"])]
+        + [interval_text(r["seeds_low"], r["seeds_high"])] * seeds
+        + [r["verdict"]]
+        for r in rows
+    ]
+    return heads, cells
+
+
+def differences_markdown(rows: Sequence[dict], by: Sequence[tuple[str, str]] = (("name", "train"),)) -> str:
+    heads, cells = difference_table(rows, by)
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
+
+
+def difference_text(row: dict) -> str:
+    """One difference in a sentence: '<name> vs <against>: balanced acc. +0.017 [+0.000, +0.042], no difference shown'."""
+    return (
+        f"{row['name']} vs {row['against']}: {difference_title(row['metric'])} {row['difference']:+.3f} "
+        f"{interval_text(row['low'], row['high'])}, {row['verdict']}"
+    )
+
+
+def interval_note(n_images: int, seeds: int) -> str:
+    note = (
+        f"Each difference is A minus B on the same {n_images} images, with a paired bootstrap {LEVEL:.0%} interval "
+        f"({RESAMPLES} resamples of the images; balanced and worst-group accuracy recomputed on each)"
+    )
+    if seeds > 1:
+        note += f", its mean over {seeds} seeds, and a t-interval over the seeds' differences"
+    return (
+        note + '. "better" or "worse" only where the interval excludes 0 (with several seeds, both intervals on '
+        'the same side of 0); otherwise "no difference shown".'
+    )
+
+
 def compare(cfg: CompareConfig) -> dict:
     """Every (training set, seed) run, scored on one split; writes and returns the comparison result."""
     out = Path(cfg.output_dir)
@@ -191,6 +339,18 @@ def compare(cfg: CompareConfig) -> dict:
     check_inputs(cfg, split)
     rows = [run_row(cfg, mode, seed, split) for mode in cfg.runs for seed in cfg.seeds]
     table = summarise(rows)
+    reference = [r for r in rows if r["train"] == cfg.runs[0]]
+    diffs = [
+        row
+        for mode in cfg.runs[1:]
+        for row in differences(
+            [r for r in rows if r["train"] == mode],
+            reference,
+            cfg.min_group_size,
+            name=RUN_NAMES[mode],
+            against=RUN_NAMES[cfg.runs[0]],
+        )
+    ]
     scored = read_table(cfg.data_dir, split, cfg.skip_missing)["label"]
     baseline = majority_baseline(read_table(cfg.data_dir, "train", cfg.skip_missing)["label"], scored)
     result = {
@@ -200,9 +360,12 @@ def compare(cfg: CompareConfig) -> dict:
         "baseline": baseline,
         "runs": rows,
         "table": table,
+        "differences": diffs,
+        "recipe": recipe(cfg),
     }
     write_json(out / RESULT_FILE, result)
-    for name, frame in (("compare_runs.csv", pd.DataFrame(rows)), ("compare.csv", pd.DataFrame(table))):
+    frames = {"compare_runs.csv": rows, "compare.csv": table, DIFFERENCE_FILE: diffs}
+    for name, frame in ((name, pd.DataFrame(list(f))) for name, f in frames.items()):
         with atomic_path(out / name) as tmp:
             frame.to_csv(tmp, index=False)
     text = (
@@ -211,6 +374,13 @@ def compare(cfg: CompareConfig) -> dict:
         + f"| majority class ({baseline['class']}) | | | {baseline['accuracy']:.3f} | "
         f"{baseline['balanced_accuracy']:.3f} | | | | |\n"
     )
+    if "mixed" in cfg.runs:
+        said = (
+            ", ".join(f"{k}={v}" for k, v in result["recipe"].items()) or "the synthetic images added to the real ones"
+        )
+        text += f"\nReal + synthetic recipe: {said}.\n"
+    if diffs:
+        text += "\n" + interval_note(len(scored), len(cfg.seeds)) + "\n\n" + differences_markdown(diffs)
     write_text(out / "compare.md", text)
     print(text)
     print(f"wrote {out / RESULT_FILE}, {out / 'compare.csv'} and {out / 'compare.md'}")

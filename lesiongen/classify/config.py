@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..cli import option
 from ..devices import AUTO
 from ..errors import InputError
-from .data import AUGMENTATIONS, TRAIN_MODES
+from .data import AUGMENTATIONS, SHARE_PER, TRAIN_MODES
 
 BALANCING = ("none", "sampler", "loss")
 
@@ -24,6 +24,27 @@ class ClassifierSettings:
     data_dir: str = option(help="build_captions.py output folder (train split trains, validation selects)")
     synthetic_dir: str | None = option(None, help="generate.py output folder or its manifest.csv")
     synthetic_ratio: float | None = option(None, help="synthetic images per real training image (default: all)")
+    # mixing recipes of a real + synthetic run (--train mixed; compare.py's mixed run)
+    synthetic_share: float | None = option(
+        None,
+        help="share of synthetic images in each batch or epoch (--share_per), drawn anew each time from all of "
+        "them; instead of --synthetic_ratio",
+    )
+    share_per: str = option("epoch", help="where --synthetic_share holds", choices=SHARE_PER)
+    synthetic_weight: float = option(1.0, help="loss weight of each synthetic image (a real image weighs 1)")
+    swap_probability: float = option(
+        0.0,
+        help="each epoch, each real training image is replaced with this probability by one of its own synthetic "
+        "variants (the manifest's 'source' column, generate.py --mode augment); synthetic images enter only so",
+    )
+    finetune_epochs: int = option(
+        0, help="two stages: after --epochs on the --train set, this many more on real images only"
+    )
+    synthetic_bn: bool = option(
+        False,
+        help="ResNet18: separate BatchNorm statistics for synthetic images (AdvProp's auxiliary BatchNorm), the "
+        "real ones for real images and at evaluation; refused for ViT, whose LayerNorm keeps no running statistics",
+    )
     skip_missing: bool = option(False, help="skip (and count) images listed but not on disk instead of stopping")
     allow_missing_classes: bool = option(False, help="train even if a validation class has no training images")
     # model
@@ -57,6 +78,7 @@ class ClassifierSettings:
             raise InputError(
                 "--synthetic_ratio", f"must be a positive number, got {self.synthetic_ratio}", "e.g. 1.0, or omit it"
             )
+        self.check_recipe()
         for name in ("epochs", "batch_size", "folds"):
             if getattr(self, name) < 1:
                 raise InputError(
@@ -71,6 +93,48 @@ class ClassifierSettings:
         if not 0 < self.lr < float("inf"):  # false for nan too
             raise InputError("--lr", f"must be a positive number, got {self.lr}", "e.g. 1e-3")
 
+    def check_recipe(self) -> None:
+        """The mixing options: in range, and one way of drawing synthetic images at a time."""
+        if self.synthetic_share is not None and not 0 < self.synthetic_share < 1:
+            raise InputError("--synthetic_share", f"must lie between 0 and 1, got {self.synthetic_share}", "e.g. 0.3")
+        if self.synthetic_share is not None and self.share_per == "batch":
+            k = round(self.synthetic_share * self.batch_size)
+            if not 0 < k < self.batch_size:
+                raise InputError(
+                    "--synthetic_share",
+                    f"{self.synthetic_share} of --batch_size {self.batch_size} is {k} synthetic images a batch",
+                    "choose a share that leaves at least one real and one synthetic image per batch",
+                )
+        if not 0 <= self.swap_probability <= 1:
+            raise InputError("--swap_probability", f"must lie in [0, 1], got {self.swap_probability}", "e.g. 0.3")
+        chosen = [
+            flag
+            for flag, on in (
+                ("--synthetic_ratio", self.synthetic_ratio is not None),
+                ("--synthetic_share", self.synthetic_share is not None),
+                ("--swap_probability", self.swap_probability > 0),
+            )
+            if on
+        ]
+        if len(chosen) > 1:
+            raise InputError(" and ".join(chosen), "each decides how many synthetic images train", "pass one of them")
+        if self.synthetic_weight < 0:
+            raise InputError("--synthetic_weight", f"must be 0 or more, got {self.synthetic_weight}", "e.g. 0.5")
+        if self.finetune_epochs < 0:
+            raise InputError("--finetune_epochs", f"must be 0 or more, got {self.finetune_epochs}", "e.g. 5")
+        if self.synthetic_bn and self.model != "resnet18":
+            raise InputError(
+                "--synthetic_bn",
+                f"--model {self.model} has no BatchNorm: LayerNorm normalises each image alone and keeps no running "
+                "statistics, so synthetic images cannot shift the real ones'",
+                "drop --synthetic_bn, or use --model resnet18",
+            )
+
+    @property
+    def total_epochs(self) -> int:
+        """Both stages: the --train set's epochs, then the real-only fine-tuning ones."""
+        return self.epochs + self.finetune_epochs
+
 
 @dataclass
 class ClassifyConfig(ClassifierSettings):
@@ -84,6 +148,29 @@ class ClassifyConfig(ClassifierSettings):
         if self.train != "real" and not self.synthetic_dir:
             raise InputError(
                 "--synthetic_dir", f"--train {self.train} needs synthetic images", "pass generate.py's output folder"
+            )
+        recipes = {
+            "--synthetic_share": self.synthetic_share is not None,
+            "--swap_probability": self.swap_probability > 0,
+            "--synthetic_weight": self.synthetic_weight != 1,
+        }
+        mixing = [flag for flag, on in recipes.items() if on]
+        if mixing and self.train != "mixed":
+            raise InputError(
+                mixing[0], f"mixes synthetic and real images, but --train is {self.train}", "pass --train mixed"
+            )
+        staged = [
+            flag
+            for flag, on in (("--finetune_epochs", self.finetune_epochs), ("--synthetic_bn", self.synthetic_bn))
+            if on
+        ]
+        if staged and self.train == "real":
+            raise InputError(staged[0], "acts on synthetic images, and --train real has none", "pass --train mixed")
+        if self.synthetic_bn and self.train == "synthetic" and not self.finetune_epochs:
+            raise InputError(
+                "--synthetic_bn",
+                "with --train synthetic and no real epochs, the real BatchNorm statistics used at evaluation never train",
+                "add --finetune_epochs, or use --train mixed",
             )
 
 

@@ -27,6 +27,7 @@ from ..tables import METADATA, read_image_table
 # ImageNet statistics (timm's constants): the pretrained weights expect them, and from scratch they are harmless.
 MEAN, STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 TRAIN_MODES = ("real", "synthetic", "mixed")
+SHARE_PER = ("epoch", "batch")
 
 
 def _flip(size: int) -> list:
@@ -80,6 +81,17 @@ class ImageDataset(Dataset):
         return self.transform(open_rgb(self.paths[i], draft=self.size)), int(self.targets[i])
 
 
+class TrainingImages(ImageDataset):
+    """(image, class index, whether it is synthetic): the loss weight and the BatchNorm set follow the origin."""
+
+    def __init__(self, frame: pd.DataFrame, size: int, transform: v2.Compose) -> None:
+        super().__init__(frame["path"].tolist(), targets(frame), size, transform)
+        self.synthetic = (frame["origin"] != "real").to_numpy()
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+        return *super().__getitem__(i), bool(self.synthetic[i])
+
+
 def targets(frame: pd.DataFrame) -> np.ndarray:
     index = {c: i for i, c in enumerate(labels.CODES)}
     return frame["label"].map(index).to_numpy(dtype=np.int64)
@@ -99,33 +111,6 @@ def read_real(data_dir: str, split: str, skip_missing: bool) -> pd.DataFrame:
             "pass the --output_dir folder of build_captions.py as --data_dir (synthetic manifests go to --synthetic_dir)",
         )
     return read_table(data_dir, split, skip_missing).assign(origin="real")
-
-
-def sample_synthetic(synthetic: pd.DataFrame, n_real: int, ratio: float | None, seed: int) -> tuple[pd.DataFrame, str]:
-    """``ratio`` synthetic images per real one (all when None), drawn with a fixed seed."""
-    if ratio is None:
-        return synthetic, f"all {len(synthetic)} synthetic images"
-    want = int(round(ratio * n_real))
-    if want >= len(synthetic):
-        return (
-            synthetic,
-            f"asked for {want} synthetic images ({ratio} per real), only {len(synthetic)} exist: using all",
-        )
-    note = f"{want} of {len(synthetic)} synthetic images ({ratio} per real)"
-    return synthetic.sample(n=want, random_state=seed), note
-
-
-def assemble(
-    real_train: pd.DataFrame, synthetic: pd.DataFrame | None, mode: str, ratio: float | None, seed: int
-) -> tuple[pd.DataFrame, str | None]:
-    """The training rows for real/synthetic/mixed, plus a note on how many synthetic images were used."""
-    if mode == "real":
-        return real_train, None
-    syn, note = sample_synthetic(synthetic, len(real_train), ratio, seed)
-    syn = syn.assign(origin="synthetic")
-    if mode == "synthetic":
-        return syn.reset_index(drop=True), note
-    return pd.concat([real_train, syn], ignore_index=True), note
 
 
 def load_tables(

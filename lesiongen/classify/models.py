@@ -25,6 +25,7 @@ from ..files import atomic_path
 from ..states import read_state, write_state
 from .config import ClassifyConfig, config_from_dict
 from .data import MEAN, STD, ImageDataset, make_transform
+from .dual_bn import real_state_dict, split_batchnorm
 
 # The names the original's commands used keep working. Its ResNet18 is torchvision's, which timm holds as
 # resnet18.tv_in1k: the same parameter names and outputs, and with zero_init_last off the same initial weights
@@ -39,7 +40,8 @@ def architecture(cfg: ClassifyConfig) -> tuple[str, dict]:
 
 
 def build_model(cfg: ClassifyConfig, pretrained: bool | None = None) -> nn.Module:
-    """Any timm architecture with one output per ``labels.CODES`` entry, from ImageNet weights if ``--pretrained``."""
+    """Any timm architecture with one output per ``labels.CODES`` entry, from ImageNet weights if ``--pretrained``,
+    with separate BatchNorm statistics for synthetic images under ``--synthetic_bn``."""
     import timm
 
     name, kwargs = architecture(cfg)
@@ -67,7 +69,7 @@ def build_model(cfg: ClassifyConfig, pretrained: bool | None = None) -> nn.Modul
             f"{cfg.image_size} is not a multiple of {name}'s patch size {patch[0]}",
             f"use a multiple of {patch[0]}",
         )
-    return model
+    return split_batchnorm(model) if cfg.synthetic_bn else model
 
 
 BEST, LAST = "best.safetensors", "last.safetensors"
@@ -193,7 +195,7 @@ def export_for_timm(folder: Path, model: nn.Module, cfg: ClassifyConfig, epoch: 
         "label_descriptions": {code: labels.BY_CODE[code].name for code in labels.CODES},
         "lesiongen": {"config": asdict(cfg), "epoch": epoch},
     }
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in real_state_dict(model).items()}
     with atomic_path(folder / TIMM_WEIGHTS) as tmp:
         save_file(weights, str(tmp), metadata={"format": "pt"})
     with atomic_path(folder / TIMM_CONFIG) as tmp:

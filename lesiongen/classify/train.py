@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
@@ -25,8 +26,7 @@ from ..errors import InputError
 from ..files import write_json, write_jsonl
 from .config import ClassifyConfig
 from .data import (
-    ImageDataset,
-    assemble,
+    TrainingImages,
     check_classes,
     class_weights,
     drop_corrupt,
@@ -35,7 +35,9 @@ from .data import (
     make_transform,
     targets,
 )
+from .dual_bn import forward_by_origin
 from .metrics import classification_metrics, majority_baseline
+from .mixing import assemble, epoch_frame, share_batches
 from .models import (
     BEST,
     LAST,
@@ -48,7 +50,10 @@ from .models import (
     save_checkpoint,
 )
 
-RUN_FIELDS = ("model", "vit_name", "image_size", "train", "synthetic_dir", "synthetic_ratio", "balance", "folds")
+RUN_FIELDS = (
+    *("model", "vit_name", "image_size", "train", "synthetic_dir", "synthetic_ratio", "balance", "folds"),
+    *("synthetic_share", "share_per", "synthetic_weight", "swap_probability", "finetune_epochs", "synthetic_bn"),
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -70,8 +75,11 @@ def evaluate_frame(
 def make_train_loader(cfg: ClassifyConfig, frame: pd.DataFrame, epoch: int) -> DataLoader:
     """Order and augmentation are seeded per epoch, so a resumed run repeats the uninterrupted one."""
     y = targets(frame)
-    dataset = ImageDataset(frame["path"].tolist(), y, cfg.image_size, make_transform(cfg.image_size, cfg.augment))
+    dataset = TrainingImages(frame, cfg.image_size, make_transform(cfg.image_size, cfg.augment))
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    if cfg.synthetic_share is not None and epoch < cfg.epochs:
+        batches = share_batches(frame, cfg, generator)
+        return DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, persistent_workers=False)
     sampler = None
     if cfg.balance == "sampler":
         weights = class_weights(y, len(labels.CODES))[y]
@@ -88,22 +96,45 @@ def make_train_loader(cfg: ClassifyConfig, frame: pd.DataFrame, epoch: int) -> D
     )
 
 
-def train_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg: ClassifyConfig, desc: str) -> float:
+def classification_loss(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    synthetic: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    synthetic_weight: float = 1.0,
+) -> torch.Tensor:
+    """Cross-entropy (class-weighted under --balance loss) in which each synthetic image's term is multiplied by
+    ``synthetic_weight``; the normaliser stays that of the plain loss, so weight 1 is that loss exactly and
+    weight 0 leaves only the real images' terms."""
+    if synthetic_weight == 1.0:
+        return F.cross_entropy(logits, y, weight=class_weight)
+    terms = F.cross_entropy(logits, y, weight=class_weight, reduction="none")
+    total = class_weight[y].sum() if class_weight is not None else torch.tensor(float(len(y)), device=y.device)
+    scale = torch.where(synthetic, torch.tensor(synthetic_weight, device=y.device), torch.tensor(1.0, device=y.device))
+    return (terms * scale).sum() / total
+
+
+def train_epoch(
+    model, loader, optimizer, class_weight, scaler, device, cfg: ClassifyConfig, desc: str
+) -> tuple[float, int]:
+    """One pass of ``loader``: the mean loss, and how many synthetic images it trained on."""
     model.train()
-    total, n = 0.0, 0
+    total, n, n_synthetic = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=None)
-    for x, y in bar:
-        x, y = x.to(device), y.to(device)
+    for x, y, synthetic in bar:
+        x, y, synthetic = x.to(device), y.to(device), synthetic.to(device)
         with autocast(device, cfg.amp):
-            loss = loss_fn(model(x).float(), y)
+            logits = forward_by_origin(model, x, synthetic) if cfg.synthetic_bn else model(x)
+            loss = classification_loss(logits.float(), y, synthetic, class_weight, cfg.synthetic_weight)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         total += loss.item() * len(y)
         n += len(y)
+        n_synthetic += int(synthetic.sum())
         bar.set_postfix(loss=f"{total / n:.3f}")
-    return total / max(n, 1)
+    return total / max(n, 1), n_synthetic
 
 
 def resume_state(cfg: ClassifyConfig, out: Path) -> dict | None:
@@ -129,6 +160,13 @@ def resume_state(cfg: ClassifyConfig, out: Path) -> dict | None:
     return state
 
 
+def loss_weights(cfg: ClassifyConfig, frame: pd.DataFrame, device: torch.device) -> torch.Tensor | None:
+    """Inverse class frequencies of the epoch's rows under --balance loss (a fine-tuning stage has its own)."""
+    if cfg.balance != "loss":
+        return None
+    return torch.as_tensor(class_weights(targets(frame), len(labels.CODES)), dtype=torch.float32).to(device)
+
+
 def fit(cfg: ClassifyConfig, train_frame: pd.DataFrame, val_frame: pd.DataFrame, out: Path) -> dict:
     """One training run: the best checkpoint by validation balanced accuracy, the last every epoch, summary.json."""
     from torch.utils.tensorboard import SummaryWriter
@@ -138,16 +176,11 @@ def fit(cfg: ClassifyConfig, train_frame: pd.DataFrame, val_frame: pd.DataFrame,
     device = torch.device(resolve_device(cfg.device))
     model = build_model(cfg).to(device)
     optimizer = adamw(model.parameters(), device, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # Cosine decay as a function of cfg.epochs, so resuming with more --epochs stretches the schedule.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / cfg.epochs)))
+    # One cosine decay over both stages (the fine-tuning epochs are its tail), as a function of the epochs asked
+    # for, so resuming with more --epochs stretches the schedule.
+    epochs = cfg.total_epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs)))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
-    y_train = targets(train_frame)
-    weight = (
-        torch.as_tensor(class_weights(y_train, len(labels.CODES)), dtype=torch.float32)
-        if cfg.balance == "loss"
-        else None
-    )
-    loss_fn = nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None)
 
     start, best, history = 0, {"score": -1.0, "epoch": None, "metrics": None}, []
     state = resume_state(cfg, out)
@@ -159,18 +192,31 @@ def fit(cfg: ClassifyConfig, train_frame: pd.DataFrame, val_frame: pd.DataFrame,
         start, best, history = state["epoch"], state["best"], state["history"]
         print(f"resuming {out} after epoch {start}")
     writer = SummaryWriter(str(out / "logs"))
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(start, epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch)
-        loader = make_train_loader(cfg, train_frame, epoch)
-        loss = train_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg, f"epoch {epoch + 1}/{cfg.epochs}")
+        frame = epoch_frame(train_frame, cfg, epoch)
+        loader = make_train_loader(cfg, frame, epoch)
+        loss, n_synthetic = train_epoch(
+            model,
+            loader,
+            optimizer,
+            loss_weights(cfg, frame, device),
+            scaler,
+            device,
+            cfg,
+            f"epoch {epoch + 1}/{epochs}",
+        )
         scheduler.step()
         metrics, _ = evaluate_frame(model, val_frame, cfg, device)
         row = {"epoch": epoch + 1, "train_loss": round(loss, 5), "lr": optimizer.param_groups[0]["lr"]}
+        row["synthetic_images"] = n_synthetic
+        if cfg.finetune_epochs:
+            row["stage"] = "finetune" if epoch >= cfg.epochs else "pretrain"
         row.update({k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")})
         history.append(row)
         write_jsonl(out / "history.jsonl", history)  # rewritten whole, so a resumed run never repeats an epoch
         for k, v in row.items():
-            if k != "epoch" and v is not None:
+            if k not in ("epoch", "stage") and v is not None:
                 writer.add_scalar(k if k in ("train_loss", "lr") else f"val/{k}", v, epoch + 1)
         if metrics["balanced_accuracy"] > best["score"]:
             best = {"score": metrics["balanced_accuracy"], "epoch": epoch + 1, "metrics": metrics}
@@ -190,7 +236,7 @@ def fit(cfg: ClassifyConfig, train_frame: pd.DataFrame, val_frame: pd.DataFrame,
             },
         )
         print(
-            f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.3f}, val balanced accuracy {metrics['balanced_accuracy']:.3f} "
+            f"epoch {epoch + 1}/{epochs}: loss {loss:.3f}, val balanced accuracy {metrics['balanced_accuracy']:.3f} "
             f"(best {best['score']:.3f} at epoch {best['epoch']})"
         )
     writer.close()
@@ -221,12 +267,16 @@ def train(cfg: ClassifyConfig) -> dict:
         runs = [(tr, va, out / f"fold-{k}") for k, (tr, va) in enumerate(pairs)]
     results, notes = [], []
     for real_train, val, run_dir in runs:
-        train_frame, note = assemble(real_train, frames.get("synthetic"), cfg.train, cfg.synthetic_ratio, cfg.seed)
+        train_frame, note = assemble(real_train, frames.get("synthetic"), cfg, cfg.train, cfg.seed)
         absent = check_classes(train_frame, val, cfg.allow_missing_classes)
         notes += [note] if note else []
         notes += [f"{run_dir.name}: no training images of {', '.join(absent)}"] if absent else []
         counts = ", ".join(f"{v} {k}" for k, v in train_frame["origin"].value_counts().items())
         print(f"{run_dir}: training on {counts} images, validating on {len(val)} real images")
+        if note:
+            print(f"synthetic images: {note}")
+        if cfg.finetune_epochs:
+            print(f"{cfg.epochs} epochs on the {cfg.train} set, then {cfg.finetune_epochs} on the real images only")
         results.append(fit(cfg, train_frame, val, run_dir))
     report = {"skipped": skipped, "notes": notes, "runs": results}
     write_json(out / "data_report.json", {"skipped": skipped, "notes": notes})

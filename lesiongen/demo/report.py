@@ -341,14 +341,28 @@ def build_report(cfg: ReportConfig) -> dict:
         else None,
         empty="No classifier results.",
     )
+    differences = differences_section(results)
     times = json.loads(Path(cfg.stage_times).read_text()) if cfg.stage_times else {}
     timing = Section("Stage times", table=(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in times.items()]))
     rerun = Section("Rerun each stage on real data with real Stable Diffusion weights", commands=list(RERUN_COMMANDS))
-    sections = [conditions, steering, skin_tone_section(evaluation), losses, classifiers, timing, rerun]
+    sections = [conditions, steering, skin_tone_section(evaluation), losses, classifiers, differences, timing, rerun]
     write_text(out / "report.md", to_markdown(cfg.title, sections, GRID_DIR))
     intro = "Every image below is embedded in this file; every number comes from the run's own output files."
     write_text(out / "report.html", to_html(cfg.title, sections, intro))
     return {"grids": grids, "pairs": pair_grids, "loss_points": {k: len(v) for k, v in curves.items()}, "rows": rows}
+
+
+def differences_section(results: dict) -> Section:
+    """Each training set against real only on the same images: better, worse or no difference shown, from the
+    95% interval (compare.py's paired bootstrap), never from the sign."""
+    from ..classify.compare import difference_table, interval_note
+
+    rows = results.get("differences", [])
+    title = "Does adding synthetic images change the classifier? Differences with 95% intervals"
+    if not rows:
+        return Section(title, empty="No classifier comparison.")
+    notes = [interval_note(rows[0]["n_images"], rows[0]["seeds"])]
+    return Section(title, notes, table=difference_table(rows))
 
 
 def _loss_text(curves: dict) -> str:

@@ -354,7 +354,7 @@ def stage_generate(cfg: DemoConfig, s: Settings, out: Path) -> str:
 
 
 def stage_classify(cfg: DemoConfig, s: Settings, out: Path) -> str:
-    from ..classify.compare import CompareConfig, compare
+    from ..classify.compare import CompareConfig, compare, difference_text
 
     p = _paths(out)
     result = compare(
@@ -377,10 +377,12 @@ def stage_classify(cfg: DemoConfig, s: Settings, out: Path) -> str:
             device="cpu",
         )
     )
-    return "; ".join(
+    scores = [
         f"{r['name']}: balanced accuracy {r['balanced_accuracy']:.3f}, worst group {r['worst_group']} {r['worst_group_accuracy']:.3f}"
         for r in result["runs"]
-    )
+    ]
+    headline = ("balanced_accuracy", "worst_group_accuracy")
+    return "; ".join(scores + [difference_text(d) for d in result["differences"] if d["metric"] in headline])
 
 
 def stage_faithfulness(cfg: DemoConfig, s: Settings, out: Path) -> str:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from builders import write_manifest
 from PIL import Image
+from test_classify import assert_timm_loads_the_classifier
 
 from lesiongen import labels
 from lesiongen.classify.compare import CompareConfig, compare
@@ -144,6 +145,7 @@ def test_two_stages_then_real_only_and_the_yardstick_gets_as_many_epochs(tmp_pat
             epochs=2,
             finetune_epochs=1,
             batch_size=64,
+            pretrained=False,
             num_workers=0,
         )
     )
@@ -187,6 +189,7 @@ def test_synthetic_batches_leave_the_real_batchnorm_statistics_alone(tmp_path, s
     assert result["overall"]["balanced_accuracy"] == pytest.approx(
         run["runs"][0]["history"][-1]["balanced_accuracy"], abs=1e-6
     )
+    assert_timm_loads_the_classifier(tmp_path / "run")  # the twins stay home: timm gets a plain ResNet18
 
 
 def test_recipe_flag_errors(small_d7p):

@@ -253,9 +253,10 @@ def flip_chart(stats: dict, out: Path) -> Path:
     return path
 
 
-def report_sections(result: dict, cfg: AuditConfig, figures: list[Figure]) -> list[Section]:
-    stats, validity_table = result["statistics"], result["validity"]
-    summary = [
+def summary_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """The flip rates, the probability change, the worst value and the equal-opportunity difference, in words."""
+    stats = result["statistics"]
+    rows = [
         ["flips, any", interval_words(stats.get("flip_rate"))],
         ["flips, benign to malignant", interval_words(stats.get("flip_benign_to_malignant"))],
         ["flips, malignant to benign", interval_words(stats.get("flip_malignant_to_benign"))],
@@ -263,37 +264,46 @@ def report_sections(result: dict, cfg: AuditConfig, figures: list[Figure]) -> li
         ["worst value's accuracy", interval_words(stats.get("worst_value_accuracy"))],
         ["equal-opportunity difference (TPR, malignant)", interval_words(stats.get("eod"))],
     ]
-    per_value = [
+    return ["measure", "estimate [95% interval]"], rows
+
+
+def per_value_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Accuracy, true-positive rate and edit validity for each asked value."""
+    stats, validity_table = result["statistics"], result["validity"]
+
+    def number(x: float | None, digits: int) -> str:
+        return "n/a" if x is None else f"{x:.{digits}f}"
+
+    rows = [
         [
             v,
             interval_words(stats.get(f"accuracy[{v}]")),
             interval_words(stats.get(f"tpr[{v}]")),
-            f"{validity_table[v]['valid']} of {validity_table[v]['made']}",
-            "n/a"
-            if validity_table[v]["lesion_change_mean"] is None
-            else f"{validity_table[v]['lesion_change_mean']:.2f}",
-            "n/a"
-            if validity_table[v]["skin_ita_valid_mean"] is None
-            else f"{validity_table[v]['skin_ita_valid_mean']:.1f}",
+            f"{made['valid']} of {made['made']}",
+            number(made["lesion_change_mean"], 2),
+            number(made["skin_ita_valid_mean"], 1),
         ]
-        for v in cfg.values
+        for v, made in validity_table.items()
     ]
-    n = result["counts"]
-    notes = [
-        f"{n['sources']} lesions of the {cfg.split} split, {n['counterfactuals']} counterfactuals "
-        f"({cfg.counterfactuals_per_image} per value), {n['valid']} valid and scored, {n['excluded']} excluded."
+    return ["value", "accuracy", "TPR", "valid edits", "lesion change (of 255)", "skin ITA reached"], rows
+
+
+def counts_note(result: dict) -> str:
+    n, cfg = result["counts"], result["config"]
+    return (
+        f"{n['sources']} lesions of the {cfg['split']} split, {n['counterfactuals']} counterfactuals "
+        f"({cfg['counterfactuals_per_image']} per value), {n['valid']} valid and scored, {n['excluded']} excluded."
+    )
+
+
+def report_sections(result: dict, figures: list[Figure]) -> list[Section]:
+    values_note = "Accuracy and true-positive rate (malignant lesions called malignant) on the valid edits."
+    grid_note = "Each row one lesion: the source, then one edit per value (grey: invalid)."
+    return [
+        Section("Summary", notes=[counts_note(result)], table=summary_table(result), figures=figures[1:]),
+        Section("Per value", notes=[values_note], table=per_value_table(result)),
+        Section("Counterfactuals", notes=[grid_note], figures=figures[:1]),
     ]
-    sections = [
-        Section("Summary", notes=notes, table=(["measure", "estimate [95% interval]"], summary), figures=figures[1:]),
-        Section(
-            "Per value",
-            notes=["Accuracy and true-positive rate (malignant lesions called malignant) on the valid edits."],
-            table=(["value", "accuracy", "TPR", "valid edits", "lesion change (of 255)", "skin ITA reached"], per_value),
-        ),
-        Section("Counterfactuals", notes=["Each row one lesion: the source, then one edit per value (grey: invalid)."],
-                figures=figures[:1]),
-    ]  # fmt: skip
-    return sections
 
 
 def audit(cfg: AuditConfig) -> dict:
@@ -323,7 +333,7 @@ def audit(cfg: AuditConfig) -> dict:
         Figure("counterfactuals", grid_figure(table, cfg, out), width=110 * (len(cfg.values) + 1)),
         Figure("prediction flips", flip_chart(stats, out)),
     ]
-    sections = report_sections(result, cfg, figures)
+    sections = report_sections(result, figures)
     title = f"Counterfactual audit: {cfg.attribute} ({', '.join(cfg.values)})"
     write_text(out / "audit.md", to_markdown(title, sections, "."))
     write_text(out / "audit.html", to_html(title, sections, f"classifier {Path(cfg.classifier).name}"))

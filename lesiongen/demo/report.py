@@ -102,6 +102,7 @@ class ReportConfig:
     pairs: str | None = option(None, help="generate.py --contrast output folder (the steering pairs)")
     train_runs: list[str] = option([], help="NAME=DIR of train.py output folders whose loss curves to plot")
     comparison: str | None = option(None, help="comparison.json written by classification/compare.py")
+    audit: str | None = option(None, help="python -m lesiongen.audit output folder (audit.json)")
     stage_times: str | None = option(None, help="JSON {stage: seconds}")
     images_per_condition: int = option(8, help="images per row of each grid")
     tile: int = option(64, help="grid tile size in pixels")
@@ -342,14 +343,42 @@ def build_report(cfg: ReportConfig) -> dict:
         empty="No classifier results.",
     )
     differences = differences_section(results)
+    audited = audit_sections(cfg, files)
     times = json.loads(Path(cfg.stage_times).read_text()) if cfg.stage_times else {}
     timing = Section("Stage times", table=(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in times.items()]))
     rerun = Section("Rerun each stage on real data with real Stable Diffusion weights", commands=list(RERUN_COMMANDS))
-    sections = [conditions, steering, skin_tone_section(evaluation), losses, classifiers, differences, timing, rerun]
+    sections = [conditions, steering, skin_tone_section(evaluation), losses, classifiers, differences, *audited]
+    sections += [timing, rerun]
     write_text(out / "report.md", to_markdown(cfg.title, sections, GRID_DIR))
     intro = "Every image below is embedded in this file; every number comes from the run's own output files."
     write_text(out / "report.html", to_html(cfg.title, sections, intro))
     return {"grids": grids, "pairs": pair_grids, "loss_points": {k: len(v) for k, v in curves.items()}, "rows": rows}
+
+
+def audit_sections(cfg: ReportConfig, files: Path) -> list[Section]:
+    """The counterfactual audit's grid, flip chart and numbers (``python -m lesiongen.audit``), when it ran."""
+    import shutil
+
+    from ..audit.run import counts_note, per_value_table, summary_table
+
+    if not cfg.audit:
+        return []
+    folder = Path(cfg.audit)
+    result = json.loads((folder / "audit.json").read_text())
+    figures = []
+    for name, caption in (("audit_grid.png", "each row one test lesion: source, very light, dark"),
+                          ("audit_flips.png", "prediction flips")):  # fmt: skip
+        shutil.copyfile(folder / name, files / name)
+        figures.append(Figure(caption, files / name))
+    notes = [
+        counts_note(result),
+        "Each test image is edited to each tone with its lesion kept pixel for pixel (generate.py --mode edit --keep "
+        "lesion); an edit counts only where the skin around the lesion measures near the asked tone.",
+    ]
+    return [
+        Section("Counterfactual skin-tone audit of the real-only classifier", notes, figures, summary_table(result)),
+        Section("The audit per skin tone", table=per_value_table(result)),
+    ]
 
 
 def differences_section(results: dict) -> Section:

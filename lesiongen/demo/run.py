@@ -158,6 +158,12 @@ CONTRASTS = (
 )
 
 
+# The audit edits the test images to the lightest and darkest ITA bands, keeping each lesion; strength 0.6 runs
+# the last 60% of the schedule from the image's own noised latents.
+AUDIT_VALUES = ("very light", "dark")
+AUDIT_STRENGTH = 0.6
+
+
 @dataclass
 class DemoConfig:
     """Run LesionGen end to end on built-in data with the embedded tiny model, then write report.html."""
@@ -192,6 +198,7 @@ def _paths(out: Path) -> dict[str, Path]:
         "classifiers": out / "classifiers",
         "pairs": out / "pairs",
         "evaluation": out / "evaluation",
+        "audit": out / "audit",
     }
 
 
@@ -434,6 +441,38 @@ def stage_faithfulness(cfg: DemoConfig, s: Settings, out: Path) -> str:
     )
 
 
+def stage_audit(cfg: DemoConfig, s: Settings, out: Path) -> str:
+    """The real-only classifier's test images on the lightest and darkest skin, their lesions kept."""
+    from ..audit.metrics import interval_words
+    from ..audit.run import AuditConfig, audit
+
+    p = _paths(out)
+    result = audit(
+        AuditConfig(
+            classifier=str(p["classifiers"] / f"real-seed{cfg.seed}"),
+            data_dir=str(p["captions"]),
+            model=str(p["lora"]),
+            values=list(AUDIT_VALUES),
+            output_dir=str(p["audit"]),
+            strength=AUDIT_STRENGTH,
+            guidance_scale=s.steering_guidance_scale,
+            num_inference_steps=s.steering_inference_steps,
+            seed=cfg.seed,
+            batch_size=16,
+            device="cpu",
+        )
+    )
+    n, reached = result["counts"], result["validity"]
+    ita = ", ".join(
+        f"{v} {'n/a' if reached[v]['skin_ita_valid_mean'] is None else round(reached[v]['skin_ita_valid_mean'], 1)}"
+        for v in AUDIT_VALUES
+    )
+    return (
+        f"{n['valid']} of {n['counterfactuals']} counterfactuals valid (skin ITA reached: {ita}); flip rate "
+        f"{interval_words(result['statistics'].get('flip_rate'))}"
+    )
+
+
 def stage_report(cfg: DemoConfig, s: Settings, out: Path) -> str:
     from ..classify.compare import RESULT_FILE
     from .report import ReportConfig, build_report
@@ -448,6 +487,7 @@ def stage_report(cfg: DemoConfig, s: Settings, out: Path) -> str:
             pairs=str(p["pairs"]) if (p["pairs"] / "manifest.csv").is_file() else None,
             train_runs=[f"base UNet + text encoder={p['base']}", f"LoRA={p['lora']}"],
             comparison=str(p["classifiers"] / RESULT_FILE) if (p["classifiers"] / RESULT_FILE).is_file() else None,
+            audit=str(p["audit"]) if (p["audit"] / "audit.json").is_file() else None,
             stage_times=str(out / "stage_times.json"),
             tile=64,
             title="LesionGen demo report" + (" (quick)" if cfg.quick else ""),
@@ -464,7 +504,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("lora", "3c", "LoRA training (train.py --mode lora)", stage_lora),
     Stage("generate", "4", "balanced synthetic set (generate.py)", stage_generate),
     Stage("classify", "5", "real / synthetic / mixed classifiers (compare.py)", stage_classify),
-    Stage("faithfulness", "6", "steering pairs (generate.py --contrast) + evaluation", stage_faithfulness),
+    Stage("faithfulness", "6a", "steering pairs (generate.py --contrast) + evaluation", stage_faithfulness),
+    Stage("audit", "6b", "counterfactual skin-tone audit of the real-only classifier", stage_audit),
     Stage("report", "7", "report.html + report.md", stage_report),
 )
 

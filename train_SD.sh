@@ -15,7 +15,9 @@ ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-$HERE/external/single_gpu.yaml}"
 RESOLUTION="${RESOLUTION:-256}"
 TRAIN_BATCH_SIZE="${TRAIN_BATCH_SIZE:-1}"
 GRADIENT_ACCUMULATION_STEPS="${GRADIENT_ACCUMULATION_STEPS:-4}"
-MAX_TRAIN_STEPS="${MAX_TRAIN_STEPS:-15000}"
+# Unset: the run's own default, 15000 steps (the original's), unless NUM_TRAIN_EPOCHS or --num_train_epochs sizes it.
+MAX_TRAIN_STEPS="${MAX_TRAIN_STEPS:-}"
+NUM_TRAIN_EPOCHS="${NUM_TRAIN_EPOCHS:-}"
 LEARNING_RATE="${LEARNING_RATE:-1e-5}"
 LR_SCHEDULER="${LR_SCHEDULER:-constant}"
 LR_WARMUP_STEPS="${LR_WARMUP_STEPS:-0}"
@@ -45,7 +47,8 @@ status=0
   --train_batch_size "$TRAIN_BATCH_SIZE" \
   --gradient_accumulation_steps "$GRADIENT_ACCUMULATION_STEPS" \
   --gradient_checkpointing \
-  --max_train_steps "$MAX_TRAIN_STEPS" \
+  ${MAX_TRAIN_STEPS:+--max_train_steps "$MAX_TRAIN_STEPS"} \
+  ${NUM_TRAIN_EPOCHS:+--num_train_epochs "$NUM_TRAIN_EPOCHS"} \
   --learning_rate "$LEARNING_RATE" \
   --lr_scheduler "$LR_SCHEDULER" --lr_warmup_steps "$LR_WARMUP_STEPS" \
   --max_grad_norm "$MAX_GRAD_NORM" \

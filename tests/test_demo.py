@@ -102,7 +102,7 @@ def test_report_has_grids_table_losses_and_commands(quick_demo):
     assert header in md
     for _, command in RERUN_COMMANDS:
         assert command in md
-    assert "runwayml/stable-diffusion-v1-5" in html
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in html
 
 
 def test_faithfulness_is_measured_and_shown(quick_demo):

@@ -54,12 +54,12 @@ RERUN_COMMANDS: tuple[tuple[str, str], ...] = (
     ),
     (
         "LoRA on Stable Diffusion 1.5",
-        "MODEL_NAME=runwayml/stable-diffusion-v1-5 TRAIN_DATA_DIR=data/captions/ham10000/train "
+        "MODEL_NAME=stable-diffusion-v1-5/stable-diffusion-v1-5 TRAIN_DATA_DIR=data/captions/ham10000/train "
         "OUTPUT_DIR=outputs/lesiongen-lora ./train_lora.sh",
     ),
     (
         "Full UNet fine-tuning with EMA",
-        "MODEL_NAME=runwayml/stable-diffusion-v1-5 TRAIN_DATA_DIR=data/captions/ham10000/train "
+        "MODEL_NAME=stable-diffusion-v1-5/stable-diffusion-v1-5 TRAIN_DATA_DIR=data/captions/ham10000/train "
         "OUTPUT_DIR=outputs/lesiongen-full ./train_SD.sh",
     ),
     (

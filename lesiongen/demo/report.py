@@ -117,7 +117,7 @@ class ReportConfig:
     comparison: str | None = option(None, help="comparison.json written by classification/compare.py")
     stage_times: str | None = option(None, help="JSON {stage: seconds}")
     run_info: str | None = option(
-        None, help="JSON {seed, stages: {stage: {commit, threads, torch, diffusers, date}}} the demo writes"
+        None, help="JSON {seed, demo, stages: [{number, title, run: {commit, threads, torch, diffusers, started}}]}"
     )
     images_per_condition: int = option(8, help="images per row of each grid")
     tile: int = option(64, help="grid tile size in pixels")
@@ -335,11 +335,11 @@ def provenance_section(run_info: dict) -> Section:
     """Which code, thread count and library versions computed each stage; stages reused from an earlier run
     keep that run's record, so a page built from several runs says so."""
     groups: dict[str, tuple[dict | None, list[str]]] = {}
-    for stage, record in run_info.get("stages", {}).items():
-        groups.setdefault(json.dumps(record, sort_keys=True), (record, []))[1].append(stage)
+    for stage in run_info.get("stages", []):
+        groups.setdefault(json.dumps(stage["run"], sort_keys=True), (stage["run"], []))[1].append(stage["number"])
     rows = []
-    for record, stages in groups.values():
-        who = "every stage" if len(groups) == 1 else ", ".join(stages)
+    for record, numbers in groups.values():
+        who = "every stage" if len(groups) == 1 else ", ".join(numbers)
         if record is None:
             rows.append([who, "not recorded (an earlier version ran it; --force reruns it)", "", "", "", ""])
         else:
@@ -348,10 +348,10 @@ def provenance_section(run_info: dict) -> Section:
     notes = []
     if "seed" in run_info:
         notes.append(
-            f"Seed {run_info['seed']} for the data, the models and every stage ({run_info.get('demo', '')} demo). "
-            "The torch thread count sets the order of floating-point sums, so the same seed gives other numbers "
-            "with another thread count or other library versions; a stage reused from an earlier run keeps that "
-            "run's record."
+            f"Seed {run_info['seed']} for the data, the models and every stage ({run_info.get('demo', '')} demo); "
+            "stages are numbered as in the stage times below. The torch thread count sets the order of "
+            "floating-point sums, so the same seed gives other numbers with another thread count or other library "
+            "versions; a stage reused from an earlier run keeps that run's record."
         )
     table = (["stages", *(title for _, title in PROVENANCE_COLUMNS)], rows) if rows else None
     return Section("Where these numbers come from", notes, table=table)
@@ -360,7 +360,7 @@ def provenance_section(run_info: dict) -> Section:
 def fidelity_section(cfg: ReportConfig, evaluation: dict, files: Path) -> Section:
     """FID, KID, precision/recall/density/coverage overall and per condition, and near-copies of training
     images, as lesiongen.evaluate measured them in each feature space."""
-    headers = ["features", "images", "real", "generated"]
+    headers = ["features", "condition", "real", "generated"]
     headers += [title for _, title, _ in FIDELITY_COLUMNS] + [title for _, title in MANIFOLD_COLUMNS]
     rows, notes, figures = [], [], []
     for space, result in evaluation.get("spaces", {}).items():
@@ -463,10 +463,14 @@ def build_report(cfg: ReportConfig) -> dict:
         else None,
     )
     times = json.loads(Path(cfg.stage_times).read_text()) if cfg.stage_times else {}
-    timing = Section(
-        "Stage times", table=(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in times.items()]) if times else None
-    )
     run_info = json.loads(Path(cfg.run_info).read_text()) if cfg.run_info else {}
+    numbers = {stage["title"]: stage["number"] for stage in run_info.get("stages", [])}
+    timing = Section(
+        "Stage times",
+        table=(["stage", "seconds"], [[f"{numbers.get(k, '')} {k}".strip(), f"{v:.1f}"] for k, v in times.items()])
+        if times
+        else None,
+    )
     rerun = Section("Rerun each stage on real data with real Stable Diffusion weights", commands=list(RERUN_COMMANDS))
     sections = [
         provenance_section(run_info),

@@ -591,8 +591,11 @@ def run_stages(cfg: DemoConfig) -> dict:
         start = time.time()
         if stage.key == "report":
             write_json(out / "stage_times.json", times)
-            titles = {st.key: st.title for st in STAGES}
-            runs = {titles[k]: m.get("run") for k, m in done.items()} | {stage.title: record}
+            runs = [
+                {"number": st.number, "title": st.title, "run": record if st is stage else done[st.key].get("run")}
+                for st in STAGES
+                if st.key in done or st is stage
+            ]
             write_json(out / RUN_INFO, {"seed": cfg.seed, "demo": "quick" if cfg.quick else "full", "stages": runs})
         summary = stage.run(cfg, settings, out)
         seconds = time.time() - start

@@ -8,7 +8,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 
-MODEL_NAME="${MODEL_NAME:-runwayml/stable-diffusion-v1-5}"
+MODEL_NAME="${MODEL_NAME:-stable-diffusion-v1-5/stable-diffusion-v1-5}"
 TRAIN_DATA_DIR="${TRAIN_DATA_DIR:-data/captions/train}"
 OUTPUT_DIR="${OUTPUT_DIR:-outputs/lesiongen-lora}"
 ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-$HERE/external/single_gpu.yaml}"

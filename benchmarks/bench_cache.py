@@ -55,7 +55,7 @@ def subset(folder: Path, n: int) -> Path:
     out = folder / f"first-{n}"
     out.mkdir(exist_ok=True)
     if not (out / "images").exists():
-        os.symlink(folder / "images", out / "images")
+        os.symlink(Path("..") / "images", out / "images")  # relative: out is inside folder
     rows = [
         {"file_name": f"images/{i:06d}.png", "text": CAPTION.format(dx=("mel", "nv", "bcc")[i % 3], shape="round", i=i)}
         for i in range(n)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 
-SD1_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
+SD1_UNET = dict(  # stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json
     block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,

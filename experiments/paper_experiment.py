@@ -16,7 +16,7 @@ prototype) so the same script runs a plumbing check (0.01, as the tests run it),
 e.g. with real Stable Diffusion weights:
 
     python experiments/paper_experiment.py --scale 20 --resolution 256 --device cuda \\
-        --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5   # LoRA on the real model
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5   # LoRA on the real model
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each section is a title, notes, figures (PNG files, embedded as data URIs in the HTML so the one file can
 be mailed or opened anywhere), an optional table and optional commands; both renderers walk the same list,
-so the two files cannot drift apart.
+so the two files cannot drift apart, and both leave out a section with nothing to show.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ class Section:
     figures: list[Figure] = field(default_factory=list)
     table: tuple[list[str], list[list[str]]] | None = None  # (headers, rows of cells)
     commands: list[tuple[str, str]] = field(default_factory=list)  # (what it does, command)
-    empty: str = ""  # said instead when the section has nothing else
+
+    def shows_something(self) -> bool:
+        return bool(self.notes or self.figures or self.table or self.commands)
 
 
 def data_uri(path: Path) -> str:
@@ -52,7 +54,7 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 def to_markdown(title: str, sections: list[Section], files: str) -> str:
     """``files`` is the figures' folder relative to the page."""
     lines = [f"# {title}", ""]
-    for s in sections:
+    for s in filter(Section.shows_something, sections):
         lines += [f"## {s.title}", ""]
         lines += [n + "\n" for n in s.notes]
         for f in s.figures:
@@ -61,8 +63,6 @@ def to_markdown(title: str, sections: list[Section], files: str) -> str:
             lines += [markdown_table(*s.table), ""]
         for what, command in s.commands:
             lines += [f"{what}:", "", "```bash", command, "```", ""]
-        if s.empty and not (s.figures or s.table or s.commands):
-            lines += [s.empty, ""]
     return "\n".join(lines)
 
 
@@ -74,7 +74,7 @@ def to_html(title: str, sections: list[Section], intro: str) -> str:
         f"<h1>{e(title)}</h1>",
         f"<p class='note'>{e(intro)}</p>",
     ]
-    for s in sections:
+    for s in filter(Section.shows_something, sections):
         parts.append(f"<h2>{e(s.title)}</h2>")
         parts += [f"<p class='note'>{e(n)}</p>" for n in s.notes]
         for f in s.figures:
@@ -90,7 +90,5 @@ def to_html(title: str, sections: list[Section], intro: str) -> str:
             parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         for what, command in s.commands:
             parts.append(f"<p>{e(what)}:</p><pre>{e(command)}</pre>")
-        if s.empty and not (s.figures or s.table or s.commands):
-            parts.append(f"<p>{e(s.empty)}</p>")
     parts.append("</body></html>")
     return "\n".join(parts)

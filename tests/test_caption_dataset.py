@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -188,6 +189,23 @@ def test_a_first_build_removes_nothing_already_in_the_output_folder(tmp_path, d7
     (out / "train" / "images" / "mine.jpg").write_bytes(b"someone else's")
     build(BuildCaptionsConfig(**cli_config(one_split(ham_rows(tmp_path, ["I1"]), images, out))))
     assert (out / "train" / "images" / "mine.jpg").read_bytes() == b"someone else's"
+
+
+def test_a_built_folder_moved_with_its_images_still_loads(tmp_path, d7p_images):
+    """Symlinks are relative, so copying or moving the captions folder together with the images keeps it whole."""
+    datasets = pytest.importorskip("datasets")
+    project = tmp_path / "project"
+    images = project / "images"
+    images.mkdir(parents=True)
+    for i, src in zip(("I1", "I2"), sorted(d7p_images.rglob("*.jpg")), strict=False):
+        shutil.copy(src, images / f"{i}.jpg")
+    out = project / "captions"
+    build(BuildCaptionsConfig(**cli_config(one_split(ham_rows(tmp_path, ["I1", "I2"]), images, out))))
+    link = out / "train" / "images" / "I1.jpg"
+    assert link.is_symlink() and Path(os.readlink(link)) == Path("..", "..", "..", "images", "I1.jpg")
+    moved = shutil.move(project, tmp_path / "elsewhere" / "project")
+    ds = datasets.load_dataset("imagefolder", data_dir=str(Path(moved) / "captions"), split="train")
+    assert ds.num_rows == 2 and all(image.size[0] > 0 for image in ds["image"])
 
 
 def cli_config(args: list[str]) -> dict:

@@ -97,7 +97,8 @@ def test_report_has_grids_table_losses_and_commands(quick_demo):
         assert loss.size[0] > 300
     # self-contained: every image is a data URI, nothing points at a file
     srcs = re.findall(r"src='([^']*)'", html)
-    figures = len(labels.CONDITIONS) + 1 + len(CONTRASTS) + 1  # grids, confusion matrix, pair grids, loss
+    # grids, confusion matrix, the generated images closest to training images, pair grids, loss
+    figures = len(labels.CONDITIONS) + 1 + 1 + len(CONTRASTS) + 1
     assert len(srcs) == figures and all(s.startswith("data:image/png;base64,") for s in srcs)
     results = json.loads((quick_demo / "classifiers" / "comparison.json").read_text())
     assert results["split"] == "test" and results["checkpoint"] == "best"
@@ -118,7 +119,7 @@ def test_report_has_grids_table_losses_and_commands(quick_demo):
     assert "| real + synthetic | real only | balanced acc. | " + " | ".join(cells) + " |" in md
     for _, command in RERUN_COMMANDS:
         assert command in md
-    assert "runwayml/stable-diffusion-v1-5" in html
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in html
 
 
 def test_faithfulness_is_measured_and_shown(quick_demo):
@@ -143,11 +144,102 @@ def test_faithfulness_is_measured_and_shown(quick_demo):
     moved = sum(e["low"] is not None and e["low"] > 0 for e in effects)
     assert f"; {moved} of {len(CONTRASTS)} switches move" in marker["summary"]
     md = (quick_demo / "report.md").read_text()
-    assert "of its generated images" in md and "## Skin tone: asked vs measured" in md and "The ceiling" in md
+    assert "of its generated images" in md and "The ceiling" in md
+    # the demo's prompts leave the skin tone out, so no band was asked and the section has nothing to show
+    assert ("## Skin tone: asked vs measured" in md) == bool(result["attributes"]["skin_tone"])
     for i, contrast in enumerate(result["pairs"]["per_contrast"]):
         field = contrast.partition("=")[0]
         with Image.open(quick_demo / "report_files" / f"pairs_{i}_{field}.png") as grid:
             assert grid.size == (min(8, s.pairs_per_condition * len(labels.CODES)) * 64, 2 * 64)
+
+
+def test_the_report_says_where_its_numbers_come_from(quick_demo):
+    """Commit, thread count, torch and diffusers versions and seed, per stage, in both pages."""
+    from importlib.metadata import version
+
+    import lesiongen.demo.run as demo_run
+
+    info = json.loads((quick_demo / demo_run.RUN_INFO).read_text())
+    assert info["seed"] == 0 and info["demo"] == "quick"
+    assert [(x["number"], x["title"]) for x in info["stages"]] == [(st.number, st.title) for st in STAGES]
+    commit = demo_run.git_commit().split()[0]  # the tests run in a git checkout
+    for stage in info["stages"]:
+        r = stage["run"]
+        assert re.fullmatch(r"[0-9a-f]{12}( with uncommitted changes)?", r["commit"])
+        assert r["commit"].split()[0] == commit or r["commit"].endswith("with uncommitted changes")
+        assert r["threads"] == torch.get_num_threads()
+        assert r["torch"] == version("torch") and r["diffusers"] == version("diffusers")
+    md = (quick_demo / "report.md").read_text()
+    html = (quick_demo / "report.html").read_text()
+    assert "Seed 0 for the data, the models and every stage (quick demo)" in md
+    table = md.split("## Where these numbers come from")[1].split("\n## ")[0]
+    for stage in info["stages"]:
+        r = stage["run"]
+        cells = f"| {r['commit']} | {r['threads']} | {r['torch']} | {r['diffusers']} | {r['started']} |"
+        rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines() if line.endswith(cells)]
+        assert len(rows) == 1 and (rows[0] == "every stage" or stage["number"] in rows[0].split(", "))
+        assert f"<td>{r['commit']}</td>" in html
+    assert f"| {STAGES[0].number} {STAGES[0].title} |" in md  # the stage times name the same numbers
+
+
+def test_the_report_shows_fidelity_and_near_copies(quick_demo):
+    result = json.loads((quick_demo / "evaluation" / "evaluation.json").read_text())
+    space = result["spaces"]["domain"]
+    overall, memo = space["overall"], space["memorisation"]
+    md = (quick_demo / "report.md").read_text()
+    assert "## Fidelity and near-copies of training images" in md
+    header = "| features | condition | real | generated | FID | KID | precision | recall | density | coverage |"
+    assert header in md
+    cells = [f"{overall['fid']:.1f}", f"{overall['kid']:.4f}"]
+    cells += [f"{overall[k]:.3f}" for k in ("precision", "recall", "density", "coverage")]
+    row = f"| domain | all conditions | {overall['n_real']} | {overall['n_synthetic']} | " + " | ".join(cells) + " |"
+    assert row in md
+    for code in space["per_condition"]:
+        assert f"| domain | {labels.BY_CODE[code].name} |" in md
+    said = f"Near-copies (domain features): {memo['flagged']} of {overall['n_synthetic']} generated images"
+    assert said in md
+    with Image.open(quick_demo / "report_files" / "closest_domain.png") as grid:
+        assert grid.size == (len(memo["closest"]) * 64, 2 * 64)
+
+
+def test_steering_effects_are_said_in_words_without_marks(quick_demo):
+    md = (quick_demo / "report.md").read_text()
+    captions = [line for line in md.splitlines() if line.startswith("**") and "paired effect" in line]
+    assert len(captions) == len(CONTRASTS)
+    for line in captions:
+        assert "-0.000" not in line and " *" not in line.replace("**", "")
+        assert line.count(": an effect, the interval") + line.count(": no effect shown") == line.count("(n=")
+
+
+@pytest.mark.parametrize(
+    ("effect", "digits", "said"),
+    [
+        (
+            {"mean": -1e-5, "low": -2e-4, "high": -1e-5, "excludes_zero": True, "n": 42},
+            3,
+            "0.000 [0.000, 0.000] (n=42): no effect shown, the interval includes 0",
+        ),
+        ({"mean": 0.109, "low": 0.056, "high": 0.168, "n": 42}, 3, "+0.109 [0.056, 0.168] (n=42): an effect, the interval above 0"),
+        ({"mean": -7.9, "low": -16.8, "high": 0.3, "n": 42}, 1, "-7.9 [-16.8, 0.3] (n=42): no effect shown, the interval includes 0"),
+        ({"mean": -0.06, "low": -0.118, "high": -0.004, "n": 42}, 3, "-0.060 [-0.118, -0.004] (n=42): an effect, the interval below 0"),
+        ({"mean": 0.5, "low": None, "high": None, "n": 1}, 3, "+0.500 (n=1, too few pairs for an interval): no effect shown"),
+    ],
+)  # fmt: skip
+def test_an_effect_is_said_in_words_and_never_marked_on_zero(effect, digits, said):
+    from lesiongen.demo.report import effect_words
+
+    assert effect_words(effect, digits) == said
+
+
+def test_a_report_drops_the_sections_it_has_nothing_for(quick_demo, tmp_path):
+    from lesiongen.demo.report import ReportConfig, build_report
+
+    build_report(ReportConfig(output_dir=str(tmp_path), real_data=str(quick_demo / "captions")))
+    md = (tmp_path / "report.md").read_text()
+    html = (tmp_path / "report.html").read_text()
+    title = "Rerun each stage on real data with real Stable Diffusion weights"
+    assert re.findall(r"^## (.*)$", md, re.M) == re.findall(r"<h2>(.*?)</h2>", html) == [title]
+    assert "No generated images" not in md and "Not measured" not in md
 
 
 def test_the_training_set_is_sampled_at_its_guidance_and_the_pairs_at_theirs(quick_demo):

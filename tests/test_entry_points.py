@@ -22,7 +22,7 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_classification_scripts_train_evaluate_and_compare(tmp_path, small_d7p, fake_generation):
-    """README section 4: `cd classification; python classifier.py ...; python eval.py ...; python compare.py ...`."""
+    """docs/classification.md: `cd classification; python classifier.py ...; python eval.py ...; python compare.py ...`."""
     work = tmp_path / "classification"
     work.mkdir()
     os.symlink(small_d7p, tmp_path / "captions")
@@ -53,7 +53,7 @@ def test_classification_scripts_train_evaluate_and_compare(tmp_path, small_d7p, 
 
 
 def test_top_level_scripts_build_captions_and_rename_metadata(tmp_path, ham_csv):
-    """README section 1, from the repository root with relative paths."""
+    """docs/captions.md, from the repository root with relative paths."""
     data = tmp_path / "data" / "ham10000"
     data.mkdir(parents=True)
     pd.read_csv(ham_csv).head(60).to_csv(data / "HAM10000_metadata.csv", index=False)

@@ -161,3 +161,27 @@ def test_load_pipeline_errors(tmp_path, trained_like_lora):
         load_pipeline(bare, base_model=tmp_path / "no_base")
     with pytest.raises(InputError, match="unknown dtype"):
         load_pipeline(trained_like_lora[0], dtype="int3")
+
+
+@pytest.mark.parametrize("load", [load_pipeline, load_training_parts])
+def test_a_gated_hub_model_says_how_to_log_in(monkeypatch, load):
+    """SD 3.5 and FLUX.1-dev are gated: the hub answers 401/403 with GatedRepoError, which diffusers re-raises as
+    a plain OSError; the user's line names the login, not a missing model."""
+    import diffusers.configuration_utils
+    import httpx2
+    from huggingface_hub.errors import GatedRepoError
+
+    repo = "stabilityai/stable-diffusion-3.5-medium"
+
+    def gated(*args, **kwargs):
+        response = httpx2.Response(403, request=httpx2.Request("GET", f"https://huggingface.co/{repo}"))
+        raise GatedRepoError(f"Access to model {repo} is restricted.", response=response)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(diffusers.configuration_utils, "hf_hub_download", gated)
+    with pytest.raises(InputError) as err:
+        load(repo)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"{repo}: is a gated model on the Hugging Face Hub" in message
+    assert "hf auth login" in message and "HF_TOKEN" in message

@@ -90,11 +90,13 @@ def image_identities(path: Path) -> tuple[str, str]:
 
 
 def place_image(src: Path, dst: Path, how: str) -> None:
+    """A symlink is relative (from the link's folder to the image), so the output folder and the image folder
+    can be copied or moved together, to another disk or a cluster, and still load."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.is_symlink() or dst.exists():
         dst.unlink()
     if how == "symlink":
-        os.symlink(src.resolve(), dst)
+        os.symlink(os.path.relpath(src.resolve(), dst.parent.resolve()), dst)
     elif how == "hardlink":
         os.link(src, dst)
     else:

@@ -1,10 +1,12 @@
 """``report.html`` and ``report.md``: what a run of the pipeline produced, in one page a person can read.
 
-A picture first, numbers beside it: per condition real and generated images side by side with how often a
-real-trained classifier recognises the generated ones; for each concept switch, pairs that share seed and
-prompt (on above, off below) with the paired effect; asked vs measured skin tone; the diffusion loss
-curves; the classifier comparison with worst-group accuracy; stage times; and the commands that rerun each
-stage on real HAM10000 / Derm7pt with real Stable Diffusion weights.
+Where the numbers come from (commit, threads, torch and diffusers versions, seed), then a picture first and
+numbers beside it: per condition real and generated images side by side with how often a real-trained
+classifier recognises the generated ones; fidelity (FID, KID, precision, recall, density, coverage) and
+near-copies of training images; for each concept switch, pairs that share seed and prompt (on above, off
+below) with the paired effect, said in words; asked vs measured skin tone; the diffusion loss curves; the
+classifier comparison with worst-group accuracy; stage times; and the commands that rerun each stage on real
+HAM10000 / Derm7pt with real Stable Diffusion weights. A section with nothing to show is left out.
 
     python -m lesiongen.demo.report --real_data demo_output/captions --synthetic_data demo_output/generated \
         --evaluation demo_output/evaluation --pairs demo_output/pairs \
@@ -40,6 +42,17 @@ COMPARISON_COLUMNS = (
     ("max_gap", "largest gap"),
 )
 
+# The set-to-set metrics of lesiongen.evaluate, with the digits each is read at.
+FIDELITY_COLUMNS = (("fid", "FID", 1), ("kid", "KID", 4))
+MANIFOLD_COLUMNS = (("precision", "precision"), ("recall", "recall"), ("density", "density"), ("coverage", "coverage"))
+PROVENANCE_COLUMNS = (
+    ("commit", "commit"),
+    ("threads", "torch threads"),
+    ("torch", "torch"),
+    ("diffusers", "diffusers"),
+    ("started", "run started"),
+)
+
 # How each stage runs on real data with real weights; the demo runs the same modules with small flags.
 RERUN_COMMANDS: tuple[tuple[str, str], ...] = (
     (
@@ -54,12 +67,12 @@ RERUN_COMMANDS: tuple[tuple[str, str], ...] = (
     ),
     (
         "LoRA on Stable Diffusion 1.5",
-        "MODEL_NAME=runwayml/stable-diffusion-v1-5 TRAIN_DATA_DIR=data/captions/ham10000/train "
+        "MODEL_NAME=stable-diffusion-v1-5/stable-diffusion-v1-5 TRAIN_DATA_DIR=data/captions/ham10000/train "
         "OUTPUT_DIR=outputs/lesiongen-lora ./train_lora.sh",
     ),
     (
         "Full UNet fine-tuning with EMA",
-        "MODEL_NAME=runwayml/stable-diffusion-v1-5 TRAIN_DATA_DIR=data/captions/ham10000/train "
+        "MODEL_NAME=stable-diffusion-v1-5/stable-diffusion-v1-5 TRAIN_DATA_DIR=data/captions/ham10000/train "
         "OUTPUT_DIR=outputs/lesiongen-full ./train_SD.sh",
     ),
     (
@@ -104,6 +117,9 @@ class ReportConfig:
     comparison: str | None = option(None, help="comparison.json written by classification/compare.py")
     audit: str | None = option(None, help="python -m lesiongen.audit output folder (audit.json)")
     stage_times: str | None = option(None, help="JSON {stage: seconds}")
+    run_info: str | None = option(
+        None, help="JSON {seed, demo, stages: [{number, title, run: {commit, threads, torch, diffusers, started}}]}"
+    )
     images_per_condition: int = option(8, help="images per row of each grid")
     tile: int = option(64, help="grid tile size in pixels")
     title: str = option("LesionGen report", help="page title")
@@ -180,12 +196,39 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> bool:
     return True
 
 
-def fmt(value) -> str:
+def fmt(value, digits: int = 3) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return "n/a" if not math.isfinite(value) else f"{value:.3f}"
+        return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
     return str(value)
+
+
+def number(value: float, digits: int, plus: bool = False) -> str:
+    """``0.109`` (``+0.109`` with ``plus``); a value that rounds to zero is ``0.000``, never ``-0.000``."""
+    text = f"{value:+.{digits}f}"
+    if float(text) == 0:
+        return text[1:]
+    return text if plus else text.removeprefix("+")
+
+
+def effect_words(effect: dict, digits: int = 3) -> str:
+    """A paired effect as its mean and 95% interval, then in words: an effect is shown only when the interval,
+    as printed, lies on one side of 0, so an interval that rounds to ``[0.000, 0.000]`` shows none."""
+    if effect.get("mean") is None:
+        return effect.get("note", "not measured")
+    mean = number(effect["mean"], digits, plus=True)
+    if effect.get("low") is None:
+        return f"{mean} (n={effect['n']}, too few pairs for an interval): no effect shown"
+    low, high = (round(effect[k], digits) for k in ("low", "high"))
+    words = (
+        "an effect, the interval above 0"
+        if low > 0
+        else "an effect, the interval below 0"
+        if high < 0
+        else "no effect shown, the interval includes 0"
+    )
+    return f"{mean} [{number(low, digits)}, {number(high, digits)}] (n={effect['n']}): {words}"
 
 
 def comparison_rows(results: dict) -> list[dict]:
@@ -202,6 +245,9 @@ def save_png(image, path: Path) -> Path:
 
 def conditions_section(cfg: ReportConfig, real, synthetic, evaluation: dict, files: Path) -> tuple[Section, list]:
     """Per condition, real images above generated ones, captioned with how often the generated are recognised."""
+    title = "Does each generated image show its condition?"
+    if synthetic is None or synthetic.empty:
+        return Section(title), []
     rec = evaluation.get("recognisability")
     grids, figures = [], []
     for cond in labels.CONDITIONS:
@@ -236,8 +282,7 @@ def conditions_section(cfg: ReportConfig, real, synthetic, evaluation: dict, fil
             copied = files / confusion.name
             shutil.copy(confusion, copied)
             figures.append(Figure("How the real-trained classifier reads the generated images", copied, 420))
-    title = "Does each generated image show its condition?"
-    return Section(title, notes, figures, empty="No generated images."), grids
+    return Section(title, notes, figures), grids
 
 
 def pair_grid(frame, table, tile: int, n: int):
@@ -256,12 +301,11 @@ def pair_grid(frame, table, tile: int, n: int):
 def steering_section(cfg: ReportConfig, evaluation: dict, files: Path) -> tuple[Section, list]:
     """For each switch: pairs that share seed and prompt, and the paired effect the evaluation measured."""
     from ..evaluate.faithfulness import pairs as pair_table
-    from ..evaluate.markdown import effect_text
     from ..tables import read_image_table
 
     title = "One switch, same seed and prompt: do concepts and skin tone steer the pixels?"
     if not cfg.pairs:
-        return Section(title, empty="No steering pairs were generated."), []
+        return Section(title), []
     frame = read_image_table(cfg.pairs)
     table = pair_table(frame)
     probes = {k: v for space in evaluation.get("spaces", {}).values() for k, v in space.get("paired_probe", {}).items()}
@@ -271,20 +315,99 @@ def steering_section(cfg: ReportConfig, evaluation: dict, files: Path) -> tuple[
         field, _, values = contrast.partition("=")
         on, _, off = values.partition(":")
         path = save_png(pair_grid(frame, group, cfg.tile, cfg.images_per_condition), files / f"pairs_{i}_{field}.png")
-        said = [f"probe {effect_text(probes[contrast])}"] if contrast in probes and "mean" in probes[contrast] else []
+        said = [f"probe {effect_words(probes[contrast])}"] if contrast in probes and "mean" in probes[contrast] else []
         if contrast in descriptors:
-            said.append(f"{descriptors[contrast]['descriptor']} {effect_text(descriptors[contrast], 2)}")
+            said.append(f"{descriptors[contrast]['descriptor']} {effect_words(descriptors[contrast], 1)}")
         caption = f"{field}: {on} (top) vs {off} (bottom); paired effect " + ("; ".join(said) or "not measured")
         figures.append(Figure(caption, path, cfg.images_per_condition * cfg.tile))
         grids.append({"contrast": contrast, "path": path, "pairs": len(group)})
     note = (
         "Each column is one pair: the same seed, sampler and prompt except for one switch. The paired effect is the mean "
-        "difference (top minus bottom) of a measurement, with its bootstrap 95% interval; * marks an interval that "
-        "excludes zero. 'probe' is a logistic probe trained on the real images' concept labels (its probability that "
+        "difference (top minus bottom) of a measurement, with its bootstrap 95% interval and n, the number of pairs; "
+        "an effect is shown only where the interval lies on one side of zero, and 'no effect shown' says that it "
+        "does not. 'probe' is a logistic probe trained on the real images' concept labels (its probability that "
         "the concept is present); the analyzer descriptors are blue-gray share, colour variability, red share and "
         "the skin's ITA angle, measured from pixels by lesiongen.captions.analyze."
     )
     return Section(title, [note], figures), grids
+
+
+def provenance_section(run_info: dict) -> Section:
+    """Which code, thread count and library versions computed each stage; stages reused from an earlier run
+    keep that run's record, so a page built from several runs says so."""
+    groups: dict[str, tuple[dict | None, list[str]]] = {}
+    for stage in run_info.get("stages", []):
+        groups.setdefault(json.dumps(stage["run"], sort_keys=True), (stage["run"], []))[1].append(stage["number"])
+    rows = []
+    for record, numbers in groups.values():
+        who = "every stage" if len(groups) == 1 else ", ".join(numbers)
+        if record is None:
+            rows.append([who, "not recorded (an earlier version ran it; --force reruns it)", "", "", "", ""])
+        else:
+            commit = record["commit"] or "not a git checkout"
+            rows.append([who, commit, *(str(record[k]) for k, _ in PROVENANCE_COLUMNS[1:])])
+    notes = []
+    if "seed" in run_info:
+        notes.append(
+            f"Seed {run_info['seed']} for the data, the models and every stage ({run_info.get('demo', '')} demo); "
+            "stages are numbered as in the stage times below. The torch thread count sets the order of "
+            "floating-point sums, so the same seed gives other numbers with another thread count or other library "
+            "versions; a stage reused from an earlier run keeps that run's record."
+        )
+    table = (["stages", *(title for _, title in PROVENANCE_COLUMNS)], rows) if rows else None
+    return Section("Where these numbers come from", notes, table=table)
+
+
+def fidelity_section(cfg: ReportConfig, evaluation: dict, files: Path) -> Section:
+    """FID, KID, precision/recall/density/coverage overall and per condition, and near-copies of training
+    images, as lesiongen.evaluate measured them in each feature space."""
+    headers = ["features", "condition", "real", "generated"]
+    headers += [title for _, title, _ in FIDELITY_COLUMNS] + [title for _, title in MANIFOLD_COLUMNS]
+    rows, notes, figures = [], [], []
+    for space, result in evaluation.get("spaces", {}).items():
+        groups = [("all conditions", result["overall"])] + [
+            (labels.BY_CODE[code].name if code in labels.BY_CODE else code, m)
+            for code, m in result.get("per_condition", {}).items()
+        ]
+        for group, m in groups:
+            cells = [fmt(m.get(key), digits) for key, _, digits in FIDELITY_COLUMNS]
+            cells += [fmt(m.get(key)) for key, _ in MANIFOLD_COLUMNS]
+            rows.append([space, group, str(m.get("n_real", "")), str(m.get("n_synthetic", "")), *cells])
+        memo = result.get("memorisation")
+        if memo:
+            notes.append(
+                f"Near-copies ({space} features): {memo['flagged']} of {result['overall']['n_synthetic']} generated "
+                f"images ({memo['share_flagged']:.1%}) lie closer to a real training image than {memo['copy_ratio']} "
+                "times that image's distance to its own nearest real neighbour; the median of that ratio is "
+                f"{memo['median_ratio']:.2f} (at 1 or more, no closer than the real images are to each other). Each "
+                f"generated image's nearest real image is listed in {memo['csv']}."
+            )
+            closest = [c for c in memo.get("closest", []) if Path(c["synthetic"]).is_file()]
+            closest = [c for c in closest if Path(c["nearest_real"]).is_file()]
+            if closest:
+                grid = condition_grid(
+                    [c["nearest_real"] for c in closest], [c["synthetic"] for c in closest], len(closest), cfg.tile
+                )
+                path = save_png(grid, files / f"closest_{space}.png")
+                caption = (
+                    f"The {len(closest)} generated images closest to a training image ({space} features): "
+                    "the real image above, the generated one below; ratios "
+                    + ", ".join(f"{c['ratio']:.2f}" for c in closest)
+                )
+                figures.append(Figure(caption, path, len(closest) * cfg.tile))
+    if rows:
+        notes.insert(
+            0,
+            "How close the generated set lies to the real training images, in each feature space the evaluation "
+            "used ('domain': the penultimate layer of the real-only classifier; 'inception': the standard FID "
+            "network). FID and KID: lower is closer. Precision and density: how much of the generated set falls "
+            "in the real set's k-nearest-neighbour balls; recall and coverage: how much of the real set the "
+            "generated one reaches (Naeem et al. 2020). FID grows as sets shrink, so compare sets of equal size, "
+            "never with published FIDs over thousands of images.",
+        )
+    return Section(
+        "Fidelity and near-copies of training images", notes, figures, table=(headers, rows) if rows else None
+    )
 
 
 def skin_tone_section(evaluation: dict) -> Section:
@@ -309,9 +432,7 @@ def skin_tone_section(evaluation: dict) -> Section:
             f"{fmt(attrs.get('skin_tone_agreement'))} of the measured images fall in the asked band, on average "
             f"{fmt(attrs.get('ita_error'))} degrees outside it."
         )
-    return Section(
-        "Skin tone: asked vs measured", notes, table=(headers, rows) if rows else None, empty="Not measured."
-    )
+    return Section("Skin tone: asked vs measured", notes, table=(headers, rows) if rows else None)
 
 
 def build_report(cfg: ReportConfig) -> dict:
@@ -329,8 +450,9 @@ def build_report(cfg: ReportConfig) -> dict:
 
     curves = {name: read_loss_log(folder) for name, folder in (s.split("=", 1) for s in cfg.train_runs)}
     loss_png = files / "loss.png"
-    losses = Section("Diffusion training loss", [_loss_text(curves)], empty="No training logs found.")
+    losses = Section("Diffusion training loss")
     if plot_losses(curves, loss_png):
+        losses.notes.append(_loss_text(curves))
         losses.figures.append(Figure("loss per optimiser step", loss_png))
     results = json.loads(Path(cfg.comparison).read_text()) if cfg.comparison else {"runs": []}
     rows = comparison_rows(results)
@@ -340,15 +462,32 @@ def build_report(cfg: ReportConfig) -> dict:
         table=([t for _, t in COMPARISON_COLUMNS], [[fmt(r[k]) for k, _ in COMPARISON_COLUMNS] for r in rows])
         if rows
         else None,
-        empty="No classifier results.",
     )
     differences = differences_section(results)
     audited = audit_sections(cfg, files)
     times = json.loads(Path(cfg.stage_times).read_text()) if cfg.stage_times else {}
-    timing = Section("Stage times", table=(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in times.items()]))
+    run_info = json.loads(Path(cfg.run_info).read_text()) if cfg.run_info else {}
+    numbers = {stage["title"]: stage["number"] for stage in run_info.get("stages", [])}
+    timing = Section(
+        "Stage times",
+        table=(["stage", "seconds"], [[f"{numbers.get(k, '')} {k}".strip(), f"{v:.1f}"] for k, v in times.items()])
+        if times
+        else None,
+    )
     rerun = Section("Rerun each stage on real data with real Stable Diffusion weights", commands=list(RERUN_COMMANDS))
-    sections = [conditions, steering, skin_tone_section(evaluation), losses, classifiers, differences, *audited]
-    sections += [timing, rerun]
+    sections = [
+        provenance_section(run_info),
+        conditions,
+        fidelity_section(cfg, evaluation, files),
+        steering,
+        skin_tone_section(evaluation),
+        losses,
+        classifiers,
+        differences,
+        *audited,
+        timing,
+        rerun,
+    ]
     write_text(out / "report.md", to_markdown(cfg.title, sections, GRID_DIR))
     intro = "Every image below is embedded in this file; every number comes from the run's own output files."
     write_text(out / "report.html", to_html(cfg.title, sections, intro))
@@ -389,18 +528,17 @@ def differences_section(results: dict) -> Section:
     rows = results.get("differences", [])
     title = "Does adding synthetic images change the classifier? Differences with 95% intervals"
     if not rows:
-        return Section(title, empty="No classifier comparison.")
+        return Section(title)  # nothing to show: left out
     notes = [interval_note(rows[0]["n_images"], rows[0]["seeds"])]
     return Section(title, notes, table=difference_table(rows))
 
 
 def _loss_text(curves: dict) -> str:
-    parts = [
+    return "; ".join(
         f"{k}: {len(v)} steps, loss {v[0][1]:.3f} at step {v[0][0]} to {v[-1][1]:.3f} at step {v[-1][0]}"
         for k, v in curves.items()
         if v
-    ]
-    return "; ".join(parts) or "no training logs found"
+    )
 
 
 def _results_note(results: dict) -> str:

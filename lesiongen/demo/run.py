@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -91,7 +92,7 @@ SETTINGS: dict[str, Settings] = {
         # still decoded dark red as brown (its reconstructions recognised at 0.67 of the real images' rate).
         # At 2000 steps the result still hung on the run: under one judge (0.96 on the real images) four runs'
         # reconstructions scored 0.65-0.88 by seed and thread count; 3000 steps scored 0.89 and 0.90 on the two
-        # seeds tried (README section 6).
+        # seeds tried (docs/results.md).
         vae_steps=3000,
         vae_batch=8,
         vae_crop=32,
@@ -101,25 +102,25 @@ SETTINGS: dict[str, Settings] = {
         base_lr=5e-4,
         # The diagnosis must draw the condition's look alone, not only beside the concepts that come with it:
         # leaving out each later caption part with probability 0.3 raised recognisability from 0.777 and 0.626 to
-        # 0.823 and 0.720 on seeds 0 and 1 (same data and VAE); synthetic-only moved -0.09 and +0.12 (README section 6).
+        # 0.823 and 0.720 on seeds 0 and 1 (same data and VAE); synthetic-only moved -0.09 and +0.12 (docs/results.md).
         tag_dropout=0.3,
         lora_steps=100,  # 100 and 200 steps scored the same; the base run does the learning
         lora_rank=8,
         lora_lr=5e-4,
         # With the 3000-step VAE, 50 images per condition gave the synthetic-only classifier 0.77-0.84 over three
-        # classifier seeds (0.82-0.89 of real-only) where 30 gave 0.57-0.76 (README section 6). 100 gained 0.08 and
+        # classifier seeds (0.82-0.89 of real-only) where 30 gave 0.57-0.76 (docs/results.md). 100 gained 0.08 and
         # 0.11 more on two runs' models, but its generation and classifiers took the demo past 15 minutes.
         images_per_condition=50,
         inference_steps=15,
         # A training set wants coverage, steering wants the asked concept shown: guidance trades the one for the
         # other. On two runs' models, the synthetic-only classifier scored 0.696 and 0.795 at guidance 1.5 against
         # 0.599 and 0.720 at 3 (classifier seeds 0 and 1 averaged; the 0.720 is seed 0 alone), while the pairs'
-        # vessel, streak and dot effects weakened at 1.5 (vessels' interval then reached 0). README section 6.
+        # vessel, streak and dot effects weakened at 1.5 (vessels' interval then reached 0; docs/results.md).
         guidance_scale=1.5,
         steering_guidance_scale=3.0,
         # A pair's two images share the sampler, so fewer steps leave its difference as it was (on two runs' models
         # the five concepts' mean effects moved by 0.001-0.075) and pay for twice the pairs. DPM-Solver++ in 6 steps
-        # matched the 50-step original on FID and recognisability (README section 3). The synthetic set keeps DDIM 15:
+        # matched the 50-step original on FID and recognisability (docs/results.md). The synthetic set keeps DDIM 15:
         # sampled in 6 steps at guidance 1.5, seed 0's vascular lesions were recognised at 0.20 against 0.46.
         steering_sampler="dpmsolver++",
         steering_inference_steps=6,
@@ -129,18 +130,18 @@ SETTINGS: dict[str, Settings] = {
         classifier_batch=32,
         # 42 pairs per switch narrowed every interval on two runs' models: on seed 0's the vessels' probe effect went
         # from +0.008 [-0.057, 0.065] to +0.083 [0.017, 0.147] (1-thread lab runs) and the blotches' colour variability
-        # from +1.1 [-0.1, 2.4] to +1.2 [0.4, 2.2] (README section 6).
+        # from +1.1 [-0.1, 2.4] to +1.2 [0.4, 2.2] (docs/results.md).
         pairs_per_condition=6,
         vae_full_size_steps=200,
     ),
 }
 # The synthetic training set's sampler: in 6 DPM-Solver++ steps, as the steering pairs use, seed 0's synthetic-only
-# classifier fell from 0.639 to 0.568 (README section 6).
+# classifier fell from 0.639 to 0.568 (docs/results.md).
 SYNTHETIC_SAMPLER = "ddim"
 # The demo UNet's heads per block: 2 and 4 heads of 16 channels instead of 8 heads of 4 and 8. A training step costs
 # 27% less (SDPA over 4-channel heads was half the UNet's time), and on three seeds' data and VAEs the same 1300 steps
-# gave the synthetic-only classifier +0.165, +0.005 and +0.106, recognisability +0.017, +0.020 and -0.017 (README
-# section 6).
+# gave the synthetic-only classifier +0.165, +0.005 and +0.106, recognisability +0.017, +0.020 and -0.017
+# (docs/results.md).
 DEMO_ATTENTION_HEADS = (2, 4)
 SPLIT_FRACTIONS = [0.6, 0.15, 0.25]  # a larger test split than 0.1, so per-subgroup accuracy has some support
 CLASSIFIER_RUNS = ("real", "synthetic", "mixed")
@@ -156,6 +157,9 @@ CONTRASTS = (
     "dots_and_globules=irregular",
     "skin_tone",
 )
+
+# Where each stage's numbers came from (run_record), for the report; a reused stage keeps its own record.
+RUN_INFO = "run_info.json"
 
 
 # The audit edits the test images to the lightest and darkest ITA bands, keeping each lesion; strength 0.6 runs
@@ -290,7 +294,7 @@ def _train(cfg: DemoConfig, s: Settings, out: Path, mode: str) -> str:
         freeze_token_embedding=full,
         balance_classes=True,  # the rare red and pink conditions get as many updates as the naevi
         # The saved weights are an average of the last ~10% of steps (EMAModel's warm-up), not the last step's:
-        # on one run's data and VAE the synthetic-only classifier gained 0.002-0.10 in 4 of 4 tries (README section 6).
+        # on one run's data and VAE the synthetic-only classifier gained 0.002-0.10 in 4 of 4 tries (docs/results.md).
         use_ema=True,
         # Plain v-loss, not min-SNR: with zero terminal SNR, min-SNR weights the noisiest steps, where the
         # layout is drawn, near 0; samples came out as scattered texture (recognisability 0.29 against 0.50).
@@ -406,7 +410,7 @@ def stage_faithfulness(cfg: DemoConfig, s: Settings, out: Path) -> str:
         output_dir=str(p["pairs"]),
         contrast=list(CONTRASTS),
         # each side's negative prompt is the other side's prompt: on the same models this doubled the skin-tone
-        # and veil effects and brought out vessels and dots (README section 6)
+        # and veil effects and brought out vessels and dots (docs/results.md)
         contrast_guidance=True,
         contact_sheet=0,
     )
@@ -489,6 +493,7 @@ def stage_report(cfg: DemoConfig, s: Settings, out: Path) -> str:
             comparison=str(p["classifiers"] / RESULT_FILE) if (p["classifiers"] / RESULT_FILE).is_file() else None,
             audit=str(p["audit"]) if (p["audit"] / "audit.json").is_file() else None,
             stage_times=str(out / "stage_times.json"),
+            run_info=str(out / RUN_INFO),
             tile=64,
             title="LesionGen demo report" + (" (quick)" if cfg.quick else ""),
         )
@@ -508,6 +513,37 @@ STAGES: tuple[Stage, ...] = (
     Stage("audit", "6b", "counterfactual skin-tone audit of the real-only classifier", stage_audit),
     Stage("report", "7", "report.html + report.md", stage_report),
 )
+
+
+def git_commit() -> str | None:
+    """The commit of the LesionGen checkout this code runs from, marked when files differ from it; None outside
+    a git checkout (an installed package) or without git."""
+    repo = Path(__file__).resolve().parents[2]
+    if not (repo / ".git").exists():
+        return None
+    try:
+        head, changed = (
+            subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True, timeout=30).stdout
+            for args in (["rev-parse", "--short=12", "HEAD"], ["status", "--porcelain", "--untracked-files=no"])
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.strip() + (" with uncommitted changes" if changed.strip() else "")
+
+
+def run_record(threads: int) -> dict:
+    """What a stage's numbers depend on beyond its settings and seed: the code, the torch thread count (it sets
+    the order of floating-point sums, so the same seed gives other numbers with another count) and the versions
+    of the two libraries that compute them."""
+    from importlib.metadata import version
+
+    return {
+        "commit": git_commit(),
+        "threads": threads,
+        "torch": version("torch"),
+        "diffusers": version("diffusers"),
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def read_marker(path: Path) -> dict | None:
@@ -582,6 +618,7 @@ def run_stages(cfg: DemoConfig) -> dict:
     done: dict[str, dict] = {}
     redo_rest = cfg.force
     total_start = time.time()
+    record = run_record(torch.get_num_threads())
     print(f"LesionGen demo ({'quick' if cfg.quick else 'full'}, {torch.get_num_threads()} threads) -> {out}")
     for stage in STAGES:
         label = f"[{stage.number}] {stage.title}"
@@ -598,10 +635,16 @@ def run_stages(cfg: DemoConfig) -> dict:
         start = time.time()
         if stage.key == "report":
             write_json(out / "stage_times.json", times)
+            runs = [
+                {"number": st.number, "title": st.title, "run": record if st is stage else done[st.key].get("run")}
+                for st in STAGES
+                if st.key in done or st is stage
+            ]
+            write_json(out / RUN_INFO, {"seed": cfg.seed, "demo": "quick" if cfg.quick else "full", "stages": runs})
         summary = stage.run(cfg, settings, out)
         seconds = time.time() - start
         times[stage.title] = seconds
-        marker = {"summary": summary, "seconds": round(seconds, 1), "signature": wanted}
+        marker = {"summary": summary, "seconds": round(seconds, 1), "signature": wanted, "run": record}
         write_json(marker_path, marker)
         done[stage.key] = marker
         print(f"{label}: done in {seconds:.0f} s: {summary}", flush=True)

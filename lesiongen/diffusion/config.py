@@ -46,7 +46,7 @@ class TrainConfig:
 
     # model
     pretrained_model_name_or_path: str = option(
-        "runwayml/stable-diffusion-v1-5",
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
         help="base model: hub id or local pipeline folder (python -m lesiongen.diffusion.tiny builds one)",
     )
     model_family: str | None = option(

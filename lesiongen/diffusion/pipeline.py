@@ -178,6 +178,36 @@ def check_lora_base(lora_dir: str | Path, base: str, allow_mismatch: bool = Fals
     return True
 
 
+def is_gated(error: BaseException) -> bool:
+    """Whether a load failed on a gated hub repository: diffusers and transformers re-raise huggingface_hub's
+    ``GatedRepoError`` as a plain OSError, so the original is found in the exception's chain."""
+    from huggingface_hub.errors import GatedRepoError
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, GatedRepoError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def load_error(error: OSError, flag: str, source: str) -> InputError:
+    """One line for a model that would not load: a gated hub model (SD 3.5, FLUX.1-dev) says how to log in."""
+    if is_gated(error):
+        return InputError(
+            f"{flag} {source}",
+            "is a gated model on the Hugging Face Hub and this account has no access to it",
+            f"accept its terms on https://huggingface.co/{source}, then log in with `hf auth login`"
+            " (`huggingface-cli login` in older versions) or set HF_TOKEN",
+        )
+    where = "" if Path(source).is_dir() else f"neither a folder in {Path.cwd()} nor a downloadable hub model: "
+    return InputError(
+        f"{flag} {source}",
+        f"{where}could not load the model ({error.__class__.__name__}: {str(error).splitlines()[0][:300]})",
+        "check the path (relative paths start in the current folder) or the hub id, and that the hub is reachable",
+    )
+
+
 def from_pretrained_pipeline(model: str | Path, dtype: Any = None, flag: str = "--pretrained_model_name_or_path"):
     """The family's stock pipeline ``from_pretrained`` (SD without the safety checker), with errors as InputError."""
     source = resolve_model(model, flag)
@@ -188,16 +218,11 @@ def from_pretrained_pipeline(model: str | Path, dtype: Any = None, flag: str = "
             "pass a diffusers pipeline folder",
         )
     check_components(source, flag)
-    family = detect_family(source, flag=flag)
     try:
+        family = detect_family(source, flag=flag)
         return family.pipeline_class().from_pretrained(source, torch_dtype=torch_dtype(dtype), **family.pipeline_extras)
     except OSError as e:
-        where = "" if Path(source).is_dir() else f"neither a folder in {Path.cwd()} nor a downloadable hub model: "
-        raise InputError(
-            f"{flag} {source}",
-            f"{where}could not load the model ({e.__class__.__name__}: {str(e).splitlines()[0][:300]})",
-            "check the path (relative paths start in the current folder) or the hub id, and that the hub is reachable",
-        ) from None
+        raise load_error(e, flag, source) from None
 
 
 def load_pipeline(
@@ -245,11 +270,7 @@ def load_training_parts(model: str | Path, family: str | None = None) -> dict:
             "scheduler": base_scheduler(source),
         }
     except OSError as e:
-        raise InputError(
-            f"--pretrained_model_name_or_path {source}",
-            f"could not load the model ({str(e).splitlines()[0]})",
-            "check the id or path",
-        ) from e
+        raise load_error(e, "--pretrained_model_name_or_path", source) from None
 
 
 def scheduler_config(source: str) -> dict:

@@ -32,7 +32,7 @@ CLIP_VOCAB_SIZE = 49408
 CLIP_BOS, CLIP_EOS = 49406, 49407
 
 # Per-size shapes. "tiny" follows TOOLCHAIN.md (measured ~0.1 s per batch-4 LoRA step at 64 px on one core);
-# "sd1" copies runwayml/stable-diffusion-v1-5's unet/vae/text_encoder config.json values.
+# "sd1" copies stable-diffusion-v1-5/stable-diffusion-v1-5's unet/vae/text_encoder config.json values.
 SIZES: dict[str, dict] = {
     "tiny": {
         "unet": dict(

@@ -471,10 +471,14 @@ def test_the_metrics_eval_py_computes_are_read_as_a_target(tmp_path):
 def test_a_bad_target_is_one_line_naming_the_file_or_flag(tmp_path):
     expected = "pass --target a metrics.json from classification/eval.py"
     (tmp_path / "m.json").write_text('{"accuracy": 0.5}')
+    (tmp_path / "l.json").write_text('{"overall": [], "subgroups": {}}')
+    (tmp_path / "g.json").write_text('{"overall": {"per_class": {}}, "subgroups": {"sex": {"groups": {"male": 0.5}}}}')
     (tmp_path / "t.txt").write_text("mel 0.2")
     (tmp_path / "r.json").write_text('{"overall": {"per_class": {"mel": {"recall": 2}}}, "subgroups": {}}')
     cases = {
         "m.json: is not a classifier's metrics.json; " + expected: tmp_path / "m.json",
+        "l.json: is not a classifier's metrics.json; " + expected: tmp_path / "l.json",
+        "g.json: is not a classifier's metrics.json; " + expected: tmp_path / "g.json",
         "t.txt: is not JSON (Expecting value at line 1); " + expected: tmp_path / "t.txt",
         "r.json: holds a recall or accuracy of 2; " + expected: tmp_path / "r.json",
         "none.json: not found; " + expected: tmp_path / "none.json",

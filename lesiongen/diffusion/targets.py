@@ -78,13 +78,17 @@ def read_metrics(path: str | Path) -> dict:
         raise not_utf8(path) from None
     except json.JSONDecodeError as e:
         raise InputError(path, f"is not JSON ({e.msg} at line {e.lineno})", f"pass --target {EXPECTED}") from None
-    per_class = data.get("overall", {}).get("per_class") if isinstance(data, dict) else None
+    overall = data.get("overall") if isinstance(data, dict) else None
+    per_class = overall.get("per_class") if isinstance(overall, dict) else None
     subgroups = data.get("subgroups") if isinstance(data, dict) else None
     if not (
         isinstance(per_class, dict)
         and all(isinstance(v, dict) and "recall" in v for v in per_class.values())
         and isinstance(subgroups, dict)
-        and all(isinstance(v, dict) and isinstance(v.get("groups"), dict) for v in subgroups.values())
+        and all(
+            isinstance(v, dict) and isinstance(v.get("groups"), dict) and _all_dicts(v["groups"].values())
+            for v in subgroups.values()
+        )
     ):
         raise InputError(path, "is not a classifier's metrics.json", f"pass --target {EXPECTED}")
     return data
@@ -161,3 +165,7 @@ def _score(value: object, source: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # nan fails too
         raise InputError(source, f"holds a recall or accuracy of {value!r}", f"pass --target {EXPECTED}")
     return float(value)
+
+
+def _all_dicts(values: object) -> bool:
+    return all(isinstance(v, dict) for v in values)

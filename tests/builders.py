@@ -166,3 +166,17 @@ def small_config(tiny_sd_dir, data_dir, out, **overrides):
         report_to="none",
     )
     return replace(cfg, **overrides)
+
+
+def write_metrics(path: Path, recall: dict[str, float | None], **fields: dict[str, tuple[float, int]]) -> Path:
+    """A metrics.json in classification/eval.py's shape, written by hand: a recall per class, (accuracy, n) per group
+    of each field; a group of under 5 images or 'unknown' is not ranked, as eval.py's default marks it."""
+    data = {
+        "overall": {"per_class": {c: {"recall": r, "support": 0 if r is None else 10} for c, r in recall.items()}},
+        "subgroups": {
+            f: {"groups": {g: {"n": n, "accuracy": a, "ranked": n >= 5 and g != "unknown"} for g, (a, n) in gs.items()}}
+            for f, gs in fields.items()
+        },
+    }
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import failing_compiler
+from builders import failing_compiler, write_metrics
 from PIL import Image
 
 import lesiongen.diffusion.generate as generate_module
@@ -694,3 +694,57 @@ def test_class_mix_sampling_and_plan_size_errors_are_one_line(tiny_sd_dir, tmp_p
         assert message in err and err.count("\n") == 1, err
     assert main([*args[:2], "--mode", "single", "--total_images", "5"]) == 2
     assert "--total_images: needs --mode dataset" in capsys.readouterr().err
+
+
+def test_a_target_run_aims_at_the_weakest_class_and_tone_says_how_and_resumes_only_on_the_same_file(
+    tiny_sd_dir, pipe, tmp_path, capsys
+):
+    """Issue 34: --target reads eval.py's metrics.json; mel (recall 0.2) gets (0.8 + 0.05) / (0.85 + 0.15) of the
+    images, nv (recall 0.9) the rest, and within each class the tone the classifier does worst on gets the most."""
+    metrics = write_metrics(
+        tmp_path / "metrics.json",
+        {"mel": 0.2, "nv": 0.9},
+        skin_tone={"very light": (0.9, 20), "light": (0.9, 20), "brown": (0.2, 10)},
+        sex={"male": (0.8, 25), "female": (0.7, 25)},
+    )
+    out = tmp_path / "out"
+    cfg = config(tiny_sd_dir, out, condition="mel,nv", num_images=None, total_images=20, target=str(metrics))
+    generate(cfg, pipe=pipe)
+    rows = manifest(out)
+    assert Counter(r["label"] for r in rows) == {"mel": 17, "nv": 3}
+    tones = Counter(r["skin_tone"] for r in rows if r["label"] == "mel")
+    assert tones.most_common(1)[0][0] == "brown" and sum(tones.values()) == 17
+    printed = capsys.readouterr().out
+    assert f"  target (from {metrics}): weight = (1 - recall) + 0.05, normalised: mel 0.85, nv 0.15\n" in printed
+    assert "  target skin_tone within each class: weight = (1 - accuracy) + 0.05, normalised: very light 0." in printed
+    assert generate(cfg, pipe=pipe).already_done == 20
+    write_metrics(metrics, {"mel": 0.6, "nv": 0.9}, skin_tone={"very light": (0.9, 20), "brown": (0.2, 10)})
+    with pytest.raises(InputError, match=r"other settings \(target_sha256: '[0-9a-f]{64}' -> '[0-9a-f]{64}'\)"):
+        generate(cfg, pipe=pipe)
+
+
+def test_target_errors_are_one_line(tiny_sd_dir, tmp_path, capsys):
+    metrics = write_metrics(tmp_path / "metrics.json", {"mel": 0.2}, skin_tone={"light": (0.9, 9), "tan": (0.5, 9)})
+    (tmp_path / "runs.csv").write_text("model,accuracy\nresnet18,0.8\n")
+    args = ["--model_path", str(tiny_sd_dir), "--output_dir", str(tmp_path / "o"), "--mode", "dataset"]
+    target = ["--target", str(metrics), "--total_images", "10"]
+    cases = {
+        f"{tmp_path / 'runs.csv'}: is not JSON (Expecting value at line 1); pass --target a metrics.json from "
+        "classification/eval.py (overall.per_class with each class's recall, subgroups per field)": [
+            "--target", str(tmp_path / "runs.csv"), "--total_images", "10"],
+        "--target: needs --total_images; add e.g. --total_images 10000": ["--target", str(metrics)],
+        "--target: sets the weights --class_weights sets; drop --class_weights or --target": [
+            *target, "--class_weights", "mel=1"],
+        "--target: weights the groups of one field itself; drop --balance": [*target, "--balance", "sex"],
+        "--target_field: 'colour' is not a subgroup field; choose from sex, age_bin, site_group, skin_tone": [
+            *target, "--target_field", "colour"],
+        "--target_field: skin_tone is also fixed": [*target, "--target_field", "skin_tone", "--skin_tone", "tan"],
+        "--target_field: needs --target": ["--target_field", "sex"],
+    }  # fmt: skip
+    for message, extra in cases.items():
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    # fixing the worst field leaves the target on the others; here none ranks two groups, so only classes are aimed
+    cfg = config(tiny_sd_dir, tmp_path, num_images=None, total_images=10, target=str(metrics), skin_tone="tan")
+    assert {s.skin_tone for s in make_plan(cfg)} == {"tan"} and len(make_plan(cfg)) == 10

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import random
+import re
 from collections import Counter
 
 import pandas as pd
 import pytest
+from builders import write_metrics
 
 from lesiongen import labels
+from lesiongen.classify.metrics import classification_metrics, subgroup_metrics
+from lesiongen.diffusion import targets
 from lesiongen.diffusion.plans import (
     BALANCE_VALUES,
     MAX_PLAN_IMAGES,
@@ -397,3 +402,94 @@ def test_a_plan_too_large_to_hold_is_refused_before_it_is_built():
         build_plan(labels.CODES, 200_000)  # the limit is on the whole plan, over all conditions
     with pytest.raises(InputError, match=r"^--total_images 1000001: plans 1,000,001 images"):
         build_plan(labels.CODES, {"mel": MAX_PLAN_IMAGES, "nv": 1})
+
+
+# A classifier's validation results: mel is missed, brown skin is its worst ranked tone, dark skin too small to rank.
+TONES = {
+    "very light": (0.9, 40), "light": (0.8, 30), "intermediate": (0.8, 20), "tan": (0.6, 10), "brown": (0.3, 8),
+    "dark": (0.0, 2),
+}  # fmt: skip
+SEXES = {"male": (0.7, 50), "female": (0.75, 50), "unknown": (0.1, 10)}
+
+
+def test_targeted_weights_follow_the_formula_towards_the_weakest_class_and_group(tmp_path):
+    path = write_metrics(tmp_path / "metrics.json", {"mel": 0.2, "nv": 0.9, "bcc": None}, skin_tone=TONES, sex=SEXES)
+    target = targets.read_target(path, ("mel", "nv"), None, list(BALANCE_VALUES))
+    assert target.classes == pytest.approx({"mel": 0.85, "nv": 0.15})  # (1 - 0.2) + 0.05 : (1 - 0.9) + 0.05
+    assert class_mix(("mel", "nv"), 100, 0, target.classes) == {"mel": 85, "nv": 15}
+    # bcc has no validation images: it takes the mean weight (0.85 + 0.15) / 2
+    assert targets.read_target(path, ("mel", "nv", "bcc"), None, []).classes == pytest.approx(
+        {"mel": 0.85 / 1.5, "nv": 0.15 / 1.5, "bcc": 0.5 / 1.5}
+    )
+    # the field whose worst ranked group scores lowest: brown 0.3 (dark's 0.0 on 2 images and sex unknown do not rank)
+    assert target.field == "skin_tone" and target.untargeted == ("dark",)
+    # weights 0.15, 0.25, 0.25, 0.45, 0.75 and dark the mean 0.37, of 2.22: 222 images of one class split exactly
+    plan = build_plan(("mel",), {"mel": 222}, distribution=target.distribution())
+    assert Counter(s.skin_tone for s in plan) == {
+        "very light": 15, "light": 25, "intermediate": 25, "tan": 45, "brown": 75, "dark": 37,
+    }  # fmt: skip
+    # with skin tone fixed by the run, the worst free field is sex; its 'unknown' is not a group a prompt states
+    by_sex = targets.read_target(path, ("mel",), None, ["sex", "age_bin", "site_group"])
+    assert by_sex.field == "sex" and by_sex.groups == pytest.approx({"male": 0.35 / 0.65, "female": 0.3 / 0.65})
+    assert Counter(s.sex for s in build_plan(("mel",), 13, distribution=by_sex.distribution())) == {
+        "male": 7,
+        "female": 6,
+    }
+    assert targets.read_target(path, ("mel",), None, []).distribution() is None
+
+
+def test_the_target_is_described_with_its_formula_and_weights(tmp_path):
+    path = write_metrics(tmp_path / "metrics.json", {"mel": 0.2, "nv": 0.9}, skin_tone=TONES)
+    assert targets.read_target(path, ("mel", "nv"), "skin_tone", []).describe() == [
+        f"  target (from {path}): weight = (1 - recall) + 0.05, normalised: mel 0.85, nv 0.15",
+        "  target skin_tone within each class: weight = (1 - accuracy) + 0.05, normalised: very light 0.07, "
+        "light 0.11, intermediate 0.11, tan 0.20, brown 0.34, dark 0.17 (not ranked: mean)",
+    ]
+    assert targets.read_target(path, ("mel", "nv"), None, []).describe()[1] == (
+        "  target subgroups: none (no field that the prompts state and the run leaves free has two ranked groups)"
+    )
+
+
+def test_the_metrics_eval_py_computes_are_read_as_a_target(tmp_path):
+    """The shape comes from the functions classification/eval.py scores with, not from a hand-written file."""
+    y_true = ["mel"] * 10 + ["nv"] * 10
+    y_pred = ["mel"] * 2 + ["nv"] * 8 + ["nv"] * 9 + ["mel"]
+    tones = ["light"] * 5 + ["brown"] * 5 + ["light"] * 5 + ["very light"] * 5
+    result = {
+        "overall": classification_metrics(y_true, y_pred),
+        "subgroups": subgroup_metrics(y_true, y_pred, {"skin_tone": tones, "sex": ["unknown"] * 20}, 5),
+    }
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(result), encoding="utf-8")
+    target = targets.read_target(path, ("mel", "nv"), None, list(BALANCE_VALUES))
+    assert target.classes == pytest.approx({"mel": 0.85, "nv": 0.15})
+    # light 7/10 right, brown 0/5, very light 4/5; the tones without images take the mean
+    assert target.field == "skin_tone" and target.untargeted == ("intermediate", "tan", "dark")
+    assert target.groups["brown"] > target.groups["light"] > target.groups["very light"]
+
+
+def test_a_bad_target_is_one_line_naming_the_file_or_flag(tmp_path):
+    expected = "pass --target a metrics.json from classification/eval.py"
+    (tmp_path / "m.json").write_text('{"accuracy": 0.5}')
+    (tmp_path / "l.json").write_text('{"overall": [], "subgroups": {}}')
+    (tmp_path / "g.json").write_text('{"overall": {"per_class": {}}, "subgroups": {"sex": {"groups": {"male": 0.5}}}}')
+    (tmp_path / "t.txt").write_text("mel 0.2")
+    (tmp_path / "r.json").write_text('{"overall": {"per_class": {"mel": {"recall": 2}}}, "subgroups": {}}')
+    cases = {
+        "m.json: is not a classifier's metrics.json; " + expected: tmp_path / "m.json",
+        "l.json: is not a classifier's metrics.json; " + expected: tmp_path / "l.json",
+        "g.json: is not a classifier's metrics.json; " + expected: tmp_path / "g.json",
+        "t.txt: is not JSON (Expecting value at line 1); " + expected: tmp_path / "t.txt",
+        "r.json: holds a recall or accuracy of 2; " + expected: tmp_path / "r.json",
+        "none.json: not found; " + expected: tmp_path / "none.json",
+    }
+    for message, path in cases.items():
+        with pytest.raises(InputError, match=re.escape(message)):
+            targets.read_target(path, ("mel",), None, [])
+    path = write_metrics(tmp_path / "metrics.json", {"mel": 0.2}, skin_tone=TONES, sex=SEXES)
+    with pytest.raises(InputError, match="^--target_field: 'colour' is not a subgroup field; choose from sex, age_bin"):
+        targets.read_target(path, ("mel",), "colour", [])
+    with pytest.raises(InputError, match=f"^--target_field: {re.escape(str(path))} ranks fewer than two age_bin grou"):
+        targets.read_target(path, ("mel",), "age", [])
+    with pytest.raises(InputError, match="metrics.json: has no recall for nv; score the classifier on images of them"):
+        targets.read_target(path, ("nv",), None, [])

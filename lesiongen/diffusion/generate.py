@@ -36,7 +36,7 @@ from ..errors import InputError
 from ..files import atomic_path, write_json
 from ..images import image_grid, open_rgb
 from ..tokens import fits_clip
-from . import plans
+from . import plans, targets
 from .manifest import MANIFEST_COLUMNS, Manifest
 from .pipeline import model_identity, resolve_model
 from .sources import IMAGE_MODES, SOURCE_FIELDS, SourceOptions, check_source_options, source_plan
@@ -72,7 +72,7 @@ PLAN_FIELDS = (
     "condition", "num_images", "total_images", "class_weights", "seed", "balance", "distribution", "sex", "age", "site",
     "skin_tone", "concepts", "impute_concepts", "contrast", "caption_style", "guidance_scale", "num_inference_steps",
     "scheduler", "model_path", "base_model", "negative_prompt", "resolution", "lora_scale",
-    "contrast_guidance",
+    "contrast_guidance", "target", "target_field",
 )  # fmt: skip
 
 
@@ -98,6 +98,18 @@ class GenerateConfig(SourceOptions):
         [],
         help="class mix for --total_images as code=weight, joined by commas, e.g. nv=0.4,mel=0.15,bcc=0.15,bkl=0.1,"
         f"akiec=0.1,df=0.05,vasc=0.05 (codes: {', '.join(labels.CODES)}; weights are normalised)",
+    )
+    target: str | None = option(
+        None,
+        help="a classifier's metrics.json (classification/eval.py) to aim a --total_images run at what it gets wrong, "
+        f"instead of --class_weights: class weight (1 - recall) + {targets.FLOOR:g} and, within each class, group "
+        f"weight (1 - accuracy) + {targets.FLOOR:g} over --target_field's groups, each normalised; a class without a "
+        "recall and a group the metrics do not rank take the mean weight",
+    )
+    target_field: str | None = option(
+        None,
+        help="with --target, the subgroup field whose groups it weights: "
+        f"{', '.join(plans.BALANCE_VALUES)} (default: the field with the lowest-scoring ranked group)",
     )
     output_dir: str = option("outputs/generated", help="where images, manifest.csv and the contact sheet go")
     model_path: str = option(
@@ -226,14 +238,15 @@ class GenerateConfig(SourceOptions):
                     f"{c.field} is also fixed or balanced",
                     f"drop {c.field} from --concepts/--skin_tone/--balance",
                 )
-        targets = (
+        stated = (
             self.balance
             or self.distribution
             or self.concepts
             or self.contrast
+            or self.target_field
             or any((self.sex, self.age, self.site, self.skin_tone))
         )
-        if self.caption_style == "label" and targets:
+        if self.caption_style == "label" and stated:
             raise InputError(
                 "--caption_style label",
                 "label captions state only the diagnosis, so subgroup and concept targets would not reach the prompt",
@@ -248,7 +261,19 @@ class GenerateConfig(SourceOptions):
         plans.check_plan_size(self.planned_images, where)
 
     def check_class_mix(self) -> None:
-        """--total_images (a class mix of N in all) and --num_images (N per condition) are two ways to size a set."""
+        """--total_images (a class mix of N in all) and --num_images (N per condition) are two ways to size a set;
+        --target weights its classes and the groups of one field."""
+        if self.target_field and not self.target:
+            raise InputError("--target_field", "needs --target", "add --target METRICS.json or drop --target_field")
+        if self.target:
+            if self.total_images is None:
+                raise InputError("--target", "needs --total_images", "add e.g. --total_images 10000")
+            for flag, value in (("--class_weights", self.class_weights), ("--distribution", self.distribution)):
+                if value:
+                    raise InputError("--target", f"sets the weights {flag} sets", f"drop {flag} or --target")
+            if self.balance:
+                raise InputError("--target", "weights the groups of one field itself", "drop --balance")
+            self.read_target()
         if self.total_images is None:
             if self.class_weights:
                 raise InputError("--class_weights", "needs --total_images", "add e.g. --total_images 10000")
@@ -265,6 +290,18 @@ class GenerateConfig(SourceOptions):
             raise InputError("--total_images", f"{self.total_images} is not positive", "ask for at least one image")
         if self.class_weights:
             plans.parse_class_weights(self.class_weights)
+
+    def read_target(self) -> targets.Target | None:
+        """--target's weights for the --condition classes, on --target_field or the worst field the run leaves free
+        (none with label captions, which cannot state a subgroup)."""
+        if not self.target:
+            return None
+        fixed = {"sex": self.sex, "age_bin": self.age, "site_group": self.site, "skin_tone": self.skin_tone}
+        field = targets.resolve_field(self.target_field) if self.target_field else None
+        if field and fixed[field] is not None:
+            raise InputError("--target_field", f"{field} is also fixed", "drop the fixed value or choose another field")
+        free = [f for f, v in fixed.items() if v is None and self.caption_style != "label"]
+        return targets.read_target(self.target, plans.resolve_codes(self.condition), field, free)
 
     @property
     def images_per_condition(self) -> int:
@@ -312,10 +349,13 @@ def make_plan(cfg: GenerateConfig) -> list[plans.ImageSpec]:
     if cfg.mode in IMAGE_MODES:
         return source_plan(cfg, prompt_field(cfg))
     distribution = plans.read_distribution(cfg.distribution) if cfg.distribution else None
+    weights = plans.parse_class_weights(cfg.class_weights) if cfg.class_weights else None
+    target = cfg.read_target()
+    if target:  # --target replaces both (the config refuses them together)
+        distribution, weights = target.distribution(), target.classes
     codes = plans.resolve_codes(cfg.condition)
     counts = cfg.images_per_condition
     if cfg.total_images is not None:
-        weights = plans.parse_class_weights(cfg.class_weights) if cfg.class_weights else None
         counts = plans.class_mix(codes, cfg.total_images, cfg.seed, weights, distribution)
     guidance_scales, steps = cfg.sampling_grid()
     plan = plans.build_plan(
@@ -398,8 +438,8 @@ def manifest_row(spec: plans.ImageSpec, cfg: GenerateConfig, prompt: str, negati
 
 
 def settings(cfg: GenerateConfig) -> dict:
-    """The plan-defining settings, with the distribution CSV's content hash so an edited file counts, and the sampling
-    lists the images draw from (so a folder made with the original's grid resumes under --original_grid)."""
+    """The plan-defining settings, with the distribution CSV's and the --target file's content hashes so an edited
+    file counts, and the sampling lists the images draw from (so a folder made with the original's grid resumes under --original_grid)."""
     out = {k: getattr(cfg, k) for k in PLAN_FIELDS}
     out["guidance_scale"], out["num_inference_steps"] = cfg.sampling_grid()
     out["num_images"] = cfg.images_per_condition if cfg.total_images is None else None
@@ -407,6 +447,8 @@ def settings(cfg: GenerateConfig) -> dict:
         out.update({k: getattr(cfg, k) for k in SOURCE_FIELDS})
     if cfg.distribution:
         out["distribution_sha256"] = hashlib.sha256(Path(cfg.distribution).read_bytes()).hexdigest()
+    if cfg.target:
+        out["target_sha256"] = hashlib.sha256(Path(cfg.target).read_bytes()).hexdigest()
     return out
 
 
@@ -705,7 +747,8 @@ def generate(
     plan = make_plan(cfg)
     summary = plans.summarize_plan(plan)
     if processes.is_main and cfg.mode == "dataset":
-        print("\n".join(plans.describe_plan(summary)))
+        target = cfg.read_target()
+        print("\n".join([*plans.describe_plan(summary), *(target.describe() if target else [])]))
     root = Path(cfg.output_dir) / ("single" if cfg.mode == "single" else "")
     check_writable(root)
     manifest = Manifest(root / "manifest.csv")
@@ -833,7 +876,12 @@ def print_summary(result: GenerateResult, cfg: GenerateConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     return run_stage(
-        generate, GenerateConfig, argv, "generate.py", "generate.py", ("model_path", "base_model", "distribution")
+        generate,
+        GenerateConfig,
+        argv,
+        "generate.py",
+        "generate.py",
+        ("model_path", "base_model", "distribution", "target"),
     )
 
 

@@ -111,7 +111,7 @@ class PaperConfig:
     guidance_scale: float = option(
         3.0,
         help="classifier-free guidance of the synthetic sets (1.5 gave synthetic-only 0.363 and 0.260 of balanced "
-        "accuracy on seeds 0 and 1, against 0.295 and 0.288 at 3: no consistent gain; README section 5)",
+        "accuracy on seeds 0 and 1, against 0.295 and 0.288 at 3: no consistent gain; docs/results.md)",
     )
     steering_guidance_scale: float = option(
         3.0, help="classifier-free guidance of the steering pairs, which must show the one switch they differ in"
@@ -163,7 +163,7 @@ def build_base_model(cfg: PaperConfig, seed: int, out: Path, images: Path, times
     base = out / "base-model"
     if not (base / "model_index.json").is_file():
         with stage(times, "build tiny model + train its VAE"):
-            # The demo's small-data recipe (README section 6): its model shape and VAE loss.
+            # The demo's small-data recipe (docs/results.md): its model shape and VAE loss.
             build_tiny_pipeline(base, resolution=cfg.resolution, seed=seed, size=cfg.model_size, **SMALL_DATA_SHAPE)
             # Random VAE weights reconstruct nothing (TOOLCHAIN.md): train it on the real train images first.
             steps = scaled("vae_steps", cfg.scale)
@@ -258,13 +258,13 @@ def train_model(cfg: PaperConfig, seed: int, base: str, mode: str, train_dir: Pa
             train_text_encoder=mode == "full",  # a random text encoder cannot carry concepts (TOOLCHAIN.md)
             freeze_token_embedding=mode == "full",  # random token vectors are distinct; updating them was slow
             balance_classes=True,
-            # The demo's recipe (README section 6): the saved weights an average over the last steps, and each
+            # The demo's recipe (docs/results.md): the saved weights an average over the last steps, and each
             # concept-caption part after the diagnosis left out of a step with probability 0.3, so the diagnosis
             # draws its condition alone (label captions have one part; the frozen text encoder of a LoRA run has
             # its captions cached, so there it stays off).
             use_ema=True,
             tag_dropout=0.3 if mode == "full" else 0.0,
-            snr_gamma=None,  # min-SNR weights the zero-SNR steps that draw the layout near 0 (README section 6)
+            snr_gamma=None,  # min-SNR weights the zero-SNR steps that draw the layout near 0 (docs/results.md)
             train_data_dir=str(train_dir),
             caption_dropout=0.1,  # unconditional steps for classifier-free guidance
             resolution=cfg.resolution,

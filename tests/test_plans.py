@@ -106,7 +106,7 @@ def test_plan_is_deterministic_and_seeds_do_not_depend_on_plan_size():
 
 
 def test_guidance_and_steps_fixed_or_drawn_per_image():
-    default = build_plan(("bcc",), 20, seed=0)  # README section 3's quality-matched setting, not the original's grid
+    default = build_plan(("bcc",), 20, seed=0)  # docs/results.md's quality-matched setting, not the original's grid
     assert {(s.guidance_scale, s.num_inference_steps) for s in default} == {(3.0, 10)}
     drawn = build_plan(("bcc",), 200, seed=0, guidance_scales=ORIGINAL_GUIDANCE_SCALES, steps=ORIGINAL_STEPS)
     assert {s.guidance_scale for s in drawn} == set(ORIGINAL_GUIDANCE_SCALES)

@@ -8,7 +8,7 @@ Zero rows added to the keys and hidden by a mask of -inf give the same attention
 exactly 0) at the 80-key cost: a compiled tiny-UNet call at batch 64 took 171 ms against 193.
 
 The sums run in another order, though, so the rounding changes: in the demo 38 of 4.3 million pixel values
-of its synthetic set moved by 1, enough to move a classifier trained on them (README section 3). So, like
+of its synthetic set moved by 1, enough to move a classifier trained on them (docs/results.md). So, like
 ``torch.compile``, which changes the rounding too, it is part of the compiled path that large sets and long
 training runs take (``generate.compile_denoiser``, ``train.train``), and the demo's keep eager numerics. CUDA
 kernels handle 77 keys at full speed and lose their fastest path with a mask, so only CPUs get it.

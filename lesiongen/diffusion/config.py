@@ -22,7 +22,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 DEFAULT_LR = {"lora": 5e-6, "full": 1e-5}  # the original train_lora.sh / train_SD.sh
 # --torch_compile auto compiles runs of at least this many optimiser steps: on this project's 2-core CPU compiling
 # the tiny UNet's LoRA step cost about 110 s more than an eager start with a cold inductor cache (20 s warm) and
-# saved 0.058 s a step, so it paid back after about 1,900 steps (350 warm; README section 2). The original
+# saved 0.058 s a step, so it paid back after about 1,900 steps (350 warm; docs/results.md). The original
 # recipe's 15,000-step runs compile; short tests and the demo's 1,300-step runs do not.
 COMPILE_AFTER_STEPS = 2000
 DEFAULT_TRAIN_STEPS = 15000  # the original train_lora.sh / train_SD.sh, when neither steps nor epochs are given
@@ -138,7 +138,7 @@ class TrainConfig:
     torch_compile: str = option(
         "auto",
         help="torch.compile the UNet: faster steps after slow first ones (minutes on a CPU). auto compiles runs of "
-        f"at least {COMPILE_AFTER_STEPS} steps, where the compile time pays back (README section 2 has the measured "
+        f"at least {COMPILE_AFTER_STEPS} steps, where the compile time pays back (docs/results.md has the measured "
         "figures), on a device with the compiler it needs (a C++ compiler on a CPU, triton on a GPU), and falls back "
         "to eager steps if compiling fails",
         choices=("auto", "true", "false"),

@@ -56,7 +56,7 @@ MODES = ("single", "dataset", *IMAGE_MODES)
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 # --torch_compile auto compiles sets of at least this many denoising steps (images x steps). On this project's
 # 2-core CPU the tiny UNet's compile cost about 45 s (both cores, cold cache; about 200 s on one busy core) and,
-# with the text keys padded, saved about 2 ms per image-step at batch 16 (README section 3): it repays itself
+# with the text keys padded, saved about 2 ms per image-step at batch 16 (docs/results.md): it repays itself
 # after about 750 images at 30 steps, so the threshold keeps a margin. The default 100 images per condition
 # (7,000 steps at the default 10; about 44,000 with --original_grid) and the demo's sets stay eager.
 COMPILE_AFTER_DENOISING_STEPS = 50_000
@@ -128,12 +128,12 @@ class GenerateConfig(SourceOptions):
     scheduler: str = option("dpmsolver++", help="sampler", choices=tuple(SCHEDULERS))
     guidance_scale: list[float] = option(
         list(plans.FAST_GUIDANCE_SCALES),
-        help="one value, or several to draw from per image (default: README section 3's quality-matched setting)",
+        help="one value, or several to draw from per image (default: docs/results.md's quality-matched setting)",
     )
     num_inference_steps: list[int] = option(
         list(plans.FAST_STEPS),
         help="one value, or several to draw from per image (default: 10, with DPM-Solver++ as good as the original "
-        "sampler at 50; README section 3)",
+        "sampler at 50; docs/results.md)",
     )
     original_grid: bool = option(
         False,
@@ -150,7 +150,7 @@ class GenerateConfig(SourceOptions):
         help="torch.compile the denoiser (on a CPU with its text keys padded to 80, which the CPU attention kernel "
         "runs faster than 77): faster batches after a slow first one. auto compiles sets of at least "
         f"{COMPILE_AFTER_DENOISING_STEPS} denoising steps in all (images x steps), where the compile time pays back "
-        "(README section 3), on a device with the compiler it needs, and falls back to eager if compiling fails",
+        "(docs/results.md), on a device with the compiler it needs, and falls back to eager if compiling fails",
         choices=("auto", "true", "false"),
         bare="true",
     )

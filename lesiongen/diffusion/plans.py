@@ -30,7 +30,7 @@ from ..errors import InputError, not_utf8
 # The original LesionGen draws each image's guidance and step count from these lists (generate.py --original_grid).
 ORIGINAL_GUIDANCE_SCALES: tuple[float, ...] = (3.0, 5.0, 7.5, 10.0)
 ORIGINAL_STEPS: tuple[int, ...] = (30, 50, 70, 100)
-# The default: README section 3's quality-matched fast setting. With DPM-Solver++ at guidance 3, 10 steps matched the
+# The default: docs/results.md's quality-matched fast setting. With DPM-Solver++ at guidance 3, 10 steps matched the
 # original sampler at 50 steps on FID and recognisability (benchmarks/bench_sampler_quality.py, 2026-12-06) at a
 # sixth of the grid's mean 62.5 steps per image; lower guidance also covered more of each condition there.
 FAST_GUIDANCE_SCALES: tuple[float, ...] = (3.0,)
@@ -41,7 +41,7 @@ FAST_STEPS: tuple[int, ...] = (10,)
 # and 70 microseconds per image; a run also holds each image's file name and manifest row, hence 1 KB.
 PLAN_BYTES_PER_IMAGE = 1_000
 PLAN_SECONDS_PER_IMAGE = 70e-6
-# README section 2's GPU check: SD-1.x at 512 px, DPM-Solver++ 25 steps, batch 16, on an H200: 6.04 images/s.
+# docs/results.md's GPU check: SD-1.x at 512 px, DPM-Solver++ 25 steps, batch 16, on an H200: 6.04 images/s.
 TYPICAL_IMAGES_PER_SECOND = 6.0
 # A million images is about 1 GB and a minute to plan, and two days of that GPU; more is several runs.
 MAX_PLAN_IMAGES = 1_000_000

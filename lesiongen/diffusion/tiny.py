@@ -152,7 +152,7 @@ def per_block(values: list[int] | tuple[int, ...], blocks: int) -> tuple[int, ..
     return tuple(values) * blocks if len(values) == 1 else tuple(values)
 
 
-# The shape the demo and the Derm7pt experiment build (README section 6 says why): 8 latent channels,
+# The shape the demo and the Derm7pt experiment build (docs/results.md says why): 8 latent channels,
 # GroupNorm over 4 channels of the tiny blocks, zero terminal SNR with v-prediction.
 SMALL_DATA_SHAPE = {"latent_channels": 8, "norm_groups": 8, "zero_snr": True}
 # The scheduler entries --zero_snr sets; DDPM (training) and DDIM/DPM-Solver (sampling) read them from the config.

@@ -323,7 +323,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.snr_gamma is not None and parts["noise_scheduler"].config.get("rescale_betas_zero_snr"):
         print(
             f"note: --snr_gamma {cfg.snr_gamma} with a zero-terminal-SNR schedule weights the noisiest timesteps "
-            "(where the layout is drawn) near 0; on the demo it cut recognisability from 0.50 to 0.29 (README section 6)"
+            "(where the layout is drawn) near 0; on the demo it cut recognisability from 0.50 to 0.29 (docs/results.md)"
         )
     examples, caption_field = load_examples(cfg, parts)
     max_steps = total_steps(cfg, len(examples), accelerator.num_processes)

@@ -25,7 +25,7 @@ from ..errors import InputError
 from ..files import atomic_dir
 from ..images import IMAGE_SUFFIXES, list_images, read_rgb
 
-# The VAE settings the demo and the Derm7pt experiment train with (README section 6 says why).
+# The VAE settings the demo and the Derm7pt experiment train with (docs/results.md says why).
 SMALL_DATA_VAE = {"learning_rate": 2e-3, "lesion_weight": 4.0, "balance_classes": True, "whiten_strength": 0.5}
 PROBE_IMAGES = 64  # images for the before/after colour error and the latent std (std within ~5% at 64)
 

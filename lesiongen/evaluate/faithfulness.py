@@ -29,7 +29,7 @@ from ..classify.metrics import classification_metrics
 BOOTSTRAP_SAMPLES = 2000
 LEVEL = 0.95
 # Analyzer descriptors (lesiongen.captions.analyze) that move with a switch. Blue-gray share and colour
-# variability are calibrated against Derm7pt expert labels (README section 1: veil AUC 0.82, irregular
+# variability are calibrated against Derm7pt expert labels (docs/results.md: veil AUC 0.82, irregular
 # pigmentation 0.74); the red share is a plain colour measure; ITA is the skin tone's own definition.
 DESCRIPTORS: dict[str, str] = {
     "blue_whitish_veil": "blue_gray_pct",

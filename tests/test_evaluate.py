@@ -343,3 +343,12 @@ def test_domain_space_rejects_a_missing_checkpoint(tmp_path):
 
     with pytest.raises(InputError, match="checkpoint not found"):
         domain_space(tmp_path)
+
+
+def test_an_effect_whose_printed_interval_includes_zero_is_said_in_words_never_marked():
+    from lesiongen.evaluate.markdown import effect_text
+
+    tiny = {"mean": -0.00001, "low": -0.00004, "high": -0.00001, "n": 12, "excludes_zero": True}
+    assert effect_text(tiny) == "-0.000 [-0.000, -0.000], no effect shown (n=12)"
+    real = {"mean": 0.109, "low": 0.056, "high": 0.168, "n": 42, "excludes_zero": True}
+    assert effect_text(real) == "0.109 [0.056, 0.168] (n=42)"

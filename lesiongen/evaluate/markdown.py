@@ -116,11 +116,16 @@ def recognisability_lines(rec: dict | None) -> list[str]:
 
 
 def effect_text(e: dict, digits: int = 3) -> str:
-    """'mean [low, high] * (n=..)', the star marking a 95% interval that excludes 0."""
+    """'mean [low, high] (n=..)', with ", no effect shown" where the interval as printed includes 0 (so a
+    -0.000 [-0.000, -0.000] is never called an effect)."""
     if e.get("mean") is None:
         return e.get("note", "n/a")
-    interval = f" [{_fmt(e['low'], digits)}, {_fmt(e['high'], digits)}]" if e.get("low") is not None else ""
-    return f"{_fmt(e['mean'], digits)}{interval}{' *' if e.get('excludes_zero') else ''} (n={e['n']})"
+    if e.get("low") is None:
+        return f"{_fmt(e['mean'], digits)} (n={e['n']})"
+    low, high = _fmt(e["low"], digits), _fmt(e["high"], digits)
+    printed = [float(x) if x != "n/a" else float("nan") for x in (low, high)]
+    words = "" if printed[0] > 0 or printed[1] < 0 else ", no effect shown"
+    return f"{_fmt(e['mean'], digits)} [{low}, {high}]{words} (n={e['n']})"
 
 
 def steering_lines(result: dict) -> list[str]:
@@ -131,7 +136,7 @@ def steering_lines(result: dict) -> list[str]:
     heads = [f"probe ({s})" for s in spaces] + ["analyzer descriptor"]
     lines = [
         "## Paired steering: images that share seed and prompt but for one switch\n",
-        "Mean paired difference (on minus off) with its bootstrap 95% interval; * marks an interval that excludes 0.\n",
+        "Mean paired difference (on minus off) with its bootstrap 95% interval; 'no effect shown' where it includes 0.\n",
         "| switch | " + " | ".join(heads) + " |",
         "|---" * (len(heads) + 1) + "|",
     ]

@@ -50,8 +50,9 @@ def colour_captions(tmp_path_factory, small_d7p: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def generated(tmp_path_factory, colour_captions: Path) -> tuple[Path, str, str]:
-    """Two good images per class, a validation image asked as another class, and a byte copy of a train image."""
+def generated(tmp_path_factory, colour_captions: Path) -> tuple[Path, str, str, str]:
+    """Two good images per class, a validation image asked as another class, a byte copy of a train image, and the
+    same copy made a variant of that image."""
     rng = np.random.default_rng(1)
     val = read_image_table(colour_captions, "validation")
     train = read_image_table(colour_captions, "train")
@@ -61,17 +62,21 @@ def generated(tmp_path_factory, colour_captions: Path) -> tuple[Path, str, str]:
     asked = next(c for c in present if c != shown["label"])
     rows.append({"label": asked, "pixels": np.asarray(Image.open(shown["path"]).convert("RGB"))})
     copied = train.iloc[0]
-    rows.append({"label": copied["label"]})
+    rows += [{"label": copied["label"]}, {"label": copied["label"]}]
     folder = write_manifest(tmp_path_factory.mktemp("filter-gen") / "gen", rows)
     manifest = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
-    shutil.copyfile(copied["path"], folder / manifest["file_name"].iloc[-1])
-    return folder, manifest["file_name"].iloc[-2], manifest["file_name"].iloc[-1]
+    for name in manifest["file_name"].iloc[-2:]:
+        shutil.copyfile(copied["path"], folder / name)
+    # the last one is a variant of that training image (generate.py --mode augment), at no change at all
+    manifest.loc[manifest.index[-1], ["source", "strength"]] = [copied["path"], "0.3"]
+    manifest.to_csv(folder / "manifest.csv", index=False)
+    return folder, *manifest["file_name"].iloc[-3:]
 
 
 def test_the_filter_drops_unrecognised_images_and_copies_keeps_every_row_and_reruns_the_same(
     tmp_path, colour_captions, generated, monkeypatch, capsys
 ):
-    folder, mislabelled, copy = generated
+    folder, mislabelled, copy, variant = generated
     seen: list[pd.DataFrame] = []
     real_fit = classify.fit
 
@@ -90,7 +95,7 @@ def test_the_filter_drops_unrecognised_images_and_copies_keeps_every_row_and_rer
     assert set(seen[1]["path"]) | set(seen[3]["path"]) == train_paths  # the held-out folds cover the train split
 
     manifest = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False).set_index("file_name")
-    assert len(manifest) == 2 * len(set(read_image_table(colour_captions, "train")["label"])) + 2
+    assert len(manifest) == 2 * len(set(read_image_table(colour_captions, "train")["label"])) + 3
     assert manifest.loc[mislabelled, "valid"] == "false"
     asked = manifest.loc[mislabelled, "label"]
     assert manifest.loc[mislabelled, "invalid_reason"].startswith(f"filter: p({asked})=")
@@ -100,6 +105,7 @@ def test_the_filter_drops_unrecognised_images_and_copies_keeps_every_row_and_rer
     assert manifest.loc[copy, "invalid_reason"].endswith(
         Path(read_image_table(colour_captions, "train")["path"][0]).name
     )
+    assert manifest.loc[variant, "valid"] == "true"  # compared with every training image but its own source
     kept = manifest.index[manifest["valid"] == "true"]
     assert len(kept) == len(manifest) - 2
     assert sorted(p.relative_to(folder) for p in folder.rglob("*.png")) == files  # nothing deleted or moved
@@ -126,7 +132,7 @@ def test_the_filter_drops_unrecognised_images_and_copies_keeps_every_row_and_rer
 
 
 def test_the_filter_refuses_a_folder_without_a_manifest_or_a_train_split(tmp_path, colour_captions, generated, capsys):
-    folder, _, _ = generated
+    folder = generated[0]
     empty = tmp_path / "empty"
     empty.mkdir()
     out = ["--output_dir", str(tmp_path / "f"), *QUICK]

@@ -12,7 +12,9 @@ Generated images belong to no fold: each is scored by the mean probability of th
 
 An image is dropped when the mean probability of its asked class (the manifest's ``label``) is below
 ``--min_probability``, or when the memorisation check of the evaluate stage (``fidelity.memorisation``, in the
-first fold model's feature space) flags it as a near-copy of a real training image. Nothing is deleted or moved:
+first fold model's feature space) flags it as a near-copy of a real training image; a variant made from a real
+image (``generate.py --mode augment``, the manifest's ``source``) is compared with the training images other than
+its own source. Nothing is deleted or moved:
 the manifest keeps every row, a dropped one with ``valid`` false and its reason (``filter: p(mel)=0.04 < 0.10``,
 ``near-copy of train/<real file>``), which every reader of image tables leaves out; ``metadata.jsonl`` is rewritten
 from the valid rows. A rerun first restores the rows this stage dropped, so it is idempotent; images that
@@ -32,8 +34,14 @@ import numpy as np
 import pandas as pd
 
 from .. import labels
+from ..classify import train as classify
+from ..classify.config import ClassifyConfig
+from ..classify.data import lesion_folds, read_real
+from ..classify.mixing import without_leaks
+from ..classify.models import load_classifier, predict_proba
 from ..cli import option, run_stage
 from ..devices import AUTO, resolve_device
+from ..diffusion.manifest import Manifest
 from ..errors import InputError
 from ..files import atomic_path, output_lock, write_json
 from ..tables import METADATA
@@ -90,8 +98,6 @@ def manifest_path(synthetic: str | Path) -> Path:
 
 def filter_train_split(data_dir: str) -> pd.DataFrame:
     """The real train split, the only real images the filter reads."""
-    from ..classify.data import read_real
-
     if not (Path(data_dir) / "train" / METADATA).is_file():
         raise InputError(f"--data_dir {data_dir}", f"has no train/{METADATA}", "pass a build_captions.py output folder")
     return read_real(data_dir, "train", skip_missing=False)
@@ -99,10 +105,6 @@ def filter_train_split(data_dir: str) -> pd.DataFrame:
 
 def train_filters(cfg: FilterConfig, train: pd.DataFrame) -> list[Path]:
     """One classifier per lesion-grouped fold of ``train``, each trained on the other folds (resumed when done)."""
-    from ..classify.config import ClassifyConfig
-    from ..classify.data import lesion_folds
-    from ..classify.train import fit
-
     models = Path(cfg.output_dir) / "models"
     folds = {"folds": cfg.folds, "seed": cfg.seed}  # which train images each fold model saw
     saved = json.loads((models / "folds.json").read_text()) if (models / "folds.json").is_file() else folds
@@ -121,20 +123,34 @@ def train_filters(cfg: FilterConfig, train: pd.DataFrame) -> list[Path]:
             **{**settings, "data_dir": cfg.data_dir, "output_dir": str(out), "folds": 1, "train": "real"}
         )
         print(f"filter model {k + 1}/{cfg.folds}: training on {len(fold_train)} train images, selecting on {len(held)}")
-        fit(ccfg, fold_train, held, out)
+        classify.fit(ccfg, fold_train, held, out)
         runs.append(out)
     return runs
 
 
 def mean_probabilities(runs: list[Path], frame: pd.DataFrame, device: str) -> np.ndarray:
     """The mean softmax of the fold models' best checkpoints, one column per ``labels.CODES`` entry."""
-    from ..classify.models import load_classifier, predict_proba
-
     total = np.zeros((len(frame), len(labels.CODES)))
     for run in runs:
         model, mcfg, _ = load_classifier(run, device)
         total += predict_proba(model, frame, mcfg, device, desc=f"filter {run.name}")
     return total / len(runs)
+
+
+def near_copies(real: np.ndarray, fake: np.ndarray, sources: np.ndarray, copy_ratio: float) -> dict[str, np.ndarray]:
+    """The evaluate stage's memorisation check, except that a variant (generate.py --mode augment) is measured
+    against the real images other than its own source: it is made from that image on purpose.
+
+    ``sources``: each fake's row in ``real`` it was made from, -1 for none."""
+    copies = fidelity.memorisation(real, fake, copy_ratio)
+    own = np.flatnonzero((sources >= 0) & (copies["nearest"] == sources))
+    for source in np.unique(sources[own]):
+        rows = own[sources[own] == source]
+        again = fidelity.memorisation(np.delete(real, source, axis=0), fake[rows], copy_ratio)
+        again["nearest"] += again["nearest"] >= source  # back to rows of ``real``
+        for key, values in again.items():
+            copies[key][rows] = values
+    return copies
 
 
 def is_filter_reason(reason: str) -> bool:
@@ -165,8 +181,6 @@ def summarise(rows: list[dict], scored: set[str]) -> dict:
 
 def filter_set(cfg: FilterConfig) -> dict:
     """Train the cross-fitted filter, score the generated set, and rewrite its manifest with the drops marked."""
-    from ..diffusion.manifest import Manifest
-
     path = manifest_path(cfg.synthetic)
     train = filter_train_split(cfg.data_dir)
     device = resolve_device(cfg.device)
@@ -186,7 +200,10 @@ def filter_set(cfg: FilterConfig) -> dict:
         runs = train_filters(cfg, train)
         proba = mean_probabilities(runs, frame, device)
         space = domain_space(runs[0])
-        copies = fidelity.memorisation(extract(space, train["path"].tolist()), extract(space, frame["path"].tolist()))
+        real_x, fake_x = extract(space, train["path"].tolist()), extract(space, frame["path"].tolist())
+        anchored, _ = without_leaks(train, frame.assign(source=[r["source"] for r in todo], table=str(path)))
+        sources = anchored["source_row"].reindex(frame.index, fill_value=-1).to_numpy()
+        copies = near_copies(real_x, fake_x, sources, cfg.copy_ratio)
         copies["nearest_real"] = ("train/" + train["file_name"]).to_numpy()[copies["nearest"]]
         columns = {c: i for i, c in enumerate(labels.CODES)}
         scores = []

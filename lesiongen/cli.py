@@ -177,6 +177,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "the demo": ("report.html",),
     "the paper experiment": ("results.json",),
     "the audit": ("audit.json", "manifest.csv"),
+    "the filter": ("filter.json",),
 }
 
 

@@ -89,6 +89,10 @@ CASES = {
     ),
     "an evaluation inside the generated set": ([*EVALUATE, "--output_dir", "gen/eval"], "lies inside --synthetic gen"),
     "an evaluation into a classifier's data": ([*EVALUATE, "--output_dir", "captions"], "is --real captions"),
+    "a filter's models inside the set it marks": (
+        ["lesiongen.evaluate.filter", "--synthetic", "gen", "--data_dir", "captions", "--output_dir", "gen/filter"],
+        "lies inside --synthetic gen",
+    ),
     "an analysis inside its images": (
         ["lesiongen.captions.analyze", "--images", "images", "--output_dir", "images/measured"],
         "lies inside --images images",

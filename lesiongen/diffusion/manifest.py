@@ -125,8 +125,12 @@ class Manifest:
                 kept.append(r)
         raw = self.path.read_text(encoding="utf-8") if self.path.is_file() else ""
         if len(kept) != len(rows) or (raw and not raw.endswith("\n")):
-            write_text(self.path, _csv_text([dict(zip(MANIFEST_COLUMNS, MANIFEST_COLUMNS, strict=True)), *kept]))
+            self.rewrite(kept)
         return kept
+
+    def rewrite(self, rows: Sequence[dict]) -> None:
+        """Replace the file with ``rows`` under its header, atomically (the filter stage marks rows invalid so)."""
+        write_text(self.path, _csv_text([dict(zip(MANIFEST_COLUMNS, MANIFEST_COLUMNS, strict=True)), *rows]))
 
     def write_metadata(self) -> None:
         """``metadata.jsonl`` beside the manifest: its rows, typed, under imagefolder's ``file_name``, written whole

@@ -68,7 +68,7 @@ def test_unreadable_index_files_name_the_file(tmp_path, d7p_csv):
 
 def test_classes_too_small_for_the_default_split_are_one_line_naming_them(capsys):
     few = ["mel"] * 5 + ["nv"] * 6
-    with pytest.raises(InputError, match=r"largest class, nv, has 6.*--split_fractions 0.6 0.2 0.2") as e:
+    with pytest.raises(InputError, match=r"largest class, nv, has 6 images.*--split_fractions 0.6 0.2 0.2") as e:
         split_by_lesion(few, [str(i) for i in range(11)])
     assert e.value.where == "--split_fractions"
     assert set(split_by_lesion(few, [str(i) for i in range(11)], (0.6, 0.2, 0.2))) == {"train", "validation", "test"}

@@ -68,23 +68,23 @@ def split_by_lesion(
 def check_class_sizes(
     labels: Sequence[str], groups: Sequence[str], q: int, fractions: tuple[float, float, float]
 ) -> None:
-    """Stratifying over q folds needs q lesions of a class to put one in each fold. When no class has
-    that many the split cannot be made (one line naming the largest); classes below it are said, since
-    they may then miss the validation or test split."""
+    """Stratifying over q folds puts a class's images into q folds. When no class has q images the split cannot be
+    made (scikit-learn's traceback before; now one line naming the largest class); classes with fewer than q
+    lesions are said, since they may then miss the validation or test split."""
+    images: dict[str, int] = {}
     lesions: dict[str, set[str]] = {}
     for label, group in zip(labels, groups, strict=True):
+        images[label] = images.get(label, 0) + 1
         lesions.setdefault(label, set()).add(group)
-    sizes = {label: len(g) for label, g in sorted(lesions.items())}
-    small = {label: n for label, n in sizes.items() if n < q}
     shown = " ".join(f"{f:g}" for f in fractions)
-    if len(small) == len(sizes):
-        largest = max(sizes, key=sizes.get)
+    largest = max(images, key=images.get)
+    if images[largest] < q:
         raise InputError(
             "--split_fractions",
-            f"{shown} needs {q} lesions of a class to stratify it, and the largest class, {largest}, has "
-            f"{sizes[largest]}",
-            "pass coarser fractions such as --split_fractions 0.6 0.2 0.2 (5 per class), or 1 0 0 to keep all for training",
+            f"{shown} cuts each class into {q} folds, and the largest class, {largest}, has {images[largest]} images",
+            "pass coarser fractions such as --split_fractions 0.6 0.2 0.2 (5 folds), or 1 0 0 to keep all for training",
         )
+    small = {label: len(g) for label, g in sorted(lesions.items()) if len(g) < q}
     if small:
         listed = ", ".join(f"{label} ({n})" for label, n in small.items())
         print(f"note: classes with fewer than {q} lesions may miss the validation or test split: {listed}")

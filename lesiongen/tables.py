@@ -122,8 +122,16 @@ def _read_one(table: Path) -> pd.DataFrame:
         raise InputError(
             table, f"missing column(s) {', '.join(missing)}", "write it with build_captions.py or generate.py"
         )
-    # one row per file: a manifest two runs appended to lists images twice, which would count them twice
-    frame = frame.drop_duplicates("file_name", ignore_index=True)
+    # one row per file: a manifest two runs appended to lists images twice, which would count them twice; two
+    # different rows naming one file (two images written over each other) cannot both be right, so they stop here
+    frame = frame.drop_duplicates(ignore_index=True)
+    doubled = frame["file_name"][frame["file_name"].duplicated()]
+    if len(doubled):
+        raise InputError(
+            table,
+            f"{len(doubled)} file(s) named by two different rows, e.g. {doubled.iloc[0]}",
+            "regenerate the set into a new folder",
+        )
     folder = table.parent
     frame["path"] = [os.path.abspath(folder / str(f)) for f in frame["file_name"]]
     frame["table"] = str(table)

@@ -97,9 +97,13 @@ def test_report_has_grids_table_losses_and_commands(quick_demo):
         assert loss.size[0] > 300
     # self-contained: every image is a data URI, nothing points at a file
     srcs = re.findall(r"src='([^']*)'", html)
-    # grids, confusion matrix, the generated images closest to training images, pair grids, loss
-    figures = len(labels.CONDITIONS) + 1 + 1 + len(CONTRASTS) + 1
+    # grids, confusion matrix, the generated images closest to training images, pair grids, loss, the audit's grid
+    # and flip chart
+    figures = len(labels.CONDITIONS) + 1 + 1 + len(CONTRASTS) + 1 + 2
     assert len(srcs) == figures and all(s.startswith("data:image/png;base64,") for s in srcs)
+    audit = json.loads((quick_demo / "audit" / "audit.json").read_text())  # stage 6b, on the test split
+    assert audit["config"]["values"] == ["very light", "dark"] and audit["counts"]["sources"] > 0
+    assert f"{audit['counts']['valid']} valid and scored" in md and "Counterfactual skin-tone audit" in html
     results = json.loads((quick_demo / "classifiers" / "comparison.json").read_text())
     assert results["split"] == "test" and results["checkpoint"] == "best"
     assert [r["name"] for r in results["runs"]] == ["real only", "synthetic only", "real + synthetic"]
@@ -162,11 +166,13 @@ def test_the_report_says_where_its_numbers_come_from(quick_demo):
     info = json.loads((quick_demo / demo_run.RUN_INFO).read_text())
     assert info["seed"] == 0 and info["demo"] == "quick"
     assert [(x["number"], x["title"]) for x in info["stages"]] == [(st.number, st.title) for st in STAGES]
-    commit = demo_run.git_commit().split()[0]  # the tests run in a git checkout
+    # the quick demo runs from the installed wheel, which knows its version but no commit
+    installed = demo_run.INSTALLED.format(version("lesiongen"))
+    commit = demo_run.git_commit().split()[0]  # this checkout's, for a demo run from it
     for stage in info["stages"]:
         r = stage["run"]
-        assert re.fullmatch(r"[0-9a-f]{12}( with uncommitted changes)?", r["commit"])
-        assert r["commit"].split()[0] == commit or r["commit"].endswith("with uncommitted changes")
+        assert r["commit"] == installed or re.fullmatch(r"[0-9a-f]{12}( with uncommitted changes)?", r["commit"])
+        assert r["commit"] in (installed, commit) or r["commit"].endswith("with uncommitted changes")
         assert r["threads"] == torch.get_num_threads()
         assert r["torch"] == version("torch") and r["diffusers"] == version("diffusers")
     md = (quick_demo / "report.md").read_text()

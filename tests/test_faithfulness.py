@@ -209,5 +209,5 @@ def test_pairs_that_share_a_file_across_switches_are_refused(known, tmp_path, ca
     argv += ["--output_dir", str(tmp_path / "eval"), "--pairs", str(root / "pairs" / "shared.csv")]
     assert evaluate_main(argv) == 2
     err = capsys.readouterr().err
-    assert "shared.csv" in err and "under two different prompts" in err and "regenerate the pairs" in err
+    assert "shared.csv" in err and "named by two different rows" in err and "regenerate the set" in err
     assert not (tmp_path / "eval" / "evaluation.json").exists()

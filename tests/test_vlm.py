@@ -52,6 +52,8 @@ class FakeVLM:
                 try:
                     status, payload, delay = fake.rule(kind, body) or (200, fake.default(kind), 0.0)
                     time.sleep(delay)
+                    with fake.lock:  # done working: the reply is on its way, and the client may send the next
+                        fake.in_flight -= 1
                     data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                     self.send_response(status)
                     if status == 429:
@@ -62,9 +64,6 @@ class FakeVLM:
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
-                finally:
-                    with fake.lock:
-                        fake.in_flight -= 1
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"

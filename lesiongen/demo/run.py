@@ -515,19 +515,25 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
-def git_commit() -> str | None:
-    """The commit of the LesionGen checkout this code runs from, marked when files differ from it; None outside
-    a git checkout (an installed package) or without git."""
+INSTALLED = "lesiongen {} (installed package, no git checkout)"
+
+
+def git_commit() -> str:
+    """The commit of the LesionGen checkout this code runs from, marked when files differ from it; an installed
+    package (``pip install .``), or a machine without git, gives the package's version instead."""
+    from importlib.metadata import version
+
     repo = Path(__file__).resolve().parents[2]
+    installed = INSTALLED.format(version("lesiongen"))
     if not (repo / ".git").exists():
-        return None
+        return installed
     try:
         head, changed = (
             subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True, timeout=30).stdout
             for args in (["rev-parse", "--short=12", "HEAD"], ["status", "--porcelain", "--untracked-files=no"])
         )
     except (OSError, subprocess.SubprocessError):
-        return None
+        return installed
     return head.strip() + (" with uncommitted changes" if changed.strip() else "")
 
 

@@ -207,20 +207,26 @@ def manifest(scored: pd.DataFrame, cfg: AuditConfig, out: Path) -> pd.DataFrame:
 
 
 def grid_figure(table: pd.DataFrame, cfg: AuditConfig, out: Path) -> Path:
-    """Rows: the first lesions, each its source (centre square) then its first edit per value; an invalid edit
-    is a grey tile."""
+    """Rows: lesions with the most valid edits first, one per class in turn, each its source (centre square) then
+    its first edit per value; the row label marks each edit valid (+) or excluded (x), since an excluded edit is
+    shown too: what the model drew is part of the answer."""
     from PIL import Image
 
     prefixes = tuple(f"images/{folder_name(v, 0)}/" for v in cfg.values)
     first = table[table["file_name"].str.startswith(prefixes)]
+    ranked = first.groupby("source", sort=False).agg(valid=("valid", "sum"), label=("label", "first"))
+    ranked["turn"] = ranked.sort_values("valid", ascending=False, kind="stable").groupby("label").cumcount()
+    order = ranked.sort_values(["turn", "valid"], ascending=[True, False], kind="stable").index[:GRID_ROWS]
     cells, row_labels = [], []
-    for source in list(dict.fromkeys(first["source"]))[:GRID_ROWS]:
+    for source in order:
         here = first[first["source"] == source]
         cells.append(read_rgb(source, size=min(read_rgb(out / here["file_name"].iloc[0]).shape[:2])))
+        marks = []
         for value in cfg.values:
-            hit = here[(here["value"] == value) & here["valid"]]
+            hit = here[here["value"] == value]
             cells.append(read_rgb(out / hit["file_name"].iloc[0]) if len(hit) else None)
-        row_labels.append(f"{here['label'].iloc[0]}: source, then {', '.join(cfg.values)}")
+            marks.append("+" if len(hit) and bool(hit["valid"].iloc[0]) else "x")
+        row_labels.append(f"{here['label'].iloc[0]} {' '.join(marks)}")
     side = max(c.shape[0] for c in cells if c is not None)
     tiles = [None if c is None else Image.fromarray(c) for c in cells]
     path = out / "audit_grid.png"
@@ -234,10 +240,10 @@ def flip_chart(stats: dict, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [("flip_rate", "any flip"), ("flip_benign_to_malignant", "benign to malignant")]
-    names.append(("flip_malignant_to_benign", "malignant to benign"))
+    names = [("flip_rate", "any flip"), ("flip_benign_to_malignant", "benign to\nmalignant")]
+    names.append(("flip_malignant_to_benign", "malignant to\nbenign"))
     shown = [(label, stats[n]) for n, label in names if stats.get(n)]
-    fig, ax = plt.subplots(figsize=(5, 2.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
     if shown:
         est = [s["estimate"] for _, s in shown]
         err = [[e - s["low"] for e, (_, s) in zip(est, shown, strict=True)]]
@@ -298,7 +304,10 @@ def counts_note(result: dict) -> str:
 
 def report_sections(result: dict, figures: list[Figure]) -> list[Section]:
     values_note = "Accuracy and true-positive rate (malignant lesions called malignant) on the valid edits."
-    grid_note = "Each row one lesion: the source, then one edit per value (grey: invalid)."
+    grid_note = (
+        "Each row one lesion: the source, then its edit to each value in order; the label marks each edit valid (+) "
+        "or excluded (x)."
+    )
     return [
         Section("Summary", notes=[counts_note(result)], table=summary_table(result), figures=figures[1:]),
         Section("Per value", notes=[values_note], table=per_value_table(result)),

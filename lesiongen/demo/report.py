@@ -505,7 +505,7 @@ def audit_sections(cfg: ReportConfig, files: Path) -> list[Section]:
     folder = Path(cfg.audit)
     result = json.loads((folder / "audit.json").read_text())
     figures = []
-    for name, caption in (("audit_grid.png", "each row one test lesion: source, very light, dark"),
+    for name, caption in (("audit_grid.png", "each row one test lesion: source, very light, dark (+ valid, x excluded)"),
                           ("audit_flips.png", "prediction flips")):  # fmt: skip
         shutil.copyfile(folder / name, files / name)
         figures.append(Figure(caption, files / name))

@@ -14,6 +14,7 @@ import torch
 from builders import write_manifest
 from PIL import Image
 from test_classify import assert_timm_loads_the_classifier
+from test_classify import quick as classify_quick
 
 from lesiongen import labels
 from lesiongen.classify.compare import CompareConfig, compare
@@ -29,16 +30,8 @@ from lesiongen.tables import read_image_table
 
 
 def quick(data_dir: Path, out: Path, **kw) -> ClassifyConfig:
-    settings = dict(
-        image_size=32,
-        epochs=1,
-        batch_size=64,
-        num_workers=0,
-        output_dir=str(out),
-        resume_from_checkpoint=None,
-        pretrained=False,  # no ImageNet weights offline
-    )
-    return ClassifyConfig(data_dir=str(data_dir), **{**settings, **kw})
+    """test_classify's quick settings, with batches large enough to hold real and synthetic images together."""
+    return classify_quick(data_dir, out, **{"batch_size": 64, **kw})
 
 
 @pytest.fixture(scope="module")

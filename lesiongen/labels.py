@@ -266,6 +266,16 @@ def skin_tone_from_ita(ita: float | None) -> str:
     return "dark"
 
 
+def skin_tone_ita(name: str) -> float:
+    """The ITA an edit to this tone aims for: a bounded band's middle, 10 degrees inside an open band's bound."""
+    i = SKIN_TONE_NAMES.index(name)
+    lower = SKIN_TONES[i][1]
+    if i == 0:
+        return lower + 10.0
+    upper = SKIN_TONES[i - 1][1]
+    return upper - 10.0 if lower == float("-inf") else (lower + upper) / 2
+
+
 DX_TYPES: dict[str, str] = {
     "histo": "confirmed by histopathology",
     "follow_up": "confirmed by follow-up",

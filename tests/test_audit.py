@@ -156,7 +156,10 @@ def test_a_model_that_cannot_draw_skin_has_its_edits_excluded_not_scored(caption
     n = result["counts"]
     assert n["counterfactuals"] == 24 and n["valid"] == 0 and n["excluded"] == 24
     assert result["statistics"] == {}
-    assert sum(result["counts"]["excluded_reasons"].values()) == 24
+    reasons = result["counts"]["excluded_reasons"]
+    assert sum(reasons.values()) == 24 and all("noise, not skin" in r for r in reasons)
+    table = pd.read_csv(tmp_path / "random" / "manifest.csv")
+    assert (table["skin_spread_after"] > 25).all()  # each started from its tone guide, and came back as noise
 
 
 def test_bad_audit_input_is_one_line(captions, tiny_sd_dir, tmp_path, capsys):

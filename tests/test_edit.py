@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from skimage import color
 
-from lesiongen.diffusion.edit import Editor, pipeline_inputs
+from lesiongen import labels
+from lesiongen.captions.analyze import surrounding_ita
+from lesiongen.diffusion.edit import Editor, pipeline_inputs, recolour_skin
 from lesiongen.diffusion.generate import (
     FLOW_SCHEDULERS,
     SCHEDULERS,
@@ -182,3 +185,37 @@ def test_the_kept_cells_are_noised_to_the_level_of_the_step_that_comes_next(
     assert len(seen) == editor.pipe.num_timesteps >= 6 and all(t == indexed for t, indexed in seen)
     inside = keep.mask
     assert torch.equal(out.images[inside], keep.known[inside])
+
+
+def test_a_skin_tone_edit_starts_from_its_tone_guide_and_keeps_the_source_for_the_lesion(
+    tiny_lora_run, d7p_small_train, tmp_path
+):
+    """--skin_tone with --keep lesion: sampling starts from the source recoloured to the tone's ITA outside the
+    kept region (the caption alone moves it a few degrees); the kept pixels, the paste-back and the 'before'
+    measures stay the source's. --tone_guide false starts from the source itself."""
+    for tone in ("very light", "dark"):
+        cfg = config(tiny_lora_run, d7p_small_train.parent, tmp_path, keep="lesion", skin_tone=tone)
+        editor = Editor(load_model(cfg, "cpu"), cfg)
+        given = editor.prepare(source_plan(cfg, "text")[0].source)
+        source, start = np.asarray(given.image), np.asarray(given.first)
+        assert np.array_equal(source[given.keep], start[given.keep])
+        assert surrounding_ita(start, given.keep) == pytest.approx(labels.skin_tone_ita(tone), abs=3)
+        if tone == "dark":  # Derm7pt's skin is very light already
+            assert surrounding_ita(source, given.keep) > 40
+        assert pipeline_inputs(editor.pipe, [given], [0], 0.5)["image"] == [given.first]
+    unguided = config(tiny_lora_run, d7p_small_train.parent, tmp_path, keep="lesion", skin_tone="dark", tone_guide=False)
+    assert Editor(load_model(unguided, "cpu"), unguided).prepare(source_plan(unguided, "text")[0].source).start is None
+
+
+def test_the_tone_guide_moves_the_skin_by_one_offset_and_leaves_the_kept_pixels():
+    rng = np.random.default_rng(0)
+    rgb = np.clip(rng.normal((200, 150, 125), 6, (64, 64, 3)), 0, 255).astype(np.uint8)
+    keep = np.zeros((64, 64), bool)
+    keep[24:40, 24:40] = True
+    rgb[keep] = (90, 50, 40)
+    for tone in labels.SKIN_TONE_NAMES:
+        out = recolour_skin(rgb, keep, labels.skin_tone_ita(tone))
+        assert np.array_equal(out[keep], rgb[keep])
+        assert labels.skin_tone_from_ita(surrounding_ita(out, keep)) == tone
+        lightness = [color.rgb2lab(x / 255.0)[~keep][:, 0] for x in (rgb, out)]
+        assert np.std(lightness[1]) == pytest.approx(np.std(lightness[0]), rel=0.35)  # the texture is kept

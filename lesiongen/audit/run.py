@@ -6,8 +6,9 @@ the rest is re-drawn under the changed caption), so sampling, seeds, the manifes
 own. The classifier then scores each source and each counterfactual, and the flips between them are counted.
 
 An edit counts only when it is valid: the lesion changed by at most ``--max_lesion_change`` (mean absolute
-change inside its mask, of 255) and, for skin tone, the skin around it measures within one ITA band of the
-asked tone. Invalid edits are excluded and counted, never scored: a model that cannot draw the asked skin says
+change inside its mask, of 255), the skin around it is skin (its colours scatter no more than real skin's) and,
+for skin tone, it measures within one ITA band of the asked tone. Skin-tone edits start from the source with its
+skin recoloured to the asked tone (generation's ``--tone_guide``), which the model then redraws. Invalid edits are excluded and counted, never scored: a model that cannot draw the asked skin says
 nothing about the classifier.
 
 Outputs in ``--output_dir``: ``manifest.csv`` (one row per counterfactual), ``audit.json``, ``audit.md``,
@@ -38,6 +39,10 @@ TONE_BANDS = {name: i for i, name in enumerate(labels.SKIN_TONE_NAMES)}  # 0 is 
 # How far (degrees of ITA) an edit must move the skin towards the asked tone to count: a third of the narrowest
 # band (13 degrees), well above what an edit that keeps the skin moves it (under 2 degrees with random weights).
 MIN_ITA_SHIFT = 5.0
+# The most an edit's skin ring may scatter in colour (a*b* spread, CIELAB units) and still count as skin: real
+# dermoscopy at 64 px measured at most 21.5 (160 Derm7pt and HAM10000 images, their borders), the demo model's
+# edits at most 12.8, and a random-weight model's noise at least 35.
+MAX_SKIN_SPREAD = 25.0
 
 
 @dataclass
@@ -57,6 +62,9 @@ class AuditConfig:
     keep_margin: int = option(2, help="pixels (at the generated size) the kept lesion mask is dilated by")
     guidance_scale: float = option(5.0, help="classifier-free guidance of the edits")
     num_inference_steps: int = option(20, help="denoising steps of a full schedule (an edit runs strength x them)")
+    tone_guide: bool = option(
+        True, help="skin_tone: start each edit from the skin recoloured to the asked tone (false: the caption only)"
+    )
     max_lesion_change: float = option(2.0, help="an edit whose lesion changed more (mean, of 255) is invalid")
     seed: int = option(0, help="seed of the first counterfactual of every image; the k-th uses seed + k")
     resolution: int | None = option(None, help="image size (default: the model's)")
@@ -105,6 +113,7 @@ def edit_config(cfg: AuditConfig, value: str, k: int, out: Path):
         strength=cfg.strength,
         keep="lesion",
         keep_margin=cfg.keep_margin,
+        tone_guide=cfg.tone_guide,
         guidance_scale=[cfg.guidance_scale],
         num_inference_steps=[cfg.num_inference_steps],
         seed=cfg.seed + k,
@@ -123,6 +132,9 @@ def validity(row: pd.Series, cfg: AuditConfig) -> str:
     change = pd.to_numeric(row.get("lesion_change"), errors="coerce")
     if not np.isfinite(change) or change > cfg.max_lesion_change:
         return f"lesion changed by {change:.1f} of 255 (limit {cfg.max_lesion_change:g})"
+    spread = pd.to_numeric(row.get("skin_spread_after"), errors="coerce")
+    if np.isfinite(spread) and spread > MAX_SKIN_SPREAD:
+        return f"the skin around the lesion is noise, not skin (colour spread {spread:.0f}, skin under {MAX_SKIN_SPREAD:g})"
     if cfg.attribute != "skin_tone":
         return ""
     before, after = (pd.to_numeric(row.get(k), errors="coerce") for k in ("skin_ita_before", "skin_ita_after"))
@@ -187,7 +199,7 @@ def score(cfg: AuditConfig, sources: pd.DataFrame, edits: pd.DataFrame) -> pd.Da
 
 MANIFEST_COLUMNS = (
     "file_name", "source", "value", "seed", "label", "valid", "invalid_reason", "lesion_change",
-    "skin_ita_before", "skin_ita_after", "pred", "p_true", "base_pred", "base_p_true",
+    "skin_ita_before", "skin_ita_after", "skin_spread_after", "pred", "p_true", "base_pred", "base_p_true",
 )  # fmt: skip
 
 

@@ -10,12 +10,18 @@ text-to-image weights: after every step, the latents under the lesion mask (the 
 ``--keep_margin``) become the source's latents noised to the next step's level, through the pipelines'
 ``callback_on_step_end``. The VAE cannot return a lesion pixel for pixel, so after decoding the source's
 pixels are pasted back under the mask, with an edge feathered outwards into the edited skin.
+
+A caption that names another skin tone moves the measured skin by a few degrees of ITA at most (+2 to +4 on the
+demo): SDEdit keeps the source's colours, which is its point. So an edit to ``--skin_tone`` with the lesion kept
+starts from a colour guide (``--tone_guide``, as SDEdit's stroke guides): the skin outside the kept region
+recoloured to the asked tone's ITA in CIELAB, its texture kept, and the model redraws it from there as skin.
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +30,10 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage import morphology
 
-from ..captions.analyze import analyze_image, surrounding_ita
+from skimage import color
+
+from .. import labels
+from ..captions.analyze import MIN_RING_PIXELS, analyze_image, skin_ring, surrounding_ita
 from ..errors import InputError
 from ..images import open_rgb
 
@@ -34,6 +43,9 @@ FEATHER_FRACTION = 1 / 32
 # A kept region over this share of the image leaves too little skin for an edit to show on (the analyzer
 # itself stops at a lesion covering 92% of the field of view).
 MAX_KEEP_FRACTION = 0.9
+# The tone guide's least b* (yellowness): the ITA is atan((L* - 50) / b*), so skin with almost no b* would need an
+# extreme L* to reach an asked angle. Measured skin rings have b* of about 10-25.
+MIN_GUIDE_B = 12.0
 
 
 @dataclass
@@ -42,6 +54,11 @@ class EditInput:
 
     image: Image.Image  # centre square of the source, resized to the generated size
     keep: np.ndarray | None  # --keep lesion: the pixels kept (bool, the generated size)
+    start: Image.Image | None = None  # what sampling starts from when not the source: its tone guide
+
+    @property
+    def first(self) -> Image.Image:
+        return self.start or self.image
 
 
 def image_pipeline(pipe):
@@ -79,6 +96,8 @@ class Editor:
         self.pipe = image_pipeline(pipe)
         self.cfg = cfg
         self.resolution = cfg.resolution or model_resolution(self.pipe)
+        guided = cfg.keep and cfg.tone_guide and cfg.skin_tone
+        self.guide_ita = labels.skin_tone_ita(cfg.skin_tone) if guided else None
         self.skipped = 0
 
     def load(self, batch: list) -> tuple[list, list[EditInput]]:
@@ -104,7 +123,10 @@ class Editor:
                 "use a larger image, or a lower --resolution",
             )
         keep = self.keep_mask(source, image) if self.cfg.keep else None
-        return EditInput(centre_square(image).resize((self.resolution,) * 2, Image.LANCZOS), keep)
+        square = centre_square(image).resize((self.resolution,) * 2, Image.LANCZOS)
+        if self.guide_ita is None:
+            return EditInput(square, keep)
+        return EditInput(square, keep, Image.fromarray(recolour_skin(np.asarray(square), keep, self.guide_ita)))
 
     def keep_mask(self, source: str, image: Image.Image) -> np.ndarray:
         """The lesion mask at the generated size, dilated by ``--keep_margin``: ``--mask_dir``'s, else the analyzer's."""
@@ -142,7 +164,7 @@ def pipeline_inputs(pipe, inputs: list[EditInput], seeds: list[int], strength: f
     """The image-to-image arguments of one batch: sources, strength, size where the pipeline takes one (SD3,
     Flux; SD and SDXL keep the image's), and the lesion-keeping callback."""
     width, height = inputs[0].image.size
-    out: dict = {"image": [i.image for i in inputs], "strength": strength}
+    out: dict = {"image": [i.first for i in inputs], "strength": strength}
     if "height" in inspect.signature(pipe.__call__).parameters:
         out.update(height=height, width=width)
     if inputs[0].keep is not None:
@@ -162,7 +184,7 @@ class KeepLatents:
         import torch
 
         vae = pipe.vae
-        pixels = pipe.image_processor.preprocess([i.image for i in inputs]).to(pipe.device)
+        pixels = pipe.image_processor.preprocess([i.first for i in inputs]).to(pipe.device)
         upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)  # as SDXL encodes
         dtype = vae.dtype
         if upcast:
@@ -205,6 +227,24 @@ class KeepLatents:
         return {"latents": torch.where(self.mask, known.to(latents.dtype), latents)}
 
 
+def recolour_skin(rgb: np.ndarray, keep: np.ndarray, ita: float) -> np.ndarray:
+    """The tone guide: every pixel outside ``keep`` shifted in CIELAB by one L* and one b* offset, so that the skin
+    ring's median reads ``ita`` degrees (b* raised to ``MIN_GUIDE_B`` where lower); hair, vessels and shading keep
+    their contrast with the skin around them. The kept pixels are untouched."""
+    lab = color.rgb2lab(rgb.astype(np.float32) / 255.0)
+    ring = skin_ring(keep, np.ones(keep.shape, bool))
+    skin = lab[ring] if ring.sum() >= MIN_RING_PIXELS else lab[~keep]
+    lightness, b_star = float(np.median(skin[:, 0])), float(np.median(skin[:, 2]))
+    target_b = max(b_star, MIN_GUIDE_B)
+    target_l = 50.0 + target_b * np.tan(np.radians(ita))
+    lab[~keep, 0] = np.clip(lab[~keep, 0] + target_l - lightness, 0.0, 100.0)
+    lab[~keep, 2] += target_b - b_star
+    with warnings.catch_warnings():  # skimage warns when it clips out-of-gamut colours, as meant here
+        warnings.simplefilter("ignore", UserWarning)
+        rgb = color.lab2rgb(lab)
+    return np.rint(np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
+
+
 def paste_back(images: list, inputs: list[EditInput]) -> tuple[list, list[dict]]:
     """Each kept region's source pixels over the edit, feathered outwards, and what the edit changed: the mean
     absolute change inside the kept region (0-255) and the ITA of the skin ring around it before and after."""
@@ -231,4 +271,12 @@ def edit_measures(before: np.ndarray, after: np.ndarray, keep: np.ndarray) -> di
         "lesion_change": round(float(change), 3),
         "skin_ita_before": "" if ita[0] is None else round(ita[0], 2),
         "skin_ita_after": "" if ita[1] is None else round(ita[1], 2),
+        "skin_spread_after": round(colour_spread(after, skin_ring(keep, np.ones(keep.shape, bool))), 2),
     }
+
+
+def colour_spread(rgb: np.ndarray, where: np.ndarray) -> float:
+    """How far the colours of ``where`` scatter around their mean in the a*b* plane (CIELAB units): skin varies
+    little in hue and chroma, noise drawn by a model that cannot draw skin a lot."""
+    ab = color.rgb2lab(rgb.astype(np.float32) / 255.0)[where][:, 1:]
+    return float(np.sqrt(ab.var(axis=0).sum())) if len(ab) else 0.0

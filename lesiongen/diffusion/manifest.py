@@ -55,6 +55,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "lesion_change",  # --keep lesion: mean absolute pixel change inside the kept region, 0-255
     "skin_ita_before",  # --keep lesion: ITA of the skin ring around it in the source, and in the edit
     "skin_ita_after",
+    "skin_spread_after",  # --keep lesion: the colour spread (a*b*) of that ring in the edit: noise scatters widely
     # false for an image that is all one colour or held nan/inf when sampled (generate.invalid_reason): kept, so
     # a rerun does not redo it, but left out of every reader (tables.read_image_table) and of exports
     "valid",
@@ -67,7 +68,9 @@ DATASET_COLUMNS = tuple(c for c in MANIFEST_COLUMNS if c not in VALIDITY_COLUMNS
 
 # Columns stored as numbers outside the CSV (metadata.jsonl, the parquet export); every other column is a string.
 INTEGER_COLUMNS = ("seed", "num_inference_steps", "index")
-FLOAT_COLUMNS = ("age", "guidance_scale", "strength", "lesion_change", "skin_ita_before", "skin_ita_after")
+FLOAT_COLUMNS = (
+    "age", "guidance_scale", "strength", "lesion_change", "skin_ita_before", "skin_ita_after", "skin_spread_after",
+)  # fmt: skip
 
 
 def typed_row(row: dict, source: str | Path) -> dict:

@@ -26,7 +26,9 @@ from . import plans
 IMAGE_MODES = ("edit", "augment")
 KEEP_CHOICES = ("lesion",)
 # Settings that change which images an edit or augment run makes or how they look; a resume must match them.
-SOURCE_FIELDS = ("mode", "data_dir", "split", "strength", "variants_per_image", "keep", "keep_margin", "mask_dir")
+SOURCE_FIELDS = (
+    "mode", "data_dir", "split", "strength", "variants_per_image", "keep", "keep_margin", "mask_dir", "tone_guide",
+)  # fmt: skip
 
 
 @dataclass
@@ -60,6 +62,11 @@ class SourceOptions:
         None,
         help="--keep lesion: stored lesion masks, <image stem>.png (the masks/ folder of python -m "
         "lesiongen.captions.analyze); an image without one gets the analyzer's mask computed",
+    )
+    tone_guide: bool = option(
+        True,
+        help="--keep lesion with --skin_tone: start each edit from the source with its skin recoloured to the asked "
+        "tone's ITA (the caption alone moves it by a few degrees); false: the caption only",
     )
 
 

@@ -129,6 +129,12 @@ class PaperConfig:
         help="switches of the concept style's steering pairs (generate.py --contrast)",
     )
     pairs_per_class: int = option(10, help="steering pairs per condition and switch")
+    anchored_variants: int = option(
+        0,
+        help="variants of each real training image (generate.py --mode augment, SDEdit from the image) that the "
+        "real + synthetic classifiers mix in instead of the text-to-image set; 0: the text-to-image set",
+    )
+    anchored_strength: float = option(0.5, help="SDEdit strength of the anchored variants, in (0, 1]")
     mixing: list[str] = option(
         [],
         help="mixing recipe of the real + synthetic classifiers as classifier.py name=value pairs, e.g. "
@@ -140,6 +146,10 @@ class PaperConfig:
     def __post_init__(self) -> None:
         if not self.synthetic_ratio > 0:
             raise InputError("--synthetic_ratio", f"{self.synthetic_ratio} is not positive", "use e.g. 1 or 2")
+        if self.anchored_variants < 0:
+            raise InputError("--anchored_variants", f"{self.anchored_variants} is negative", "e.g. 1 (0: none)")
+        if not 0 < self.anchored_strength <= 1:
+            raise InputError("--anchored_strength", f"{self.anchored_strength} is outside (0, 1]", "e.g. 0.5")
         recipe_from_pairs(self.mixing)
 
 
@@ -340,12 +350,20 @@ def replicate(cfg: PaperConfig, seed: int, out: Path) -> dict:
             if not finished_generation(pairs, 2 * len(cfg.contrasts) * cfg.pairs_per_class * len(counts), paired):
                 with stage(times, f"steering pairs ({style})"):
                     generate(paired)
-        runs = ["synthetic", "mixed"]
-        name = f"classifiers (synthetic, mixed; {style})"
-        rows += [
-            {"captions": style, **r}
-            for r in classifier_rows(cfg, seed, data[style], runs, synthetic, out / "classifiers" / style, times, name)
-        ]
+        mixed_with = synthetic
+        if cfg.anchored_variants:
+            mixed_with = out / "anchored" / style
+            anchoring = anchored(cfg, seed, base, mode, model_dir, style, data[style], counts, mixed_with)
+            if not finished_generation(mixed_with, cfg.anchored_variants * sum(counts.values()), anchoring):
+                with stage(times, f"anchored variants ({style})"):
+                    generate(anchoring)
+        trained_dir = out / "classifiers" / style
+        for runs, synthetic_set in ((["synthetic"], synthetic), (["mixed"], mixed_with)):
+            name = f"classifier ({runs[0]}; {style})"
+            rows += [
+                {"captions": style, **r}
+                for r in classifier_rows(cfg, seed, data[style], runs, synthetic_set, trained_dir, times, name)
+            ]
         previous = out / "evaluation" / style / "evaluation.json"
         if previous.is_file():
             evaluations[style] = json.loads(previous.read_text())
@@ -394,6 +412,30 @@ def sampling(cfg, seed, base, mode, model_dir, style, counts, out, per_class, co
         contrast=list(contrast),
         contrast_guidance=bool(contrast),  # each side sampled against the other's prompt, as the demo's pairs
         contact_sheet=0 if contrast else 8,
+        seed=seed,
+    )
+
+
+def anchored(cfg, seed, base, mode, model_dir, style, data_dir, counts, out) -> GenerateConfig:
+    """The anchored variants: each real training image redrawn by the fine-tuned model from its own noised
+    latents (SDEdit), with its own labels and a fresh phrasing of its caption."""
+    return GenerateConfig(
+        condition=",".join(sorted(counts)),  # the classifier's classes, as the text-to-image set
+        mode="augment",
+        data_dir=str(data_dir),
+        split="train",
+        variants_per_image=cfg.anchored_variants,
+        strength=cfg.anchored_strength,
+        output_dir=str(out),
+        model_path=str(model_dir),
+        base_model=base if mode == "lora" else None,
+        device=cfg.device,
+        guidance_scale=[cfg.guidance_scale],
+        num_inference_steps=[cfg.num_inference_steps],
+        batch_size=32,
+        caption_style=style,
+        resolution=cfg.resolution,
+        contact_sheet=8,
         seed=seed,
     )
 

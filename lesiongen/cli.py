@@ -176,6 +176,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "evaluation": ("evaluation.json",),
     "the demo": ("report.html",),
     "the paper experiment": ("results.json",),
+    "the mixing recipes": ("recipes.json",),
     "the audit": ("audit.json", "manifest.csv"),
     "the filter": ("filter.json",),
 }

@@ -12,6 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from lesiongen import labels
+from lesiongen.classify.models import read_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "paper_experiment.py"
 # Far too short to learn anything: the test checks plumbing, resumption and the table, not accuracy.
@@ -196,3 +199,32 @@ def test_seeds_are_summarised_as_mean_and_spread():
     )
     assert "| concept | synthetic | 0.300 ± 0.100 | " in text
     assert "110.000 ± 10.000" in text and "mean ± std" in text
+
+
+def test_mixing_recipes_reuse_the_finished_stages_and_train_only_the_classifiers(experiment, tmp_path):
+    """experiments/mixing_recipes.py on the finished run: an anchored recipe makes variants of the training images
+    once, in the finished seed, and mixes them in; no diffusion stage is redone; one table holds every recipe."""
+    out, _ = experiment
+    weights = out / "seed-0" / "models" / "concept" / "unet" / "diffusion_pytorch_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    recipes = ["bn:synthetic_bn=true", "anchored:anchored_variants=1,swap_probability=0.5"]
+    args = ["--from", str(out), "--out", str(tmp_path / "recipes"), "--seeds", "0", "--recipes", *recipes]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "mixing_recipes.py"), *args],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert weights.stat().st_mtime_ns == stamp and "--- diffusion training" not in done.stdout
+    variants = pd.read_csv(out / "seed-0" / "anchored" / "concept" / "manifest.csv")
+    train = pd.read_json(out / "seed-0" / "data" / "concept" / "train" / "metadata.jsonl", lines=True)
+    train = train[train["label"].isin(labels.CODES)]  # Derm7pt's 'other' lesions are no class of the classifier
+    assert len(variants) == len(train) and variants["source"].map(lambda p: "/train/" in p).all()
+    run = tmp_path / "recipes" / "anchored" / "seed-0" / "classifiers" / "concept" / "mixed-seed0"
+    mixed = read_checkpoint(run / "last.safetensors")["config"]
+    assert Path(mixed["synthetic_dir"]).resolve() == (out / "seed-0" / "anchored" / "concept").resolve()
+    assert mixed["swap_probability"] == 0.5
+    table = (tmp_path / "recipes" / "recipes.md").read_text()
+    for name in ("bn", "anchored"):
+        assert f"| {name} | mixed-concept | real only | balanced acc. | " in table
+    assert set(json.loads((tmp_path / "recipes" / "recipes.json").read_text())) == {"bn", "anchored"}

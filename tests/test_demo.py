@@ -18,7 +18,17 @@ from PIL import Image
 from lesiongen import labels
 from lesiongen.classify.metrics import verdict
 from lesiongen.demo.report import COMPARISON_COLUMNS, RERUN_COMMANDS
-from lesiongen.demo.run import CONTRASTS, DEMO_ATTENTION_HEADS, SETTINGS, STAGES, demo, idle_cores, read_cpu_times
+from lesiongen.demo.run import (
+    CONTRASTS,
+    DEMO_ATTENTION_HEADS,
+    SETTINGS,
+    STAGES,
+    DemoConfig,
+    demo,
+    idle_cores,
+    read_cpu_times,
+    thread_count,
+)
 from lesiongen.demo.run import DemoConfig as Config
 from lesiongen.diffusion.train_vae import vae_loss
 
@@ -302,14 +312,22 @@ def test_a_generated_folder_of_other_settings_is_replaced_and_a_killed_one_resum
 @pytest.mark.parametrize(
     ("cores", "busy", "expected"), [(2, 0.1, 2), (2, 0.5, 2), (2, 1.2, 1), (2, 2.0, 1), (8, 2.0, 6)]
 )
-def test_threads_follow_idle_cores(monkeypatch, cores, busy, expected):
-    """The default thread count leaves busy cores alone: oversubscribing a busy 2-core machine cost 5-10x."""
+def test_threads_0_follow_idle_cores(monkeypatch, cores, busy, expected):
+    """--threads 0 leaves busy cores alone: oversubscribing a busy 2-core machine cost 5-10x."""
     ticks = iter([(1000, 2000), (1000 + round(100 * (1 - busy / cores)), 2100)])  # idle, total: before and after
     monkeypatch.setattr("os.cpu_count", lambda: cores)
     monkeypatch.setattr("lesiongen.demo.run.read_cpu_times", lambda: next(ticks))
     monkeypatch.setattr("os.getloadavg", lambda: (cores, cores, cores))  # a stale load average is not read
     monkeypatch.setattr("time.sleep", lambda seconds: None)
     assert idle_cores() == expected
+
+
+def test_the_default_thread_count_is_the_same_on_a_busy_machine(monkeypatch):
+    """A default that followed the load chose 1 thread instead of 2 on a busy machine and changed the demo's
+    verdicts: the default is fixed, and only --threads 0 reads the load."""
+    monkeypatch.setattr("lesiongen.demo.run.busy_cores", lambda: 2.0)
+    assert thread_count(DemoConfig()) == 2 and thread_count(DemoConfig(threads=1)) == 1
+    assert thread_count(DemoConfig(threads=0)) == 1
 
 
 def test_without_proc_stat_the_load_average_counts(monkeypatch):

@@ -208,7 +208,7 @@ def test_mixing_recipes_reuse_the_finished_stages_and_train_only_the_classifiers
     weights = out / "seed-0" / "models" / "concept" / "unet" / "diffusion_pytorch_model.safetensors"
     stamp = weights.stat().st_mtime_ns
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    recipes = ["bn:synthetic_bn=true", "anchored:anchored_variants=1,swap_probability=0.5"]
+    recipes = ["anchored:anchored_variants=1,swap_probability=0.5"]
     args = ["--from", str(out), "--out", str(tmp_path / "recipes"), "--seeds", "0", "--recipes", *recipes]
     done = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "mixing_recipes.py"), *args],
@@ -225,6 +225,5 @@ def test_mixing_recipes_reuse_the_finished_stages_and_train_only_the_classifiers
     assert Path(mixed["synthetic_dir"]).resolve() == (out / "seed-0" / "anchored" / "concept").resolve()
     assert mixed["swap_probability"] == 0.5
     table = (tmp_path / "recipes" / "recipes.md").read_text()
-    for name in ("bn", "anchored"):
-        assert f"| {name} | mixed-concept | real only | balanced acc. | " in table
-    assert set(json.loads((tmp_path / "recipes" / "recipes.json").read_text())) == {"bn", "anchored"}
+    assert "| anchored | mixed-concept | real only | balanced acc. | " in table
+    assert set(json.loads((tmp_path / "recipes" / "recipes.json").read_text())) == {"anchored"}

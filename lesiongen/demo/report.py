@@ -512,7 +512,8 @@ def audit_sections(cfg: ReportConfig, files: Path) -> list[Section]:
     notes = [
         counts_note(result),
         "Each test image is edited to each tone with its lesion kept pixel for pixel (generate.py --mode edit --keep "
-        "lesion); an edit counts only where the skin around the lesion measures near the asked tone.",
+        "lesion): the skin around it is recoloured to the tone's ITA and redrawn by the model from there. An edit "
+        "counts only where that skin is skin (not noise) and measures near the asked tone.",
     ]
     return [
         Section("Counterfactual skin-tone audit of the real-only classifier", notes, figures, summary_table(result)),

@@ -196,7 +196,7 @@ def test_a_skin_tone_edit_starts_from_its_tone_guide_and_keeps_the_source_for_th
     for tone in ("very light", "dark"):
         cfg = config(tiny_lora_run, d7p_small_train.parent, tmp_path, keep="lesion", skin_tone=tone)
         editor = Editor(load_model(cfg, "cpu"), cfg)
-        given = editor.prepare(source_plan(cfg, "text")[0].source)
+        _, (given,) = editor.load(source_plan(cfg, "text")[:1])
         source, start = np.asarray(given.image), np.asarray(given.first)
         assert np.array_equal(source[given.keep], start[given.keep])
         assert surrounding_ita(start, given.keep) == pytest.approx(labels.skin_tone_ita(tone), abs=3)
@@ -204,7 +204,31 @@ def test_a_skin_tone_edit_starts_from_its_tone_guide_and_keeps_the_source_for_th
             assert surrounding_ita(source, given.keep) > 40
         assert pipeline_inputs(editor.pipe, [given], [0], 0.5)["image"] == [given.first]
     unguided = config(tiny_lora_run, d7p_small_train.parent, tmp_path, keep="lesion", skin_tone="dark", tone_guide=False)
-    assert Editor(load_model(unguided, "cpu"), unguided).prepare(source_plan(unguided, "text")[0].source).start is None
+    _, (given,) = Editor(load_model(unguided, "cpu"), unguided).load(source_plan(unguided, "text")[:1])
+    assert given.start is None
+
+
+def test_variant_skin_tones_draw_each_variants_tone_and_guide_it(tiny_lora_run, d7p_small_train, tmp_path):
+    """augment --variant_skin_tones: each variant's tone is drawn from the list by its own seed, named in its
+    caption, and its sampling starts from that tone's guide; the draw does not depend on the batch."""
+    from lesiongen.captions.analyze import surrounding_ita
+
+    tones = ["very light", "dark"]
+    cfg = config(
+        tiny_lora_run, d7p_small_train.parent, tmp_path, mode="augment", split="train", keep="lesion",
+        variants_per_image=4, variant_skin_tones=tones, condition="all",
+    )  # fmt: skip
+    plan = source_plan(cfg, "text")
+    assert {s.skin_tone for s in plan} == set(tones)
+    assert [s.skin_tone for s in plan] == [s.skin_tone for s in source_plan(cfg, "text")]
+    editor = Editor(load_model(cfg, "cpu"), cfg)
+    specs, inputs = editor.load(plan[:4])
+    for spec, given in zip(specs, inputs, strict=True):
+        reached = surrounding_ita(np.asarray(given.first), given.keep)
+        assert labels.skin_tone_from_ita(reached) == spec.skin_tone
+        assert f"{spec.skin_tone} skin" in build_prompt(spec.record(), cfg.caption_style, cfg.seed)
+    with pytest.raises(InputError, match="--variant_skin_tones"):
+        config(tiny_lora_run, d7p_small_train.parent, tmp_path, keep="lesion", skin_tone="dark", variant_skin_tones=tones)
 
 
 def test_the_tone_guide_moves_the_skin_by_one_offset_and_leaves_the_kept_pixels():

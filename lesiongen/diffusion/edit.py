@@ -96,8 +96,8 @@ class Editor:
         self.pipe = image_pipeline(pipe)
         self.cfg = cfg
         self.resolution = cfg.resolution or model_resolution(self.pipe)
-        guided = cfg.keep and cfg.tone_guide and cfg.skin_tone
-        self.guide_ita = labels.skin_tone_ita(cfg.skin_tone) if guided else None
+        # each spec's skin tone is an asked one (--skin_tone, or a variant's draw from --variant_skin_tones)
+        self.guided = bool(cfg.keep and cfg.tone_guide and (cfg.skin_tone or cfg.variant_skin_tones))
         self.skipped = 0
 
     def load(self, batch: list) -> tuple[list, list[EditInput]]:
@@ -105,7 +105,7 @@ class Editor:
         specs, inputs = [], []
         for spec in batch:
             try:
-                inputs.append(self.prepare(spec.source))
+                inputs.append(self.prepare(spec.source, spec.skin_tone if self.guided else None))
             except InputError as e:
                 self.skipped += 1
                 print(f"skipped {e}", file=sys.stderr)
@@ -113,8 +113,9 @@ class Editor:
             specs.append(spec)
         return specs, inputs
 
-    def prepare(self, source: str) -> EditInput:
-        """The source's centre square at the generated size (never upscaled), and its kept region with --keep."""
+    def prepare(self, source: str, tone: str | None = None) -> EditInput:
+        """The source's centre square at the generated size (never upscaled), its kept region with --keep, and with
+        ``tone`` the tone guide sampling starts from."""
         image = open_rgb(source)
         if min(image.size) < self.resolution:
             raise InputError(
@@ -124,9 +125,10 @@ class Editor:
             )
         keep = self.keep_mask(source, image) if self.cfg.keep else None
         square = centre_square(image).resize((self.resolution,) * 2, Image.LANCZOS)
-        if self.guide_ita is None:
+        if tone is None:
             return EditInput(square, keep)
-        return EditInput(square, keep, Image.fromarray(recolour_skin(np.asarray(square), keep, self.guide_ita)))
+        guide = recolour_skin(np.asarray(square), keep, labels.skin_tone_ita(tone))
+        return EditInput(square, keep, Image.fromarray(guide))
 
     def keep_mask(self, source: str, image: Image.Image) -> np.ndarray:
         """The lesion mask at the generated size, dilated by ``--keep_margin``: ``--mask_dir``'s, else the analyzer's."""

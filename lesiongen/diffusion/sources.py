@@ -28,6 +28,7 @@ KEEP_CHOICES = ("lesion",)
 # Settings that change which images an edit or augment run makes or how they look; a resume must match them.
 SOURCE_FIELDS = (
     "mode", "data_dir", "split", "strength", "variants_per_image", "keep", "keep_margin", "mask_dir", "tone_guide",
+    "variant_skin_tones",
 )  # fmt: skip
 
 
@@ -63,6 +64,12 @@ class SourceOptions:
         help="--keep lesion: stored lesion masks, <image stem>.png (the masks/ folder of python -m "
         "lesiongen.captions.analyze); an image without one gets the analyzer's mask computed",
     )
+    variant_skin_tones: list[str] = option(
+        [],
+        help="edit/augment: each variant's skin tone drawn from these (its own seed), e.g. 'very light' light "
+        "intermediate tan brown dark; with --keep lesion the lesion stays and the skin around it changes",
+        choices=labels.SKIN_TONE_NAMES,
+    )
     tone_guide: bool = option(
         True,
         help="--keep lesion with --skin_tone: start each edit from the source with its skin recoloured to the asked "
@@ -76,6 +83,7 @@ def check_source_options(cfg) -> None:
         raise InputError("--strength", f"{cfg.strength} is outside (0, 1]", "e.g. --strength 0.5 (1.0: from noise)")
     if cfg.mode not in IMAGE_MODES:
         given = [f"--{f}" for f in ("data_dir", "keep", "mask_dir") if getattr(cfg, f) is not None]
+        given += ["--variant_skin_tones"] * bool(cfg.variant_skin_tones)
         if given:
             raise InputError(given[0], f"applies to --mode edit or augment, not {cfg.mode}", "add --mode edit")
         return
@@ -97,6 +105,8 @@ def check_source_options(cfg) -> None:
             raise InputError(flag, f"plans text-to-image sets, not --mode {cfg.mode}", f"drop {flag}")
     if cfg.variants_per_image is not None and cfg.variants_per_image < 1:
         raise InputError("--variants_per_image", f"{cfg.variants_per_image} is not positive", "e.g. 4")
+    if cfg.variant_skin_tones and cfg.skin_tone:
+        raise InputError("--variant_skin_tones", "and --skin_tone both set the skin tone", "drop one of them")
     if cfg.keep_margin < 0:
         raise InputError("--keep_margin", f"{cfg.keep_margin} is negative", "e.g. --keep_margin 4")
     if cfg.mask_dir is not None and not Path(cfg.mask_dir).is_dir():
@@ -157,7 +167,7 @@ def source_plan(cfg, field: str) -> list[plans.ImageSpec]:
     other image. An edit that changes no field keeps the source's own caption in ``field``; augment variants
     are captioned anew, each phrasing drawn from its own id."""
     codes = set(plans.resolve_codes(cfg.condition))
-    changes = any((cfg.sex, cfg.age, cfg.site, cfg.skin_tone, cfg.concepts))
+    changes = any((cfg.sex, cfg.age, cfg.site, cfg.skin_tone, cfg.concepts, cfg.variant_skin_tones))
     variants = cfg.variants_per_image or (2 if cfg.mode == "augment" else 1)
     plan, count = [], dict.fromkeys(codes, 0)
     for row, source in source_rows(cfg):
@@ -170,6 +180,8 @@ def source_plan(cfg, field: str) -> list[plans.ImageSpec]:
         for v in range(variants):
             image_id = base if cfg.mode == "edit" and variants == 1 else f"{base}_v{v}"
             seed = plans.image_seed(cfg.seed, image_id, v)
+            if cfg.variant_skin_tones:
+                record = replace(record, skin_tone=draw(seed, "skin_tone", cfg.variant_skin_tones))
             own_text = row.get(field) if cfg.mode == "edit" and not changes else None
             plan.append(
                 plans.ImageSpec(

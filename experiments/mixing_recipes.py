@@ -10,8 +10,9 @@ and trains only what differs, in ``<out>/<recipe>/seed-N``; ``<out>/recipes.md``
         "anchored:anchored_variants=1,swap_probability=0.5"
 
 A recipe is ``name`` (the experiment's default) or ``name:key=value,...``, the keys being classifier.py's mixing
-options or the experiment's ``anchored_variants``/``anchored_strength`` (anchored variants are generated once
-into the ``--from`` folder's seed, so recipes share them). Choose a recipe on some seeds, then run it unchanged
+options or the experiment's ``anchored_variants``, ``anchored_strength`` and ``anchored_skin_tones`` (tone names
+joined by '+', or 'all': the lesion kept, the skin around it in those tones). Anchored variants are generated into
+the ``--from`` folder's seed, so recipes with the same ones share them. Choose a recipe on some seeds, then run it unchanged
 on others: a recipe picked on the seeds that score it is not yet a result.
 """
 
@@ -28,11 +29,12 @@ from lesiongen.classify.compare import differences_markdown, interval_note
 from lesiongen.cli import option, run_stage
 from lesiongen.errors import InputError
 from lesiongen.files import write_json, write_text
+from lesiongen.labels import SKIN_TONE_NAMES
 
 # The stages no recipe changes, linked from the finished seed. classifiers/<style> holds the synthetic-only and
 # real + synthetic runs, which a recipe retrains; classifiers/real is linked unless the recipe fine-tunes.
 SHARED = ("data", "base-model", "models", "synthetic", "pairs", "evaluation", "anchored")
-EXPERIMENT_KEYS = ("anchored_variants", "anchored_strength")
+EXPERIMENT_KEYS = ("anchored_variants", "anchored_strength", "anchored_skin_tones")
 
 
 @dataclass
@@ -55,7 +57,9 @@ def parse_recipe(text: str) -> tuple[str, list[str], dict]:
     pairs, settings = [], {}
     for pair in filter(None, body.split(",")):
         key, _, value = pair.partition("=")
-        if key in EXPERIMENT_KEYS:
+        if key == "anchored_skin_tones":  # tone names joined by '+', or 'all'
+            settings[key] = list(SKIN_TONE_NAMES) if value == "all" else value.split("+")
+        elif key in EXPERIMENT_KEYS:
             settings[key] = (int if key == "anchored_variants" else float)(value)
         else:
             pairs.append(pair)
@@ -117,7 +121,9 @@ def recipes_markdown(table: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(run_recipes, RecipesConfig, argv, "experiments/mixing_recipes.py", "the mixing recipes", ("source",))
+    return run_stage(
+        run_recipes, RecipesConfig, argv, "experiments/mixing_recipes.py", "the mixing recipes", ("source",)
+    )
 
 
 if __name__ == "__main__":

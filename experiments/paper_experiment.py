@@ -56,6 +56,7 @@ from lesiongen.diffusion.train_vae import SMALL_DATA_VAE, TrainVAEConfig, train_
 from lesiongen.errors import InputError
 from lesiongen.evaluate.run import EvaluateConfig, evaluate
 from lesiongen.files import write_json
+from lesiongen.labels import SKIN_TONE_NAMES
 from lesiongen.tables import read_image_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,6 +136,12 @@ class PaperConfig:
         "real + synthetic classifiers mix in instead of the text-to-image set; 0: the text-to-image set",
     )
     anchored_strength: float = option(0.5, help="SDEdit strength of the anchored variants, in (0, 1]")
+    anchored_skin_tones: list[str] = option(
+        [],
+        help="anchored variants keep the lesion's pixels (generate.py --keep lesion) and put it on skin of a tone "
+        "drawn from these for each variant (--variant_skin_tones); default: the whole image redrawn",
+        choices=SKIN_TONE_NAMES,
+    )
     mixing: list[str] = option(
         [],
         help="mixing recipe of the real + synthetic classifiers as classifier.py name=value pairs, e.g. "
@@ -352,7 +359,7 @@ def replicate(cfg: PaperConfig, seed: int, out: Path) -> dict:
                     generate(paired)
         mixed_with = synthetic
         if cfg.anchored_variants:
-            mixed_with = out / "anchored" / style
+            mixed_with = out / "anchored" / anchored_name(cfg, style)
             anchoring = anchored(cfg, seed, base, mode, model_dir, style, data[style], counts, mixed_with)
             if not finished_generation(mixed_with, cfg.anchored_variants * sum(counts.values()), anchoring):
                 with stage(times, f"anchored variants ({style})"):
@@ -416,6 +423,12 @@ def sampling(cfg, seed, base, mode, model_dir, style, counts, out, per_class, co
     )
 
 
+def anchored_name(cfg: PaperConfig, style: str) -> str:
+    """The folder of one kind of anchored variants, so that recipes asking for other kinds never share one."""
+    tones = "-".join(t.replace(" ", "") for t in cfg.anchored_skin_tones)
+    return f"{style}-{cfg.anchored_variants}x-strength{cfg.anchored_strength:g}" + (f"-keep-{tones}" if tones else "")
+
+
 def anchored(cfg, seed, base, mode, model_dir, style, data_dir, counts, out) -> GenerateConfig:
     """The anchored variants: each real training image redrawn by the fine-tuned model from its own noised
     latents (SDEdit), with its own labels and a fresh phrasing of its caption."""
@@ -426,6 +439,8 @@ def anchored(cfg, seed, base, mode, model_dir, style, data_dir, counts, out) -> 
         split="train",
         variants_per_image=cfg.anchored_variants,
         strength=cfg.anchored_strength,
+        keep="lesion" if cfg.anchored_skin_tones else None,
+        variant_skin_tones=cfg.anchored_skin_tones,
         output_dir=str(out),
         model_path=str(model_dir),
         base_model=base if mode == "lora" else None,

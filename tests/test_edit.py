@@ -203,7 +203,9 @@ def test_a_skin_tone_edit_starts_from_its_tone_guide_and_keeps_the_source_for_th
         if tone == "dark":  # Derm7pt's skin is very light already
             assert surrounding_ita(source, given.keep) > 40
         assert pipeline_inputs(editor.pipe, [given], [0], 0.5)["image"] == [given.first]
-    unguided = config(tiny_lora_run, d7p_small_train.parent, tmp_path, keep="lesion", skin_tone="dark", tone_guide=False)
+    unguided = config(
+        tiny_lora_run, d7p_small_train.parent, tmp_path, keep="lesion", skin_tone="dark", tone_guide=False
+    )
     _, (given,) = Editor(load_model(unguided, "cpu"), unguided).load(source_plan(unguided, "text")[:1])
     assert given.start is None
 
@@ -228,7 +230,9 @@ def test_variant_skin_tones_draw_each_variants_tone_and_guide_it(tiny_lora_run, 
         assert labels.skin_tone_from_ita(reached) == spec.skin_tone
         assert f"{spec.skin_tone} skin" in build_prompt(spec.record(), cfg.caption_style, cfg.seed)
     with pytest.raises(InputError, match="--variant_skin_tones"):
-        config(tiny_lora_run, d7p_small_train.parent, tmp_path, keep="lesion", skin_tone="dark", variant_skin_tones=tones)
+        config(
+            tiny_lora_run, d7p_small_train.parent, tmp_path, keep="lesion", skin_tone="dark", variant_skin_tones=tones
+        )
 
 
 def test_the_tone_guide_moves_the_skin_by_one_offset_and_leaves_the_kept_pixels():

@@ -14,6 +14,7 @@ import pytest
 
 from lesiongen import labels
 from lesiongen.classify.models import read_checkpoint
+from lesiongen.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "paper_experiment.py"
@@ -216,14 +217,38 @@ def test_mixing_recipes_reuse_the_finished_stages_and_train_only_the_classifiers
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert weights.stat().st_mtime_ns == stamp and "--- diffusion training" not in done.stdout
-    variants = pd.read_csv(out / "seed-0" / "anchored" / "concept" / "manifest.csv")
+    variants = pd.read_csv(out / "seed-0" / "anchored" / "concept-1x-strength0.5" / "manifest.csv")
     train = pd.read_json(out / "seed-0" / "data" / "concept" / "train" / "metadata.jsonl", lines=True)
     train = train[train["label"].isin(labels.CODES)]  # Derm7pt's 'other' lesions are no class of the classifier
     assert len(variants) == len(train) and variants["source"].map(lambda p: "/train/" in p).all()
     run = tmp_path / "recipes" / "anchored" / "seed-0" / "classifiers" / "concept" / "mixed-seed0"
     mixed = read_checkpoint(run / "last.safetensors")["config"]
-    assert Path(mixed["synthetic_dir"]).resolve() == (out / "seed-0" / "anchored" / "concept").resolve()
+    assert Path(mixed["synthetic_dir"]).resolve() == (out / "seed-0" / "anchored" / "concept-1x-strength0.5").resolve()
     assert mixed["swap_probability"] == 0.5
     table = (tmp_path / "recipes" / "recipes.md").read_text()
     assert "| anchored | mixed-concept | real only | balanced acc. | " in table
     assert set(json.loads((tmp_path / "recipes" / "recipes.json").read_text())) == {"anchored"}
+
+
+def test_a_recipe_names_its_mixing_options_and_its_anchored_variants(monkeypatch):
+    """mixing_recipes.py splits a recipe into classifier mixing pairs and the experiment's anchored settings, and
+    variants of another kind go to another folder, so two recipes never share a set made for the other."""
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    spec = importlib.util.spec_from_file_location("mixing_recipes", REPO / "experiments" / "mixing_recipes.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    name, pairs, settings = module.parse_recipe(
+        "tones:anchored_variants=2,anchored_skin_tones=all,swap_probability=0.5"
+    )
+    assert (name, pairs) == ("tones", ["swap_probability=0.5"])
+    assert settings == {"anchored_variants": 2, "anchored_skin_tones": list(labels.SKIN_TONE_NAMES)}
+    assert module.parse_recipe("light:anchored_skin_tones=very light+light")[2] == {
+        "anchored_skin_tones": ["very light", "light"]
+    }
+    with pytest.raises(InputError, match="--recipes"):
+        module.parse_recipe(":synthetic_bn=true")
+    experiment = sys.modules["paper_experiment"]
+    plain = experiment.PaperConfig(anchored_variants=2)
+    tones = experiment.PaperConfig(anchored_variants=2, anchored_skin_tones=["dark"])
+    assert experiment.anchored_name(plain, "concept") != experiment.anchored_name(tones, "concept")

@@ -28,9 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
-from skimage import morphology
-
-from skimage import color
+from skimage import color, morphology
 
 from .. import labels
 from ..captions.analyze import MIN_RING_PIXELS, analyze_image, skin_ring, surrounding_ita

@@ -12,8 +12,8 @@ and trains only what differs, in ``<out>/<recipe>/seed-N``; ``<out>/recipes.md``
 A recipe is ``name`` (the experiment's default) or ``name:key=value,...``, the keys being classifier.py's mixing
 options or the experiment's ``anchored_variants``, ``anchored_strength`` and ``anchored_skin_tones`` (tone names
 joined by '+', or 'all': the lesion kept, the skin around it in those tones). Anchored variants are generated into
-the ``--from`` folder's seed, so recipes with the same ones share them. Choose a recipe on some seeds, then run it unchanged
-on others: a recipe picked on the seeds that score it is not yet a result.
+the ``--from`` folder's seed, so recipes with the same ones share them. Choose a recipe on some seeds, then run
+it unchanged on others: a recipe picked on the seeds that score it is not yet a result.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ from lesiongen.errors import InputError
 from lesiongen.files import write_json, write_text
 from lesiongen.labels import SKIN_TONE_NAMES
 
-# The stages no recipe changes, linked from the finished seed. classifiers/<style> holds the synthetic-only and
-# real + synthetic runs, which a recipe retrains; classifiers/real is linked unless the recipe fine-tunes.
+# The stages no recipe changes, linked from the finished seed, besides each style's synthetic-only classifier;
+# classifiers/real is linked unless the recipe fine-tunes (real only then trains as many epochs in all).
 SHARED = ("data", "base-model", "models", "synthetic", "pairs", "evaluation", "anchored")
 EXPERIMENT_KEYS = ("anchored_variants", "anchored_strength", "anchored_skin_tones")
 
@@ -66,11 +66,14 @@ def parse_recipe(text: str) -> tuple[str, list[str], dict]:
     return name, pairs, settings
 
 
-def link_shared(source: Path, target: Path, fine_tunes: bool) -> None:
-    """``target`` (a recipe's seed folder) with the finished seed's shared stages linked in."""
+def link_shared(source: Path, target: Path, seed: int, fine_tunes: bool) -> None:
+    """``target`` (a recipe's seed folder) with the finished seed's shared stages linked in: every stage but the
+    real + synthetic classifiers (the synthetic-only ones take no recipe)."""
     target.mkdir(parents=True, exist_ok=True)
     (source / "anchored").mkdir(exist_ok=True)  # a recipe's variants go to the source, for every recipe to use
-    shared = [*SHARED, *([] if fine_tunes else ["classifiers/real"])]
+    styles = [d.name for d in (source / "classifiers").iterdir() if d.is_dir() and d.name != "real"]
+    shared = [*SHARED, *(f"classifiers/{style}/synthetic-seed{seed}" for style in styles)]
+    shared += [] if fine_tunes else ["classifiers/real"]
     for name in shared:
         link = target / name
         if (source / name).exists() and not link.exists():
@@ -96,7 +99,7 @@ def run_recipes(cfg: RecipesConfig) -> dict:
         )
         for seed in cfg.seeds:
             fine_tunes = any(p.startswith("finetune_epochs=") and not p.endswith("=0") for p in pairs)
-            link_shared(source / f"seed-{seed}", out / name / f"seed-{seed}", fine_tunes)
+            link_shared(source / f"seed-{seed}", out / name / f"seed-{seed}", seed, fine_tunes)
         table[name] = {"recipe": text, "differences": experiment(recipe_cfg)["differences"]}
     write_json(out / "recipes.json", table)
     write_text(out / "recipes.md", recipes_markdown(table))

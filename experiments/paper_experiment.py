@@ -435,7 +435,7 @@ def anchored(cfg, seed, base, mode, model_dir, style, data_dir, counts, out) -> 
     return GenerateConfig(
         condition=",".join(sorted(counts)),  # the classifier's classes, as the text-to-image set
         mode="augment",
-        data_dir=str(data_dir),
+        data_dir=str(Path(data_dir).resolve()),  # as recorded: the same set for every recipe that links this seed
         split="train",
         variants_per_image=cfg.anchored_variants,
         strength=cfg.anchored_strength,

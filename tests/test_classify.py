@@ -395,3 +395,17 @@ def test_differences_pair_the_same_images_across_folders_and_orders(tmp_path):
     (tmp_path / "mixed" / "predictions.csv").write_text("path,image_id,label,pred\n/b/9.jpg,img9,nv,nv\n")
     with pytest.raises(ValueError, match="scored on different images"):
         differences([runs[1]], [runs[0]], 1)
+
+
+def test_a_run_resumes_on_its_synthetic_folder_however_spelled_or_linked(tmp_path):
+    """The resume check compares folders, not strings: a link to the same set resumes, another set is refused."""
+    from lesiongen.classify.train import same_setting
+
+    (tmp_path / "set").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "set", target_is_directory=True)
+    assert same_setting("synthetic_dir", str(tmp_path / "set"), str(tmp_path / "link"))
+    assert same_setting("synthetic_dir", str(tmp_path / "set"), str(tmp_path / "set" / ".." / "set"))
+    assert not same_setting("synthetic_dir", str(tmp_path / "set"), str(tmp_path / "other"))
+    assert not same_setting("synthetic_dir", str(tmp_path / "set"), None)
+    assert not same_setting("epochs", 3, 4)

@@ -217,6 +217,7 @@ def test_mixing_recipes_reuse_the_finished_stages_and_train_only_the_classifiers
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert weights.stat().st_mtime_ns == stamp and "--- diffusion training" not in done.stdout
+    assert "--- classifier (synthetic" not in done.stdout  # synthetic only takes no recipe: reused
     variants = pd.read_csv(out / "seed-0" / "anchored" / "concept-1x-strength0.5" / "manifest.csv")
     train = pd.read_json(out / "seed-0" / "data" / "concept" / "train" / "metadata.jsonl", lines=True)
     train = train[train["label"].isin(labels.CODES)]  # Derm7pt's 'other' lesions are no class of the classifier

@@ -7,6 +7,7 @@ every epoch and resumes from it, so a killed run repeats nothing and ends with t
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -137,6 +138,13 @@ def train_epoch(
     return total / max(n, 1), n_synthetic
 
 
+def same_setting(name: str, saved, given) -> bool:
+    """A saved run setting against the one given; a folder is the same however it is spelled or linked."""
+    if name == "synthetic_dir" and saved and given:
+        return os.path.realpath(saved) == os.path.realpath(given)
+    return saved == given
+
+
 def resume_state(cfg: ClassifyConfig, out: Path) -> dict | None:
     """The saved state of this run, after checking it is the same kind of run."""
     if cfg.resume_from_checkpoint is None or cfg.resume_from_checkpoint.lower() == "none":
@@ -151,7 +159,7 @@ def resume_state(cfg: ClassifyConfig, out: Path) -> dict | None:
         return None
     state = read_checkpoint(path)
     for name in RUN_FIELDS:
-        if state["config"].get(name) != getattr(cfg, name):
+        if not same_setting(name, state["config"].get(name), getattr(cfg, name)):
             raise InputError(
                 f"--{name}",
                 f"{getattr(cfg, name)!r} differs from {state['config'].get(name)!r} in {path}",

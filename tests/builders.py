@@ -20,7 +20,7 @@ MANIFEST_COLUMNS = [
     "file_name", "text", "label", "condition", "dx", "sex", "age", "age_bin", "site", "site_group", "skin_tone",
     *labels.CONCEPT_NAMES, "concept_source", "seed", "guidance_scale", "num_inference_steps", "scheduler", "model",
     "negative_prompt", "index", "pair", "contrast", "source", "strength", "lesion_change", "skin_ita_before",
-    "skin_ita_after", "valid", "invalid_reason",
+    "skin_ita_after", "skin_spread_after", "valid", "invalid_reason",
 ]  # fmt: skip
 
 

@@ -8,7 +8,8 @@ own. The classifier then scores each source and each counterfactual, and the fli
 An edit counts only when it is valid: the lesion changed by at most ``--max_lesion_change`` (mean absolute
 change inside its mask, of 255), the skin around it is skin (its colours scatter no more than real skin's) and,
 for skin tone, it measures within one ITA band of the asked tone. Skin-tone edits start from the source with its
-skin recoloured to the asked tone (generation's ``--tone_guide``), which the model then redraws. Invalid edits are excluded and counted, never scored: a model that cannot draw the asked skin says
+skin recoloured to the asked tone (generation's ``--tone_guide``), which the model then redraws. Invalid edits are
+excluded and counted, never scored: a model that cannot draw the asked skin says
 nothing about the classifier.
 
 Outputs in ``--output_dir``: ``manifest.csv`` (one row per counterfactual), ``audit.json``, ``audit.md``,
@@ -134,7 +135,8 @@ def validity(row: pd.Series, cfg: AuditConfig) -> str:
         return f"lesion changed by {change:.1f} of 255 (limit {cfg.max_lesion_change:g})"
     spread = pd.to_numeric(row.get("skin_spread_after"), errors="coerce")
     if np.isfinite(spread) and spread > MAX_SKIN_SPREAD:
-        return f"the skin around the lesion is noise, not skin (colour spread {spread:.0f}, skin under {MAX_SKIN_SPREAD:g})"
+        limit = f"skin under {MAX_SKIN_SPREAD:g}"
+        return f"the skin around the lesion is noise, not skin (colour spread {spread:.0f}, {limit})"
     if cfg.attribute != "skin_tone":
         return ""
     before, after = (pd.to_numeric(row.get(k), errors="coerce") for k in ("skin_ita_before", "skin_ita_after"))

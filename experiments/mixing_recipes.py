@@ -10,8 +10,9 @@ and trains only what differs, in ``<out>/<recipe>/seed-N``; ``<out>/recipes.md``
         "anchored:anchored_variants=1,swap_probability=0.5"
 
 A recipe is ``name`` (the experiment's default) or ``name:key=value,...``, the keys being classifier.py's mixing
-options or the experiment's ``anchored_variants``, ``anchored_strength`` and ``anchored_skin_tones`` (tone names
-joined by '+', or 'all': the lesion kept, the skin around it in those tones). Anchored variants are generated into
+options or the experiment's ``anchored_variants``, ``anchored_strength``, ``anchored_skin_tones`` (tone names
+joined by '+', or 'all': the lesion kept, the skin around it in those tones) and ``tone_augment`` (every
+classifier's images recoloured without a model, the yardstick included). Anchored variants are generated into
 the ``--from`` folder's seed, so recipes with the same ones share them. Choose a recipe on some seeds, then run
 it unchanged on others: a recipe picked on the seeds that score it is not yet a result.
 """
@@ -31,10 +32,10 @@ from lesiongen.errors import InputError
 from lesiongen.files import write_json, write_text
 from lesiongen.labels import SKIN_TONE_NAMES
 
-# The stages no recipe changes, linked from the finished seed, besides each style's synthetic-only classifier;
-# classifiers/real is linked unless the recipe fine-tunes (real only then trains as many epochs in all).
+# The stages no recipe changes, linked from the finished seed, besides the real-only and synthetic-only classifiers
+# where the recipe leaves them as they were (see ``retrained``).
 SHARED = ("data", "base-model", "models", "synthetic", "pairs", "evaluation", "anchored")
-EXPERIMENT_KEYS = ("anchored_variants", "anchored_strength", "anchored_skin_tones")
+EXPERIMENT_KEYS = {"anchored_variants": int, "anchored_strength": float, "tone_augment": float}
 
 
 @dataclass
@@ -45,7 +46,7 @@ class RecipesConfig:
     output_dir: str = option(help="where each recipe's classifiers and recipes.md go", aliases=("--out",))
     seeds: list[int] = option([0], help="seeds of --from to run each recipe on")
     recipes: list[str] = option(
-        ["default"], help="name or name:key=value,... (classifier.py mixing options, anchored_variants/_strength)"
+        ["default"], help="name or name:key=value,... (classifier.py mixing options, anchored_*, tone_augment)"
     )
 
 
@@ -60,20 +61,28 @@ def parse_recipe(text: str) -> tuple[str, list[str], dict]:
         if key == "anchored_skin_tones":  # tone names joined by '+', or 'all'
             settings[key] = list(SKIN_TONE_NAMES) if value == "all" else value.split("+")
         elif key in EXPERIMENT_KEYS:
-            settings[key] = (int if key == "anchored_variants" else float)(value)
+            settings[key] = EXPERIMENT_KEYS[key](value)
         else:
             pairs.append(pair)
     return name, pairs, settings
 
 
-def link_shared(source: Path, target: Path, seed: int, fine_tunes: bool) -> None:
+def retrained(pairs: list[str], settings: dict) -> set[str]:
+    """The classifiers besides real + synthetic that a recipe changes: real only when it fine-tunes (real only
+    then trains as many epochs in all), real only and synthetic only when every classifier is tone-augmented."""
+    runs = {"real"} if any(p.startswith("finetune_epochs=") and not p.endswith("=0") for p in pairs) else set()
+    return runs | ({"real", "synthetic"} if settings.get("tone_augment") else set())
+
+
+def link_shared(source: Path, target: Path, seed: int, retrains: set[str]) -> None:
     """``target`` (a recipe's seed folder) with the finished seed's shared stages linked in: every stage but the
-    real + synthetic classifiers (the synthetic-only ones take no recipe)."""
+    real + synthetic classifiers and those in ``retrains``."""
     target.mkdir(parents=True, exist_ok=True)
     (source / "anchored").mkdir(exist_ok=True)  # a recipe's variants go to the source, for every recipe to use
     styles = [d.name for d in (source / "classifiers").iterdir() if d.is_dir() and d.name != "real"]
-    shared = [*SHARED, *(f"classifiers/{style}/synthetic-seed{seed}" for style in styles)]
-    shared += [] if fine_tunes else ["classifiers/real"]
+    shared = list(SHARED)
+    shared += [] if "synthetic" in retrains else [f"classifiers/{style}/synthetic-seed{seed}" for style in styles]
+    shared += [] if "real" in retrains else ["classifiers/real"]
     for name in shared:
         link = target / name
         if (source / name).exists() and not link.exists():
@@ -98,8 +107,7 @@ def run_recipes(cfg: RecipesConfig) -> dict:
             **{**base, **settings, "output_dir": str(out / name), "seeds": cfg.seeds, "mixing": pairs}
         )
         for seed in cfg.seeds:
-            fine_tunes = any(p.startswith("finetune_epochs=") and not p.endswith("=0") for p in pairs)
-            link_shared(source / f"seed-{seed}", out / name / f"seed-{seed}", seed, fine_tunes)
+            link_shared(source / f"seed-{seed}", out / name / f"seed-{seed}", seed, retrained(pairs, settings))
         table[name] = {"recipe": text, "differences": experiment(recipe_cfg)["differences"]}
     write_json(out / "recipes.json", table)
     write_text(out / "recipes.md", recipes_markdown(table))

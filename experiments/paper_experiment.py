@@ -142,6 +142,11 @@ class PaperConfig:
         "drawn from these for each variant (--variant_skin_tones); default: the whole image redrawn",
         choices=SKIN_TONE_NAMES,
     )
+    tone_augment: float = option(
+        0.0,
+        help="every classifier's images recoloured to a drawn skin tone with this probability (classifier.py "
+        "--tone_augment, no model): the real-only yardstick's counterpart of --anchored_skin_tones",
+    )
     mixing: list[str] = option(
         [],
         help="mixing recipe of the real + synthetic classifiers as classifier.py name=value pairs, e.g. "
@@ -253,6 +258,7 @@ def classifier_rows(
         epochs=scaled("classifier_epochs", cfg.scale),
         num_workers=0,
         device=cfg.device,
+        tone_augment=cfg.tone_augment,
         **recipe_from_pairs(cfg.mixing),
     )
     finished = all((out / f"{mode}-seed{seed}" / "summary.json").is_file() for mode in runs)

@@ -15,17 +15,21 @@ from builders import write_manifest
 from PIL import Image
 from test_classify import assert_timm_loads_the_classifier
 from test_classify import quick as classify_quick
+from torchvision.transforms import v2
 
 from lesiongen import labels
+from lesiongen.captions.analyze import surrounding_ita
 from lesiongen.classify.compare import CompareConfig, compare
 from lesiongen.classify.config import ClassifyConfig
-from lesiongen.classify.data import TrainingImages, make_transform
+from lesiongen.classify.data import TrainingImages, lesion_masks, make_transform
 from lesiongen.classify.dual_bn import DualBatchNorm2d
 from lesiongen.classify.evaluate import EvalConfig, evaluate
 from lesiongen.classify.mixing import epoch_frame
 from lesiongen.classify.models import LAST, build_model, load_classifier
 from lesiongen.classify.train import classification_loss, train, train_epoch
 from lesiongen.errors import InputError
+from lesiongen.images import open_rgb
+from lesiongen.states import read_state, write_state
 from lesiongen.tables import read_image_table
 
 
@@ -199,7 +203,50 @@ def test_recipe_flag_errors(small_d7p):
         (dict(train="mixed", model="vit", synthetic_bn=True), "LayerNorm .* keeps no running statistics"),
         (dict(train="synthetic", synthetic_bn=True), "the real BatchNorm statistics used at evaluation never train"),
         (dict(train="mixed", synthetic_weight=-1.0), "--synthetic_weight: must be 0 or more"),
+        (dict(train="real", tone_augment=1.5), r"--tone_augment: must lie in \[0, 1\], got 1.5"),
     ]
     for kw, message in cases:
         with pytest.raises(InputError, match=message):
             ClassifyConfig(**{**base, **kw})
+
+
+def test_tone_augment_recolours_the_skin_to_every_band_and_keeps_the_lesion(small_d7p):
+    """--tone_augment on real Derm7pt images: the lesion's pixels stay, the skin around it reads the drawn band's
+    ITA, every band is drawn, and at probability 0 nothing changes and no random number is drawn."""
+    frame = read_image_table(small_d7p, "train").head(4).assign(origin="real")
+    size = 64
+    masks = lesion_masks(frame["path"].tolist(), size)
+    assert len(masks) >= 3  # the analyzer finds most lesions at the training size
+    path = next(p for p in frame["path"] if p in masks)
+    i, mask = frame["path"].tolist().index(path), masks[path]
+    source = np.asarray(open_rgb(path, draft=size))
+    assert mask.shape == source.shape[:2]
+    as_array = v2.Compose([v2.ToImage()])
+    tones = TrainingImages(frame, size, as_array, 1.0, masks)
+    torch.manual_seed(0)
+    itas = set()
+    for _ in range(40):
+        image = tones[i][0].permute(1, 2, 0).numpy()
+        assert (image[mask] == source[mask]).all()  # the lesion untouched
+        itas.add(labels.skin_tone_from_ita(surrounding_ita(image, mask)))
+    assert itas == set(labels.SKIN_TONE_NAMES)  # each band drawn, and the skin reads as that band
+    plain = TrainingImages(frame, size, as_array, 0.0, masks)
+    state = torch.get_rng_state()
+    assert (plain[i][0].permute(1, 2, 0).numpy() == source).all()
+    assert torch.equal(torch.get_rng_state(), state)  # runs without it draw exactly as before it existed
+
+
+def test_tone_augment_trains_and_resumes_only_with_its_own_setting(tmp_path, small_d7p):
+    """A tone-augmented run trains; resuming it without the setting is refused, and a checkpoint from before the
+    setting existed resumes as a run without it."""
+    out = tmp_path / "tones"
+    train(quick(small_d7p, out, tone_augment=0.5))
+    with pytest.raises(InputError, match="--tone_augment: 0.0 differs from 0.5"):
+        train(quick(small_d7p, out, epochs=2, resume_from_checkpoint="latest"))
+    plain = tmp_path / "plain"
+    train(quick(small_d7p, plain))
+    state = read_state(plain / LAST, "")
+    del state["config"]["tone_augment"]  # as written before --tone_augment existed
+    write_state(plain / LAST, state)
+    report = train(quick(small_d7p, plain, epochs=2, resume_from_checkpoint="latest"))
+    assert [h["epoch"] for h in report["runs"][0]["history"]] == [1, 2]

@@ -249,6 +249,12 @@ def test_a_recipe_names_its_mixing_options_and_its_anchored_variants(monkeypatch
     }
     with pytest.raises(InputError, match="--recipes"):
         module.parse_recipe(":synthetic_bn=true")
+    # what a recipe retrains besides real + synthetic: the yardstick when it fine-tunes, both others when every
+    # classifier is tone-augmented
+    for text, runs in (("bn:synthetic_bn=true", set()), ("ft:finetune_epochs=5", {"real"})):
+        assert module.retrained(*module.parse_recipe(text)[1:]) == runs
+    name, pairs, settings = module.parse_recipe("recolour:tone_augment=0.5")
+    assert settings == {"tone_augment": 0.5} and module.retrained(pairs, settings) == {"real", "synthetic"}
     experiment = sys.modules["paper_experiment"]
     plain = experiment.PaperConfig(anchored_variants=2)
     tones = experiment.PaperConfig(anchored_variants=2, anchored_skin_tones=["dark"])

@@ -62,6 +62,12 @@ class ClassifierSettings:
     lr: float = option(1e-3, help="AdamW learning rate (cosine decay)", aliases=("--learning_rate",))
     weight_decay: float = option(1e-4, help="AdamW weight decay")
     augment: str = option("standard", help="training augmentation", choices=tuple(AUGMENTATIONS))
+    tone_augment: float = option(
+        0.0,
+        help="probability that a training image's skin around its lesion is recoloured to a tone drawn from every "
+        "ITA band (a CIELAB shift, no model; the lesion's pixels kept): --variant_skin_tones without a diffusion "
+        "model, so that real only can have it too",
+    )
     balance: str = option("sampler", help="class balancing: weighted sampling or loss weights", choices=BALANCING)
     amp: bool = option(False, help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     # runs
@@ -88,6 +94,8 @@ class ClassifierSettings:
             raise InputError(
                 "--num_workers", f"must be 0 or more, got {self.num_workers}", "0 loads images in this process"
             )
+        if not 0 <= self.tone_augment <= 1:  # false for nan too
+            raise InputError("--tone_augment", f"must lie in [0, 1], got {self.tone_augment}", "e.g. 0.5")
         if self.image_size < 16:
             raise InputError("--image_size", f"{self.image_size} px is too small", "use 16 or more")
         if not 0 < self.lr < float("inf"):  # false for nan too

@@ -13,13 +13,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
 from .. import labels
+from ..captions.analyze import analyze_image
 from ..captions.splits import grouped_kfold
+from ..diffusion.edit import recolour_skin
 from ..errors import InputError
 from ..images import decode_problem, open_rgb
 from ..tables import METADATA, read_image_table
@@ -82,14 +85,43 @@ class ImageDataset(Dataset):
 
 
 class TrainingImages(ImageDataset):
-    """(image, class index, whether it is synthetic): the loss weight and the BatchNorm set follow the origin."""
+    """(image, class index, whether it is synthetic): the loss weight and the BatchNorm set follow the origin.
 
-    def __init__(self, frame: pd.DataFrame, size: int, transform: v2.Compose) -> None:
+    With ``masks`` (``lesion_masks``), an image that has one gets its skin recoloured with probability
+    ``tone_augment`` to a tone drawn uniformly from the ITA bands; the draws use torch's generator, which the
+    loader seeds per epoch, so a resumed run recolours as the uninterrupted one did.
+    """
+
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        size: int,
+        transform: v2.Compose,
+        tone_augment: float = 0.0,
+        masks: dict[str, np.ndarray] | None = None,
+    ) -> None:
         super().__init__(frame["path"].tolist(), targets(frame), size, transform)
         self.synthetic = (frame["origin"] != "real").to_numpy()
+        self.tone_augment, self.masks = tone_augment, masks or {}
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
-        return *super().__getitem__(i), bool(self.synthetic[i])
+        image = open_rgb(self.paths[i], draft=self.size)
+        mask = self.masks.get(self.paths[i])
+        if self.tone_augment and mask is not None and float(torch.rand(())) < self.tone_augment:
+            tone = labels.SKIN_TONE_NAMES[int(torch.randint(len(labels.SKIN_TONE_NAMES), ()))]
+            image = Image.fromarray(recolour_skin(np.asarray(image), mask, labels.skin_tone_ita(tone)))
+        return self.transform(image), int(self.targets[i]), bool(self.synthetic[i])
+
+
+def lesion_masks(paths: list[str], size: int) -> dict[str, np.ndarray]:
+    """Path -> the analyzer's lesion mask of the image as training loads it (``draft=size``), measured once per run
+    for --tone_augment; an image whose lesion cannot be measured is left out, and so never recoloured."""
+    masks = {}
+    for p in tqdm(sorted(set(paths)), desc="measuring lesions", unit="img", disable=None, leave=False):
+        found = analyze_image(np.asarray(open_rgb(p, draft=size)))
+        if not found["problem"]:
+            masks[p] = found["mask"]
+    return masks
 
 
 def targets(frame: pd.DataFrame) -> np.ndarray:

@@ -6,6 +6,7 @@ every epoch and resumes from it, so a killed run repeats nothing and ends with t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -32,6 +33,7 @@ from .data import (
     class_weights,
     drop_corrupt,
     lesion_folds,
+    lesion_masks,
     load_tables,
     make_transform,
     targets,
@@ -53,6 +55,7 @@ from .models import (
 
 RUN_FIELDS = (
     *("model", "vit_name", "image_size", "train", "synthetic_dir", "synthetic_ratio", "balance", "folds"),
+    "tone_augment",
     *("synthetic_share", "share_per", "synthetic_weight", "swap_probability", "finetune_epochs", "synthetic_bn"),
 )
 
@@ -73,10 +76,13 @@ def evaluate_frame(
     return classification_metrics(frame["label"].tolist(), pred, proba), proba
 
 
-def make_train_loader(cfg: ClassifyConfig, frame: pd.DataFrame, epoch: int) -> DataLoader:
+def make_train_loader(
+    cfg: ClassifyConfig, frame: pd.DataFrame, epoch: int, masks: dict[str, np.ndarray] | None = None
+) -> DataLoader:
     """Order and augmentation are seeded per epoch, so a resumed run repeats the uninterrupted one."""
     y = targets(frame)
-    dataset = TrainingImages(frame, cfg.image_size, make_transform(cfg.image_size, cfg.augment))
+    transform = make_transform(cfg.image_size, cfg.augment)
+    dataset = TrainingImages(frame, cfg.image_size, transform, cfg.tone_augment, masks)
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     if cfg.synthetic_share is not None and epoch < cfg.epochs:
         batches = share_batches(frame, cfg, generator)
@@ -158,8 +164,9 @@ def resume_state(cfg: ClassifyConfig, out: Path) -> dict | None:
             raise pickled_checkpoint(out / "last.pt", "or pass --resume_from_checkpoint none to start over")
         return None
     state = read_checkpoint(path)
-    for name in RUN_FIELDS:
-        if not same_setting(name, state["config"].get(name), getattr(cfg, name)):
+    defaults = {f.name: f.default for f in dataclasses.fields(ClassifyConfig)}
+    for name in RUN_FIELDS:  # a setting newer than the checkpoint was its default then
+        if not same_setting(name, state["config"].get(name, defaults[name]), getattr(cfg, name)):
             raise InputError(
                 f"--{name}",
                 f"{getattr(cfg, name)!r} differs from {state['config'].get(name)!r} in {path}",
@@ -199,11 +206,12 @@ def fit(cfg: ClassifyConfig, train_frame: pd.DataFrame, val_frame: pd.DataFrame,
         scaler.load_state_dict(state["scaler"])
         start, best, history = state["epoch"], state["best"], state["history"]
         print(f"resuming {out} after epoch {start}")
+    masks = lesion_masks(train_frame["path"].tolist(), cfg.image_size) if cfg.tone_augment else None
     writer = SummaryWriter(str(out / "logs"))
     for epoch in range(start, epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch)
         frame = epoch_frame(train_frame, cfg, epoch)
-        loader = make_train_loader(cfg, frame, epoch)
+        loader = make_train_loader(cfg, frame, epoch, masks)
         loss, n_synthetic = train_epoch(
             model,
             loader,

@@ -452,6 +452,19 @@ def settings(cfg: GenerateConfig) -> dict:
     return out
 
 
+# Settings that name a file or folder: the same one however it is spelled or linked.
+PATH_FIELDS = ("model_path", "base_model", "distribution", "target", "data_dir", "mask_dir")
+
+
+def same_setting(name: str, before, now) -> bool:
+    """A folder's saved setting against the one given; a path is the same when both name one existing file or
+    folder (a recipe's seed reaches the models through a link, another recipe through another link)."""
+    if before == now:
+        return True
+    paths = name in PATH_FIELDS and isinstance(before, str) and isinstance(now, str)
+    return paths and os.path.exists(now) and os.path.realpath(before) == os.path.realpath(now)
+
+
 def check_resume(root: Path, cfg: GenerateConfig) -> None:
     """A dataset folder resumes only under the settings and the model that made it, so one folder never
     mixes two plans or two models (the same relative --model_path, run from another folder, is another model)."""
@@ -464,7 +477,7 @@ def check_resume(root: Path, cfg: GenerateConfig) -> None:
     # a setting newer than the folder counts as its default there: the folder was made without it
     defaults = {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(GenerateConfig)}
     before = {k: before.get(k, defaults.get(k)) for k in now}
-    diffs = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now if before[k] != now[k]]
+    diffs = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now if not same_setting(k, before[k], now[k])]
     model_before, model_now = saved.get("model") or {}, model_identity(cfg.model_path, cfg.base_model)
     diffs += [
         f"model {k}: {model_before[k]} -> {model_now[k]}"

@@ -7,14 +7,14 @@ and trains only what differs, in ``<out>/<recipe>/seed-N``; ``<out>/recipes.md``
 
     python experiments/mixing_recipes.py --from outputs/paper --out outputs/recipes --seeds 0 1 2 \\
         --recipes default "bn:synthetic_bn=true" "finetune:finetune_epochs=5" \\
-        "anchored:anchored_variants=1,swap_probability=0.5"
+        "text2image:anchored_variants=0" "redrawn:anchored_skin_tones=none,swap_probability=0.5"
 
 A recipe is ``name`` (the experiment's default) or ``name:key=value,...``, the keys being classifier.py's mixing
-options or the experiment's ``anchored_variants``, ``anchored_strength``, ``anchored_skin_tones`` (tone names
-joined by '+', or 'all': the lesion kept, the skin around it in those tones) and ``tone_augment`` (every
-classifier's images recoloured without a model, the yardstick included). Anchored variants are generated into
-the ``--from`` folder's seed, so recipes with the same ones share them. Choose a recipe on some seeds, then run
-it unchanged on others: a recipe picked on the seeds that score it is not yet a result.
+options or the experiment's ``anchored_variants``, ``anchored_strength``, ``anchored_skin_tones`` (tone names joined
+by '+', or 'all': the lesion kept, the skin around it in those tones; 'none': the whole image redrawn) and
+``tone_augment`` (every classifier's images recoloured without a model, the yardstick included). Anchored variants
+are generated into the ``--from`` folder's seed, so recipes with the same ones share them. Choose a recipe on some
+seeds, then run it unchanged on others: a recipe picked on the seeds that score it is not yet a result.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def parse_recipe(text: str) -> tuple[str, list[str], dict]:
     pairs, settings = [], {}
     for pair in filter(None, body.split(",")):
         key, _, value = pair.partition("=")
-        if key == "anchored_skin_tones":  # tone names joined by '+', or 'all'
-            settings[key] = list(SKIN_TONE_NAMES) if value == "all" else value.split("+")
+        if key == "anchored_skin_tones":  # tone names joined by '+', 'all', or 'none' (the whole image redrawn)
+            settings[key] = {"all": list(SKIN_TONE_NAMES), "none": []}.get(value, value.split("+"))
         elif key in EXPERIMENT_KEYS:
             settings[key] = EXPERIMENT_KEYS[key](value)
         else:

@@ -209,7 +209,7 @@ def test_mixing_recipes_reuse_the_finished_stages_and_train_only_the_classifiers
     weights = out / "seed-0" / "models" / "concept" / "unet" / "diffusion_pytorch_model.safetensors"
     stamp = weights.stat().st_mtime_ns
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    recipes = ["anchored:anchored_variants=1,swap_probability=0.5"]
+    recipes = ["anchored:anchored_variants=1,anchored_skin_tones=none,swap_probability=0.5"]
     args = ["--from", str(out), "--out", str(tmp_path / "recipes"), "--seeds", "0", "--recipes", *recipes]
     done = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "mixing_recipes.py"), *args],
@@ -247,6 +247,7 @@ def test_a_recipe_names_its_mixing_options_and_its_anchored_variants(monkeypatch
     assert module.parse_recipe("light:anchored_skin_tones=very light+light")[2] == {
         "anchored_skin_tones": ["very light", "light"]
     }
+    assert module.parse_recipe("redrawn:anchored_skin_tones=none")[2] == {"anchored_skin_tones": []}
     with pytest.raises(InputError, match="--recipes"):
         module.parse_recipe(":synthetic_bn=true")
     # what a recipe retrains besides real + synthetic: the yardstick when it fine-tunes, both others when every
@@ -256,6 +257,12 @@ def test_a_recipe_names_its_mixing_options_and_its_anchored_variants(monkeypatch
     name, pairs, settings = module.parse_recipe("recolour:tone_augment=0.5")
     assert settings == {"tone_augment": 0.5} and module.retrained(pairs, settings) == {"real", "synthetic"}
     experiment = sys.modules["paper_experiment"]
-    plain = experiment.PaperConfig(anchored_variants=2)
+    plain = experiment.PaperConfig(anchored_variants=2, anchored_skin_tones=["none"])
     tones = experiment.PaperConfig(anchored_variants=2, anchored_skin_tones=["dark"])
     assert experiment.anchored_name(plain, "concept") != experiment.anchored_name(tones, "concept")
+    # the default: two lesion-kept variants on skin of any tone; 'none' (alone) redraws the whole image
+    default = experiment.PaperConfig()
+    assert (default.anchored_variants, default.anchored_skin_tones) == (2, list(labels.SKIN_TONE_NAMES))
+    assert plain.anchored_skin_tones == [] and experiment.anchored_name(plain, "concept") == "concept-2x-strength0.5"
+    with pytest.raises(InputError, match="--anchored_skin_tones: 'none' goes alone"):
+        experiment.PaperConfig(anchored_skin_tones=["none", "dark"])

@@ -101,6 +101,28 @@ def test_generated_images_are_balanced_and_decode(quick_demo):
             assert im.size == (s.resolution, s.resolution)
 
 
+def test_the_mixed_classifier_adds_lesion_kept_variants_of_the_training_images(quick_demo):
+    """Real + synthetic trains on the real images plus two variants of each real training image, the lesion kept
+    and the skin redrawn in a drawn tone; synthetic only keeps the text-to-image set."""
+    variants = pd.read_csv(quick_demo / "variants" / "manifest.csv", dtype=str, keep_default_na=False)
+    train_images = {p.name for p in (quick_demo / "captions" / "train" / "images").iterdir()}
+    assert len(variants) and all(Path(s).parent.parent.name == "train" for s in variants["source"])
+    assert set(variants["source"].map(lambda s: Path(s).name)) <= train_images
+    assert variants.groupby("source").size().max() == 2 and len(variants) > len(train_images)
+    assert set(variants["skin_tone"]) <= set(labels.SKIN_TONE_NAMES) and len(set(variants["skin_tone"])) > 1
+    assert set(variants["strength"]) == {"0.6"} and set(variants["valid"]) <= {"true", "false"}
+    results = json.loads((quick_demo / "classifiers" / "comparison.json").read_text())
+    n = {r["train"]: (r["n_real"], r["n_synthetic"]) for r in results["runs"]}
+    generated = pd.read_csv(quick_demo / "generated" / "manifest.csv")
+    assert n["mixed"] == (n["real"][0], int((variants["valid"] == "true").sum())) and n["synthetic"][1] == len(
+        generated
+    )
+    assert Path(results["mixed_dir"]).name == "variants"
+    assert (
+        f"The real + synthetic row adds the images of {results['mixed_dir']}" in (quick_demo / "report.md").read_text()
+    )
+
+
 def test_report_has_grids_table_losses_and_commands(quick_demo):
     html = (quick_demo / "report.html").read_text()
     md = (quick_demo / "report.md").read_text()

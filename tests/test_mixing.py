@@ -189,6 +189,32 @@ def test_synthetic_batches_leave_the_real_batchnorm_statistics_alone(tmp_path, s
     assert_timm_loads_the_classifier(tmp_path / "run")  # the twins stay home: timm gets a plain ResNet18
 
 
+def test_mixed_runs_add_their_own_set_and_synthetic_only_keeps_the_text_set(
+    tmp_path, small_d7p, fake_generation, variants
+):
+    out = tmp_path / "cmp"
+    settings = dict(data_dir=str(small_d7p), image_size=32, epochs=1, batch_size=64, pretrained=False, num_workers=0)
+    result = compare(
+        CompareConfig(
+            **settings, synthetic_dir=str(fake_generation), mixed_dir=str(variants), output_dir=str(out), seeds=[3]
+        )
+    )
+    n_real, n_text = len(read_image_table(small_d7p, "train")), len(read_image_table(fake_generation))
+    counts = {r["train"]: (r["n_real"], r["n_synthetic"]) for r in result["runs"]}
+    assert counts == {"real": (n_real, 0), "synthetic": (0, n_text), "mixed": (n_real, 2 * n_real)}
+    assert result["mixed_dir"] == str(variants)
+    assert (
+        f"Real + synthetic recipe: the synthetic images added to the real ones, from {variants}."
+        in (out / "compare.md").read_text()
+    )
+    # the mixed run alone needs no text-to-image set; a set no run reads is refused
+    CompareConfig(**settings, runs=["real", "mixed"], mixed_dir=str(variants))
+    with pytest.raises(InputError, match="--mixed_dir: only the mixed runs use it"):
+        CompareConfig(**settings, runs=["real", "synthetic"], synthetic_dir="s", mixed_dir=str(variants))
+    with pytest.raises(InputError, match="--synthetic_dir: synthetic and mixed runs need synthetic images"):
+        CompareConfig(**settings, runs=["real", "synthetic", "mixed"], mixed_dir=str(variants))
+
+
 def test_recipe_flag_errors(small_d7p):
     base = dict(data_dir=str(small_d7p), synthetic_dir="s")
     cases = [

@@ -102,6 +102,13 @@ def test_writes_one_row_per_training_set_and_caption_style(experiment):
     assert [h["stage"] for h in history["history"]] == ["pretrain", "finetune"]
     real_run = json.loads((out / "seed-0" / "classifiers" / "real" / "real-seed0" / "summary.json").read_text())
     assert len(real_run["history"]) == 2
+    # by default the mix is two lesion-kept skin-tone variants of each real training image, not the text-to-image set
+    anchored = out / "seed-0" / "anchored" / "concept-2x-strength0.5-keep-verylight-light-intermediate-tan-brown-dark"
+    variants = pd.read_csv(anchored / "manifest.csv", dtype=str, keep_default_na=False)
+    assert variants["source"].str.contains("/concept/train/").all() and variants.groupby("source").size().max() == 2
+    assert set(variants["skin_tone"]) <= set(labels.SKIN_TONE_NAMES) and set(variants["strength"]) == {"0.5"}
+    mixed = next(r for r in seed["rows"] if (r["train"], r["captions"]) == ("mixed", "concept"))
+    assert mixed["n_synthetic"] == (variants["valid"] == "true").sum() > 0
     ba = {d["name"]: d for d in result["differences"] if d["metric"] == "balanced_accuracy"}
     assert set(ba) == {"synthetic-label", "mixed-label", "synthetic-concept", "mixed-concept"}
     by_row = {f"{r['train']}-{r['captions']}": r["balanced_accuracy"] for r in seed["rows"]}

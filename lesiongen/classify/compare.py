@@ -102,15 +102,28 @@ class CompareConfig(ClassifierSettings):
         choices=tuple(CHECKPOINTS),
     )
     min_group_size: int = option(5, help="smaller subgroups cannot be the worst group")
+    mixed_dir: str | None = option(
+        None,
+        help="the synthetic images the real + synthetic runs add, where they are not --synthetic_dir's: e.g. "
+        "generate.py --mode augment's variants of the real training images (synthetic only keeps --synthetic_dir)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if any(r != "real" for r in self.runs) and not self.synthetic_dir:
+        if self.mixed_dir and "mixed" not in self.runs:
+            raise InputError("--mixed_dir", "only the mixed runs use it", "add mixed to --runs, or leave it out")
+        if ("synthetic" in self.runs or "mixed" in self.runs and not self.mixed_dir) and not self.synthetic_dir:
             raise InputError(
                 "--synthetic_dir",
                 "synthetic and mixed runs need synthetic images",
                 "pass generate.py's output folder, or --runs real",
             )
+
+    def synthetic_set(self, mode: str) -> str | None:
+        """The synthetic folder a run of ``mode`` reads: none for real only, --mixed_dir's for mixed if given."""
+        if mode == "real":
+            return None
+        return self.mixed_dir if mode == "mixed" and self.mixed_dir else self.synthetic_dir
 
     def run_config(self, mode: str, seed: int) -> ClassifyConfig:
         """The classifier config of one run: these settings with its own data, seed and folder.
@@ -123,6 +136,7 @@ class CompareConfig(ClassifierSettings):
         if mode != "mixed":
             shared.update(RECIPE_DEFAULTS)
             shared["epochs"] = self.total_epochs if mode == "real" else self.epochs
+        shared["synthetic_dir"] = self.synthetic_set(mode)
         out = Path(self.output_dir) / f"{mode}-seed{seed}"
         return ClassifyConfig(**{**shared, "train": mode, "seed": seed, "output_dir": str(out)})
 
@@ -145,15 +159,17 @@ def check_inputs(cfg: CompareConfig, split: str) -> None:
     """Read, decode-check and assemble every run's data before the first run trains, as each run will, so
     whatever would stop a later run (a bad path, no readable synthetic image, a class the synthetic set
     lacks) fails in seconds, not after the real-only runs have trained."""
-    mode = "mixed" if any(r != "real" for r in cfg.runs) else "real"
-    frames, skipped = load_tables(cfg.data_dir, mode, cfg.synthetic_dir, cfg.skip_missing)
-    frames = drop_corrupt(frames, skipped)
+    frames = {}  # by the synthetic folder the runs read (None: real only)
+    for folder in dict.fromkeys(cfg.synthetic_set(mode) for mode in cfg.runs):
+        loaded, skipped = load_tables(cfg.data_dir, "real" if folder is None else "mixed", folder, cfg.skip_missing)
+        frames[folder] = drop_corrupt(loaded, skipped)
     read_table(cfg.data_dir, split, cfg.skip_missing)
     if cfg.folds == 1:  # folds validate on held-out training lesions, not on the validation split
         for mode, seed in itertools.product(cfg.runs, cfg.seeds):
             run_cfg = cfg.run_config(mode, seed)
-            train_frame, _ = assemble(frames["train"], frames.get("synthetic"), run_cfg, mode, seed)
-            check_classes(train_frame, frames["validation"], cfg.allow_missing_classes)
+            tables = frames[cfg.synthetic_set(mode)]
+            train_frame, _ = assemble(tables["train"], tables.get("synthetic"), run_cfg, mode, seed)
+            check_classes(train_frame, tables["validation"], cfg.allow_missing_classes)
 
 
 def run_row(cfg: CompareConfig, mode: str, seed: int, split: str) -> dict:
@@ -362,6 +378,7 @@ def compare(cfg: CompareConfig) -> dict:
         "table": table,
         "differences": diffs,
         "recipe": recipe(cfg),
+        "mixed_dir": cfg.mixed_dir,
     }
     write_json(out / RESULT_FILE, result)
     frames = {"compare_runs.csv": rows, "compare.csv": table, DIFFERENCE_FILE: diffs}
@@ -378,7 +395,7 @@ def compare(cfg: CompareConfig) -> dict:
         said = (
             ", ".join(f"{k}={v}" for k, v in result["recipe"].items()) or "the synthetic images added to the real ones"
         )
-        text += f"\nReal + synthetic recipe: {said}.\n"
+        text += f"\nReal + synthetic recipe: {said}" + (f", from {cfg.mixed_dir}" if cfg.mixed_dir else "") + ".\n"
     if diffs:
         text += "\n" + interval_note(len(scored), len(cfg.seeds)) + "\n\n" + differences_markdown(diffs)
     write_text(out / "compare.md", text)
@@ -388,7 +405,7 @@ def compare(cfg: CompareConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    reads = ("data_dir", "synthetic_dir")
+    reads = ("data_dir", "synthetic_dir", "mixed_dir")
     return run_stage(compare, CompareConfig, argv, "compare.py", "the classifier comparison", reads, tables=reads)
 
 

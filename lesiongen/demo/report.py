@@ -87,9 +87,17 @@ RERUN_COMMANDS: tuple[tuple[str, str], ...] = (
         "--output_dir outputs/pairs",
     ),
     (
+        "Lesion-kept skin-tone variants of each training image (the real + synthetic classifier's images)",
+        "python generate.py --mode augment --data_dir data/captions/ham10000 --split train --model_path "
+        "outputs/lesiongen-lora --variants_per_image 2 --strength 0.6 --keep lesion --variant_skin_tones "
+        "'very light' light intermediate tan brown dark --output_dir outputs/variants",
+    ),
+    (
         "Classifiers: real, synthetic, mixed",
-        "for t in real synthetic mixed; do python classification/classifier.py --data_dir data/captions/ham10000 "
-        "--train $t --synthetic_dir outputs/generated --output_dir weights/$t; done",
+        "for t in real synthetic; do python classification/classifier.py --data_dir data/captions/ham10000 "
+        "--train $t --synthetic_dir outputs/generated --output_dir weights/$t; done; python "
+        "classification/classifier.py --data_dir data/captions/ham10000 --train mixed --synthetic_dir outputs/variants "
+        "--output_dir weights/mixed",
     ),
     (
         "Per-subgroup evaluation on the held-out test split",
@@ -549,6 +557,11 @@ def _results_note(results: dict) -> str:
         f"{results['baseline']['balanced_accuracy']:.3f}. The worst group is taken over sex, age bin, site group and "
         "skin tone, among groups with at least 3 test images. The synthetic-only row is the Classification Accuracy "
         "Score of Ravuri & Vinyals (2019)."
+        + (
+            f" The real + synthetic row adds the images of {results['mixed_dir']}, not the synthetic-only row's."
+            if results.get("mixed_dir")
+            else ""
+        )
     )
 
 

@@ -118,9 +118,12 @@ def test_the_mixed_classifier_adds_lesion_kept_variants_of_the_training_images(q
         generated
     )
     assert Path(results["mixed_dir"]).name == "variants"
-    assert (
-        f"The real + synthetic row adds the images of {results['mixed_dir']}" in (quick_demo / "report.md").read_text()
-    )
+    md = (quick_demo / "report.md").read_text()
+    assert f"The real + synthetic row adds the images of {results['mixed_dir']}" in md
+    valid = variants[variants["valid"] == "true"]
+    assert f"{len(valid)} variants of {valid['source'].nunique()} real training images" in md
+    with Image.open(quick_demo / "report_files" / "variants.png") as grid:  # a row per condition: source + 2 variants
+        assert grid.size[0] == 3 * 64 and grid.size[1] > len(labels.CODES) * 64
 
 
 def test_report_has_grids_table_losses_and_commands(quick_demo):
@@ -134,9 +137,9 @@ def test_report_has_grids_table_losses_and_commands(quick_demo):
         assert loss.size[0] > 300
     # self-contained: every image is a data URI, nothing points at a file
     srcs = re.findall(r"src='([^']*)'", html)
-    # grids, confusion matrix, the generated images closest to training images, pair grids, loss, the audit's grid
-    # and flip chart
-    figures = len(labels.CONDITIONS) + 1 + 1 + len(CONTRASTS) + 1 + 2
+    # grids, confusion matrix, the generated images closest to training images, pair grids, loss, the variants of
+    # training images, the audit's grid and flip chart
+    figures = len(labels.CONDITIONS) + 1 + 1 + len(CONTRASTS) + 1 + 1 + 2
     assert len(srcs) == figures and all(s.startswith("data:image/png;base64,") for s in srcs)
     audit = json.loads((quick_demo / "audit" / "audit.json").read_text())  # stage 6b, on the test split
     assert audit["config"]["values"] == ["very light", "dark"] and audit["counts"]["sources"] > 0

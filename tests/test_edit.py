@@ -112,9 +112,12 @@ def test_an_edit_keeps_the_images_own_caption_unless_a_field_changes(tiny_lora_r
     assert all("dark skin" in r["text"] for r in manifest(tmp_path / "b"))
 
 
-def test_bad_sources_are_skipped_one_line_each_and_the_rest_are_made(tiny_lora_run, d7p_small_train, tmp_path, capsys):
+def test_bad_sources_are_skipped_one_line_each_and_the_rest_are_made(
+    tiny_lora_run, d7p_small_train, tmp_path, capsys, monkeypatch
+):
     """A plain image folder, labelled by --condition: a good image, one smaller than the model's size, one with
-    no lesion to measure, and one whose stored mask covers the whole image."""
+    no lesion to measure, and one whose stored mask covers the whole image. Given relative to the working folder,
+    the manifest still names each source so that it opens from any other."""
     folder, masks = tmp_path / "images", tmp_path / "masks"
     folder.mkdir()
     masks.mkdir()
@@ -126,18 +129,21 @@ def test_bad_sources_are_skipped_one_line_each_and_the_rest_are_made(tiny_lora_r
     Image.fromarray(np.full((32, 32, 3), (200, 150, 130), np.uint8)).save(folder / "small.png")
     Image.fromarray(np.full((96, 96, 3), (200, 150, 130), np.uint8)).save(folder / "plain_skin.png")
     args = ["--model_path", str(tiny_lora_run), "--output_dir", str(tmp_path / "out"), "--mode", "edit"]
-    args += ["--data_dir", str(folder), "--condition", "nv", "--keep", "lesion", "--mask_dir", str(masks)]
+    monkeypatch.chdir(tmp_path)
+    args += ["--data_dir", "images", "--condition", "nv", "--keep", "lesion", "--mask_dir", str(masks)]
     args += ["--num_inference_steps", "2", "--guidance_scale", "4", "--resolution", "64", "--device", "cpu"]
     assert main(args) == 0
     printed = capsys.readouterr()
     lines = [x for x in printed.err.splitlines() if x.startswith("skipped ")]
     assert len(lines) == 3 and "3 source image(s) skipped" in printed.out
-    assert f"4 planned (from the images in {folder})" in printed.out
+    assert "4 planned (from the images in images)" in printed.out
     assert any("small.png: 32x32 is smaller than the 64 px the model makes" in x for x in lines)
     assert any("plain_skin.png: no lesion mask can be measured (no lesion found)" in x for x in lines)
     assert any("covered.jpg: its lesion mask covers 100% of the image" in x for x in lines)
     (row,) = manifest(tmp_path / "out")
     assert row["source"] == (folder / "good.jpg").as_posix() and row["dx"] == "nv"
+    monkeypatch.chdir(masks)
+    assert Path(row["source"]).is_file()
     assert float(row["lesion_change"]) == 0.0 and math.isfinite(float(row["skin_ita_after"]))
 
 

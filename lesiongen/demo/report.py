@@ -123,6 +123,9 @@ class ReportConfig:
     pairs: str | None = option(None, help="generate.py --contrast output folder (the steering pairs)")
     train_runs: list[str] = option([], help="NAME=DIR of train.py output folders whose loss curves to plot")
     comparison: str | None = option(None, help="comparison.json written by classification/compare.py")
+    variants: str | None = option(
+        None, help="generate.py --mode augment output folder: per condition one training image and its variants"
+    )
     audit: str | None = option(None, help="python -m lesiongen.audit output folder (audit.json)")
     stage_times: str | None = option(None, help="JSON {stage: seconds}")
     run_info: str | None = option(
@@ -472,6 +475,7 @@ def build_report(cfg: ReportConfig) -> dict:
         else None,
     )
     differences = differences_section(results)
+    variants = variants_section(cfg, files)
     audited = audit_sections(cfg, files)
     times = json.loads(Path(cfg.stage_times).read_text()) if cfg.stage_times else {}
     run_info = json.loads(Path(cfg.run_info).read_text()) if cfg.run_info else {}
@@ -490,6 +494,7 @@ def build_report(cfg: ReportConfig) -> dict:
         steering,
         skin_tone_section(evaluation),
         losses,
+        variants,
         classifiers,
         differences,
         *audited,
@@ -500,6 +505,40 @@ def build_report(cfg: ReportConfig) -> dict:
     intro = "Every image below is embedded in this file; every number comes from the run's own output files."
     write_text(out / "report.html", to_html(cfg.title, sections, intro))
     return {"grids": grids, "pairs": pair_grids, "loss_points": {k: len(v) for k, v in curves.items()}, "rows": rows}
+
+
+def variants_section(cfg: ReportConfig, files: Path) -> Section:
+    """What the real + synthetic classifier adds when it mixes in variants of the real training images: per
+    condition the first training image with all its variants valid, then those variants with their drawn tones."""
+    from ..classify.mixing import resolved_sources
+    from ..tables import read_image_table
+
+    title = "Variants of the real training images (what real + synthetic adds)"
+    if not cfg.variants:
+        return Section(title)  # nothing to show: left out
+    frame = read_image_table(cfg.variants)  # valid rows, each with its file's path
+    frame = frame.assign(source=resolved_sources(frame))
+    frame = frame[frame["source"] != ""]
+    per_source = frame.groupby("source", sort=False)["path"].transform("size")
+    complete = frame[per_source == per_source.max()]
+    cells, row_labels = [], []
+    for code in labels.CODES:
+        rows = complete[complete["label"] == code]
+        if rows.empty:
+            continue
+        rows = rows[rows["source"] == rows["source"].iloc[0]]
+        cells += [open_rgb(rows["source"].iloc[0]), *map(open_rgb, rows["path"])]
+        row_labels.append(f"{code}: real, then {', '.join(rows['skin_tone'])}")
+    if not cells:
+        return Section(title)
+    cols = len(cells) // len(row_labels)
+    path = save_png(image_grid(cells, cols=cols, tile=cfg.tile, row_labels=row_labels), files / "variants.png")
+    note = (
+        f"{len(frame)} variants of {frame['source'].nunique()} real training images, made by generate.py --mode "
+        "augment --keep lesion: each keeps its source's lesion pixel for pixel and its labels, and the model redraws "
+        "the skin around it in a tone drawn for it. Synthetic only trains on the text-to-image set instead."
+    )
+    return Section(title, [note], [Figure("each row: a real training image, then its variants", path, cols * cfg.tile)])
 
 
 def audit_sections(cfg: ReportConfig, files: Path) -> list[Section]:

@@ -538,6 +538,7 @@ def stage_report(cfg: DemoConfig, s: Settings, out: Path) -> str:
             pairs=str(p["pairs"]) if (p["pairs"] / "manifest.csv").is_file() else None,
             train_runs=[f"base UNet + text encoder={p['base']}", f"LoRA={p['lora']}"],
             comparison=str(p["classifiers"] / RESULT_FILE) if (p["classifiers"] / RESULT_FILE).is_file() else None,
+            variants=str(p["variants"]) if (p["variants"] / "manifest.csv").is_file() else None,
             audit=str(p["audit"]) if (p["audit"] / "audit.json").is_file() else None,
             stage_times=str(out / "stage_times.json"),
             run_info=str(out / RUN_INFO),

@@ -123,9 +123,10 @@ def is_captions_folder(folder: Path) -> bool:
 
 
 def source_rows(cfg) -> list[tuple[dict, str]]:
-    """(metadata row, source path as given) of each real image, in the folder's order. A plain image folder's
-    rows carry only ``image_id`` and ``--condition``'s diagnosis."""
-    folder = Path(cfg.data_dir)
+    """(metadata row, source path) of each real image, in the folder's order. A plain image folder's rows carry
+    only ``image_id`` and ``--condition``'s diagnosis. The path is absolute (links kept as given): the manifest's
+    ``source`` column must open from wherever its reader runs, not only from the folder generate.py ran in."""
+    folder = Path(cfg.data_dir).absolute()
     if is_captions_folder(folder):
         (table,) = find_tables(folder, None if (folder / METADATA).is_file() else cfg.split)
         where = table.parent.relative_to(folder)

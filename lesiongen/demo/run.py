@@ -166,8 +166,9 @@ RUN_INFO = "run_info.json"
 # The real + synthetic classifier's synthetic images: variants of each real training image that keep the lesion's
 # pixels and redraw the skin around it in a tone drawn from all six (generate.py --mode augment --keep lesion),
 # sampled as the steering pairs are but in 10 steps. Derm7pt's experiment mixes them in by default: there they beat
-# the text-to-image set as the mix on each of five seeds, +0.058 [+0.005, +0.111] balanced accuracy; on the demo's
-# seed 0 they scored +0.028 [-0.012, +0.071] against real only where that set scored -0.017 (docs/results.md).
+# the text-to-image set as the mix on each of five seeds, +0.058 [+0.005, +0.111] balanced accuracy. Here, against
+# real only on seeds 0-2, they scored +0.036, +0.151 and +0.068 at 2 threads (the text-to-image set: -0.017, +0.090,
+# +0.048), with intervals above 0 on 5 of 6 runs at 1 and 2 threads (docs/results.md).
 VARIANTS = {
     "variants_per_image": 2,
     "strength": 0.6,

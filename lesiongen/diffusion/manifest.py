@@ -50,7 +50,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "index",
     "pair",  # a --contrast pair's shared image id; empty otherwise
     "contrast",  # the pair's switch, 'field=on:off'
-    "source",  # edit/augment: the real image it was made from, its path as given; empty otherwise
+    "source",  # edit/augment: the real image it was made from, its absolute path; empty otherwise
     "strength",  # edit/augment: the SDEdit strength
     "lesion_change",  # --keep lesion: mean absolute pixel change inside the kept region, 0-255
     "skin_ita_before",  # --keep lesion: ITA of the skin ring around it in the source, and in the edit

@@ -81,7 +81,7 @@ class ImageSpec:
     concept_source: str = "none"
     contrast: str = ""  # for a --contrast pair, 'field=on:off'; both images share image_id and seed
     variant: str = ""  # which side of the pair this image is (the switched value)
-    source: str = ""  # image-to-image (sources.py): the real image it starts from, its path as given
+    source: str = ""  # image-to-image (sources.py): the real image it starts from, its absolute path
     text: str = ""  # a fixed prompt (an edited image's own caption); empty: captioned from the record
 
     @property

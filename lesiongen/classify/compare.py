@@ -159,17 +159,18 @@ def check_inputs(cfg: CompareConfig, split: str) -> None:
     """Read, decode-check and assemble every run's data before the first run trains, as each run will, so
     whatever would stop a later run (a bad path, no readable synthetic image, a class the synthetic set
     lacks) fails in seconds, not after the real-only runs have trained."""
-    frames = {}  # by the synthetic folder the runs read (None: real only)
-    for folder in dict.fromkeys(cfg.synthetic_set(mode) for mode in cfg.runs):
-        loaded, skipped = load_tables(cfg.data_dir, "real" if folder is None else "mixed", folder, cfg.skip_missing)
-        frames[folder] = drop_corrupt(loaded, skipped)
+    loaded, skipped = load_tables(cfg.data_dir, "real", None, cfg.skip_missing)
+    real = drop_corrupt(loaded, skipped)
+    synthetic = {  # each synthetic folder the runs read, read and decode-checked once
+        folder: drop_corrupt({"synthetic": read_table(folder, None, cfg.skip_missing)}, {})["synthetic"]
+        for folder in dict.fromkeys(filter(None, map(cfg.synthetic_set, cfg.runs)))
+    }
     read_table(cfg.data_dir, split, cfg.skip_missing)
     if cfg.folds == 1:  # folds validate on held-out training lesions, not on the validation split
         for mode, seed in itertools.product(cfg.runs, cfg.seeds):
             run_cfg = cfg.run_config(mode, seed)
-            tables = frames[cfg.synthetic_set(mode)]
-            train_frame, _ = assemble(tables["train"], tables.get("synthetic"), run_cfg, mode, seed)
-            check_classes(train_frame, tables["validation"], cfg.allow_missing_classes)
+            train_frame, _ = assemble(real["train"], synthetic.get(cfg.synthetic_set(mode)), run_cfg, mode, seed)
+            check_classes(train_frame, real["validation"], cfg.allow_missing_classes)
 
 
 def run_row(cfg: CompareConfig, mode: str, seed: int, split: str) -> dict:

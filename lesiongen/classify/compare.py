@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from .evaluate import EvalConfig, evaluate
 from .metrics import LEVEL, RESAMPLES, majority_baseline, paired_differences
 from .mixing import assemble
 from .models import BEST, LAST
-from .train import train
+from .train import steps_per_epoch, train
 
 RESULT_FILE = "comparison.json"
 CHECKPOINTS = {"best": BEST, "last": LAST}
@@ -78,6 +79,8 @@ RUN_NAMES = {"real": "real only", "synthetic": "synthetic only", "mixed": "real 
 # Differences between training sets get intervals for these, besides the worst group of each subgroup field.
 DIFFERENCE_TITLES = {"balanced_accuracy": "balanced acc.", "worst_group_accuracy": "worst-group acc."}
 DIFFERENCE_FILE = "compare_differences.csv"
+# How long real only trains: the mixed run's epochs, or as many epochs as give it the mixed run's optimiser steps.
+REAL_SCHEDULES = ("epochs", "steps")
 
 
 @dataclass
@@ -85,7 +88,8 @@ class CompareConfig(ClassifierSettings):
     """Train real-only, synthetic-only and mixed classifiers with the same settings and compare them.
 
     The mixing options (--synthetic_share, --synthetic_weight, --swap_probability, --finetune_epochs,
-    --synthetic_bn) shape the real + synthetic run; real only trains as many epochs as its two stages.
+    --synthetic_bn) shape the real + synthetic run; real only trains as many epochs as its two stages, or
+    (--real_schedule steps) as many optimiser steps.
     """
 
     output_dir: str = option(
@@ -108,8 +112,26 @@ class CompareConfig(ClassifierSettings):
         "generate.py --mode augment's variants of the real training images (synthetic only keeps --synthetic_dir)",
     )
 
+    real_schedule: str = option(
+        "epochs",
+        help="real only trains the mixed run's epochs (both stages), or (steps) as many epochs as give it the mixed "
+        "run's optimiser steps: an epoch of real + synthetic images takes more steps than one of the real ones, and "
+        "on a small set those extra steps alone can make the difference",
+        choices=REAL_SCHEDULES,
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.real_schedule == "steps" and not {"real", "mixed"} <= set(self.runs):
+            raise InputError(
+                "--real_schedule steps", "counts the mixed run's steps for real only", "run both: --runs real mixed"
+            )
+        if self.real_schedule == "steps" and self.folds > 1:
+            raise InputError(
+                "--real_schedule steps",
+                "each fold's runs would need their own count",
+                "use --folds 1, or --real_schedule epochs",
+            )
         if self.mixed_dir and "mixed" not in self.runs:
             raise InputError("--mixed_dir", "only the mixed runs use it", "add mixed to --runs, or leave it out")
         if ("synthetic" in self.runs or "mixed" in self.runs and not self.mixed_dir) and not self.synthetic_dir:
@@ -125,17 +147,17 @@ class CompareConfig(ClassifierSettings):
             return None
         return self.mixed_dir if mode == "mixed" and self.mixed_dir else self.synthetic_dir
 
-    def run_config(self, mode: str, seed: int) -> ClassifyConfig:
+    def run_config(self, mode: str, seed: int, real_epochs: int | None = None) -> ClassifyConfig:
         """The classifier config of one run: these settings with its own data, seed and folder.
 
         The mixing recipe is the real + synthetic run's. Real only trains as many epochs as both of its stages
-        (the yardstick gets every epoch the mixed run gets), and synthetic only stays synthetic only: no
-        fine-tuning on real images, no second BatchNorm set that evaluation would never use.
+        (the yardstick gets every epoch the mixed run gets), or ``real_epochs`` where given, and synthetic only
+        stays synthetic only: no fine-tuning on real images, no second BatchNorm set that evaluation would never use.
         """
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ClassifierSettings)}
         if mode != "mixed":
             shared.update(RECIPE_DEFAULTS)
-            shared["epochs"] = self.total_epochs if mode == "real" else self.epochs
+            shared["epochs"] = (real_epochs or self.total_epochs) if mode == "real" else self.epochs
         shared["synthetic_dir"] = self.synthetic_set(mode)
         out = Path(self.output_dir) / f"{mode}-seed{seed}"
         return ClassifyConfig(**{**shared, "train": mode, "seed": seed, "output_dir": str(out)})
@@ -173,10 +195,23 @@ def check_inputs(cfg: CompareConfig, split: str) -> None:
             check_classes(train_frame, real["validation"], cfg.allow_missing_classes)
 
 
-def run_row(cfg: CompareConfig, mode: str, seed: int, split: str) -> dict:
+def matched_epochs(mixed: dict, batch_size: int) -> int:
+    """Real only's epochs under --real_schedule steps: enough for at least the optimiser steps of ``mixed`` (its
+    table row) over the same real training images."""
+    return math.ceil(mixed["steps"] / steps_per_epoch(mixed["n_real"], batch_size))
+
+
+def run_row(cfg: CompareConfig, mode: str, seed: int, split: str, real_epochs: int | None = None) -> dict:
     """Train one run (or resume it), score its chosen checkpoint on ``split``, return its table row."""
-    run_cfg = cfg.run_config(mode, seed)
+    run_cfg = cfg.run_config(mode, seed, real_epochs)
     report = train(run_cfg)
+    history = report["runs"][0]["history"]
+    if any("steps" not in h for h in history):
+        raise InputError(
+            "--output_dir",
+            f"{run_cfg.output_dir} was trained by an earlier version that did not count its optimiser steps",
+            "pass a new --output_dir",
+        )
     checkpoint = Path(run_cfg.output_dir) / CHECKPOINTS[cfg.checkpoint]
     result = evaluate(
         EvalConfig(
@@ -206,6 +241,8 @@ def run_row(cfg: CompareConfig, mode: str, seed: int, split: str) -> dict:
         "max_gap_field": result["max_gap_field"],
         **{f"worst_{f}": result["subgroups"][f]["worst_accuracy"] for f in labels.SUBGROUP_FIELDS},
         **{f"worst_{f}_group": result["subgroups"][f]["worst_group"] for f in labels.SUBGROUP_FIELDS},
+        "epochs": len(history),
+        "steps": sum(h["steps"] for h in history),
         "checkpoint": str(checkpoint),
         "epoch": result["epoch"],
         "eval_dir": str(Path(run_cfg.output_dir) / f"eval-{split}"),
@@ -349,12 +386,33 @@ def interval_note(n_images: int, seeds: int) -> str:
     )
 
 
+def schedule_note(rows: Sequence[dict]) -> str:
+    """What --real_schedule steps gave real only, per seed: its epochs and steps beside the mixed run's."""
+    by = {(r["train"], r["seed"]): r for r in rows}
+    parts = [
+        f"seed {seed}: {real['epochs']} epochs, {real['steps']} steps against {mixed['steps']}"
+        for (mode, seed), real in by.items()
+        if mode == "real" and (mixed := by.get(("mixed", seed)))
+    ]
+    return (
+        "Real only trained as many optimiser steps as real + synthetic (--real_schedule steps): "
+        + "; ".join(parts)
+        + "."
+    )
+
+
 def compare(cfg: CompareConfig) -> dict:
     """Every (training set, seed) run, scored on one split; writes and returns the comparison result."""
     out = Path(cfg.output_dir)
     split = eval_split(cfg)
     check_inputs(cfg, split)
-    rows = [run_row(cfg, mode, seed, split) for mode in cfg.runs for seed in cfg.seeds]
+    done: dict[tuple[str, int], dict] = {}
+    steps = cfg.real_schedule == "steps"
+    for mode in sorted(cfg.runs, key=lambda m: steps and m != "mixed"):  # under steps, the mixed runs count first
+        for seed in cfg.seeds:
+            epochs = matched_epochs(done["mixed", seed], cfg.batch_size) if steps and mode == "real" else None
+            done[mode, seed] = run_row(cfg, mode, seed, split, epochs)
+    rows = [done[mode, seed] for mode in cfg.runs for seed in cfg.seeds]
     table = summarise(rows)
     reference = [r for r in rows if r["train"] == cfg.runs[0]]
     diffs = [
@@ -380,6 +438,7 @@ def compare(cfg: CompareConfig) -> dict:
         "differences": diffs,
         "recipe": recipe(cfg),
         "mixed_dir": cfg.mixed_dir,
+        "real_schedule": cfg.real_schedule,
     }
     write_json(out / RESULT_FILE, result)
     frames = {"compare_runs.csv": rows, "compare.csv": table, DIFFERENCE_FILE: diffs}
@@ -397,6 +456,8 @@ def compare(cfg: CompareConfig) -> dict:
             ", ".join(f"{k}={v}" for k, v in result["recipe"].items()) or "the synthetic images added to the real ones"
         )
         text += f"\nReal + synthetic recipe: {said}" + (f", from {cfg.mixed_dir}" if cfg.mixed_dir else "") + ".\n"
+    if steps:
+        text += "\n" + schedule_note(rows) + "\n"
     if diffs:
         text += "\n" + interval_note(len(scored), len(cfg.seeds)) + "\n\n" + differences_markdown(diffs)
     write_text(out / "compare.md", text)

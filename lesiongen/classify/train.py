@@ -76,6 +76,12 @@ def evaluate_frame(
     return classification_metrics(frame["label"].tolist(), pred, proba), proba
 
 
+def steps_per_epoch(n_images: int, batch_size: int) -> int:
+    """Optimiser steps in one epoch of ``make_train_loader`` over ``n_images`` without --synthetic_share: complete
+    batches only, or one batch when they all fit in it. compare.py's --real_schedule steps counts with it."""
+    return n_images // batch_size if n_images > batch_size else 1
+
+
 def make_train_loader(
     cfg: ClassifyConfig, frame: pd.DataFrame, epoch: int, masks: dict[str, np.ndarray] | None = None
 ) -> DataLoader:
@@ -226,6 +232,7 @@ def fit(cfg: ClassifyConfig, train_frame: pd.DataFrame, val_frame: pd.DataFrame,
         metrics, _ = evaluate_frame(model, val_frame, cfg, device)
         row = {"epoch": epoch + 1, "train_loss": round(loss, 5), "lr": optimizer.param_groups[0]["lr"]}
         row["synthetic_images"] = n_synthetic
+        row["steps"] = len(loader)
         if cfg.finetune_epochs:
             row["stage"] = "finetune" if epoch >= cfg.epochs else "pretrain"
         row.update({k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")})

@@ -120,6 +120,11 @@ def test_the_mixed_classifier_adds_lesion_kept_variants_of_the_training_images(q
     assert Path(results["mixed_dir"]).name == "variants"
     md = (quick_demo / "report.md").read_text()
     assert f"The real + synthetic row adds the images of {results['mixed_dir']}" in md
+    # the yardstick trains as many optimiser steps as the mix, so more epochs, and the report says so
+    steps = {r["train"]: (r["epochs"], r["steps"]) for r in results["runs"]}
+    assert results["real_schedule"] == "steps" and steps["real"][1] >= steps["mixed"][1]
+    assert steps["real"][0] > steps["mixed"][0] == steps["synthetic"][0]
+    assert f"seed 0: {steps['real'][0]} epochs, {steps['real'][1]} steps against {steps['mixed'][1]}." in md
     valid = variants[variants["valid"] == "true"]
     assert f"{len(valid)} variants of {valid['source'].nunique()} real training images" in md
     with Image.open(quick_demo / "report_files" / "variants.png") as grid:  # a row per condition: source + 2 variants

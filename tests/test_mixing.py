@@ -26,7 +26,7 @@ from lesiongen.classify.dual_bn import DualBatchNorm2d
 from lesiongen.classify.evaluate import EvalConfig, evaluate
 from lesiongen.classify.mixing import epoch_frame
 from lesiongen.classify.models import LAST, build_model, load_classifier
-from lesiongen.classify.train import classification_loss, train, train_epoch
+from lesiongen.classify.train import classification_loss, make_train_loader, steps_per_epoch, train, train_epoch
 from lesiongen.errors import InputError
 from lesiongen.images import open_rgb
 from lesiongen.states import read_state, write_state
@@ -213,6 +213,51 @@ def test_mixed_runs_add_their_own_set_and_synthetic_only_keeps_the_text_set(
         CompareConfig(**settings, runs=["real", "synthetic"], synthetic_dir="s", mixed_dir=str(variants))
     with pytest.raises(InputError, match="--synthetic_dir: synthetic and mixed runs need synthetic images"):
         CompareConfig(**settings, runs=["real", "synthetic", "mixed"], mixed_dir=str(variants))
+
+
+def test_the_steps_yardstick_gives_real_only_the_optimiser_steps_of_the_mix(tmp_path, small_d7p, variants):
+    out = tmp_path / "cmp"
+    settings = dict(data_dir=str(small_d7p), image_size=32, epochs=1, batch_size=16, pretrained=False, num_workers=0)
+    result = compare(
+        CompareConfig(
+            **settings,
+            mixed_dir=str(variants),
+            runs=["real", "mixed"],  # real first, as a user lists them: the mixed run must still train first
+            finetune_epochs=1,
+            real_schedule="steps",
+            output_dir=str(out),
+        )
+    )
+    runs = {r["train"]: r for r in result["runs"]}
+    n_real = len(read_image_table(small_d7p, "train"))
+    # the mix: one epoch over the real images and their 2 variants each, then one over the real images alone
+    assert runs["mixed"]["steps"] == 3 * n_real // 16 + n_real // 16
+    history = json.loads((out / "real-seed0" / "summary.json").read_text())["history"]
+    assert len(history) == runs["real"]["epochs"] == -(-runs["mixed"]["steps"] // (n_real // 16))
+    assert runs["mixed"]["steps"] <= runs["real"]["steps"] < runs["mixed"]["steps"] + n_real // 16
+    assert [r["train"] for r in result["runs"]] == ["real", "mixed"] and result["real_schedule"] == "steps"
+    assert (
+        f"(--real_schedule steps): seed 0: {runs['real']['epochs']} epochs, {runs['real']['steps']} steps against "
+        f"{runs['mixed']['steps']}." in (out / "compare.md").read_text()
+    )
+    # the epochs yardstick, the default, gives real only both stages' epochs
+    assert (
+        CompareConfig(**settings, mixed_dir=str(variants), runs=["real", "mixed"], finetune_epochs=1)
+        .run_config("real", 0)
+        .epochs
+        == 2
+    )
+    with pytest.raises(InputError, match="--real_schedule steps: counts the mixed run's steps"):
+        CompareConfig(**settings, runs=["real", "synthetic"], synthetic_dir="s", real_schedule="steps")
+    with pytest.raises(InputError, match="--real_schedule steps: each fold's runs"):
+        CompareConfig(**settings, runs=["real", "mixed"], mixed_dir="m", real_schedule="steps", folds=2)
+
+
+@pytest.mark.parametrize("n", [5, 16, 17, 40])
+def test_the_step_count_is_the_loaders(tmp_path, small_d7p, n):
+    frame = read_image_table(small_d7p, "train").head(n).assign(origin="real")
+    loader = make_train_loader(quick(small_d7p, tmp_path, batch_size=16), frame, 0)
+    assert steps_per_epoch(min(n, len(frame)), 16) == len(loader)
 
 
 def test_recipe_flag_errors(small_d7p):

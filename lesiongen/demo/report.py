@@ -590,6 +590,8 @@ def _loss_text(curves: dict) -> str:
 
 
 def _results_note(results: dict) -> str:
+    from ..classify.compare import schedule_note
+
     return (
         f"ResNet18 from scratch, evaluated on {results['n_eval']} held-out real images (the {results['split']} split, "
         f"{results['checkpoint']} checkpoint of each run); chance (majority class) balanced accuracy "
@@ -601,6 +603,7 @@ def _results_note(results: dict) -> str:
             if results.get("mixed_dir")
             else ""
         )
+        + (" " + schedule_note(results["runs"]) if results.get("real_schedule") == "steps" else "")
     )
 
 

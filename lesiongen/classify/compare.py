@@ -111,7 +111,6 @@ class CompareConfig(ClassifierSettings):
         help="the synthetic images the real + synthetic runs add, where they are not --synthetic_dir's: e.g. "
         "generate.py --mode augment's variants of the real training images (synthetic only keeps --synthetic_dir)",
     )
-
     real_schedule: str = option(
         "epochs",
         help="real only trains the mixed run's epochs (both stages), or (steps) as many epochs as give it the mixed "
@@ -198,6 +197,12 @@ def check_inputs(cfg: CompareConfig, split: str) -> None:
 def matched_epochs(mixed: dict, batch_size: int) -> int:
     """Real only's epochs under --real_schedule steps: enough for at least the optimiser steps of ``mixed`` (its
     table row) over the same real training images."""
+    if mixed["steps"] is None:  # only the steps yardstick needs the count, so only it refuses an older run
+        raise InputError(
+            "--output_dir",
+            f"{Path(mixed['checkpoint']).parent} was trained by an earlier version that did not count its steps",
+            "pass a new --output_dir",
+        )
     return math.ceil(mixed["steps"] / steps_per_epoch(mixed["n_real"], batch_size))
 
 
@@ -206,12 +211,6 @@ def run_row(cfg: CompareConfig, mode: str, seed: int, split: str, real_epochs: i
     run_cfg = cfg.run_config(mode, seed, real_epochs)
     report = train(run_cfg)
     history = report["runs"][0]["history"]
-    if any("steps" not in h for h in history):
-        raise InputError(
-            "--output_dir",
-            f"{run_cfg.output_dir} was trained by an earlier version that did not count its optimiser steps",
-            "pass a new --output_dir",
-        )
     checkpoint = Path(run_cfg.output_dir) / CHECKPOINTS[cfg.checkpoint]
     result = evaluate(
         EvalConfig(
@@ -242,7 +241,7 @@ def run_row(cfg: CompareConfig, mode: str, seed: int, split: str, real_epochs: i
         **{f"worst_{f}": result["subgroups"][f]["worst_accuracy"] for f in labels.SUBGROUP_FIELDS},
         **{f"worst_{f}_group": result["subgroups"][f]["worst_group"] for f in labels.SUBGROUP_FIELDS},
         "epochs": len(history),
-        "steps": sum(h["steps"] for h in history),
+        "steps": sum(h["steps"] for h in history) if all("steps" in h for h in history) else None,
         "checkpoint": str(checkpoint),
         "epoch": result["epoch"],
         "eval_dir": str(Path(run_cfg.output_dir) / f"eval-{split}"),

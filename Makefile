@@ -23,11 +23,16 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(PY) -m lesiongen.demo --quick $(DEMO_ARGS)
 
+# Two workers (pytest-xdist), each one torch thread, each taking whole files so a file's shared fixtures (the
+# quick demo, the paper experiment's smoke run) are built once; TEST_WORKERS=0 runs the files in this process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
+
 test: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lesiongen tests classification benchmarks experiments *.py

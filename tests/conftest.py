@@ -13,6 +13,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The tests never reach the network. Set before anything imports huggingface_hub or datasets, which read it once
+# at import: set later (in a fixture or by monkeypatch), a Hub lookup still went out and waited 20 s on its retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
@@ -89,7 +93,6 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
 
     from lesiongen.diffusion.tiny import build_tiny_pipeline
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # measured 1.5 s on one thread vs 11 s on two busy cores
     try:
@@ -228,6 +231,5 @@ def tiny_family_dir(request, family_name: str, tmp_path_factory) -> Path:
 
     if family_name == "sd1":
         return request.getfixturevalue("tiny_sd_dir")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     return build_tiny_pipeline(tmp_path_factory.mktemp(f"tiny_{family_name}") / family_name, family=family_name)

@@ -106,8 +106,7 @@ def test_a_missing_column_is_one_line_naming_the_flag_and_the_columns(
     assert len(errors) == 1 and re.search(match, errors[0]) and "Traceback" not in err, err
 
 
-def test_a_dataset_that_is_nowhere_is_one_line(tiny_sd_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_a_dataset_that_is_nowhere_is_one_line(tiny_sd_dir, tmp_path):
     parts = load_training_parts(str(tiny_sd_dir))
     with pytest.raises(InputError, match=r"--dataset_name nobody/no-such-set: is neither a local .* nor a reachable"):
         load_examples(quick_config(tiny_sd_dir, tmp_path, dataset_name="nobody/no-such-set"), parts)

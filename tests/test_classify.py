@@ -19,7 +19,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from lesiongen import labels
 from lesiongen.captions.metadata import load_metadata
 from lesiongen.classify import train as classify
-from lesiongen.classify.compare import differences
+from lesiongen.classify.compare import difference_table, difference_text, differences
 from lesiongen.classify.compare import main as compare_main
 from lesiongen.classify.config import ClassifyConfig
 from lesiongen.classify.convert_checkpoint import main as convert_main
@@ -371,6 +371,27 @@ def test_flag_errors(tmp_path, small_d7p, fake_generation, monkeypatch, capsys):
     )
     model, cfg, _ = load_classifier(tmp_path / "pre")  # offline again: the checkpoint alone suffices
     assert cfg.pretrained and model.fc.out_features == len(labels.CODES)
+
+
+def test_a_perfect_reference_makes_no_difference_shown_say_it_is_the_ceiling():
+    from lesiongen.classify.metrics import paired_differences
+
+    truth = ["mel", "nv", "bcc"] * 40
+    one_wrong = ["nv", *truth[1:]]
+    keys = {"name": "real + synthetic", "against": "real only", "n_images": len(truth), "seeds": 1}
+    at_ceiling = {**keys, "metric": "balanced_accuracy"}
+    at_ceiling.update(paired_differences(truth, [one_wrong], [truth])["balanced_accuracy"])
+    assert at_ceiling["verdict"] == "no difference shown" and at_ceiling["b"] == 1.0
+    assert difference_text(at_ceiling).endswith(
+        "no difference shown (real only is at 1.000, the ceiling: nothing can be shown better here)"
+    )
+    assert difference_table([at_ceiling])[1][0][-1].startswith("no difference shown (real only is at 1.000")
+    below = {**keys, "metric": "balanced_accuracy"}
+    below.update(paired_differences(truth, [truth], [one_wrong])["balanced_accuracy"])
+    assert below["verdict"] == "no difference shown" and difference_text(below).endswith(", no difference shown")
+    worse = {**keys, "metric": "balanced_accuracy"}
+    worse.update(paired_differences(truth, [["nv"] * len(truth)], [truth])["balanced_accuracy"])
+    assert difference_text(worse).endswith(", worse")  # below a perfect reference, "worse" is still a finding
 
 
 def test_differences_pair_the_same_images_across_folders_and_orders(tmp_path):

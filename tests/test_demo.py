@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from lesiongen import labels
+from lesiongen.classify.compare import verdict_text
 from lesiongen.classify.metrics import verdict
 from lesiongen.demo.report import COMPARISON_COLUMNS, RERUN_COMMANDS
 from lesiongen.demo.run import (
@@ -164,7 +165,7 @@ def test_report_has_grids_table_losses_and_commands(quick_demo):
         d for d in results["differences"] if d["name"] == "real + synthetic" and d["metric"] == "balanced_accuracy"
     )
     assert mixed["verdict"] == verdict(mixed["low"], mixed["high"]) and mixed["n_images"] == results["n_eval"]
-    cells = [f"{mixed['difference']:+.3f}", f"[{mixed['low']:+.3f}, {mixed['high']:+.3f}]", mixed["verdict"]]
+    cells = [f"{mixed['difference']:+.3f}", f"[{mixed['low']:+.3f}, {mixed['high']:+.3f}]", verdict_text(mixed)]
     assert "| real + synthetic | real only | balanced acc. | " + " | ".join(cells) + " |" in md
     for _, command in RERUN_COMMANDS:
         assert command in md

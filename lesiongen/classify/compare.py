@@ -28,7 +28,7 @@ from ..tables import METADATA, SPLITS
 from .config import ClassifierSettings, ClassifyConfig
 from .data import TRAIN_MODES, check_classes, drop_corrupt, load_tables, read_table
 from .evaluate import EvalConfig, evaluate
-from .metrics import LEVEL, RESAMPLES, majority_baseline, paired_differences
+from .metrics import LEVEL, NO_DIFFERENCE, RESAMPLES, majority_baseline, paired_differences
 from .mixing import assemble
 from .models import BEST, LAST
 from .train import steps_per_epoch, train
@@ -352,7 +352,7 @@ def difference_table(
         [str(r[k]) for k, _ in by]
         + [r["against"], difference_title(r["metric"]), f"{r['difference']:+.3f}", interval_text(r["low"], r["high"])]
         + [interval_text(r["seeds_low"], r["seeds_high"])] * seeds
-        + [r["verdict"]]
+        + [verdict_text(r)]
         for r in rows
     ]
     return heads, cells
@@ -364,11 +364,19 @@ def differences_markdown(rows: Sequence[dict], by: Sequence[tuple[str, str]] = (
     return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
 
 
+def verdict_text(row: dict) -> str:
+    """The verdict, saying so where the reference got every scored image right: there "no difference shown" is
+    the split's ceiling, not a finding about the training set (nothing can score above 1.000)."""
+    if row["verdict"] == NO_DIFFERENCE and (row.get("b") or 0.0) >= 1.0:
+        return f"{NO_DIFFERENCE} ({row['against']} is at 1.000, the ceiling: nothing can be shown better here)"
+    return row["verdict"]
+
+
 def difference_text(row: dict) -> str:
     """One difference in a sentence: '<name> vs <against>: balanced acc. +0.017 [+0.000, +0.042], no difference shown'."""
     return (
         f"{row['name']} vs {row['against']}: {difference_title(row['metric'])} {row['difference']:+.3f} "
-        f"{interval_text(row['low'], row['high'])}, {row['verdict']}"
+        f"{interval_text(row['low'], row['high'])}, {verdict_text(row)}"
     )
 
 

@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 
 from lesiongen import labels
 from lesiongen.captions.analyze import surrounding_ita
-from lesiongen.classify.compare import CompareConfig, compare
+from lesiongen.classify.compare import CompareConfig, compare, matched_epochs
 from lesiongen.classify.config import ClassifyConfig
 from lesiongen.classify.data import TrainingImages, lesion_masks, make_transform
 from lesiongen.classify.dual_bn import DualBatchNorm2d
@@ -258,6 +258,14 @@ def test_the_step_count_is_the_loaders(tmp_path, small_d7p, n):
     frame = read_image_table(small_d7p, "train").head(n).assign(origin="real")
     loader = make_train_loader(quick(small_d7p, tmp_path, batch_size=16), frame, 0)
     assert steps_per_epoch(min(n, len(frame)), 16) == len(loader)
+
+
+def test_matched_epochs_cover_the_mixed_steps_and_refuse_a_run_that_never_counted_them(tmp_path):
+    mixed = {"steps": 340, "n_real": 187, "checkpoint": str(tmp_path / "mixed-seed0" / "best.safetensors")}
+    assert matched_epochs(mixed, 32) == 68  # 5 steps an epoch over 187 real images (the demo's)
+    assert matched_epochs({**mixed, "steps": 341}, 32) == 69  # at least the mix's steps, never fewer
+    with pytest.raises(InputError, match=r"mixed-seed0 was trained by an earlier version that did not count its steps"):
+        matched_epochs({**mixed, "steps": None}, 32)
 
 
 def test_recipe_flag_errors(small_d7p):

@@ -367,7 +367,7 @@ def differences_markdown(rows: Sequence[dict], by: Sequence[tuple[str, str]] = (
 def verdict_text(row: dict) -> str:
     """The verdict, saying so where the reference got every scored image right: there "no difference shown" is
     the split's ceiling, not a finding about the training set (nothing can score above 1.000)."""
-    if row["verdict"] == NO_DIFFERENCE and (row.get("b") or 0.0) >= 1.0:
+    if row["verdict"] == NO_DIFFERENCE and row["b"] >= 1.0:
         return f"{NO_DIFFERENCE} ({row['against']} is at 1.000, the ceiling: nothing can be shown better here)"
     return row["verdict"]
 

@@ -26,7 +26,14 @@ from lesiongen.classify.dual_bn import DualBatchNorm2d
 from lesiongen.classify.evaluate import EvalConfig, evaluate
 from lesiongen.classify.mixing import epoch_frame
 from lesiongen.classify.models import LAST, build_model, load_classifier
-from lesiongen.classify.train import classification_loss, make_train_loader, steps_per_epoch, train, train_epoch
+from lesiongen.classify.train import (
+    classification_loss,
+    make_train_loader,
+    start_from,
+    steps_per_epoch,
+    train,
+    train_epoch,
+)
 from lesiongen.errors import InputError
 from lesiongen.images import open_rgb
 from lesiongen.states import read_state, write_state
@@ -156,6 +163,63 @@ def test_two_stages_then_real_only_and_the_yardstick_gets_as_many_epochs(tmp_pat
     assert all(h["synthetic_images"] > 0 for h in history["synthetic"])  # synthetic only stays synthetic
     assert result["recipe"] == {"finetune_epochs": 1}
     assert "Real + synthetic recipe: finetune_epochs=1." in (out / "compare.md").read_text()
+
+
+def test_init_from_starts_the_mixed_run_from_the_synthetic_only_run(tmp_path, small_d7p, fake_generation, capsys):
+    out = tmp_path / "cmp"
+    settings = dict(data_dir=str(small_d7p), synthetic_dir=str(fake_generation), output_dir=str(out), image_size=32)
+    settings |= dict(epochs=1, batch_size=64, pretrained=False, num_workers=0, runs=["real", "mixed", "synthetic"])
+    result = compare(CompareConfig(**settings, init_from="synthetic"))
+    log = capsys.readouterr().out
+    start = out / "synthetic-seed0" / LAST
+    # the synthetic-only run trains first, whatever --runs' order; the mixed run starts from its last epoch
+    assert log.index("synthetic-seed0: training") < log.index("mixed-seed0: training")
+    assert log.index("mixed-seed0: training") < log.index(f"starting from the weights of {start}")
+    assert log.count("starting from the weights") == 1
+    _, mixed_cfg, _ = load_classifier(out / "mixed-seed0" / LAST)
+    _, real_cfg, _ = load_classifier(out / "real-seed0" / LAST)
+    assert mixed_cfg.init_from == str(start) and real_cfg.init_from is None
+    assert result["recipe"] == {"init_from": "synthetic"}
+    assert "Real + synthetic recipe: init_from=synthetic." in (out / "compare.md").read_text()
+    # the run resumes as it was started, and refuses to go on from other weights
+    with pytest.raises(InputError, match="--init_from"):
+        train(
+            quick(
+                small_d7p,
+                out / "mixed-seed0",
+                train="mixed",
+                synthetic_dir=str(fake_generation),
+                image_size=32,
+                resume_from_checkpoint="latest",
+                init_from=str(out / "real-seed0" / LAST),
+            )
+        )
+    # the paper experiment trains the synthetic-only run first, in its own call; without it, one line before training
+    elsewhere = {**settings, "runs": ["mixed"], "output_dir": str(tmp_path / "other")}
+    with pytest.raises(InputError, match="--init_from synthetic: .*other/synthetic-seed0/last.safetensors not found"):
+        compare(CompareConfig(**elsewhere, init_from="synthetic"))
+    assert not (tmp_path / "other" / "mixed-seed0").exists()
+    with pytest.raises(InputError, match="--init_from: only the mixed runs start from other weights"):
+        CompareConfig(**{**settings, "runs": ["real", "synthetic"]}, init_from="synthetic")
+
+
+def test_init_from_loads_the_weights_and_refuses_what_does_not_fit(tmp_path, small_d7p, fake_generation):
+    train(quick(small_d7p, tmp_path / "synth", train="synthetic", synthetic_dir=str(fake_generation)))
+    saved = read_state(tmp_path / "synth" / LAST, "retrain")["model"]
+    model = build_model(quick(small_d7p, tmp_path / "x", train="mixed", synthetic_dir="s", synthetic_bn=True))
+    start_from(model, tmp_path / "synth" / LAST)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())  # every saved weight, the BatchNorm twins apart
+    assert any(".aux." in k for k in set(state) - set(saved))
+    for path, message in (
+        (tmp_path / "synth", "is a folder"),
+        (tmp_path / "nowhere.safetensors", "not found"),
+    ):
+        with pytest.raises(InputError, match=message):
+            start_from(model, path)
+    vit = build_model(quick(small_d7p, tmp_path / "v", model="vit", vit_name="vit_tiny_patch16_224"))
+    with pytest.raises(InputError, match="--init_from: .* holds a resnet18 at 32 px whose weights do not fit"):
+        start_from(vit, tmp_path / "synth" / LAST)
 
 
 def bn_stats(model) -> dict[str, torch.Tensor]:

@@ -49,10 +49,17 @@ RECIPE_DEFAULTS = {
     f.name: f.default
     for f in dataclasses.fields(ClassifierSettings)
     if f.name
-    in ("synthetic_share", "share_per", "synthetic_weight", "swap_probability", "finetune_epochs", "synthetic_bn")
+    in (
+        *("synthetic_share", "share_per", "synthetic_weight", "swap_probability", "finetune_epochs", "synthetic_bn"),
+        "init_from",
+    )
 }
 RECIPE_TYPES = {"synthetic_share": float, "share_per": str, "synthetic_weight": float, "swap_probability": float}
 RECIPE_TYPES |= {"finetune_epochs": int, "synthetic_bn": lambda v: {"true": True, "false": False}[v.lower()]}
+RECIPE_TYPES |= {"init_from": str}
+# --init_from's value for "this comparison's synthetic-only run": the mixed run starts from its last checkpoint (the
+# last, so that nothing is chosen on the validation images).
+OWN_SYNTHETIC = "synthetic"
 
 
 def recipe_from_pairs(pairs: Sequence[str], flag: str = "--mixing") -> dict:
@@ -88,8 +95,10 @@ class CompareConfig(ClassifierSettings):
     """Train real-only, synthetic-only and mixed classifiers with the same settings and compare them.
 
     The mixing options (--synthetic_share, --synthetic_weight, --swap_probability, --finetune_epochs,
-    --synthetic_bn) shape the real + synthetic run; real only trains as many epochs as its two stages, or
-    (--real_schedule steps) as many optimiser steps.
+    --synthetic_bn, --init_from) shape the real + synthetic run; real only trains as many epochs as its two stages,
+    or (--real_schedule steps) as many optimiser steps. Real only does not get the epochs of the synthetic-only run
+    that --init_from synthetic starts from: those are of synthetic images, and only the schedule on real images is
+    matched.
     """
 
     output_dir: str = option(
@@ -131,6 +140,12 @@ class CompareConfig(ClassifierSettings):
                 "each fold's runs would need their own count",
                 "use --folds 1, or --real_schedule epochs",
             )
+        if self.init_from and "mixed" not in self.runs:
+            raise InputError("--init_from", "only the mixed runs start from other weights", "add mixed to --runs")
+        if self.init_from == OWN_SYNTHETIC and self.folds > 1:
+            raise InputError(
+                "--init_from synthetic", "each fold would need its own synthetic-only run", "use --folds 1"
+            )
         if self.mixed_dir and "mixed" not in self.runs:
             raise InputError("--mixed_dir", "only the mixed runs use it", "add mixed to --runs, or leave it out")
         if ("synthetic" in self.runs or "mixed" in self.runs and not self.mixed_dir) and not self.synthetic_dir:
@@ -158,6 +173,8 @@ class CompareConfig(ClassifierSettings):
             shared.update(RECIPE_DEFAULTS)
             shared["epochs"] = (real_epochs or self.total_epochs) if mode == "real" else self.epochs
         shared["synthetic_dir"] = self.synthetic_set(mode)
+        if shared["init_from"] == OWN_SYNTHETIC:
+            shared["init_from"] = str(Path(self.output_dir) / f"synthetic-seed{seed}" / LAST)
         out = Path(self.output_dir) / f"{mode}-seed{seed}"
         return ClassifyConfig(**{**shared, "train": mode, "seed": seed, "output_dir": str(out)})
 
@@ -187,6 +204,10 @@ def check_inputs(cfg: CompareConfig, split: str) -> None:
         for folder in dict.fromkeys(filter(None, map(cfg.synthetic_set, cfg.runs)))
     }
     read_table(cfg.data_dir, split, cfg.skip_missing)
+    for seed in cfg.seeds if cfg.init_from == OWN_SYNTHETIC and "synthetic" not in cfg.runs else ():
+        start = Path(cfg.run_config("mixed", seed).init_from)
+        if not start.is_file():
+            raise InputError("--init_from synthetic", f"{start} not found", "add synthetic to --runs")
     if cfg.folds == 1:  # folds validate on held-out training lesions, not on the validation split
         for mode, seed in itertools.product(cfg.runs, cfg.seeds):
             run_cfg = cfg.run_config(mode, seed)
@@ -415,7 +436,10 @@ def compare(cfg: CompareConfig) -> dict:
     check_inputs(cfg, split)
     done: dict[tuple[str, int], dict] = {}
     steps = cfg.real_schedule == "steps"
-    for mode in sorted(cfg.runs, key=lambda m: steps and m != "mixed"):  # under steps, the mixed runs count first
+    # Under steps the mixed runs count first; one that starts from the synthetic-only run trains after it.
+    for mode in sorted(
+        cfg.runs, key=lambda m: (steps and m == "real", cfg.init_from == OWN_SYNTHETIC and m == "mixed")
+    ):
         for seed in cfg.seeds:
             epochs = matched_epochs(done["mixed", seed], cfg.batch_size) if steps and mode == "real" else None
             done[mode, seed] = run_row(cfg, mode, seed, split, epochs)

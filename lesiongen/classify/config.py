@@ -40,6 +40,12 @@ class ClassifierSettings:
     finetune_epochs: int = option(
         0, help="two stages: after --epochs on the --train set, this many more on real images only"
     )
+    init_from: str | None = option(
+        None,
+        help="start from the weights of this LesionGen classifier checkpoint (a best/last.safetensors file), e.g. one "
+        "trained on synthetic images only, then train the whole schedule; compare.py's 'synthetic' means its own "
+        "synthetic-only run's last checkpoint",
+    )
     synthetic_bn: bool = option(
         False,
         help="ResNet18: separate BatchNorm statistics for synthetic images (AdvProp's auxiliary BatchNorm), the "

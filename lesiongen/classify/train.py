@@ -57,6 +57,7 @@ RUN_FIELDS = (
     *("model", "vit_name", "image_size", "train", "synthetic_dir", "synthetic_ratio", "balance", "folds"),
     "tone_augment",
     *("synthetic_share", "share_per", "synthetic_weight", "swap_probability", "finetune_epochs", "synthetic_bn"),
+    "init_from",
 )
 
 
@@ -152,7 +153,7 @@ def train_epoch(
 
 def same_setting(name: str, saved, given) -> bool:
     """A saved run setting against the one given; a folder is the same however it is spelled or linked."""
-    if name == "synthetic_dir" and saved and given:
+    if name in ("synthetic_dir", "init_from") and saved and given:
         return os.path.realpath(saved) == os.path.realpath(given)
     return saved == given
 
@@ -179,6 +180,30 @@ def resume_state(cfg: ClassifyConfig, out: Path) -> dict | None:
                 "use a new --output_dir, pass the original value, or --resume_from_checkpoint none",
             )
     return state
+
+
+def start_from(model: nn.Module, path: Path) -> None:
+    """--init_from: the model starts from another classifier's weights, e.g. one trained on synthetic images only,
+    so that the real images train from what the synthetic ones taught rather than from random weights. BatchNorm
+    twins for synthetic images (--synthetic_bn) that the other classifier lacks start fresh."""
+    if not path.is_file():
+        problem = f"{path} is a folder" if path.is_dir() else f"{path} not found"
+        raise InputError("--init_from", problem, f"pass a classifier's {LAST} (or {BEST}) file")
+    ckpt = read_checkpoint(path)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError as e:
+        missing, unexpected = [str(e).splitlines()[-1].strip()[:160]], []
+    missing = [k for k in missing if ".aux." not in k]
+    if missing or unexpected:
+        saved = ckpt["config"]
+        raise InputError(
+            "--init_from",
+            f"{path} holds a {saved.get('model')} at {saved.get('image_size')} px whose weights do not fit this "
+            f"model ({', '.join([*missing, *unexpected][:3])})",
+            "start from a classifier of the same --model (and --vit_name and --image_size for a ViT)",
+        )
+    print(f"starting from the weights of {path}")
 
 
 def loss_weights(cfg: ClassifyConfig, frame: pd.DataFrame, device: torch.device) -> torch.Tensor | None:
@@ -212,6 +237,8 @@ def fit(cfg: ClassifyConfig, train_frame: pd.DataFrame, val_frame: pd.DataFrame,
         scaler.load_state_dict(state["scaler"])
         start, best, history = state["epoch"], state["best"], state["history"]
         print(f"resuming {out} after epoch {start}")
+    elif cfg.init_from:
+        start_from(model, Path(cfg.init_from))
     masks = lesion_masks(train_frame["path"].tolist(), cfg.image_size) if cfg.tone_augment else None
     writer = SummaryWriter(str(out / "logs"))
     for epoch in range(start, epochs):

@@ -199,8 +199,8 @@ def test_init_from_starts_the_mixed_run_from_the_synthetic_only_run(tmp_path, sm
     with pytest.raises(InputError, match="--init_from synthetic: .*other/synthetic-seed0/last.safetensors not found"):
         compare(CompareConfig(**elsewhere, init_from="synthetic"))
     assert not (tmp_path / "other" / "mixed-seed0").exists()
-    with pytest.raises(InputError, match="--init_from: only the mixed runs start from other weights"):
-        CompareConfig(**{**settings, "runs": ["real", "synthetic"]}, init_from="synthetic")
+    with pytest.raises(InputError, match="--init_from synthetic: each fold would need its own synthetic-only run"):
+        CompareConfig(**settings, init_from="synthetic", folds=2)
 
 
 def test_init_from_loads_the_weights_and_refuses_what_does_not_fit(tmp_path, small_d7p, fake_generation):

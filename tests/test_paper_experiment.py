@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from lesiongen import labels
-from lesiongen.classify.models import read_checkpoint
+from lesiongen.classify.models import LAST, read_checkpoint
 from lesiongen.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,6 +217,7 @@ def test_mixing_recipes_reuse_the_finished_stages_and_train_only_the_classifiers
     stamp = weights.stat().st_mtime_ns
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     recipes = ["anchored:anchored_variants=1,anchored_skin_tones=none,swap_probability=0.5"]
+    recipes += ["initsyn:anchored_variants=0,init_from=synthetic"]
     args = ["--from", str(out), "--out", str(tmp_path / "recipes"), "--seeds", "0", "--recipes", *recipes]
     done = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "mixing_recipes.py"), *args],
@@ -235,7 +236,12 @@ def test_mixing_recipes_reuse_the_finished_stages_and_train_only_the_classifiers
     assert mixed["swap_probability"] == 0.5
     table = (tmp_path / "recipes" / "recipes.md").read_text()
     assert "| anchored | mixed-concept | real only | balanced acc. | " in table
-    assert set(json.loads((tmp_path / "recipes" / "recipes.json").read_text())) == {"anchored"}
+    # init_from=synthetic: the mix starts from the finished seed's synthetic-only run, linked in, at its last epoch
+    run = tmp_path / "recipes" / "initsyn" / "seed-0" / "classifiers" / "concept"
+    start = read_checkpoint(run / "mixed-seed0" / "last.safetensors")["config"]["init_from"]
+    assert Path(start).resolve() == (out / "seed-0" / "classifiers" / "concept" / "synthetic-seed0" / LAST).resolve()
+    assert "| initsyn | mixed-concept | real only | balanced acc. | " in table
+    assert set(json.loads((tmp_path / "recipes" / "recipes.json").read_text())) == {"anchored", "initsyn"}
 
 
 def test_a_recipe_names_its_mixing_options_and_its_anchored_variants(monkeypatch):

@@ -217,6 +217,8 @@ def test_init_from_loads_the_weights_and_refuses_what_does_not_fit(tmp_path, sma
     ):
         with pytest.raises(InputError, match=message):
             start_from(model, path)
+    # the weights come from --init_from, so no ImageNet weights are fetched (the tests are offline: that would fail)
+    train(quick(small_d7p, tmp_path / "on", pretrained=True, init_from=str(tmp_path / "synth" / LAST)))
     vit = build_model(quick(small_d7p, tmp_path / "v", model="vit", vit_name="vit_tiny_patch16_224"))
     with pytest.raises(InputError, match="--init_from: .* holds a resnet18 at 32 px whose weights do not fit"):
         start_from(vit, tmp_path / "synth" / LAST)

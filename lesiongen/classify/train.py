@@ -220,7 +220,7 @@ def fit(cfg: ClassifyConfig, train_frame: pd.DataFrame, val_frame: pd.DataFrame,
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     device = torch.device(resolve_device(cfg.device))
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, pretrained=cfg.pretrained and not cfg.init_from).to(device)  # --init_from's instead
     optimizer = adamw(model.parameters(), device, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # One cosine decay over both stages (the fine-tuning epochs are its tail), as a function of the epochs asked
     # for, so resuming with more --epochs stretches the schedule.

@@ -25,7 +25,7 @@ from ..cli import option, run_stage
 from ..errors import InputError
 from ..files import atomic_path, write_json, write_text
 from ..tables import METADATA, SPLITS
-from .config import ClassifierSettings, ClassifyConfig
+from .config import MIXING_OPTIONS, ClassifierSettings, ClassifyConfig
 from .data import TRAIN_MODES, check_classes, drop_corrupt, load_tables, read_table
 from .evaluate import EvalConfig, evaluate
 from .metrics import LEVEL, NO_DIFFERENCE, RESAMPLES, majority_baseline, paired_differences
@@ -45,15 +45,7 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("max_gap", "best-worst gap"),
 )
 # The mixing options (config.py) and their single-run values, which the real-only and synthetic-only runs keep.
-RECIPE_DEFAULTS = {
-    f.name: f.default
-    for f in dataclasses.fields(ClassifierSettings)
-    if f.name
-    in (
-        *("synthetic_share", "share_per", "synthetic_weight", "swap_probability", "finetune_epochs", "synthetic_bn"),
-        "init_from",
-    )
-}
+RECIPE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ClassifierSettings) if f.name in MIXING_OPTIONS}
 RECIPE_TYPES = {"synthetic_share": float, "share_per": str, "synthetic_weight": float, "swap_probability": float}
 RECIPE_TYPES |= {"finetune_epochs": int, "synthetic_bn": lambda v: {"true": True, "false": False}[v.lower()]}
 RECIPE_TYPES |= {"init_from": str}
@@ -202,11 +194,11 @@ def check_inputs(cfg: CompareConfig, split: str) -> None:
         for folder in dict.fromkeys(filter(None, map(cfg.synthetic_set, cfg.runs)))
     }
     read_table(cfg.data_dir, split, cfg.skip_missing)
-    own = cfg.init_from == OWN_SYNTHETIC and "mixed" in cfg.runs
-    for seed in cfg.seeds if own and "synthetic" not in cfg.runs else ():  # trained earlier, as the experiment does
-        start = Path(cfg.run_config("mixed", seed).init_from)
-        if not start.is_file():
-            raise InputError("--init_from synthetic", f"{start} not found", "add synthetic to --runs")
+    if cfg.init_from == OWN_SYNTHETIC and "mixed" in cfg.runs and "synthetic" not in cfg.runs:
+        for seed in cfg.seeds:  # the synthetic-only runs were trained by an earlier call, as the experiment does
+            start = Path(cfg.run_config("mixed", seed).init_from)
+            if not start.is_file():
+                raise InputError("--init_from synthetic", f"{start} not found", "add synthetic to --runs")
     if cfg.folds == 1:  # folds validate on held-out training lesions, not on the validation split
         for mode, seed in itertools.product(cfg.runs, cfg.seeds):
             run_cfg = cfg.run_config(mode, seed)

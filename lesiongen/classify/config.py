@@ -14,6 +14,12 @@ from ..errors import InputError
 from .data import AUGMENTATIONS, SHARE_PER, TRAIN_MODES
 
 BALANCING = ("none", "sampler", "loss")
+# The options that shape only a real + synthetic run: compare.py gives them to its mixed run alone, and a resumed run
+# must keep them.
+MIXING_OPTIONS = (
+    *("synthetic_share", "share_per", "synthetic_weight", "swap_probability", "finetune_epochs", "synthetic_bn"),
+    "init_from",
+)
 
 
 @dataclass

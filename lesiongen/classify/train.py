@@ -26,7 +26,7 @@ from ..cli import run_stage
 from ..devices import adamw, resolve_device
 from ..errors import InputError
 from ..files import write_json, write_jsonl
-from .config import ClassifyConfig
+from .config import MIXING_OPTIONS, ClassifyConfig
 from .data import (
     TrainingImages,
     check_classes,
@@ -56,8 +56,7 @@ from .models import (
 RUN_FIELDS = (
     *("model", "vit_name", "image_size", "train", "synthetic_dir", "synthetic_ratio", "balance", "folds"),
     "tone_augment",
-    *("synthetic_share", "share_per", "synthetic_weight", "swap_probability", "finetune_epochs", "synthetic_bn"),
-    "init_from",
+    *MIXING_OPTIONS,
 )
 
 
@@ -192,15 +191,15 @@ def start_from(model: nn.Module, path: Path) -> None:
     ckpt = read_checkpoint(path)
     try:
         missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    except RuntimeError as e:
-        missing, unexpected = [str(e).splitlines()[-1].strip()[:160]], []
-    missing = [k for k in missing if ".aux." not in k]
-    if missing or unexpected:
+        problems = [k for k in missing if ".aux." not in k] + list(unexpected)
+    except RuntimeError as e:  # a weight of another shape
+        problems = [str(e).splitlines()[-1].strip()[:160]]
+    if problems:
         saved = ckpt["config"]
         raise InputError(
             "--init_from",
             f"{path} holds a {saved.get('model')} at {saved.get('image_size')} px whose weights do not fit this "
-            f"model ({', '.join([*missing, *unexpected][:3])})",
+            f"model ({', '.join(problems[:3])})",
             "start from a classifier of the same --model (and --vit_name and --image_size for a ViT)",
         )
     print(f"starting from the weights of {path}")
